@@ -1,0 +1,154 @@
+"""The ASGI application: routes, one error handler, body limit and request metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import tally
+from tally.api import schemas as s
+from tally.api.routes import build_router
+from tally.bootstrap import Runtime, build
+from tally.core.errors import TallyError
+from tally.metrics import Metrics
+from tally.settings import Settings
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(body), status, media_type="application/json")
+
+
+def _error(status: int, code: str, message: str, field: str | None = None) -> Response:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        err["field"] = field
+    return _json(status, {"error": err})
+
+
+class GuardMiddleware:
+    """Refuses bodies over the limit (413) before parsing, and times every request by route."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        receive = await self._limit(scope, receive, send_status)
+        if receive is not None:
+            await self.app(scope, receive, send_status)
+        route = scope.get("route")
+        endpoint = getattr(route, "path", "unmatched")
+        self.metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    async def _limit(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        """Reads the body up front, so a too-large one is refused whole; replays it to the app."""
+        if scope["method"] in ("GET", "HEAD"):
+            return receive
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
+                await self._too_large(scope, receive, send)
+                return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return receive
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body:
+                await self._too_large(scope, receive, send)
+                return None
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        resp = _error(413, "body_too_large", f"request body is over {self.max_body} bytes", "body")
+        await resp(scope, receive, send)
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [p for p in loc if p not in ("body", "query", "path")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    rt = runtime or build(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await rt.start()
+        try:
+            yield
+        finally:
+            await rt.stop()
+
+    app = FastAPI(title="Tally", version=tally.__version__, lifespan=lifespan, strict_content_type=False,
+                  description="Durable, idempotent like counts and other counters.")
+    app.state.runtime = rt
+    app.include_router(build_router(rt))
+
+    @app.post("/bench/noop", include_in_schema=False)
+    async def noop(body: s.ToggleRequest) -> s.ToggleResponse:
+        """Same parsing and serialisation as /v1/like, no storage: the framework's ceiling."""
+        return s.ToggleResponse(counter="like", item_type=body.item_type,
+                                item_id=str(body.item_id), user_id=str(body.user_id), state=True,
+                                changed=True, count=1)
+
+    @app.exception_handler(TallyError)
+    async def tally_error(request: Request, exc: TallyError) -> Response:
+        return _json(exc.status, exc.to_dict())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0]
+        loc = tuple(first.get("loc", ()))
+        message = first.get("msg", "invalid input")
+        if first.get("type") == "json_invalid":
+            return _error(400, "bad_json", "request body is not valid JSON", "body")
+        if loc and loc[-1] in ("int", "str"):  # a member of the int | str id union
+            loc, message = loc[:-1], "must be an int64 or a string id"
+        if loc == ("body",):
+            message = "request body must be a JSON object sent as Content-Type: application/json"
+        return _error(422, "invalid", message, _field(loc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    app.add_middleware(GuardMiddleware, metrics=rt.metrics, max_body=rt.settings.max_body_bytes)
+    return app

@@ -1,0 +1,139 @@
+"""HTTP endpoints. Each is a thin translation between JSON and the service layer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import orjson
+from fastapi import APIRouter, Query
+from fastapi.responses import Response, StreamingResponse
+
+from tally.api import schemas as s
+from tally.bootstrap import Runtime
+from tally.core.errors import InvalidInput
+from tally.core.model import OpResult, split_item
+
+
+def build_router(rt: Runtime) -> APIRouter:
+    svc = rt.service
+    r = APIRouter(strict_content_type=False)
+
+    async def toggle(counter: str, body: s.ToggleRequest, on: bool) -> s.ToggleResponse:
+        op = svc.toggle_op(counter, body.item_type, body.item_id, body.user_id, on, body.region)
+        (res,) = await svc.write([op])
+        item_type, item_id = split_item(op.item)
+        return s.ToggleResponse(counter=op.counter, item_type=item_type, item_id=item_id,
+                                user_id=op.user, state=on, changed=res.changed, count=res.count)
+
+    @r.post("/v1/like", tags=["write"], summary="Like an item (idempotent)")
+    async def like(body: s.ToggleRequest) -> s.ToggleResponse:
+        return await toggle("like", body, True)
+
+    @r.post("/v1/unlike", tags=["write"], summary="Unlike an item (idempotent)")
+    async def unlike(body: s.ToggleRequest) -> s.ToggleResponse:
+        return await toggle("like", body, False)
+
+    @r.post("/v1/counters/{counter}/set", tags=["write"], summary="Turn a toggle counter on")
+    async def set_toggle(counter: str, body: s.ToggleRequest) -> s.ToggleResponse:
+        return await toggle(counter, body, True)
+
+    @r.post("/v1/counters/{counter}/clear", tags=["write"], summary="Turn a toggle counter off")
+    async def clear_toggle(counter: str, body: s.ToggleRequest) -> s.ToggleResponse:
+        return await toggle(counter, body, False)
+
+    @r.post("/v1/counters/{counter}/incr", tags=["write"], summary="Add to an event counter")
+    async def incr(counter: str, body: s.IncrRequest) -> s.IncrResponse:
+        op = svc.incr_op(counter, body.item_type, body.item_id, body.n, body.idempotency_key,
+                         body.user_id, body.region)
+        (res,) = await svc.write([op])
+        item_type, item_id = split_item(op.item)
+        return s.IncrResponse(counter=op.counter, item_type=item_type, item_id=item_id,
+                              applied=res.changed, count=res.count)
+
+    @r.post("/v1/bulk", tags=["write"], summary="Up to max_bulk_ops operations, all or nothing")
+    async def bulk(body: s.BulkRequest) -> s.BulkResponse:
+        results: list[OpResult] = await svc.write(svc.bulk_ops(body.ops))
+        return s.BulkResponse(results=[s.BulkResult(changed=x.changed, count=x.count,
+                                                    state=x.state) for x in results])
+
+    @r.get("/v1/items/{item_type}/{item_id}/counts", tags=["read"], summary="Counts of one item")
+    async def item_counts(item_type: str, item_id: str,
+                          counter: list[str] | None = Query(None)) -> s.ItemCounts:
+        items = svc.items([(item_type, item_id)])
+        (counts,) = await svc.counts(items, svc.counter_names(counter))
+        return s.ItemCounts(item_type=item_type, item_id=split_item(items[0])[1], counts=counts)
+
+    @r.post("/v1/counts", tags=["read"], summary="Counts of a batch of items (a feed)")
+    async def batch_counts(body: s.CountsRequest) -> s.CountsResponse:
+        items = svc.items([(i.item_type, i.item_id) for i in body.items])
+        counts = await svc.counts(items, svc.counter_names(body.counters))
+        return s.CountsResponse(results=[
+            s.ItemCounts(item_type=t, item_id=i, counts=c)
+            for (t, i), c in zip(map(split_item, items), counts, strict=True)])
+
+    @r.post("/v1/has", tags=["read"], summary="Has the user set this toggle, for many items")
+    async def has_many(body: s.HasRequest) -> s.HasResponse:
+        items = svc.items([(i.item_type, i.item_id) for i in body.items])
+        flags = await svc.has(body.counter, body.user_id, items)
+        return s.HasResponse(counter=body.counter, user_id=str(body.user_id), results=[
+            s.HasItem(item_type=t, item_id=i, on=f)
+            for (t, i), f in zip(map(split_item, items), flags, strict=True)])
+
+    @r.get("/v1/has/{counter}/{user_id}/{item_type}/{item_id}", tags=["read"],
+           summary="Has the user set this toggle on one item")
+    async def has_one(counter: str, user_id: str, item_type: str, item_id: str) -> s.HasItem:
+        items = svc.items([(item_type, item_id)])
+        (flag,) = await svc.has(counter, user_id, items)
+        return s.HasItem(item_type=item_type, item_id=split_item(items[0])[1], on=flag)
+
+    @r.get("/v1/rollups/{counter}/{item_type}/{dimension}", tags=["read"],
+           summary="A counter's totals per day or per region, for one item type")
+    async def rollups(counter: str, item_type: str, dimension: str) -> s.RollupResponse:
+        buckets = await svc.rollups(counter, item_type, dimension)
+        return s.RollupResponse(counter=counter, item_type=item_type,
+                                dimension=dimension,  # type: ignore[arg-type]
+                                buckets=buckets)
+
+    @r.get("/v1/admin/hot", tags=["admin"], summary="Items the heavy-hitter sketch sees as hot")
+    async def hot() -> s.HotResponse:
+        return s.HotResponse(total=rt.hot.total, items=[
+            s.HotItem(item=k, estimate=c, error=e) for k, c, e in rt.hot.top()])
+
+    @r.post("/v1/admin/reconcile", tags=["admin"],
+            summary="Recount from the toggle records; streams NDJSON progress lines")
+    async def reconcile(body: s.ReconcileRequest) -> StreamingResponse:
+        items = None if body.items is None else svc.items(
+            [(i.item_type, i.item_id) for i in body.items])
+        if items is not None and not items:
+            raise InvalidInput("items, when given, must name at least one item", "items")
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for p in svc.reconcile(items, body.repair):
+                yield orjson.dumps({"checked": p.checked, "done": p.done, "drifts": [
+                    {"counter": d.counter, "item": d.item, "stored": d.stored,
+                     "actual": d.actual} for d in p.drifts]}) + b"\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    @r.get("/healthz", tags=["ops"], summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @r.get("/readyz", tags=["ops"], summary="Readiness: the store answers")
+    async def readyz() -> Response:
+        try:
+            await rt.store.watermark(rt.aggregator.source)
+        except Exception as exc:
+            return Response(orjson.dumps({"status": "unavailable", "reason": str(exc)}), 503,
+                            media_type="application/json")
+        lag = rt.aggregator.stats
+        return Response(orjson.dumps({"status": "ready", "aggregator_lag_events":
+                                      max(lag.head - lag.watermark, 0),
+                                      "aggregator_lag_seconds": lag.lag_seconds}),
+                        media_type="application/json")
+
+    @r.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(rt.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return r

@@ -1,0 +1,120 @@
+"""The one place that wires settings, stores, the service and the workers together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from tally.core.hotkeys import SpaceSaving
+from tally.core.lru import LRU
+from tally.core.model import CountKey, Counter, Kind, Schema
+from tally.metrics import Metrics, Sample
+from tally.service.counters import CounterService, Limits
+from tally.service.reads import CountReader
+from tally.settings import Settings
+from tally.store.sqlite import SqliteStore
+from tally.workers.aggregator import Aggregator
+
+log = logging.getLogger("tally")
+
+
+def schema_of(settings: Settings) -> Schema:
+    counters = [Counter(c.name, Kind(c.kind), c.dedupe_window_s)
+                for c in settings.counter_defs().values()]
+    return Schema(counters, settings.item_types)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: SqliteStore
+    service: CounterService
+    aggregator: Aggregator
+    metrics: Metrics
+    hot: SpaceSaving
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.store.start()
+        self.aggregator.start()
+        self._every(60.0, self.store.purge_idempotency)
+        self._every(1.0, self.aggregator.refresh_lag)
+        self._every(10.0, self._decay_hot)
+        log.info("tally started", extra={"backend": "sqlite", "db": str(self.store.path),
+                                         "synchronous": self.store.synchronous})
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.aggregator.stop()
+        await self.store.close()
+        log.info("tally stopped")
+
+    async def _decay_hot(self) -> None:
+        self.hot.decay()
+
+    def _every(self, period_s: float, job: Callable[[], Awaitable[object]]) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(period_s)
+                try:
+                    await job()
+                except Exception:
+                    log.exception("periodic job failed", extra={"job": job.__name__})
+
+        self._tasks.append(asyncio.create_task(loop(), name=f"tally-{job.__name__}"))
+
+    def state(self) -> list[Sample]:
+        """Gauges read at scrape time."""
+        agg, cache, writer = self.aggregator.stats, self.service.reader.cache, self.store.writer
+        lookups = cache.hits + cache.misses
+        rows: list[Sample] = [
+            ("gauge", "tally_aggregator_lag_events", "Change-log events not yet applied",
+             float(max(agg.head - agg.watermark, 0)), {}),
+            ("gauge", "tally_aggregator_lag_seconds", "Age of the oldest unapplied event",
+             agg.lag_seconds, {}),
+            ("counter", "tally_aggregator_events", "Events applied to counts", agg.events, {}),
+            ("counter", "tally_aggregator_batches", "Aggregation transactions", agg.batches, {}),
+            ("counter", "tally_aggregator_keys_written", "Count rows written", agg.keys_written,
+             {}),
+            ("gauge", "tally_cache_hit_ratio", "Count cache hits / lookups",
+             cache.hits / lookups if lookups else 0.0, {}),
+            ("gauge", "tally_cache_entries", "Counts held in the in-process cache",
+             float(len(cache)), {}),
+            ("counter", "tally_cache_coalesced_misses", "Misses served by another request's fetch",
+             self.service.reader.coalesced, {}),
+            ("counter", "tally_write_commits", "Group commits", writer.commits, {}),
+            ("counter", "tally_write_ops_committed", "Operations committed", writer.committed_ops,
+             {}),
+            ("counter", "tally_write_commit_failures", "Failed group commits",
+             writer.failed_commits, {}),
+        ]
+        for item, est, err in self.hot.top(10):
+            rows.append(("gauge", "tally_hot_item_hits", "Heavy-hitter estimate per hot item",
+                         float(est - err), {"item": item}))
+        return rows
+
+
+def build(settings: Settings) -> Runtime:
+    store = SqliteStore(settings.sqlite_path, settings.sqlite_synchronous,
+                        settings.group_commit_ms, settings.group_commit_max, settings.read_threads)
+    hot = SpaceSaving(settings.hot_top_k)
+    cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
+    reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s)
+    aggregator = Aggregator(store, store, window_s=settings.aggregate_window_ms / 1000,
+                            max_events=settings.aggregate_max_events, rollups=settings.rollups,
+                            on_applied=reader.applied)
+    service = CounterService(schema_of(settings), store, store, reader, store, settings.region,
+                             Limits(settings.max_batch_items, settings.max_bulk_ops),
+                             on_write=aggregator.notify)
+    metrics = Metrics()
+    runtime = Runtime(settings, store, service, aggregator, metrics, hot)
+    metrics.add_state(runtime.state)
+    return runtime

@@ -1,0 +1,1 @@
+"""The domain: ids, counters, events and the pure logic over them. No I/O lives here."""

@@ -1,0 +1,54 @@
+"""One error hierarchy; each class carries the HTTP status it is rendered with, in one handler."""
+
+from __future__ import annotations
+
+
+class TallyError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def to_dict(self) -> dict[str, object]:
+        body: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            body["field"] = self.field
+        return {"error": body}
+
+
+class InvalidInput(TallyError):
+    """The request names something malformed or unknown; nothing was written."""
+
+    status = 422
+    code = "invalid"
+
+
+class LimitExceeded(InvalidInput):
+    status = 422
+    code = "limit_exceeded"
+
+
+class BodyTooLarge(TallyError):
+    status = 413
+    code = "body_too_large"
+
+
+class NotFound(TallyError):
+    status = 404
+    code = "not_found"
+
+
+class Unavailable(TallyError):
+    """A backend could not take the write; the client may retry (writes are idempotent)."""
+
+    status = 503
+    code = "unavailable"
+
+
+class ConfigError(TallyError):
+    """Settings that cannot run; raised before the service starts."""
+
+    code = "config"

@@ -1,0 +1,54 @@
+"""Space-Saving heavy-hitter sketch: the top-k keys of a stream in O(k) memory.
+
+Metwally et al., 2005. Each tracked key has a count that over-estimates its true frequency by at
+most ``error``; a key whose true frequency exceeds n/k is guaranteed to be tracked.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Slot:
+    count: int
+    error: int
+
+
+class SpaceSaving:
+    """Not thread-safe: fed from the event loop only."""
+
+    def __init__(self, k: int = 32) -> None:
+        self.k = k
+        self.total = 0
+        self._slots: dict[str, _Slot] = {}
+
+    def add(self, key: str, weight: int = 1) -> None:
+        self.total += weight
+        slot = self._slots.get(key)
+        if slot is not None:
+            slot.count += weight
+        elif len(self._slots) < self.k:
+            self._slots[key] = _Slot(weight, 0)
+        else:
+            victim = min(self._slots, key=lambda s: self._slots[s].count)
+            floor = self._slots.pop(victim).count
+            self._slots[key] = _Slot(floor + weight, floor)
+
+    def top(self, n: int | None = None) -> list[tuple[str, int, int]]:
+        """(key, estimated count, maximum over-estimate), most frequent first."""
+        items = [(k, s.count, s.error) for k, s in self._slots.items()]
+        return heapq.nlargest(n or self.k, items, key=lambda t: t[1])
+
+    def is_hot(self, key: str, share: float) -> bool:
+        """True when the key's guaranteed count (count - error) is at least share of the stream."""
+        slot = self._slots.get(key)
+        return slot is not None and self.total > 0 and (slot.count - slot.error) >= share * self.total
+
+    def decay(self) -> None:
+        """Halve every count so the sketch follows what is hot now, not what was hot an hour ago."""
+        self.total //= 2
+        for slot in self._slots.values():
+            slot.count //= 2
+            slot.error //= 2

@@ -1,0 +1,158 @@
+"""The service layer: turns requests into validated operations and runs them on the ports.
+
+Validation happens here, before anything reaches a store, so bad input is rejected whole: a bulk
+request with one malformed operation writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tally.core.errors import InvalidInput, LimitExceeded
+from tally.core.model import (
+    INT64_MAX,
+    IncrOp,
+    Kind,
+    Op,
+    OpResult,
+    Schema,
+    ToggleOp,
+    canonical_id,
+)
+from tally.service.reads import CountReader
+from tally.store.ports import CountStore, Drift, LikeStore, Recounter
+
+ItemRef = tuple[Any, Any]  # (item_type, item_id) as they arrived
+
+
+@dataclass
+class Limits:
+    max_batch_items: int = 500
+    max_bulk_ops: int = 1000
+
+
+@dataclass
+class ReconcileProgress:
+    checked: int
+    drifts: list[Drift]
+    done: bool
+
+
+class CounterService:
+    def __init__(self, schema: Schema, likes: LikeStore, counts: CountStore, reader: CountReader,
+                 recounter: Recounter | None, region: str, limits: Limits,
+                 on_write: Callable[[], None] | None = None) -> None:
+        self.schema = schema
+        self.likes = likes
+        self.count_store = counts
+        self.reader = reader
+        self.recounter = recounter
+        self.region = region
+        self.limits = limits
+        self._on_write = on_write or (lambda: None)
+
+    # -- building operations ------------------------------------------------------------------
+
+    def toggle_op(self, counter: Any, item_type: Any, item_id: Any, user: Any, on: bool,
+                  region: Any = None, prefix: str = "") -> ToggleOp:
+        c = self.schema.counter(counter, f"{prefix}counter", Kind.TOGGLE)
+        return ToggleOp(counter=c.name, item=self.schema.item(item_type, item_id, prefix),
+                        user=canonical_id(user, f"{prefix}user_id"), on=on,
+                        region=self._region(region, prefix))
+
+    def incr_op(self, counter: Any, item_type: Any, item_id: Any, n: Any = 1, key: Any = None,
+                user: Any = None, region: Any = None, prefix: str = "") -> IncrOp:
+        c = self.schema.counter(counter, f"{prefix}counter", Kind.EVENT)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= INT64_MAX:
+            raise InvalidInput("n must be an integer of at least 1", f"{prefix}n")
+        if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 128):
+            raise InvalidInput("idempotency_key must be a string of 1-128 characters",
+                               f"{prefix}idempotency_key")
+        return IncrOp(counter=c.name, item=self.schema.item(item_type, item_id, prefix), n=n,
+                      region=self._region(region, prefix), idempotency_key=key,
+                      user=None if user is None else canonical_id(user, f"{prefix}user_id"),
+                      dedupe_window_s=c.dedupe_window_s)
+
+    def _region(self, region: Any, prefix: str) -> str:
+        if region is None:
+            return self.region
+        if not isinstance(region, str) or not 1 <= len(region) <= 32:
+            raise InvalidInput("region must be a string of 1-32 characters", f"{prefix}region")
+        return region
+
+    def bulk_ops(self, raw: Sequence[Mapping[str, Any]]) -> list[Op]:
+        if len(raw) > self.limits.max_bulk_ops:
+            raise LimitExceeded(f"at most {self.limits.max_bulk_ops} operations per request", "ops")
+        if not raw:
+            raise InvalidInput("at least one operation is needed", "ops")
+        return [self._bulk_op(entry, f"ops[{i}].") for i, entry in enumerate(raw)]
+
+    def _bulk_op(self, e: Mapping[str, Any], prefix: str) -> Op:
+        kind = e.get("op")
+        if kind in ("set", "clear", "like", "unlike"):
+            counter = e.get("counter", "like")
+            return self.toggle_op(counter, e.get("item_type"), e.get("item_id"), e.get("user_id"),
+                                  kind in ("set", "like"), e.get("region"), prefix)
+        if kind == "incr":
+            return self.incr_op(e.get("counter"), e.get("item_type"), e.get("item_id"),
+                                e.get("n", 1), e.get("idempotency_key"), e.get("user_id"),
+                                e.get("region"), prefix)
+        raise InvalidInput("op must be one of set, clear, like, unlike, incr", f"{prefix}op")
+
+    def items(self, refs: Sequence[ItemRef], field: str = "items") -> list[str]:
+        if len(refs) > self.limits.max_batch_items:
+            raise LimitExceeded(f"at most {self.limits.max_batch_items} items per request", field)
+        return [self.schema.item(t, i, f"{field}[{n}].") for n, (t, i) in enumerate(refs)]
+
+    def counter_names(self, names: Sequence[Any] | None) -> list[str]:
+        if not names:
+            return list(self.schema.counters)
+        return [self.schema.counter(n, f"counters[{i}]").name for i, n in enumerate(names)]
+
+    # -- running them -------------------------------------------------------------------------
+
+    async def write(self, ops: Sequence[Op]) -> list[OpResult]:
+        results = await self.likes.write(ops)
+        if any(r.changed for r in results):
+            self._on_write()
+        return results
+
+    async def counts(self, items: Sequence[str], counters: Sequence[str]) -> list[dict[str, int]]:
+        keys = [(c, item) for item in items for c in counters]
+        found = await self.reader.get(keys)
+        return [{c: max(found.get((c, item), 0), 0) for c in counters} for item in items]
+
+    async def has(self, counter: Any, user: Any, items: Sequence[str]) -> list[bool]:
+        c = self.schema.counter(counter, "counter", Kind.TOGGLE)
+        return await self.likes.has(c.name, canonical_id(user, "user_id"), items)
+
+    async def rollups(self, counter: Any, item_type: Any, dimension: Any) -> dict[str, int]:
+        c = self.schema.counter(counter)
+        if item_type not in self.schema.item_types:
+            raise InvalidInput(f"unknown item type {item_type!r}", "item_type")
+        if dimension not in ("day", "region"):
+            raise InvalidInput("dimension must be 'day' or 'region'", "dimension")
+        return await self.count_store.rollups(c.name, item_type, dimension)
+
+    async def reconcile(self, items: Sequence[str] | None = None, repair: bool = True,
+                        chunk: int = 5000) -> AsyncIterator[ReconcileProgress]:
+        """Recount toggle counters chunk by chunk, yielding progress; repairs drift if asked."""
+        if self.recounter is None:
+            raise InvalidInput("this backend cannot recount", "reconcile")
+        after: tuple[str, str] | None = None
+        checked = 0
+        while True:
+            part = await self.recounter.reconcile_chunk(self.schema.toggles, items, after, chunk,
+                                                        repair)
+            checked += part.checked
+            if repair:
+                self.reader.forget([(d.counter, d.item) for d in part.drifts])
+            done = part.next_after is None
+            yield ReconcileProgress(checked=checked, drifts=part.drifts, done=done)
+            if done:
+                return
+            after = part.next_after
+            await asyncio.sleep(0)

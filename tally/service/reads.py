@@ -1,0 +1,90 @@
+"""The read path: in-process cache, then the count store, one round trip per batch.
+
+Concurrent misses for one key are coalesced into one fetch (single flight), so a viral item that
+falls out of the cache costs one backend read however many requests want it at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from tally.core.hotkeys import SpaceSaving
+from tally.core.lru import LRU
+from tally.core.model import CountKey
+from tally.store.ports import CountStore
+
+
+class CountReader:
+    def __init__(self, store: CountStore, cache: LRU[CountKey, int], hot: SpaceSaving,
+                 cache_all: bool = True, hot_ttl_s: float = 1.0, hot_share: float = 0.01) -> None:
+        """``cache_all``: the aggregator writes through to this cache (embedded mode), so every
+        key may be cached for the cache's TTL; otherwise only hot keys are, for ``hot_ttl_s``."""
+        self.store = store
+        self.cache = cache
+        self.hot = hot
+        self.cache_all = cache_all
+        self.hot_ttl_s = hot_ttl_s
+        self.hot_share = hot_share
+        self._inflight: dict[CountKey, asyncio.Future[int]] = {}
+        self.coalesced = 0
+
+    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
+        out: dict[CountKey, int] = {}
+        waits: list[tuple[CountKey, asyncio.Future[int]]] = []
+        mine: list[CountKey] = []
+        for key in keys:
+            self.hot.add(key[1])
+            value = self.cache.get(key)
+            if value is not None:
+                out[key] = value
+            elif (fut := self._inflight.get(key)) is not None:
+                waits.append((key, fut))
+            elif key not in out:
+                mine.append(key)
+        if mine:
+            out.update(await self._fetch(mine))
+        for key, fut in waits:
+            self.coalesced += 1
+            out[key] = await fut
+        return out
+
+    async def _fetch(self, keys: list[CountKey]) -> dict[CountKey, int]:
+        loop = asyncio.get_running_loop()
+        futures = {k: loop.create_future() for k in dict.fromkeys(keys)}
+        self._inflight.update(futures)
+        try:
+            found = await self.store.get(list(futures))
+        except BaseException as exc:
+            for fut in futures.values():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: the caller below re-raises it
+            raise
+        finally:
+            for k in futures:
+                self._inflight.pop(k, None)
+        result = {}
+        for key, fut in futures.items():
+            value = found.get(key, 0)
+            result[key] = value
+            fut.set_result(value)
+            self._remember(key, value)
+        return result
+
+    def _remember(self, key: CountKey, value: int) -> None:
+        if self.cache_all:
+            self.cache.put_if_absent(key, value)
+        elif self.hot.is_hot(key[1], self.hot_share):
+            self.cache.put(key, value, ttl_s=self.hot_ttl_s)
+
+    def applied(self, counts: dict[CountKey, int]) -> None:
+        """New absolute counts from the aggregator: write through (embedded) or drop stale copies."""
+        for key, value in counts.items():
+            if self.cache_all:
+                self.cache.put(key, value)
+            else:
+                self.cache.discard(key)
+
+    def forget(self, keys: Sequence[CountKey]) -> None:
+        for key in keys:
+            self.cache.discard(key)

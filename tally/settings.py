@@ -1,0 +1,158 @@
+"""One typed settings object, read from defaults, then a TOML file, then ``TALLY_*`` variables.
+
+Every setting is declared once in ``Settings`` with its default and help text (field metadata),
+so validation, the README's configuration table and ``tally config`` all come from one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tally.core.errors import ConfigError
+
+
+def _s(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class CounterConfig:
+    """A counter definition: ``toggle`` (on/off per user) or ``event`` (adds n per event)."""
+
+    name: str
+    kind: str  # "toggle" | "event"
+    dedupe_window_s: int = 86_400
+
+
+DEFAULT_COUNTERS = [
+    {"name": "like", "kind": "toggle"},
+    {"name": "save", "kind": "toggle"},
+    {"name": "view", "kind": "event", "dedupe_window_s": 3600},
+    {"name": "share", "kind": "event", "dedupe_window_s": 86_400},
+]
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = _s("127.0.0.1", "Address the HTTP API listens on")
+    port: int = _s(8080, "Port the HTTP API listens on")
+    workers: int = _s(1, "uvicorn worker processes (embedded SQLite mode needs exactly 1)")
+    region: str = _s("local", "Region stamped on events that do not name one (for rollups)")
+    data_dir: str = _s("./data", "Directory of the embedded SQLite database")
+    sqlite_synchronous: str = _s(
+        "FULL", "SQLite durability: FULL survives power loss, NORMAL survives process crashes"
+    )
+    item_types: list[str] = _s(["post", "reel", "comment", "story"], "Allowed item types")
+    counters: list[dict[str, Any]] = _s(DEFAULT_COUNTERS, "Counter definitions (name, kind)")
+    group_commit_ms: float = _s(1.0, "Longest wait to gather concurrent writes into one commit")
+    group_commit_max: int = _s(2000, "Most operations committed in one transaction")
+    aggregate_window_ms: float = _s(100.0, "Longest time a delta waits before it is applied")
+    aggregate_max_events: int = _s(20_000, "Most change-log events applied in one transaction")
+    rollups: list[str] = _s(["day", "region"], "Rollup dimensions kept per counter and item type")
+    cache_size: int = _s(200_000, "Entries in the in-process count cache")
+    cache_ttl_s: float = _s(30.0, "Seconds a cached count may be served before it is re-read")
+    hot_ttl_s: float = _s(1.0, "Seconds a hot item's count is served from memory in cluster mode")
+    hot_top_k: int = _s(32, "Hot items tracked by the heavy-hitter sketch")
+    max_batch_items: int = _s(500, "Most items in one count or has-liked request")
+    max_bulk_ops: int = _s(1000, "Most operations in one bulk request")
+    max_body_bytes: int = _s(1_048_576, "Largest request body accepted, in bytes")
+    read_threads: int = _s(4, "Threads serving SQLite reads")
+    log_level: str = _s("INFO", "Log level (DEBUG, INFO, WARNING, ERROR)")
+    access_log: bool = _s(False, "Log every HTTP request (costs throughput)")
+
+    def counter_defs(self) -> dict[str, CounterConfig]:
+        return {c.name: c for c in (CounterConfig(**raw) for raw in self.counters)}
+
+    @property
+    def sqlite_path(self) -> Path:
+        return Path(self.data_dir) / "tally.db"
+
+    def replace(self, **changes: Any) -> Settings:
+        return validate(dataclasses.replace(self, **changes))
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(name, env var, default, help) for every setting, in declaration order."""
+    rows = []
+    for f in dataclasses.fields(Settings):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append((f.name, f"TALLY_{f.name.upper()}", default, f.metadata["help"]))
+    return rows
+
+
+def _coerce(name: str, raw: Any, kind: type) -> Any:
+    if isinstance(raw, str) and kind is not str:
+        if kind is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{name}: expected a boolean, got {raw!r}")
+        if kind is list:
+            return [part.strip() for part in raw.split(",") if part.strip()]
+        try:
+            return kind(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{name}: expected {kind.__name__}, got {raw!r}") from exc
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {type(raw).__name__}")
+    return raw
+
+
+_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def _kind(annotation: Any) -> type:
+    text = str(annotation)
+    return list if text.startswith("list") else _KINDS[text]
+
+
+def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Defaults, overlaid by the TOML file (``path`` or ``$TALLY_CONFIG``), then the environment."""
+    env = dict(os.environ) if env is None else env
+    path = path or env.get("TALLY_CONFIG")
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                values.update(tomllib.load(fh).get("tally", {}))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    known = {f.name: f for f in dataclasses.fields(Settings)}
+    for key, f in known.items():
+        if (raw := env.get(f"TALLY_{key.upper()}")) is not None:
+            values[key] = raw
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    typed = {k: _coerce(k, v, _kind(known[k].type)) for k, v in values.items()}
+    return validate(Settings(**typed))
+
+
+def validate(s: Settings) -> Settings:
+    """Reject settings that cannot run, with the reason, before anything starts."""
+    if s.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
+    for name in ("group_commit_max", "aggregate_max_events", "cache_size", "max_batch_items",
+                 "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
+    bad_rollups = set(s.rollups) - {"day", "region"}
+    if bad_rollups:
+        raise ConfigError(f"unknown rollups: {sorted(bad_rollups)} (allowed: day, region)")
+    from tally.core.model import validate_counter_configs, validate_item_types
+
+    validate_item_types(s.item_types)
+    validate_counter_configs(s.counters)
+    return s

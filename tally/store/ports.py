@@ -1,0 +1,84 @@
+"""The storage roles the service needs, as Protocols. Each backend module implements them.
+
+The service core and the workers depend on these only, never on a driver: the embedded SQLite
+adapter implements all of them in one file; the scale-out backends (PostgreSQL shards, a JetStream
+log, Redis) each take one role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tally.core.coalesce import Batch
+from tally.core.model import CountKey, Event, Op, OpResult
+
+
+class Lifecycle(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LikeStore(Lifecycle, Protocol):
+    """Toggle records (the source of truth) and the change log written in the same transaction."""
+
+    async def write(self, ops: Sequence[Op]) -> list[OpResult]:
+        """Apply all ops atomically: all are written, or none and an error is raised.
+
+        A toggle op that repeats the current state changes nothing and appends no event.
+        """
+
+    async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
+        """Whether the user's toggle is on, for each item, in order."""
+
+
+class ChangeLog(Lifecycle, Protocol):
+    """The ordered change events, read by aggregators after their watermark."""
+
+    async def read(self, after_seq: int, limit: int) -> list[Event]: ...
+
+    async def head(self) -> int:
+        """The newest sequence number written (0 when empty)."""
+
+
+class CountStore(Lifecycle, Protocol):
+    """Derived counts, applied exactly once together with the consumer's watermark."""
+
+    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
+        """Counts for the keys that have one; one round trip for the whole batch."""
+
+    async def watermark(self, source: str) -> int: ...
+
+    async def apply_batch(self, batch: Batch, source: str, expect: int) -> dict[CountKey, int] | None:
+        """Add the deltas and move the watermark from ``expect`` to ``batch.last_seq`` atomically.
+
+        Returns the new absolute counts, or None when the watermark was not ``expect`` (another
+        consumer applied first): nothing is written then, so a redelivered batch cannot double.
+        """
+
+    async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]: ...
+
+
+@dataclass
+class Drift:
+    counter: str
+    item: str
+    stored: int  # count table plus deltas still in the log
+    actual: int  # recount of the toggle records
+
+
+@dataclass
+class ReconcileChunk:
+    checked: int
+    drifts: list[Drift] = field(default_factory=list)
+    next_after: tuple[str, str] | None = None  # (counter, item) to resume after; None when done
+
+
+class Recounter(Protocol):
+    """Recount toggle counters from the toggle records and repair drifted counts."""
+
+    async def reconcile_chunk(self, counters: Sequence[str], items: Sequence[str] | None,
+                              after: tuple[str, str] | None, limit: int,
+                              repair: bool) -> ReconcileChunk: ...

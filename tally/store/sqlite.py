@@ -1,0 +1,249 @@
+"""The embedded backend: every storage role on one SQLite database in WAL mode.
+
+Writes go through the group-commit writer thread; reads use their own connections in a small
+thread pool, so a read never waits for a commit. The writer keeps ``_pending``, the sum of change-log
+deltas per key not yet applied to the count table, so a write can answer with the exact count
+(count table + pending + this change) without waiting for the aggregator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tally.core.coalesce import Batch
+from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
+from tally.store.ports import ReconcileChunk
+from tally.store.sqlite_reconcile import reconcile_chunk
+from tally.store.sqlite_schema import connect, migrate
+from tally.store.sqlite_writer import GroupCommitWriter, Tx
+
+T = TypeVar("T")
+
+_SET = ("INSERT INTO toggles (counter, user, item, state, version, updated_at) VALUES (?,?,?,1,1,?) "
+        "ON CONFLICT (counter, user, item) DO UPDATE SET state=1, version=version+1, "
+        "updated_at=excluded.updated_at WHERE state=0 RETURNING version")
+_CLEAR = ("UPDATE toggles SET state=0, version=version+1, updated_at=? "
+          "WHERE counter=? AND user=? AND item=? AND state=1 RETURNING version")
+_LOG = "INSERT INTO changelog (counter, item, user, delta, ts, region) VALUES (?,?,?,?,?,?)"
+_COUNT = "SELECT count FROM counts WHERE item=? AND counter=?"
+_IDEM = ("INSERT INTO idempotency (counter, key, expires_at) VALUES (?,?,?) "
+         "ON CONFLICT (counter, key) DO UPDATE SET expires_at=excluded.expires_at "
+         "WHERE expires_at < ? RETURNING 1")
+
+
+class SqliteStore:
+    """Implements LikeStore, ChangeLog, CountStore and Recounter (see ``tally.store.ports``)."""
+
+    def __init__(self, path: Path, synchronous: str = "FULL", group_commit_ms: float = 1.0,
+                 group_commit_max: int = 2000, read_threads: int = 4) -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.writer = GroupCommitWriter(self._open_writer, group_commit_ms / 1000, group_commit_max)
+        self._read_threads = read_threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._pending: dict[CountKey, int] = {}  # writer thread only
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _open_writer(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(self.path, self.synchronous)
+        migrate(conn)
+        self._pending = self._load_pending(conn)
+        return conn
+
+    @staticmethod
+    def _load_pending(conn: sqlite3.Connection) -> dict[CountKey, int]:
+        """After a restart: the deltas logged but not yet applied, so write answers stay exact."""
+        wm = conn.execute("SELECT coalesce(max(seq), 0) FROM watermarks").fetchone()[0]
+        rows = conn.execute("SELECT counter, item, sum(delta) FROM changelog WHERE seq > ? "
+                            "GROUP BY counter, item", (wm,))
+        return {(c, i): d for c, i, d in rows if d}
+
+    async def start(self) -> None:
+        self.writer.start()
+        self._pool = ThreadPoolExecutor(self._read_threads, thread_name_prefix="tally-sqlite-read")
+
+    async def close(self) -> None:
+        await self.writer.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        for conn in self._readers:
+            conn.close()
+        self._readers.clear()
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, self.synchronous, readonly=True)
+            self._local.conn = conn
+            self._readers.append(conn)
+        return conn
+
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        def run() -> list[Any]:
+            return self._reader().execute(sql, params).fetchall()
+
+        if self._pool is None:
+            raise RuntimeError("store is not started")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, run)
+
+    # -- LikeStore --------------------------------------------------------------------------
+
+    async def write(self, ops: Sequence[Op]) -> list[OpResult]:
+        ops = list(ops)
+        result: list[OpResult] = await self.writer.run(lambda c, tx: self._apply_ops(c, tx, ops),
+                                                       weight=len(ops))
+        return result
+
+    def _apply_ops(self, conn: sqlite3.Connection, tx: Tx, ops: list[Op]) -> list[OpResult]:
+        now = time.time()
+        overlay: dict[CountKey, int] = {}  # deltas of this job, made pending only on commit
+        results = []
+        for op in ops:
+            if isinstance(op, ToggleOp):
+                changed, delta, seq = self._toggle(conn, op, now)
+            else:
+                changed, delta, seq = self._incr(conn, op, now)
+            key = (op.counter, op.item)
+            if delta:
+                overlay[key] = overlay.get(key, 0) + delta
+            row = conn.execute(_COUNT, (op.item, op.counter)).fetchone()
+            count = (row[0] if row else 0) + self._pending.get(key, 0) + overlay.get(key, 0)
+            state = op.on if isinstance(op, ToggleOp) else None
+            results.append(OpResult(changed=changed, count=count, state=state, seq=seq))
+        if overlay:
+            tx.on_commit.append(lambda: self._add_pending(overlay))
+        return results
+
+    def _add_pending(self, deltas: dict[CountKey, int]) -> None:
+        for key, d in deltas.items():
+            total = self._pending.get(key, 0) + d
+            if total:
+                self._pending[key] = total
+            else:
+                self._pending.pop(key, None)
+
+    @staticmethod
+    def _toggle(conn: sqlite3.Connection, op: ToggleOp, now: float) -> tuple[bool, int, int | None]:
+        if op.on:
+            row = conn.execute(_SET, (op.counter, op.user, op.item, now)).fetchone()
+        else:
+            row = conn.execute(_CLEAR, (now, op.counter, op.user, op.item)).fetchone()
+        if row is None:
+            return False, 0, None
+        delta = 1 if op.on else -1
+        cur = conn.execute(_LOG, (op.counter, op.item, op.user, delta, now, op.region))
+        return True, delta, cur.lastrowid
+
+    @staticmethod
+    def _incr(conn: sqlite3.Connection, op: IncrOp, now: float) -> tuple[bool, int, int | None]:
+        if op.idempotency_key is not None:
+            fresh = conn.execute(_IDEM, (op.counter, op.idempotency_key,
+                                         now + op.dedupe_window_s, now)).fetchone()
+            if fresh is None:
+                return False, 0, None
+        cur = conn.execute(_LOG, (op.counter, op.item, op.user, op.n, now, op.region))
+        return True, op.n, cur.lastrowid
+
+    async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
+        marks = ",".join("?" * len(items))
+        rows = await self._read(f"SELECT item FROM toggles WHERE counter=? AND user=? AND state=1 "
+                                f"AND item IN ({marks})", [counter, user, *items])
+        on = {r[0] for r in rows}
+        return [item in on for item in items]
+
+    async def purge_idempotency(self) -> int:
+        """Forget idempotency keys whose window has passed; returns how many."""
+        def job(conn: sqlite3.Connection, tx: Tx) -> int:
+            return conn.execute("DELETE FROM idempotency WHERE expires_at < ?",
+                                (time.time(),)).rowcount
+
+        removed: int = await self.writer.run(job)
+        return removed
+
+    # -- ChangeLog --------------------------------------------------------------------------
+
+    async def read(self, after_seq: int, limit: int) -> list[Event]:
+        rows = await self._read("SELECT seq, counter, item, user, delta, ts, region FROM changelog "
+                                "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
+        return [Event(*r) for r in rows]
+
+    async def head(self) -> int:
+        rows = await self._read("SELECT seq FROM sqlite_sequence WHERE name='changelog'", ())
+        return int(rows[0][0]) if rows else 0
+
+    async def oldest_unapplied_ts(self, after_seq: int) -> float | None:
+        rows = await self._read("SELECT ts FROM changelog WHERE seq > ? ORDER BY seq LIMIT 1",
+                                (after_seq,))
+        return float(rows[0][0]) if rows else None
+
+    # -- CountStore -------------------------------------------------------------------------
+
+    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
+        if not keys:
+            return {}
+        items = sorted({item for _, item in keys})
+        marks = ",".join("?" * len(items))
+        rows = await self._read(f"SELECT counter, item, count FROM counts WHERE item IN ({marks})",
+                                items)
+        wanted = set(keys)
+        return {(c, i): n for c, i, n in rows if (c, i) in wanted}
+
+    async def watermark(self, source: str) -> int:
+        rows = await self._read("SELECT seq FROM watermarks WHERE source=?", (source,))
+        return int(rows[0][0]) if rows else 0
+
+    async def apply_batch(self, batch: Batch, source: str,
+                          expect: int) -> dict[CountKey, int] | None:
+        result: dict[CountKey, int] | None = await self.writer.run(
+            lambda c, tx: self._apply_batch(c, tx, batch, source, expect), weight=1)
+        return result
+
+    def _apply_batch(self, conn: sqlite3.Connection, tx: Tx, batch: Batch, source: str,
+                     expect: int) -> dict[CountKey, int] | None:
+        row = conn.execute("SELECT seq FROM watermarks WHERE source=?", (source,)).fetchone()
+        if (row[0] if row else 0) != expect:
+            return None
+        new: dict[CountKey, int] = {}
+        for (counter, item), delta in batch.deltas.items():
+            got = conn.execute("INSERT INTO counts (item, counter, count) VALUES (?,?,?) "
+                               "ON CONFLICT (item, counter) DO UPDATE SET count=count+excluded.count "
+                               "RETURNING count", (item, counter, delta)).fetchone()
+            new[(counter, item)] = got[0]
+        for (counter, item_type, dim, bucket), delta in batch.rollups.items():
+            conn.execute("INSERT INTO rollups VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE "
+                         "SET value=value+excluded.value", (counter, item_type, dim, bucket, delta))
+        conn.execute("INSERT INTO watermarks VALUES (?,?) ON CONFLICT (source) DO UPDATE "
+                     "SET seq=excluded.seq", (source, batch.last_seq))
+        conn.execute("DELETE FROM changelog WHERE seq <= ?", (batch.last_seq,))
+        applied = {k: -d for k, d in batch.deltas.items()}
+        tx.on_commit.append(lambda: self._add_pending(applied))
+        return new
+
+    async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
+        rows = await self._read("SELECT bucket, value FROM rollups WHERE counter=? AND item_type=? "
+                                "AND dimension=? ORDER BY bucket", (counter, item_type, dimension))
+        return {b: v for b, v in rows}
+
+    # -- Recounter --------------------------------------------------------------------------
+
+    async def reconcile_chunk(self, counters: Sequence[str], items: Sequence[str] | None,
+                              after: tuple[str, str] | None, limit: int,
+                              repair: bool) -> ReconcileChunk:
+        def job(conn: sqlite3.Connection, tx: Tx) -> ReconcileChunk:
+            return reconcile_chunk(conn, self._pending, list(counters), items, after, limit,
+                                   repair)
+
+        chunk: ReconcileChunk = await self.writer.run(job)
+        return chunk
