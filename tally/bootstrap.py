@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from tally.core.hotkeys import SpaceSaving
 from tally.core.lru import LRU
-from tally.core.model import CountKey, Counter, Kind, Schema
+from tally.core.model import Counter, CountKey, Kind, Schema
 from tally.metrics import Metrics, Sample
 from tally.service.counters import CounterService, Limits
 from tally.service.reads import CountReader

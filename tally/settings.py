@@ -7,6 +7,7 @@ so validation, the README's configuration table and ``tally config`` all come fr
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -82,7 +83,8 @@ def describe() -> list[tuple[str, str, Any, str]]:
     """(name, env var, default, help) for every setting, in declaration order."""
     rows = []
     for f in dataclasses.fields(Settings):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        factory: Any = f.default_factory
+        default = f.default if f.default is not dataclasses.MISSING else factory()
         rows.append((f.name, f"TALLY_{f.name.upper()}", default, f.metadata["help"]))
     return rows
 
@@ -96,6 +98,11 @@ def _coerce(name: str, raw: Any, kind: type) -> Any:
                 return False
             raise ConfigError(f"{name}: expected a boolean, got {raw!r}")
         if kind is list:
+            if raw.lstrip().startswith("["):  # JSON, for lists of tables such as counters
+                try:
+                    return json.loads(raw)
+                except ValueError as exc:
+                    raise ConfigError(f"{name}: invalid JSON list: {exc}") from exc
             return [part.strip() for part in raw.split(",") if part.strip()]
         try:
             return kind(raw)
@@ -130,7 +137,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     known = {f.name: f for f in dataclasses.fields(Settings)}
-    for key, f in known.items():
+    for key, _f in known.items():
         if (raw := env.get(f"TALLY_{key.upper()}")) is not None:
             values[key] = raw
     unknown = set(values) - set(known)

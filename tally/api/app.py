@@ -54,9 +54,9 @@ class GuardMiddleware:
                 status[0] = message["status"]
             await send(message)
 
-        receive = await self._limit(scope, receive, send_status)
-        if receive is not None:
-            await self.app(scope, receive, send_status)
+        replay = await self._limit(scope, receive, send_status)
+        if replay is not None:
+            await self.app(scope, replay, send_status)
         route = scope.get("route")
         endpoint = getattr(route, "path", "unmatched")
         self.metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from tally.core.errors import InvalidInput
@@ -33,7 +33,7 @@ def canonical_id(value: Any, field: str) -> str:
     raise InvalidInput(f"must be an int64 or a string id, not {type(value).__name__}", field)
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     TOGGLE = "toggle"
     EVENT = "event"
 

