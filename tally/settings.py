@@ -65,6 +65,18 @@ class Settings:
     max_bulk_ops: int = _s(1000, "Most operations in one bulk request")
     max_body_bytes: int = _s(1_048_576, "Largest request body accepted, in bytes")
     read_threads: int = _s(4, "Threads serving SQLite reads")
+    backend: str = _s("sqlite", "Storage: 'sqlite' (embedded, one process) or 'cluster' (PostgreSQL, "
+                           "NATS JetStream, Redis)")
+    role: str = _s("all", "Cluster process role: api, relay, aggregator or all")
+    postgres_dsns: list[str] = _s([], "Physical PostgreSQL databases, in shard-map order (cluster)")
+    logical_shards: int = _s(4096, "Logical shards; fixed for the life of the data (cluster)")
+    shard_map: list[str] = _s([], "Logical shard ranges to databases, 'FIRST-LAST=DB_INDEX'; "
+                                  "empty: an even split (cluster)")
+    nats_url: str = _s("nats://127.0.0.1:4222", "NATS server with JetStream (cluster)")
+    nats_stream: str = _s("TALLY_EVENTS", "JetStream stream holding the change events (cluster)")
+    log_partitions: int = _s(16, "Event-log partitions, by (counter, item) hash (cluster)")
+    redis_url: str = _s("redis://127.0.0.1:6379/0", "Redis for hot counts (cluster)")
+    redis_cluster: bool = _s(False, "Connect to redis_url as a Redis Cluster (cluster)")
     log_level: str = _s("INFO", "Log level (DEBUG, INFO, WARNING, ERROR)")
     access_log: bool = _s(False, "Log every HTTP request (costs throughput)")
 
@@ -152,9 +164,16 @@ def validate(s: Settings) -> Settings:
     if s.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
     for name in ("group_commit_max", "aggregate_max_events", "cache_size", "max_batch_items",
-                 "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k"):
+                 "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k", "logical_shards",
+                 "log_partitions"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
+    if s.backend not in ("sqlite", "cluster"):
+        raise ConfigError("backend must be 'sqlite' or 'cluster'")
+    if s.role not in ("api", "relay", "aggregator", "all"):
+        raise ConfigError("role must be api, relay, aggregator or all")
+    if s.backend == "cluster" and not s.postgres_dsns:
+        raise ConfigError("backend 'cluster' needs postgres_dsns")
     bad_rollups = set(s.rollups) - {"day", "region"}
     if bad_rollups:
         raise ConfigError(f"unknown rollups: {sorted(bad_rollups)} (allowed: day, region)")
