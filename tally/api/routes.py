@@ -122,7 +122,7 @@ def build_router(rt: Runtime) -> APIRouter:  # noqa: C901 (one small closure per
     @r.get("/readyz", tags=["ops"], summary="Readiness: the store answers")
     async def readyz() -> Response:
         try:
-            await rt.store.watermark(rt.aggregator.source)
+            await rt.store.watermarks(rt.aggregator.consumer)
         except Exception as exc:
             return Response(orjson.dumps({"status": "unavailable", "reason": str(exc)}), 503,
                             media_type="application/json")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from tally.core.model import CountKey, Event, split_item
@@ -17,12 +17,13 @@ RollupKey = tuple[str, str, str, str]  # (counter, item_type, dimension, bucket)
 
 @dataclass
 class Batch:
-    """Deltas to apply in one transaction, with the log position they bring the watermark to."""
+    """Deltas to apply in one transaction, with the log positions (per source) they reach."""
 
     deltas: dict[CountKey, int] = field(default_factory=dict)
     rollups: dict[RollupKey, int] = field(default_factory=dict)
-    last_seq: int = 0
+    positions: dict[str, int] = field(default_factory=dict)  # source -> newest seq included
     events: int = 0
+    skipped: int = 0  # redelivered events at or below the watermark
     oldest_ts: float | None = None
 
 
@@ -30,20 +31,29 @@ def day_of(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
 
 
-def coalesce(events: Iterable[Event], rollups: Iterable[str] = ("day", "region")) -> Batch:
-    """Sum deltas per key; zero-sum keys are dropped (a like and unlike in one window cost nothing)."""
+def coalesce(events: Iterable[Event], rollups: Iterable[str] = ("day", "region"),
+             applied: Mapping[str, int] | None = None) -> Batch:
+    """Sum deltas per key; zero-sum keys are dropped (a like and unlike in one window cost nothing).
+
+    ``applied`` holds the consumer's watermark per source: an event at or below it was applied
+    already (a redelivery) and is skipped, so exactly-once does not depend on the broker.
+    """
     dims = tuple(rollups)
+    applied = applied or {}
     deltas: dict[CountKey, int] = defaultdict(int)
     rolled: dict[RollupKey, int] = defaultdict(int)
     batch = Batch()
     for ev in events:
+        if ev.seq <= applied.get(ev.source, 0) or ev.seq <= batch.positions.get(ev.source, 0):
+            batch.skipped += 1
+            continue
         deltas[(ev.counter, ev.item)] += ev.delta
         item_type = split_item(ev.item)[0]
         if "day" in dims:
             rolled[(ev.counter, item_type, "day", day_of(ev.ts))] += ev.delta
         if "region" in dims:
             rolled[(ev.counter, item_type, "region", ev.region)] += ev.delta
-        batch.last_seq = max(batch.last_seq, ev.seq)
+        batch.positions[ev.source] = ev.seq
         batch.events += 1
         if batch.oldest_ts is None or ev.ts < batch.oldest_ts:
             batch.oldest_ts = ev.ts

@@ -141,6 +141,7 @@ class Event:
     delta: int
     ts: float
     region: str
+    source: str = "local"  # the log (shard) that numbered it; seq is unique within a source
 
 
 CountKey = tuple[str, str]  # (counter, item)

@@ -7,7 +7,7 @@ log, Redis) each take one role.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -35,7 +35,9 @@ class LikeStore(Lifecycle, Protocol):
 
 
 class ChangeLog(Lifecycle, Protocol):
-    """The ordered change events, read by aggregators after their watermark."""
+    """One ordered log of change events, read by aggregators after their watermark."""
+
+    source: str  # names this log in the consumers' watermarks
 
     async def read(self, after_seq: int, limit: int) -> list[Event]: ...
 
@@ -49,13 +51,16 @@ class CountStore(Lifecycle, Protocol):
     async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
         """Counts for the keys that have one; one round trip for the whole batch."""
 
-    async def watermark(self, source: str) -> int: ...
+    async def watermarks(self, consumer: str) -> dict[str, int]:
+        """The consumer's applied position in each source log (absent: 0)."""
 
-    async def apply_batch(self, batch: Batch, source: str, expect: int) -> dict[CountKey, int] | None:
-        """Add the deltas and move the watermark from ``expect`` to ``batch.last_seq`` atomically.
+    async def apply_batch(self, batch: Batch, consumer: str,
+                          expect: Mapping[str, int]) -> dict[CountKey, int] | None:
+        """Add the deltas and move the consumer's watermarks to ``batch.positions``, atomically.
 
-        Returns the new absolute counts, or None when the watermark was not ``expect`` (another
-        consumer applied first): nothing is written then, so a redelivered batch cannot double.
+        Only if each source's stored watermark still equals ``expect`` (absent: 0); else nothing
+        is written and None is returned (another consumer applied first). Returns the new
+        absolute counts, so caches can be set, not incremented.
         """
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]: ...

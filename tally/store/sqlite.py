@@ -12,7 +12,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from tally.store.sqlite_schema import connect, migrate
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
 
 T = TypeVar("T")
+SOURCE = "local"  # the one change log of the embedded store
 
 _SET = ("INSERT INTO toggles (counter, user, item, state, version, updated_at) VALUES (?,?,?,1,1,?) "
         "ON CONFLICT (counter, user, item) DO UPDATE SET state=1, version=version+1, "
@@ -51,6 +52,7 @@ class SqliteStore:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._pending: dict[CountKey, int] = {}  # writer thread only
+        self.source = SOURCE
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -64,7 +66,8 @@ class SqliteStore:
     @staticmethod
     def _load_pending(conn: sqlite3.Connection) -> dict[CountKey, int]:
         """After a restart: the deltas logged but not yet applied, so write answers stay exact."""
-        wm = conn.execute("SELECT coalesce(max(seq), 0) FROM watermarks").fetchone()[0]
+        wm = conn.execute("SELECT coalesce(max(seq), 0) FROM watermarks WHERE source=?",
+                          (SOURCE,)).fetchone()[0]
         rows = conn.execute("SELECT counter, item, sum(delta) FROM changelog WHERE seq > ? "
                             "GROUP BY counter, item", (wm,))
         return {(c, i): d for c, i, d in rows if d}
@@ -177,7 +180,8 @@ class SqliteStore:
     async def read(self, after_seq: int, limit: int) -> list[Event]:
         rows = await self._read("SELECT seq, counter, item, user, delta, ts, region FROM changelog "
                                 "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
-        return [Event(*r) for r in rows]
+        return [Event(seq, counter, item, user, delta, ts, region, SOURCE)
+                for seq, counter, item, user, delta, ts, region in rows]
 
     async def head(self) -> int:
         rows = await self._read("SELECT seq FROM sqlite_sequence WHERE name='changelog'", ())
@@ -200,20 +204,21 @@ class SqliteStore:
         wanted = set(keys)
         return {(c, i): n for c, i, n in rows if (c, i) in wanted}
 
-    async def watermark(self, source: str) -> int:
-        rows = await self._read("SELECT seq FROM watermarks WHERE source=?", (source,))
-        return int(rows[0][0]) if rows else 0
+    async def watermarks(self, consumer: str) -> dict[str, int]:
+        rows = await self._read("SELECT source, seq FROM watermarks WHERE consumer=?", (consumer,))
+        return {s: int(n) for s, n in rows}
 
-    async def apply_batch(self, batch: Batch, source: str,
-                          expect: int) -> dict[CountKey, int] | None:
+    async def apply_batch(self, batch: Batch, consumer: str,
+                          expect: Mapping[str, int]) -> dict[CountKey, int] | None:
         result: dict[CountKey, int] | None = await self.writer.run(
-            lambda c, tx: self._apply_batch(c, tx, batch, source, expect), weight=1)
+            lambda c, tx: self._apply_batch(c, tx, batch, consumer, expect), weight=1)
         return result
 
-    def _apply_batch(self, conn: sqlite3.Connection, tx: Tx, batch: Batch, source: str,
-                     expect: int) -> dict[CountKey, int] | None:
-        row = conn.execute("SELECT seq FROM watermarks WHERE source=?", (source,)).fetchone()
-        if (row[0] if row else 0) != expect:
+    def _apply_batch(self, conn: sqlite3.Connection, tx: Tx, batch: Batch, consumer: str,
+                     expect: Mapping[str, int]) -> dict[CountKey, int] | None:
+        stored = dict(conn.execute("SELECT source, seq FROM watermarks WHERE consumer=?",
+                                   (consumer,)).fetchall())
+        if any(stored.get(src, 0) != expect.get(src, 0) for src in batch.positions):
             return None
         new: dict[CountKey, int] = {}
         for (counter, item), delta in batch.deltas.items():
@@ -224,9 +229,11 @@ class SqliteStore:
         for (counter, item_type, dim, bucket), delta in batch.rollups.items():
             conn.execute("INSERT INTO rollups VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE "
                          "SET value=value+excluded.value", (counter, item_type, dim, bucket, delta))
-        conn.execute("INSERT INTO watermarks VALUES (?,?) ON CONFLICT (source) DO UPDATE "
-                     "SET seq=excluded.seq", (source, batch.last_seq))
-        conn.execute("DELETE FROM changelog WHERE seq <= ?", (batch.last_seq,))
+        for src, seq in batch.positions.items():
+            conn.execute("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
+                         "DO UPDATE SET seq=excluded.seq", (consumer, src, seq))
+        if SOURCE in batch.positions:  # applied events are in the counts now: trim them
+            conn.execute("DELETE FROM changelog WHERE seq <= ?", (batch.positions[SOURCE],))
         applied = {k: -d for k, d in batch.deltas.items()}
         tx.on_commit.append(lambda: self._add_pending(applied))
         return new

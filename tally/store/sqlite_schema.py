@@ -32,7 +32,10 @@ CREATE TABLE IF NOT EXISTS counts (
     PRIMARY KEY (item, counter)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS counts_by_counter ON counts (counter, item);
-CREATE TABLE IF NOT EXISTS watermarks (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS watermarks (
+    consumer TEXT NOT NULL, source TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (consumer, source)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rollups (
     counter TEXT NOT NULL, item_type TEXT NOT NULL, dimension TEXT NOT NULL,
     bucket TEXT NOT NULL, value INTEGER NOT NULL,

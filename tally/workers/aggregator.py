@@ -36,13 +36,13 @@ class AggregatorStats:
 
 
 class Aggregator:
-    def __init__(self, changelog: ChangeLog, counts: CountStore, source: str = "aggregator",
+    def __init__(self, changelog: ChangeLog, counts: CountStore, consumer: str = "aggregator",
                  window_s: float = 0.1, max_events: int = 20_000,
                  rollups: Sequence[str] = ("day", "region"),
                  on_applied: Callable[[dict[CountKey, int]], None] | None = None) -> None:
         self.log = changelog
         self.counts = counts
-        self.source = source
+        self.consumer = consumer
         self.window_s = window_s
         self.max_events = max_events
         self.rollups = tuple(rollups)
@@ -70,19 +70,21 @@ class Aggregator:
     async def step(self) -> int:
         """One round: apply up to max_events events. Returns how many were applied."""
         async with self._lock:
-            wm = await self.counts.watermark(self.source)
+            marks = await self.counts.watermarks(self.consumer)
+            wm = marks.get(self.log.source, 0)
             events = await self.log.read(wm, self.max_events)
             self.stats.watermark = wm
             if not events:
                 self.stats.lag_seconds = 0.0
                 return 0
-            batch = coalesce(events, self.rollups)
-            new = await self.counts.apply_batch(batch, self.source, wm)
+            batch = coalesce(events, self.rollups, marks)
+            new = await self.counts.apply_batch(batch, self.consumer, marks)
             if new is None:
                 self.stats.conflicts += 1
-                log.warning("watermark moved under us; re-reading", extra={"source": self.source})
+                log.warning("watermark moved under us; re-reading",
+                            extra={"consumer": self.consumer})
                 return 0
-            self.stats.watermark = batch.last_seq
+            self.stats.watermark = batch.positions.get(self.log.source, wm)
             self.stats.batches += 1
             self.stats.events += batch.events
             self.stats.keys_written += len(new)
@@ -116,7 +118,7 @@ class Aggregator:
                 raise
             except Exception as exc:  # keep going: the next round retries from the watermark
                 self.stats.last_error = repr(exc)
-                log.exception("aggregation round failed", extra={"source": self.source})
+                log.exception("aggregation round failed", extra={"consumer": self.consumer})
                 await asyncio.sleep(min(self.window_s * 10, 1.0))
 
     async def _wait(self, timeout_s: float) -> None:
