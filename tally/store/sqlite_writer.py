@@ -26,9 +26,17 @@ log = logging.getLogger("tally.sqlite.writer")
 
 @dataclass
 class Tx:
-    """What a job sees of the open transaction: actions to run only once it has committed."""
+    """What a job sees of the open transaction: actions to run once it has committed, and actions
+    that undo a job's in-memory effects if its savepoint or the whole transaction rolls back."""
 
     on_commit: list[Callable[[], None]] = field(default_factory=list)
+    on_rollback: list[Callable[[], None]] = field(default_factory=list)
+
+    def undo(self, mark: int = 0) -> None:
+        """Run the rollback actions registered after ``mark``, newest first, and forget them."""
+        for action in reversed(self.on_rollback[mark:]):
+            action()
+        del self.on_rollback[mark:]
 
 
 JobFn = Callable[[sqlite3.Connection, Tx], Any]
@@ -140,6 +148,7 @@ class GroupCommitWriter:
             self.failed_commits += 1
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            tx.undo()
             err = Unavailable(f"storage write failed: {exc}")
             self._resolve(batch, [(False, err)] * len(batch))
             return
@@ -151,7 +160,7 @@ class GroupCommitWriter:
 
     @staticmethod
     def _run_job(conn: sqlite3.Connection, tx: Tx, job: _Job) -> tuple[bool, Any]:
-        mark = len(tx.on_commit)
+        mark, undo_mark = len(tx.on_commit), len(tx.on_rollback)
         conn.execute("SAVEPOINT job")
         try:
             value = job.fn(conn, tx)
@@ -159,6 +168,7 @@ class GroupCommitWriter:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
             del tx.on_commit[mark:]
+            tx.undo(undo_mark)
             return False, exc
         conn.execute("RELEASE job")
         return True, value
