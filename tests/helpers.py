@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
+from fastapi import FastAPI
 
+from tally.bootstrap import Runtime
 from tally.core.model import ToggleOp
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
 
@@ -89,3 +92,16 @@ async def writer_held(writer: GroupCommitWriter) -> AsyncIterator[None]:
     finally:
         release.set()
         await held
+
+
+def runtime_of(client: httpx.AsyncClient) -> Runtime:
+    """The runtime behind the in-process app of the ``client`` fixture."""
+    app: FastAPI = vars(client)["app"]
+    rt: Runtime = app.state.runtime
+    return rt
+
+
+def snapshot(db: Path) -> dict[str, list[Any]]:
+    """Every row the write path may touch, to show that a refused request wrote nothing."""
+    tables = ("toggles", "changelog", "counts", "idempotency", "rollups", "watermarks")
+    return {t: db_rows(db, f"SELECT * FROM {t} ORDER BY 1, 2, 3") for t in tables}
