@@ -107,10 +107,10 @@ class CounterService:
             raise LimitExceeded(f"at most {self.limits.max_batch_items} items per request", field)
         return [self.schema.item(t, i, f"{field}[{n}].") for n, (t, i) in enumerate(refs)]
 
-    def counter_names(self, names: Sequence[Any] | None) -> list[str]:
+    def counter_names(self, names: Sequence[Any] | None, field: str = "counters") -> list[str]:
         if not names:
             return list(self.schema.counters)
-        return [self.schema.counter(n, f"counters[{i}]").name for i, n in enumerate(names)]
+        return [self.schema.counter(n, f"{field}[{i}]").name for i, n in enumerate(names)]
 
     # -- running them -------------------------------------------------------------------------
 
