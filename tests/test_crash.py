@@ -19,7 +19,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerFactory, ServerProcess
 from tests.helpers import poll, recount
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -95,7 +95,7 @@ async def check_recovered(server: ServerProcess, ledger: Ledger) -> None:
 
 
 async def test_sigkill_under_load_loses_no_acknowledged_write(
-        server_factory: type[ServerProcess]) -> None:
+        server_factory: ServerFactory) -> None:
     server = server_factory()
     server.start()
     ledger = Ledger()

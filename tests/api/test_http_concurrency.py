@@ -9,7 +9,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess
+from tests.conftest import ServerFactory
 from tests.helpers import poll, recount
 
 pytestmark = pytest.mark.anyio
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.anyio
 USERS, OPS_PER_USER = 40, 12
 
 
-async def test_hot_item_under_concurrent_toggles(server_factory: type[ServerProcess]) -> None:
+async def test_hot_item_under_concurrent_toggles(server_factory: ServerFactory) -> None:
     server = server_factory()
     server.start()
     rng = random.Random(5)
@@ -54,7 +54,7 @@ async def test_hot_item_under_concurrent_toggles(server_factory: type[ServerProc
         assert 'status="500"' not in metrics
 
 
-async def test_chunked_body_over_the_limit(server_factory: type[ServerProcess]) -> None:
+async def test_chunked_body_over_the_limit(server_factory: ServerFactory) -> None:
     server = server_factory(env={"TALLY_MAX_BODY_BYTES": "4096"})
     server.start()
 
