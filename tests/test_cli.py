@@ -146,3 +146,20 @@ def test_exit_codes_of_the_real_command(server: ServerProcess) -> None:
     bad = subprocess.run([sys.executable, "-m", "tally.cli", "--url", server.url, "like", "1",
                           "nope:1"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "field item_type" in bad.stderr and not bad.stdout
+
+
+@pytest.mark.parametrize(("typed", "other"), [("1_000", "1000"), ("007", "7"), ("+5", "5")])
+def test_ids_are_taken_as_typed(server: ServerProcess, capsys: pytest.CaptureFixture[str],
+                                typed: str, other: str) -> None:
+    """Only a canonical decimal is an int64: '1_000' or '007' are string ids of their own."""
+    item = f"post:ids{other}"
+    code, _, err = run(capsys, "--url", server.url, "like", typed, item)
+    if typed.startswith("+"):  # not a valid string id either: refused, not turned into 5
+        assert code == 2 and "(field user_id)" in err
+        return
+    assert code == 0, err
+    assert tally(server, capsys, "has", typed, item) == {item: True}
+    assert tally(server, capsys, "has", other, item) == {item: False}
+    assert tally(server, capsys, "like", "1", f"post:{typed}")["count"] == 1
+    assert tally(server, capsys, "has", "1", f"post:{typed}", f"post:{other}") == {
+        f"post:{typed}": True, f"post:{other}": False}
