@@ -61,12 +61,14 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False  # set before the stop marker: nothing may queue behind it
         self.commits = 0
         self.committed_ops = 0
         self.failed_commits = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._stopping = False
         ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="tally-sqlite-writer",
                                         daemon=True)
@@ -77,13 +79,14 @@ class GroupCommitWriter:
 
     async def stop(self) -> None:
         if self._thread is not None:
+            self._stopping = True
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
     def submit(self, fn: JobFn, weight: int = 1) -> asyncio.Future[Any]:
         """Queue a job; its future resolves after the transaction holding it has committed."""
-        if self._thread is None or self._loop is None:
+        if self._thread is None or self._loop is None or self._stopping:
             raise Unavailable("the SQLite writer is not running")
         fut = self._loop.create_future()
         self._queue.put(_Job(fn, weight, fut))

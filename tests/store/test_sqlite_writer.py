@@ -115,3 +115,20 @@ async def test_submit_before_start_is_unavailable(tmp_path: Path) -> None:
     w = GroupCommitWriter(lambda: connect(tmp_path / "c.db", "FULL"), 0.001, 10)
     with pytest.raises(Unavailable):
         w.submit(insert(1))
+
+
+async def test_a_job_queued_behind_stop_is_refused_not_lost(writer: GroupCommitWriter) -> None:
+    """A request that races shutdown gets an error, instead of waiting forever."""
+    from tally.core.errors import Unavailable
+    from tests.helpers import writer_held
+
+    async with anyio.create_task_group() as tg, writer_held(writer):
+        queued = writer.submit(insert(1))  # before stop: still committed
+        tg.start_soon(writer.stop)
+        await anyio.sleep(0)  # the stop marker is queued, the thread is still busy
+        with pytest.raises(Unavailable):
+            writer.submit(insert(2))
+    with anyio.fail_after(10):
+        assert await queued == 1
+    with pytest.raises(Unavailable):
+        writer.submit(insert(3))
