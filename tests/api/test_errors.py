@@ -130,8 +130,23 @@ async def test_body_over_the_limit(guarded: httpx.AsyncClient, settings: Setting
 
 
 async def test_unknown_path_and_method(guarded: httpx.AsyncClient) -> None:
-    err = check_error(await guarded.get("/v1/nope"), 404, None)
+    err = check_error(await guarded.get("/v1/nope"), 404, "path")
     assert err["code"] == "not_found"
-    err = check_error(await guarded.get("/v1/like"), 405, None)
+    err = check_error(await guarded.get("/v1/like"), 405, "method")
     assert err["code"] == "method_not_allowed"
-    check_error(await guarded.delete("/v1/counts"), 405, None)
+    check_error(await guarded.delete("/v1/counts"), 405, "method")
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000,
+                                 b'{"user_id":' * 50_000 + b"1" + b"}" * 50_000])
+async def test_json_nested_too_deep(guarded: httpx.AsyncClient, raw: bytes) -> None:
+    r = await guarded.post("/v1/like", content=raw, headers={"content-type": "application/json"})
+    assert check_error(r, 400, "body")["code"] == "bad_json"
+
+
+@pytest.mark.parametrize("raw", [b'{"user_id": 1e400, "item_type": "post", "item_id": 1}',
+                                 b'{"user_id": NaN, "item_type": "post", "item_id": 1}',
+                                 b'{"user_id": "\\ud800", "item_type": "post", "item_id": 1}'])
+async def test_odd_json_values(guarded: httpx.AsyncClient, raw: bytes) -> None:
+    r = await guarded.post("/v1/like", content=raw, headers={"content-type": "application/json"})
+    check_error(r, 422, "user_id")
