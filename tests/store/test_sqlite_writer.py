@@ -9,8 +9,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from tally.core.errors import Unavailable
 from tally.store.sqlite_schema import connect
 from tally.store.sqlite_writer import GroupCommitWriter, JobFn, Tx
+from tests.helpers import writer_held
 
 pytestmark = pytest.mark.anyio
 
@@ -110,8 +112,6 @@ async def test_a_failing_job_fails_alone(writer: GroupCommitWriter, tmp_path: Pa
 
 
 async def test_submit_before_start_is_unavailable(tmp_path: Path) -> None:
-    from tally.core.errors import Unavailable
-
     w = GroupCommitWriter(lambda: connect(tmp_path / "c.db", "FULL"), 0.001, 10)
     with pytest.raises(Unavailable):
         w.submit(insert(1))
@@ -119,9 +119,6 @@ async def test_submit_before_start_is_unavailable(tmp_path: Path) -> None:
 
 async def test_a_job_queued_behind_stop_is_refused_not_lost(writer: GroupCommitWriter) -> None:
     """A request that races shutdown gets an error, instead of waiting forever."""
-    from tally.core.errors import Unavailable
-    from tests.helpers import writer_held
-
     async with anyio.create_task_group() as tg, writer_held(writer):
         queued = writer.submit(insert(1))  # before stop: still committed
         tg.start_soon(writer.stop)
