@@ -163,3 +163,12 @@ def test_ids_are_taken_as_typed(server: ServerProcess, capsys: pytest.CaptureFix
     assert tally(server, capsys, "like", "1", f"post:{typed}")["count"] == 1
     assert tally(server, capsys, "has", "1", f"post:{typed}", f"post:{other}") == {
         f"post:{typed}": True, f"post:{other}": False}
+
+
+def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[tally]\ngroup_commit_ms = 'fast'\n")
+    r = subprocess.run([sys.executable, "-m", "tally.cli", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "tally: configuration error: group_commit_ms: expected float, got str"
