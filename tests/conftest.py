@@ -114,3 +114,6 @@ def server_factory(tmp_path: Path) -> Iterator[type[ServerProcess]]:
     yield Tracked
     for s in made:
         s.stop()
+
+
+pytest_plugins = ["tests.engines"]  # engine fixtures: pg_engine, redis_engine, nats_engine, ...
