@@ -100,13 +100,13 @@ class LeaseSet:
 
     async def _lost(self, exc: BaseException) -> None:
         """The lease connection failed: the server has released (or will release) every lock."""
-        self.stats.lost += 1
         log.warning("lease connection lost; giving up every lease",
                     extra={"kind": self.kind, "held": sorted(self.held), "error": repr(exc)})
         for key in sorted(self.held):
             await self.on_loss(key)
         self.held.clear()
         await self._disconnect()
+        self.stats.lost += 1
 
     async def _disconnect(self) -> None:
         conn, self._conn, self._slot = self._conn, None, None
