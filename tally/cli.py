@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,8 +48,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None or args.host is not None:
         s = s.replace(port=args.port or s.port, host=args.host or s.host)
     logs.setup(s.log_level)
-    uvicorn.run(create_app(s), host=s.host, port=s.port, loop="uvloop", http="httptools",
-                log_config=None, access_log=s.access_log, timeout_graceful_shutdown=10)
+    common: dict[str, Any] = {"host": s.host, "port": s.port, "loop": "uvloop", "http": "httptools",
+                              "log_config": None, "access_log": s.access_log,
+                              "timeout_graceful_shutdown": 10}
+    if s.workers > 1:  # each worker process builds its app from the same file and environment
+        if args.config:
+            os.environ["TALLY_CONFIG"] = args.config
+        uvicorn.run("tally.api.app:create_app_from_env", factory=True, workers=s.workers, **common)
+    else:
+        uvicorn.run(create_app(s), **common)
     return 0
 
 
@@ -107,6 +115,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print("| setting | environment variable | default | meaning |")
+        print("|---|---|---|---|")
+        for name, env, default, doc in settings_mod.describe():
+            shown = "see below" if name == "counters" else f"`{default!r}`"
+            print(f"| `{name}` | `{env}` | {shown} | {doc} |")
+        return 0
     s = settings_mod.load(args.config)
     for name, env, _default, doc in settings_mod.describe():
         print(f"{name:22} {env:30} {getattr(s, name)!r:32} {doc}")
@@ -154,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=7)
     sp = add("config", cmd_config, "print every setting, its variable, value and meaning")
     sp.add_argument("--config", help="TOML settings file (else $TALLY_CONFIG)")
+    sp.add_argument("--markdown", action="store_true", help="the defaults as a Markdown table")
     return p
 
 

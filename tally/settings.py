@@ -172,6 +172,8 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("backend must be 'sqlite' or 'cluster'")
     if s.role not in ("api", "relay", "aggregator", "all"):
         raise ConfigError("role must be api, relay, aggregator or all")
+    if s.backend == "sqlite" and s.workers != 1:
+        raise ConfigError("workers must be 1 with the embedded sqlite backend (one writer process)")
     if s.backend == "cluster" and not s.postgres_dsns:
         raise ConfigError("backend 'cluster' needs postgres_dsns")
     bad_rollups = set(s.rollups) - {"day", "region"}

@@ -105,6 +105,13 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
+def create_app_from_env() -> FastAPI:
+    """For uvicorn's worker processes: settings from $TALLY_CONFIG and TALLY_* variables."""
+    from tally.settings import load
+
+    return create_app(load())
+
+
 def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
     rt = runtime or build(settings or Settings())
 
