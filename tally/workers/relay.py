@@ -49,6 +49,7 @@ class SourceRelay:
         self.batch = batch
         self.idle_s = idle_s
         self.stats = SourceStats()
+        self._published_through = 0  # rows at or below are acknowledged (and trimmed, or being)
 
     async def run(self) -> None:
         backoff = 0.05
@@ -71,13 +72,14 @@ class SourceRelay:
 
     async def step(self) -> int:
         """Publish and trim the oldest untrimmed rows; returns how many."""
-        rows = await self.outbox.pending(self.source, self.batch)
+        rows = await self.outbox.pending(self.source, self._published_through, self.batch)
         self.stats.backlog = len(rows)
         if not rows:
             self.stats.lag_seconds = 0.0
             return 0
         self.stats.lag_seconds = max(time.time() - min(r.ts for r in rows), 0.0)
         await self.events.publish(self.source, rows)
+        self._published_through = rows[-1].seq
         await self.outbox.trim(self.source, rows[-1].seq)
         self.stats.published += len(rows)
         self.stats.batches += 1
