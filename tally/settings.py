@@ -182,6 +182,10 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("workers must be 1 with the embedded sqlite backend (one writer process)")
     if s.backend == "cluster" and not s.postgres_dsns:
         raise ConfigError("backend 'cluster' needs postgres_dsns")
+    if s.postgres_dsns or s.shard_map:
+        from tally.store.shards import ShardMap
+
+        ShardMap.build(s.logical_shards, max(len(s.postgres_dsns), 1), s.shard_map)
     bad_rollups = set(s.rollups) - {"day", "region"}
     if bad_rollups:
         raise ConfigError(f"unknown rollups: {sorted(bad_rollups)} (allowed: day, region)")
