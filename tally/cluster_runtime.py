@@ -30,6 +30,7 @@ from tally.store.ports import ReconcileChunk, Recounter
 from tally.store.postgres import PostgresLikeStore
 from tally.store.postgres_cluster import PgCluster
 from tally.store.postgres_counts import PostgresCountStore
+from tally.store.postgres_reconcile import PostgresRecounter
 from tally.store.redis_counts import RedisCounts, TieredCounts
 from tally.store.shards import ShardMap
 from tally.workers.partitions import PartitionPool
@@ -100,8 +101,9 @@ class ClusterRuntime:
         self._tasks: list[asyncio.Task[None]] = []
         self.metrics.add_state(self.state)
 
-    def _recounter(self) -> Recounter | None:
-        return None
+    def _recounter(self) -> Recounter:
+        recounter = PostgresRecounter(self.pg, self.counts)
+        return CacheDroppingRecounter(recounter, self.redis) if self.redis is not None else recounter
 
     @property
     def service(self) -> CounterService | None:

@@ -75,13 +75,17 @@ class PartitionWorker:
         self.consumer = consumer_name(partition)
         self.stats = PartitionStats(gained_at=time.time())
         self._dirty: dict[CountKey, tuple[int, int]] = {}  # cache writes to retry
+        # Keys of a batch whose apply raised: it may have committed (and been rolled forward
+        # since), so their Redis values are rewritten from PostgreSQL before going on.
+        self._unsure: tuple[list[CountKey], int] | None = None
 
     async def run(self) -> None:
         """Apply the partition until cancelled; restarts from the committed position on errors."""
         while True:
             reader: PartitionReader | None = None
             try:
-                marks = await self.counts.watermarks(self.consumer)
+                marks = await self.counts.watermarks(self.consumer)  # rolls forward intents
+                await self._settle_unsure()
                 reader = await self.events.reader(self.partition,
                                                   marks.get(stream_position(self.partition), 0))
                 await self._apply_loop(reader, marks)
@@ -117,7 +121,9 @@ class PartitionWorker:
             events = [ev for m in msgs for ev in m.events]
             batch = coalesce(events, self.rollups, marks)
             batch.positions[stream_position(self.partition)] = msgs[-1].stream_seq
+            self._unsure = (list(batch.deltas), msgs[-1].stream_seq)
             new = await self.counts.apply_batch(batch, self.consumer, marks)
+            self._unsure = None
             if new is None:
                 raise Fenced(self.partition)
             marks.update(batch.positions)
@@ -133,6 +139,13 @@ class PartitionWorker:
         self.stats.batches += 1
         if self.stats.first_apply_at is None:
             self.stats.first_apply_at = time.time()
+
+    async def _settle_unsure(self) -> None:
+        if self._unsure is not None and self.cache is not None:
+            keys, version = self._unsure
+            got = await self.counts.get(keys)
+            await self._write_cache({k: got.get(k, 0) for k in keys}, version)
+        self._unsure = None
 
     async def _write_cache(self, counts: dict[CountKey, int], version: int) -> None:
         if self.cache is None:
