@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -180,8 +181,14 @@ class DevCluster:
         order = sorted(state, key=lambda n: (n.split("-")[0] not in ("api", "relay",
                                                                        "aggregator"), n))
         stopped = []
+        started_here = {**self.engines, **self.processes}
         for name in order:
-            if _stop_group(state[name]["pid"], state[name]["signal"], timeout_s):
+            engine = started_here.get(name)
+            if engine is not None:  # started by this object: stop() also reaps the child
+                if engine.running():
+                    stopped.append(name)
+                engine.stop(timeout_s)
+            elif _stop_group(state[name]["pid"], state[name]["signal"], timeout_s):
                 stopped.append(name)
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
@@ -191,13 +198,16 @@ class DevCluster:
 
     def kill(self, name: str) -> None:
         """SIGKILL one process group (a crash), for tests."""
-        entry = self._state()[name]
-        _stop_group(entry["pid"], signal.SIGKILL, 10.0)
+        engine = {**self.engines, **self.processes}.get(name)
+        if engine is not None:
+            engine.kill()
+        else:
+            _stop_group(self._state()[name]["pid"], signal.SIGKILL, 10.0)
 
     def status(self) -> list[dict[str, Any]]:
         rows = []
         for name, entry in self._state().items():
-            row: dict[str, Any] = {"name": name, "pid": entry["pid"], "url": entry["url"],
+            row: dict[str, Any] = {"name": name, "pid": entry["pid"], "url": _public(entry["url"]),
                                    "running": _alive(entry["pid"])}
             if entry["url"].startswith("http") and row["running"]:
                 try:
@@ -225,6 +235,11 @@ def log_lag(rows: list[dict[str, Any]]) -> dict[str, float]:
         lag["log_messages"] += detail.get("log_pending_messages", 0)
         lag["log_seconds"] = max(lag["log_seconds"], detail.get("log_lag_seconds", 0.0))
     return lag
+
+
+def _public(url: str) -> str:
+    """A URL without its password, for display."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1@", url)
 
 
 def _alive(pid: int) -> bool:

@@ -42,23 +42,27 @@ class SourceRelay:
     """Publishes one source shard while this process holds its lease."""
 
     def __init__(self, source: str, outbox: Outbox, events: EventLog, batch: int = 1000,
-                 idle_s: float = 0.02) -> None:
+                 idle_min_s: float = 0.005, idle_max_s: float = 0.1) -> None:
         self.source = source
         self.outbox = outbox
         self.events = events
         self.batch = batch
-        self.idle_s = idle_s
+        self.idle_min_s = idle_min_s
+        self.idle_max_s = idle_max_s
         self.stats = SourceStats()
         self._published_through = 0  # rows at or below are acknowledged (and trimmed, or being)
 
     async def run(self) -> None:
-        backoff = 0.05
+        backoff, idle = 0.05, self.idle_min_s
         while True:
             try:
                 moved = await self.step()
                 backoff = 0.05
+                # Polling: back off while the outbox stays empty (CPU and queries on an idle
+                # shard), and poll again at once after a full batch.
+                idle = self.idle_min_s if moved else min(idle * 2, self.idle_max_s)
                 if moved < self.batch:
-                    await asyncio.sleep(self.idle_s)
+                    await asyncio.sleep(idle)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # retry the same rows: nothing was trimmed
