@@ -226,7 +226,7 @@ class PartitionReader:
         """Up to max_msgs messages after the position; [] when none arrive within the timeout."""
         try:
             msgs = await self._sub.fetch(max_msgs, timeout=timeout_s)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError, or asyncio's when the deadline passed
             return []
         out = []
         for m in msgs:
