@@ -147,3 +147,23 @@ async def test_reordered_databases_are_refused(pg_shared_dsns: list[str]) -> Non
         await swapped.start()
     with pytest.raises(ConfigError, match="2 postgres_dsns"):
         PgCluster(pg_shared_dsns, ShardMap.build(64, 3))
+
+
+async def test_stores_built_from_settings_share_one_cluster(pg_shared_dsns: list[str]) -> None:
+    from tally.core.model import ToggleOp
+    from tally.settings import Settings
+    from tally.store.postgres_stores import build_postgres
+
+    settings = Settings().replace(backend="cluster", postgres_dsns=pg_shared_dsns,
+                                  logical_shards=128, outbox_slots=2, postgres_pool_max=3)
+    stores = build_postgres(settings)
+    assert stores.likes.cluster is stores.counts.cluster is stores.recounter.cluster
+    await stores.start()
+    try:
+        res = await stores.likes.write([ToggleOp("like", "post:1", "u1", True, "eu")])
+        assert res[0].changed and len(stores.likes.sources()) == 4
+        assert stores.cluster.pools[0].get_max_size() == 3
+    finally:
+        await stores.close()
+    with pytest.raises(ConfigError, match="synchronous_commit"):
+        settings.replace(postgres_synchronous_commit="sometimes")
