@@ -19,13 +19,12 @@ where it already took effect, and an increment with an idempotency key is counte
 without a key are not retry-safe, in any backend.)
 
 The count in each answer is read-your-writes: the stored count read before this transaction
-committed (so it cannot already contain this change) plus this request's own deltas on that key,
+began (so it cannot already contain this change) plus this request's own deltas on that key,
 floored at zero. Other users' changes appear once the aggregators have applied them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import time
@@ -114,16 +113,10 @@ class PostgresLikeStore:
             return []
         now = time.time()
         groups = self.map.group(range(len(ops)), lambda i: self.route(ops[i]))
-        stored = asyncio.ensure_future(read_counts(self.cluster, {(o.counter, o.item) for o in ops}))
-        try:
-            planned = await self.cluster.retrying(
-                "write", lambda: self._write_all(ops, groups, now, stored))
-        finally:
-            if not stored.done():
-                stored.cancel()
-            with contextlib.suppress(BaseException):
-                await stored
-        counts = stored.result()
+        # Read before writing, never while a transaction holds a connection: a transaction that
+        # waited for a second connection of a drained pool would never give its own back.
+        counts = await read_counts(self.cluster, {(o.counter, o.item) for o in ops})
+        planned = await self.cluster.retrying("write", lambda: self._write_all(ops, groups, now))
         overlay: dict[CountKey, int] = defaultdict(int)
         results = []
         for i, op in enumerate(ops):
@@ -134,8 +127,14 @@ class PostgresLikeStore:
                                     state=p.state, seq=p.seq))
         return results
 
-    async def _write_all(self, ops: list[Op], groups: dict[int, list[int]], now: float,
-                         stored: asyncio.Future[dict[CountKey, int]]) -> dict[int, _Planned]:
+    async def _write_all(self, ops: list[Op], groups: dict[int, list[int]],
+                         now: float) -> dict[int, _Planned]:
+        """One transaction per database, each run to its end before the next database's starts.
+
+        Connections, row locks and outbox slots are so taken in database order by every writer:
+        a wait across databases, which no server could detect as a deadlock, cannot form a cycle.
+        (Within one database PostgreSQL detects deadlocks; the whole write is then retried.)
+        """
         async with contextlib.AsyncExitStack() as stack:
             conns = {db: await stack.enter_async_context(self.cluster.connection(db))
                      for db in sorted(groups)}
@@ -144,10 +143,10 @@ class PostgresLikeStore:
                 txs[db] = conn.transaction()
                 await txs[db].start()
             try:
-                plans = await self.cluster.gather(
-                    {db: self._apply(conns[db], db, [(i, ops[i]) for i in groups[db]], now)
-                     for db in conns})
-                await stored  # read-your-writes: the counts were read before any commit
+                plans = {}
+                for db, conn in conns.items():  # in database order: see _write_all's docstring
+                    plans[db] = await self._apply(conn, db, [(i, ops[i]) for i in groups[db]],
+                                                  now)
             except BaseException:
                 await _rollback(txs.values())
                 raise
