@@ -165,6 +165,10 @@ async def make_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> Async
 HarnessFactory = Callable[[pytest.FixtureRequest, Path], contextlib.AbstractAsyncContextManager[Harness]]
 HARNESSES: dict[str, HarnessFactory] = {"sqlite": make_sqlite, "postgres": make_postgres}
 
+from tests.store.harness_cluster import make_cluster  # noqa: E402 (needs Harness, defined above)
+
+HARNESSES["cluster"] = make_cluster  # PostgreSQL + relay + JetStream + partition workers + Redis
+
 
 @pytest.fixture(params=sorted(HARNESSES))
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
