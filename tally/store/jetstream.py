@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -215,12 +214,15 @@ class PartitionReader:
         self._consumer_seq = 0
 
     async def close(self) -> None:
+        """Delete the consumer now rather than leave it to its inactivity timeout."""
         if self._sub is not None:
+            sub, self._sub = self._sub, None
             try:
-                await self._sub.unsubscribe()
+                info = await asyncio.wait_for(sub.consumer_info(), 2.0)
+                await sub.unsubscribe()
+                await asyncio.wait_for(self.log.js.delete_consumer(self.log.stream, info.name), 2.0)
             except Exception:  # the connection may be gone; the server drops it when inactive
                 log.debug("closing a partition reader failed", exc_info=True)
-            self._sub = None
 
     async def fetch(self, max_msgs: int, timeout_s: float) -> list[LogMessage]:
         """Up to max_msgs messages after the position; [] when none arrive within the timeout."""
@@ -243,5 +245,3 @@ class PartitionReader:
                                   meta.timestamp.timestamp()))
         return out
 
-    def lag_seconds(self, oldest: LogMessage | None) -> float:
-        return 0.0 if oldest is None else max(time.time() - oldest.stored_at, 0.0)

@@ -76,7 +76,11 @@ class RedisCounts:
                                 "socket_connect_timeout": self.timeout_s}
         if self.cluster:
             self._r = RedisCluster.from_url(self.url, **opts)
-            await self._r.initialize()
+            try:  # learn the slot map now; if Redis is down, the first command retries it
+                await self._r.initialize()
+            except (RedisError, OSError) as exc:
+                log.warning("redis cluster unreachable at start; reads use PostgreSQL meanwhile",
+                            extra={"error": repr(exc)})
         else:
             self._r = Redis.from_url(self.url, health_check_interval=30, **opts)
 
