@@ -188,6 +188,15 @@ class EventLog:
         return out
 
     async def reader(self, partition: int, after_stream_seq: int) -> PartitionReader:
+        """A reader after ``after_stream_seq``; from the start if the stream is behind that
+        position (it was recreated: its sequence numbers restarted). Reading from the start is
+        safe, as the per-source watermarks skip whatever was applied already."""
+        info = await self.js.stream_info(self.stream)
+        if after_stream_seq > info.state.last_seq:
+            log.error("stream is behind a committed position: it was recreated; reading it from "
+                      "the start", extra={"partition": partition, "position": after_stream_seq,
+                                          "last_seq": info.state.last_seq})
+            after_stream_seq = 0
         r = PartitionReader(self, partition, after_stream_seq)
         await r.open()
         return r
