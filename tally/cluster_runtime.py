@@ -147,15 +147,9 @@ class ClusterRuntime:
         self.hot.decay()
 
     def _every(self, period_s: float, job: Callable[[], Awaitable[object]]) -> None:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(period_s)
-                try:
-                    await job()
-                except Exception:
-                    log.exception("periodic job failed", extra={"job": job.__name__})
+        from tally.bootstrap import periodic
 
-        self._tasks.append(asyncio.create_task(loop(), name=f"tally-{job.__name__}"))
+        self._tasks.append(periodic(period_s, job))
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when this role's required engines answer; Redis is optional (reads fall back)."""
