@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tally.core.hotkeys import SpaceSaving
 from tally.core.lru import LRU
@@ -25,6 +26,39 @@ def schema_of(settings: Settings) -> Schema:
     counters = [Counter(c.name, Kind(c.kind), c.dedupe_window_s)
                 for c in settings.counter_defs().values()]
     return Schema(counters, settings.item_types)
+
+
+def periodic(period_s: float, job: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
+    """Run ``job`` every ``period_s`` until cancelled; a failing run is logged, not fatal."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await job()
+            except Exception:
+                log.exception("periodic job failed", extra={"job": job.__name__})
+
+    return asyncio.create_task(loop(), name=f"tally-{job.__name__}")
+
+
+class AppRuntime(Protocol):
+    """What the HTTP app needs from a runtime, embedded or cluster (any role)."""
+
+    settings: Settings
+    metrics: Metrics
+    hot: SpaceSaving
+
+    @property
+    def service(self) -> CounterService | None:
+        """None in roles that serve no API (relay, aggregator)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def readiness(self) -> tuple[bool, dict[str, object]]:
+        """(ready, details such as lag) for /readyz."""
 
 
 @dataclass
@@ -57,19 +91,20 @@ class Runtime:
         await self.store.close()
         log.info("tally stopped")
 
+    async def readiness(self) -> tuple[bool, dict[str, object]]:
+        try:
+            await self.store.watermarks(self.aggregator.consumer)
+        except Exception as exc:
+            return False, {"reason": str(exc)}
+        lag = self.aggregator.stats
+        return True, {"aggregator_lag_events": max(lag.head - lag.watermark, 0),
+                      "aggregator_lag_seconds": lag.lag_seconds}
+
     async def _decay_hot(self) -> None:
         self.hot.decay()
 
     def _every(self, period_s: float, job: Callable[[], Awaitable[object]]) -> None:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(period_s)
-                try:
-                    await job()
-                except Exception:
-                    log.exception("periodic job failed", extra={"job": job.__name__})
-
-        self._tasks.append(asyncio.create_task(loop(), name=f"tally-{job.__name__}"))
+        self._tasks.append(periodic(period_s, job))
 
     def state(self) -> list[Sample]:
         """Gauges read at scrape time."""
@@ -100,6 +135,15 @@ class Runtime:
             rows.append(("gauge", "tally_hot_item_hits", "Heavy-hitter estimate per hot item",
                          float(est - err), {"item": item}))
         return rows
+
+
+def build_for(settings: Settings) -> AppRuntime:
+    """The runtime the settings ask for: embedded SQLite, or one cluster role."""
+    if settings.backend == "cluster":
+        from tally.cluster_runtime import build_cluster
+
+        return build_cluster(settings)
+    return build(settings)
 
 
 def build(settings: Settings) -> Runtime:

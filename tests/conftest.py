@@ -120,3 +120,6 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     yield Tracked
     for s in made:
         s.stop()
+
+
+pytest_plugins = ["tests.engines", "tests.redis_cluster"]  # engine fixtures: pg_engine, ..., redis_cluster

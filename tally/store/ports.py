@@ -45,6 +45,26 @@ class ChangeLog(Lifecycle, Protocol):
         """The newest sequence number written (0 when empty)."""
 
 
+class Outbox(Lifecycle, Protocol):
+    """The transactional outboxes of a sharded LikeStore, which the relay publishes and trims.
+
+    Each source numbers its rows in commit order, so reading ``seq > position`` misses nothing.
+    Publishing is at-least-once; consumers skip redeliveries by their watermark per source.
+    """
+
+    def sources(self) -> list[str]:
+        """Every source (outbox) of the store; ``Event.source`` of its rows."""
+
+    async def pending(self, source: str, after_seq: int, limit: int) -> list[Event]:
+        """Rows of one source not yet trimmed, after ``after_seq``, oldest first."""
+
+    async def trim(self, source: str, through_seq: int) -> int:
+        """Delete the rows of ``source`` up to ``through_seq`` (published); returns how many."""
+
+    async def outbox_head(self, source: str) -> int:
+        """The newest sequence number the source ever handed out (0 when none)."""
+
+
 class CountStore(Lifecycle, Protocol):
     """Derived counts, applied exactly once together with the consumer's watermark."""
 

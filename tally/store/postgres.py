@@ -1,0 +1,302 @@
+"""Toggle records on PostgreSQL shards, with a transactional outbox per database (LikeStore, Outbox).
+
+Placement: a toggle lives in the database of its USER's logical shard, so has-liked for a feed is
+one query on one database, and a viral item's writes spread over every database. An increment
+lives in the database of its idempotency key (so a retry meets its first attempt), else of its item.
+
+The outbox is the change log: every real change appends a row in the same transaction as the
+toggle. Rows are numbered per *source*, one of ``outbox_slots`` slots per database (source name
+``pg<db>.<slot>``). A transaction takes the next numbers of a random slot with an upsert on that
+slot's head row, as its last statement before commit; the row lock makes the slot's numbering
+follow commit order, so a relay reading ``seq > position`` never misses a row that commits late.
+Several slots let that many transactions commit concurrently on one database.
+
+A bulk spanning databases runs one transaction per database: all statements run first, then the
+commits follow, and an error before any commit rolls every database back. Validation happened
+before the store, so only an infrastructure failure during the commits themselves can leave some
+databases committed; the write then fails (503) and the client retries: a toggle retried is a no-op
+where it already took effect, and an increment with an idempotency key is counted once. (Increments
+without a key are not retry-safe, in any backend.)
+
+The count in each answer is read-your-writes: the stored count read before this transaction
+began (so it cannot already contain this change) plus this request's own deltas on that key,
+floored at zero. Other users' changes appear once the aggregators have applied them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from tally.core.errors import InvalidInput, Unavailable
+from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
+from tally.store.postgres_cluster import PgCluster, read_counts
+from tally.store.postgres_single import Planned, write_one
+
+_MATERIALIZE = (
+    "INSERT INTO toggles (counter, user_id, item, state, version, updated_at, shard) "
+    "SELECT c, u, i, false, 0, $5, s FROM unnest($1::text[], $2::text[], $3::text[], $4::int[]) "
+    "AS k(c, u, i, s) ORDER BY c, u, i ON CONFLICT DO NOTHING")
+_LOCK = (
+    "SELECT t.counter, t.user_id, t.item, t.state FROM toggles t "
+    "JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(c, u, i) "
+    "ON t.counter = k.c AND t.user_id = k.u AND t.item = k.i "
+    "ORDER BY t.counter, t.user_id, t.item FOR UPDATE OF t")
+_UPDATE = (
+    "UPDATE toggles t SET state = k.s, version = t.version + k.n, updated_at = $6 "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::int[]) AS k(c, u, i, s, n) "
+    "WHERE t.counter = k.c AND t.user_id = k.u AND t.item = k.i")
+_IDEM = (
+    "INSERT INTO idempotency (counter, key, expires_at) "
+    "SELECT c, k, e FROM unnest($1::text[], $2::text[], $3::float8[]) AS x(c, k, e) ORDER BY c, k "
+    "ON CONFLICT (counter, key) DO UPDATE SET expires_at = excluded.expires_at "
+    "WHERE idempotency.expires_at < $4 RETURNING counter, key")
+_TAKE_SEQ = (
+    "INSERT INTO outbox_heads (source, seq) VALUES ($1, $2) ON CONFLICT (source) "
+    "DO UPDATE SET seq = outbox_heads.seq + excluded.seq RETURNING seq")
+_APPEND = (
+    "INSERT INTO outbox (source, seq, shard, counter, item, user_id, delta, ts, region) "
+    "SELECT $1, * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], "
+    "$7::bigint[], $8::float8[], $9::text[])")
+_PENDING = ("SELECT seq, counter, item, user_id, delta, ts, region FROM outbox "
+            "WHERE source = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+
+ToggleKey = tuple[str, str, str]  # (counter, user, item)
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows -> one list per column, for ``unnest($1::type[], ...)`` parameters."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+class PostgresLikeStore:
+    """Implements LikeStore and Outbox (see ``tally.store.ports``) over a ``PgCluster``."""
+
+    def __init__(self, cluster: PgCluster, outbox_slots: int = 4) -> None:
+        if outbox_slots < 1:
+            raise InvalidInput("outbox_slots must be at least 1", "outbox_slots")
+        self.cluster = cluster
+        self.map = cluster.map
+        self.slots = outbox_slots
+
+    async def start(self) -> None:
+        await self.cluster.start()
+
+    async def close(self) -> None:
+        await self.cluster.close()
+
+    # -- LikeStore ----------------------------------------------------------------------------
+
+    def route(self, op: Op) -> str:
+        """The key whose shard holds the op: the user for toggles; see the module docstring."""
+        if isinstance(op, ToggleOp):
+            return op.user
+        return op.idempotency_key if op.idempotency_key is not None else op.item
+
+    async def write(self, ops: Sequence[Op]) -> list[OpResult]:
+        ops = list(ops)
+        if not ops:
+            return []
+        now = time.time()
+        groups = self.map.group(range(len(ops)), lambda i: self.route(ops[i]))
+        # Read before writing, never while a transaction holds a connection: a transaction that
+        # waited for a second connection of a drained pool would never give its own back.
+        counts = await read_counts(self.cluster, {(o.counter, o.item) for o in ops})
+        if len(ops) == 1:
+            planned = {0: await self.cluster.retrying("write", lambda: self._write_one(ops[0], now))}
+        else:
+            planned = await self.cluster.retrying("write",
+                                                  lambda: self._write_all(ops, groups, now))
+        overlay: dict[CountKey, int] = defaultdict(int)
+        results = []
+        for i, op in enumerate(ops):
+            p = planned[i]
+            key = (op.counter, op.item)
+            overlay[key] += p.delta
+            results.append(OpResult(changed=p.changed, count=max(counts.get(key, 0) + overlay[key], 0),
+                                    state=p.state, seq=p.seq))
+        return results
+
+    async def _write_one(self, op: Op, now: float) -> Planned:
+        key = self.route(op)
+        db = self.map.db_of(key)
+        async with self.cluster.connection(db) as conn:
+            return await write_one(conn, op, self._source(db), self.map.shard_of(key), now)
+
+    def _source(self, db: int) -> str:
+        """The outbox slot a transaction numbers its rows in: any one, so commits spread."""
+        return f"pg{db}.{random.randrange(self.slots)}"
+
+    async def _write_all(self, ops: list[Op], groups: dict[int, list[int]],
+                         now: float) -> dict[int, Planned]:
+        """One transaction per database, each run to its end before the next database's starts.
+
+        Connections, row locks and outbox slots are so taken in database order by every writer:
+        a wait across databases, which no server could detect as a deadlock, cannot form a cycle.
+        (Within one database PostgreSQL detects deadlocks; the whole write is then retried.)
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            conns = {db: await stack.enter_async_context(self.cluster.connection(db))
+                     for db in sorted(groups)}
+            txs = {}
+            for db, conn in conns.items():
+                txs[db] = conn.transaction()
+                await txs[db].start()
+            try:
+                plans = {}
+                for db, conn in conns.items():  # in database order: see _write_all's docstring
+                    plans[db] = await self._apply(conn, db, [(i, ops[i]) for i in groups[db]],
+                                                  now)
+            except BaseException:
+                await _rollback(txs.values())
+                raise
+            await self._commit(txs)
+        return {i: p for plan in plans.values() for i, p in plan.items()}
+
+    @staticmethod
+    async def _commit(txs: dict[int, Any]) -> None:
+        pending = list(txs.items())
+        for committed, (db, tx) in enumerate(pending):
+            try:
+                await tx.commit()
+            except BaseException as exc:
+                await _rollback(t for _, t in pending[committed + 1:])
+                if committed:
+                    raise Unavailable(f"bulk write committed on {committed} of {len(txs)} "
+                                      f"databases, then database {db} failed: {exc!r}; "
+                                      "retry it (toggles and keyed increments are idempotent)"
+                                      ) from exc
+                raise
+
+    async def _apply(self, conn: asyncpg.Connection, db: int, ops: list[tuple[int, Op]],
+                     now: float) -> dict[int, Planned]:
+        planned: dict[int, Planned] = {}
+        events: list[tuple[int, Op, int]] = []
+        toggles = [(i, op) for i, op in ops if isinstance(op, ToggleOp)]
+        incrs = [(i, op) for i, op in ops if isinstance(op, IncrOp)]
+        if toggles:
+            await self._toggles(conn, toggles, now, planned, events)
+        if incrs:
+            await self._incrs(conn, incrs, now, planned, events)
+        if events:
+            await self._append(conn, db, events, now, planned)
+        return planned
+
+    async def _toggles(self, conn: asyncpg.Connection, toggles: list[tuple[int, ToggleOp]],
+                       now: float, planned: dict[int, Planned],
+                       events: list[tuple[int, Op, int]]) -> None:
+        """Lock the rows in key order, replay the ops in request order, write final states."""
+        sets = sorted({(op.counter, op.user, op.item) for _, op in toggles if op.on})
+        if sets:
+            c, u, i = _columns(sets, 3)
+            await conn.execute(_MATERIALIZE, c, u, i, [self.map.shard_of(x) for x in u], now)
+        keys = sorted({(op.counter, op.user, op.item) for _, op in toggles})
+        state: dict[ToggleKey, bool] = {(r[0], r[1], r[2]): r[3]
+                                        for r in await conn.fetch(_LOCK, *_columns(keys, 3))}
+        flips: dict[ToggleKey, int] = defaultdict(int)
+        for idx, op in toggles:
+            key = (op.counter, op.user, op.item)
+            if state.get(key, False) == op.on:
+                planned[idx] = Planned(False, 0, op.on)
+                continue
+            state[key] = op.on
+            flips[key] += 1
+            delta = 1 if op.on else -1
+            planned[idx] = Planned(True, delta, op.on)
+            events.append((idx, op, delta))
+        if flips:
+            rows = [(*k, state[k], n) for k, n in sorted(flips.items())]
+            await conn.execute(_UPDATE, *_columns(rows, 5), now)
+
+    @staticmethod
+    async def _incrs(conn: asyncpg.Connection, incrs: list[tuple[int, IncrOp]], now: float,
+                     planned: dict[int, Planned], events: list[tuple[int, Op, int]]) -> None:
+        windows = {(op.counter, op.idempotency_key): now + op.dedupe_window_s
+                   for _, op in incrs if op.idempotency_key is not None}
+        fresh: set[tuple[str, str]] = set()
+        if windows:
+            rows = sorted((c, k, exp) for (c, k), exp in windows.items() if k is not None)
+            fresh = {(r[0], r[1]) for r in await conn.fetch(_IDEM, *_columns(rows, 3), now)}
+        for idx, op in incrs:
+            if op.idempotency_key is not None:
+                key = (op.counter, op.idempotency_key)
+                if key not in fresh:  # seen within the window (or earlier in this request)
+                    planned[idx] = Planned(False, 0, None)
+                    continue
+                fresh.discard(key)
+            planned[idx] = Planned(True, op.n, None)
+            events.append((idx, op, op.n))
+
+    async def _append(self, conn: asyncpg.Connection, db: int, events: list[tuple[int, Op, int]],
+                      now: float, planned: dict[int, Planned]) -> None:
+        source = self._source(db)
+        last = await conn.fetchval(_TAKE_SEQ, source, len(events))
+        first = last - len(events) + 1
+        rows = []
+        for n, (idx, op, delta) in enumerate(events):
+            planned[idx].seq = first + n
+            rows.append((first + n, self.map.shard_of(self.route(op)), op.counter, op.item,
+                         op.user, delta, now, op.region))
+        await conn.execute(_APPEND, source, *_columns(rows, 8))
+
+    async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
+        if not items:
+            return []
+        rows = await self.cluster.fetch(
+            self.map.db_of(user), "SELECT item FROM toggles WHERE counter = $1 AND user_id = $2 "
+            "AND item = ANY($3::text[]) AND state", counter, user, list(items))
+        on = {r[0] for r in rows}
+        return [item in on for item in items]
+
+    async def purge_idempotency(self) -> int:
+        """Forget idempotency keys whose window has passed, in every database; returns how many."""
+        removed = 0
+        for db in range(self.cluster.databases):
+            async with self.cluster.connection(db) as conn:
+                status = await conn.execute("DELETE FROM idempotency WHERE expires_at < $1",
+                                            time.time())
+                removed += int(status.split()[-1])
+        return removed
+
+    # -- Outbox -------------------------------------------------------------------------------
+
+    def sources(self) -> list[str]:
+        return [s for db in range(self.cluster.databases) for s in self.sources_of(db)]
+
+    def sources_of(self, db: int) -> list[str]:
+        """The outbox sources of one physical database (a relay may own a database)."""
+        return [f"pg{db}.{slot}" for slot in range(self.slots)]
+
+    def _db_of_source(self, source: str) -> int:
+        db, _, slot = source.removeprefix("pg").partition(".")
+        if not (db.isdigit() and slot.isdigit() and int(db) < self.cluster.databases):
+            raise InvalidInput(f"unknown outbox source {source!r}", "source")
+        return int(db)
+
+    async def pending(self, source: str, after_seq: int, limit: int) -> list[Event]:
+        rows = await self.cluster.fetch(self._db_of_source(source), _PENDING, source, after_seq,
+                                        limit)
+        return [Event(r[0], r[1], r[2], r[3], r[4], r[5], r[6], source) for r in rows]
+
+    async def trim(self, source: str, through_seq: int) -> int:
+        async with self.cluster.connection(self._db_of_source(source)) as conn:
+            status = await conn.execute("DELETE FROM outbox WHERE source = $1 AND seq <= $2",
+                                        source, through_seq)
+        return int(status.split()[-1])
+
+    async def outbox_head(self, source: str) -> int:
+        rows = await self.cluster.fetch(self._db_of_source(source),
+                                        "SELECT seq FROM outbox_heads WHERE source = $1", source)
+        return int(rows[0][0]) if rows else 0
+
+
+async def _rollback(txs: Any) -> None:
+    for tx in txs:
+        with contextlib.suppress(Exception):
+            await tx.rollback()

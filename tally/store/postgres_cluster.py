@@ -1,0 +1,156 @@
+"""Connection pools to every physical PostgreSQL database, the shard map, and the retry policy.
+
+One ``PgCluster`` is shared by the like store, the count store and the recounter of a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from tally.core.errors import ConfigError, Unavailable
+from tally.core.model import CountKey
+from tally.store.postgres_schema import migrate
+from tally.store.shards import ShardMap
+
+log = logging.getLogger("tally.postgres")
+T = TypeVar("T")
+
+RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
+             asyncpg.LockNotAvailableError)
+UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
+               asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+               asyncpg.TooManyConnectionsError)
+
+
+class PgCluster:
+    """Pools to every physical database, the shard map, and the retry policy; shared by the stores.
+
+    Started once however many stores use it (reference counted), so the like store, the count
+    store and the recounter of one process share connections.
+    """
+
+    def __init__(self, dsns: Sequence[str], shard_map: ShardMap, pool_max: int = 10,
+                 synchronous_commit: str = "on", retries: int = 5) -> None:
+        if len(dsns) != shard_map.databases:
+            raise ConfigError(f"{len(dsns)} postgres_dsns but the shard map has "
+                              f"{shard_map.databases} databases")
+        self.dsns = list(dsns)
+        self.map = shard_map
+        self.pool_max = pool_max
+        self.synchronous_commit = synchronous_commit
+        self.retries = retries
+        self.pools: list[asyncpg.Pool] = []
+        self._users = 0
+        self._lock = asyncio.Lock()
+
+    @property
+    def databases(self) -> int:
+        return len(self.dsns)
+
+    async def start(self) -> None:
+        async with self._lock:
+            self._users += 1
+            if self._users > 1:
+                return
+            try:
+                for index, dsn in enumerate(self.dsns):
+                    pool = await asyncpg.create_pool(
+                        dsn, min_size=1, max_size=self.pool_max, command_timeout=60,
+                        server_settings={"synchronous_commit": self.synchronous_commit,
+                                         "lock_timeout": "10s",  # a safety net; then retried
+                                         "application_name": "tally"})
+                    self.pools.append(pool)
+                    async with pool.acquire() as conn:
+                        await migrate(conn, index)
+            except BaseException:
+                self._users -= 1
+                await self._close_pools()
+                raise
+            log.info("postgres connected", extra={"databases": len(self.dsns),
+                                                  "synchronous_commit": self.synchronous_commit})
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._users = max(self._users - 1, 0)
+            if self._users == 0:
+                await self._close_pools()
+
+    async def _close_pools(self) -> None:
+        pools, self.pools = self.pools, []
+        for pool in pools:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pool.close(), 10)
+
+    def pool(self, db: int) -> asyncpg.Pool:
+        if not self.pools:
+            raise Unavailable("the PostgreSQL store is not started")
+        return self.pools[db]
+
+    @contextlib.asynccontextmanager
+    async def connection(self, db: int) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.pool(db).acquire(timeout=30) as conn:
+                yield conn
+        except UNREACHABLE as exc:
+            raise Unavailable(f"postgres database {db} is unreachable: {exc!r}") from exc
+
+    async def fetch(self, db: int, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self.connection(db) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+            return rows
+
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run a whole transaction again after a deadlock or serialization failure (bounded)."""
+        for left in range(self.retries - 1, -1, -1):
+            try:
+                return await attempt()
+            except RETRYABLE as exc:
+                if left == 0:
+                    raise Unavailable(f"{what}: gave up after {self.retries} attempts: "
+                                      f"{exc!r}") from exc
+                log.warning("transaction retried", extra={"what": what, "error": repr(exc),
+                                                          "left": left})
+                await asyncio.sleep(0.005 * (self.retries - left))
+            except UNREACHABLE as exc:
+                raise Unavailable(f"{what}: postgres unreachable: {exc!r}") from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def gather(per_db: dict[int, Awaitable[T]]) -> dict[int, T]:
+        """Await one coroutine per database concurrently; the first error is raised after all end
+        (so no connection is released, or rolled back, while a statement still runs on it)."""
+        dbs = list(per_db)
+        done = await asyncio.gather(*(per_db[db] for db in dbs), return_exceptions=True)
+        out: dict[int, T] = {}
+        for db, value in zip(dbs, done, strict=True):
+            if isinstance(value, BaseException):
+                raise value
+            out[db] = value
+        return out
+
+
+_COUNTS = ("SELECT counter, item, count FROM counts "
+           "WHERE item = ANY($1::text[]) AND counter = ANY($2::text[])")
+
+
+async def read_counts(cluster: PgCluster, keys: Collection[CountKey]) -> dict[CountKey, int]:
+    """Counts for the keys that have one: one query per database that holds some of the items."""
+    if not keys:
+        return {}
+    by_db: dict[int, set[str]] = defaultdict(set)
+    for _, item in keys:
+        by_db[cluster.map.db_of(item)].add(item)
+    counters = sorted({c for c, _ in keys})
+
+    rows = await cluster.gather({db: cluster.fetch(db, _COUNTS, sorted(items), counters)
+                                 for db, items in by_db.items()})
+    wanted = set(keys)
+    return {(r[0], r[1]): int(r[2]) for part in rows.values() for r in part
+            if (r[0], r[1]) in wanted}

@@ -1,0 +1,204 @@
+"""Counts on PostgreSQL shards by ITEM, applied exactly once with the consumers' watermarks.
+
+A batch's keys may live in several databases, so one transaction cannot hold them all. Exactly-once
+comes from a decision made in one place and applied idempotently everywhere else:
+
+1. Decide, in one transaction on the coordinator (database 0): lock the consumer's row, check the
+   stored watermarks against ``expect`` (else return None, nothing written), add the deltas of the
+   items that live in database 0 and the rollups, move the watermarks to ``batch.positions``, and,
+   when other databases are touched, record an *intent*: the consumer's next intent number with
+   the deltas for each other database. Once this commits, the batch is applied, durably, once.
+2. Roll forward: in each other database, one transaction adds that database's deltas and moves its
+   ``applied_intents`` mark for the consumer to the intent number, only if the mark is below it.
+   Then the intent is deleted.
+
+A crash or an unreachable database between 1 and 2 leaves the intent; the next ``watermarks`` or
+``apply_batch`` call for that consumer (from any process) rolls it forward first, and a consumer
+never decides a new batch while an intent of its own is pending, so intents apply in order and the
+mark test cannot skip one. Redelivered events are at or below the moved watermark and are skipped
+by ``coalesce``; a racing duplicate apply fails the watermark test. Reads may see a database's
+share of a batch a moment after the coordinator's share, never twice.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from tally.core.coalesce import Batch
+from tally.core.model import CountKey
+from tally.store.postgres_cluster import PgCluster, read_counts
+
+COORDINATOR = 0
+
+_ADD = ("INSERT INTO counts (item, counter, count) "
+        "SELECT i, c, d FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(c, i, d) "
+        "ORDER BY i, c ON CONFLICT (item, counter) DO UPDATE SET count = counts.count + excluded.count "
+        "RETURNING counter, item, count")
+_ROLLUP = ("INSERT INTO rollups (counter, item_type, dimension, bucket, value) "
+           "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) "
+           "AS r(c, t, d, b, v) ORDER BY 1, 2, 3, 4 "
+           "ON CONFLICT (counter, item_type, dimension, bucket) "
+           "DO UPDATE SET value = rollups.value + excluded.value")
+_MARKS = ("INSERT INTO watermarks (consumer, source, seq) SELECT $1, s, q "
+          "FROM unnest($2::text[], $3::bigint[]) AS w(s, q) ORDER BY s "
+          "ON CONFLICT (consumer, source) DO UPDATE SET seq = excluded.seq")
+
+Part = list[tuple[str, str, int]]  # (counter, item, delta) of one database
+
+
+@dataclass
+class _Decided:
+    counts: dict[CountKey, int]
+    intent: int | None
+    parts: dict[int, Part]
+
+
+_PENDING = object()  # the consumer has an intent to roll forward before deciding
+
+
+async def add_counts(conn: asyncpg.Connection, part: Part) -> dict[CountKey, int]:
+    if not part:
+        return {}
+    c, i, d = ([row[n] for row in part] for n in range(3))
+    return {(r[0], r[1]): int(r[2]) for r in await conn.fetch(_ADD, c, i, d)}
+
+
+class PostgresCountStore:
+    """Implements CountStore (see ``tally.store.ports``) over a ``PgCluster``."""
+
+    def __init__(self, cluster: PgCluster) -> None:
+        self.cluster = cluster
+        self.map = cluster.map
+        self.rolled_forward = 0  # intents finished on behalf of an earlier, interrupted call
+
+    async def start(self) -> None:
+        await self.cluster.start()
+
+    async def close(self) -> None:
+        await self.cluster.close()
+
+    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
+        return await read_counts(self.cluster, set(keys))
+
+    async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
+        rows = await self.cluster.fetch(
+            COORDINATOR, "SELECT bucket, value FROM rollups WHERE counter = $1 AND item_type = $2 "
+            "AND dimension = $3 ORDER BY bucket", counter, item_type, dimension)
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def watermarks(self, consumer: str) -> dict[str, int]:
+        await self.finish_intents(consumer)
+        rows = await self.cluster.fetch(
+            COORDINATOR, "SELECT source, seq FROM watermarks WHERE consumer = $1", consumer)
+        return {r[0]: int(r[1]) for r in rows}
+
+    async def apply_batch(self, batch: Batch, consumer: str,
+                          expect: Mapping[str, int]) -> dict[CountKey, int] | None:
+        parts: dict[int, Part] = defaultdict(list)
+        for (counter, item), delta in sorted(batch.deltas.items()):
+            parts[self.map.db_of(item)].append((counter, item, delta))
+        for _ in range(3):
+            decided = await self.cluster.retrying(
+                "apply_batch", lambda: self._decide(batch, consumer, expect, parts))
+            if decided is None:
+                return None
+            if isinstance(decided, _Decided):
+                counts = dict(decided.counts)
+                if decided.intent is not None:
+                    counts.update(await self._roll_forward(consumer, decided.intent,
+                                                           decided.parts))
+                return counts
+            await self.finish_intents(consumer)  # an interrupted earlier batch goes first
+        raise RuntimeError(f"consumer {consumer}: intents keep appearing; another process is "
+                           "applying the same consumer")
+
+    async def _decide(self, batch: Batch, consumer: str, expect: Mapping[str, int],
+                      parts: dict[int, Part]) -> _Decided | object | None:
+        async with self.cluster.connection(COORDINATOR) as conn, conn.transaction():
+            await conn.execute("INSERT INTO consumers VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                               consumer)
+            last = await conn.fetchval("SELECT last_intent FROM consumers WHERE consumer = $1 "
+                                       "FOR UPDATE", consumer)
+            if await conn.fetchval("SELECT 1 FROM intents WHERE consumer = $1 LIMIT 1", consumer):
+                return _PENDING
+            stored = dict(await conn.fetch(
+                "SELECT source, seq FROM watermarks WHERE consumer = $1 AND source = ANY($2)",
+                consumer, list(batch.positions)))
+            if any(stored.get(src, 0) != expect.get(src, 0) for src in batch.positions):
+                return None
+            counts = await add_counts(conn, parts.get(COORDINATOR, []))
+            if batch.rollups:
+                rows = sorted((*k, v) for k, v in batch.rollups.items())
+                await conn.execute(_ROLLUP, *([r[n] for r in rows] for n in range(5)))
+            if batch.positions:
+                sources = sorted(batch.positions)
+                await conn.execute(_MARKS, consumer, sources,
+                                   [batch.positions[s] for s in sources])
+            remote = {db: part for db, part in parts.items() if db != COORDINATOR and part}
+            intent = None
+            if remote:
+                intent = int(last) + 1
+                await conn.execute("UPDATE consumers SET last_intent = $2 WHERE consumer = $1",
+                                   consumer, intent)
+                await conn.execute("INSERT INTO intents VALUES ($1, $2, $3::jsonb)", consumer,
+                                   intent, orjson.dumps({str(k): v for k, v in remote.items()})
+                                   .decode())
+            return _Decided(counts, intent, remote)
+
+    async def _roll_forward(self, consumer: str, intent: int,
+                            parts: dict[int, Part]) -> dict[CountKey, int]:
+        """Apply an intent's parts to their databases (each at most once), then delete it."""
+        def attempt(db: int, part: Part) -> Callable[[], Awaitable[dict[CountKey, int]]]:
+            return lambda: self._apply_part(db, consumer, intent, part)
+
+        done = await self.cluster.gather(
+            {db: self.cluster.retrying("roll_forward", attempt(db, part))
+             for db, part in parts.items()})
+        async with self.cluster.connection(COORDINATOR) as conn:
+            await conn.execute("DELETE FROM intents WHERE consumer = $1 AND intent = $2",
+                               consumer, intent)
+        return {k: v for counts in done.values() for k, v in counts.items()}
+
+    async def _apply_part(self, db: int, consumer: str, intent: int,
+                          part: Part) -> dict[CountKey, int]:
+        async with self.cluster.connection(db) as conn, conn.transaction():
+            await conn.execute("INSERT INTO applied_intents VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                               consumer)
+            mark = await conn.fetchval("SELECT intent FROM applied_intents WHERE consumer = $1 "
+                                       "FOR UPDATE", consumer)
+            if mark >= intent:  # applied already (by us before a crash, or by another process)
+                return {}
+            counts = await add_counts(conn, part)
+            await conn.execute("UPDATE applied_intents SET intent = $2 WHERE consumer = $1",
+                               consumer, intent)
+            return counts
+
+    async def finish_intents(self, consumer: str) -> int:
+        """Roll forward the consumer's pending intent, left by a crash or an unreachable shard."""
+        rows = await self.cluster.fetch(
+            COORDINATOR, "SELECT intent, parts FROM intents WHERE consumer = $1 ORDER BY intent",
+            consumer)
+        for row in rows:
+            raw: dict[str, list[list[Any]]] = orjson.loads(row[1])
+            parts = {int(db): [(c, i, int(d)) for c, i, d in part] for db, part in raw.items()}
+            await self._roll_forward(consumer, int(row[0]), parts)
+            self.rolled_forward += 1
+        return len(rows)
+
+    async def pending_intent_deltas(self, keys: set[CountKey]) -> dict[CountKey, int]:
+        """Deltas decided (watermarks moved) but not yet in their database's counts."""
+        rows = await self.cluster.fetch(COORDINATOR, "SELECT parts FROM intents")
+        out: dict[CountKey, int] = defaultdict(int)
+        for row in rows:
+            for part in orjson.loads(row[0]).values():
+                for c, i, d in part:
+                    if (c, i) in keys:
+                        out[(c, i)] += int(d)
+        return dict(out)
+
