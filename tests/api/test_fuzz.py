@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio.from_thread
 import httpx
@@ -75,6 +76,10 @@ class AppClient:
     def post(self, path: str, body: Any) -> httpx.Response:
         return self.portal.call(lambda: self.client.post(path, json=body))
 
+    def get(self, path: str, counters: list[str]) -> httpx.Response:
+        params = httpx.QueryParams([("counter", c) for c in counters])
+        return self.portal.call(lambda: self.client.get(path, params=params))
+
 
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppClient]:
@@ -107,3 +112,23 @@ def test_never_a_500(app_client: AppClient, req: tuple[str, Any]) -> None:
         assert body["item_type"] in ("post", "reel"), body
         assert body.get("region") is None or (isinstance(body["region"], str)
                                               and 1 <= len(body["region"]) <= 32), body
+
+
+segment = st.sampled_from(["like", "view", "post", "day", "region", "1", "nope"]) | st.text(
+    min_size=1, max_size=70)
+get_paths = st.one_of(
+    st.builds("/v1/items/{}/{}/counts".format, segment, segment),
+    st.builds("/v1/has/{}/{}/{}/{}".format, segment, segment, segment, segment),
+    st.builds("/v1/rollups/{}/{}/{}".format, segment, segment, segment),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=get_paths, counters=st.lists(segment, max_size=3))
+def test_reads_never_a_500(app_client: AppClient, path: str, counters: list[str]) -> None:
+    parts = path.split("/")
+    url = "/".join(quote(p, safe="") for p in parts)
+    r = app_client.get(url, counters)
+    assert r.status_code in (200, 404, 422), (url, r.text)
+    if r.status_code != 200:
+        assert set(r.json()["error"]) == {"code", "message", "field"}, r.text
