@@ -88,6 +88,9 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppClient]:
     with ExitStack() as stack:
         portal = stack.enter_context(anyio.from_thread.start_blocking_portal())
         stack.enter_context(portal.wrap_async_context_manager(app.router.lifespan_context(app)))
+        # No background aggregation: the tables then change only by the requests themselves.
+        aggregator = app.state.runtime.aggregator
+        portal.call(aggregator.stop)
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
         stack.enter_context(portal.wrap_async_context_manager(client))
         yield AppClient(portal, client, s.sqlite_path)
