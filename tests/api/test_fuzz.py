@@ -96,7 +96,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppClient]:
         yield AppClient(portal, client, s.sqlite_path)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(req=requests)
 def test_never_a_500(app_client: AppClient, req: tuple[str, Any]) -> None:
     db = app_client.db
