@@ -25,7 +25,7 @@ T = TypeVar("T")
 RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
              asyncpg.LockNotAvailableError)
 UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-               asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+               asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.CannotConnectNowError,
                asyncpg.TooManyConnectionsError)
 
 
