@@ -47,6 +47,8 @@ class PgCluster:
         self.synchronous_commit = synchronous_commit
         self.retries = retries
         self.pools: list[asyncpg.Pool] = []
+        self.retried = 0  # transactions run again after a deadlock or lock timeout
+        self.unavailable = 0  # operations failed because a database was unreachable
         self._users = 0
         self._lock = asyncio.Lock()
 
@@ -99,6 +101,7 @@ class PgCluster:
             async with self.pool(db).acquire(timeout=30) as conn:
                 yield conn
         except UNREACHABLE as exc:
+            self.unavailable += 1
             raise Unavailable(f"postgres database {db} is unreachable: {exc!r}") from exc
 
     async def fetch(self, db: int, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -112,6 +115,7 @@ class PgCluster:
             try:
                 return await attempt()
             except RETRYABLE as exc:
+                self.retried += 1
                 if left == 0:
                     raise Unavailable(f"{what}: gave up after {self.retries} attempts: "
                                       f"{exc!r}") from exc
@@ -119,6 +123,7 @@ class PgCluster:
                                                           "left": left})
                 await asyncio.sleep(0.005 * (self.retries - left))
             except UNREACHABLE as exc:
+                self.unavailable += 1
                 raise Unavailable(f"{what}: postgres unreachable: {exc!r}") from exc
         raise AssertionError("unreachable")
 

@@ -58,6 +58,7 @@ async def test_acknowledged_writes_survive_a_server_kill(engine_factory: EngineF
             await asyncio.sleep(0.01)
         await asyncio.to_thread(pg.kill)
         await writers
+        assert stores.cluster.unavailable >= 1  # each writer stopped on an Unavailable
         pg.start()
         for op in acked:
             async def has(op: ToggleOp = op) -> None:
