@@ -257,8 +257,9 @@ class PostgresLikeStore:
         if not items:
             return []
         rows = await self.cluster.fetch(
-            self.map.db_of(user), "SELECT item FROM toggles WHERE counter = $1 AND user_id = $2 "
-            "AND item = ANY($3::text[]) AND state", counter, user, list(items))
+            self.map.db_of(user), "SELECT t.item FROM unnest($3::text[]) AS k(item) JOIN toggles t "
+            "ON t.counter = $1 AND t.user_id = $2 AND t.item = k.item WHERE t.state",
+            counter, user, list(items))
         on = {r[0] for r in rows}
         return [item in on for item in items]
 

@@ -29,6 +29,14 @@ UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                asyncpg.TooManyConnectionsError)
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a pooled connection without asyncpg's reset query (a round trip per operation).
+
+    The stores leave no session state behind: no SET, cursors, LISTEN or advisory locks (leases
+    use connections of their own). asyncpg still rolls back a transaction left open.
+    """
+
+
 class PgCluster:
     """Pools to every physical database, the shard map, and the retry policy; shared by the stores.
 
@@ -65,6 +73,7 @@ class PgCluster:
                 for index, dsn in enumerate(self.dsns):
                     pool = await asyncpg.create_pool(
                         dsn, min_size=1, max_size=self.pool_max, command_timeout=60,
+                        reset=_keep_session,
                         server_settings={"synchronous_commit": self.synchronous_commit,
                                          "lock_timeout": "10s",  # a safety net; then retried
                                          "application_name": "tally"})
@@ -142,7 +151,7 @@ class PgCluster:
 
 
 _COUNTS = ("SELECT counter, item, count FROM counts "
-           "WHERE item = ANY($1::text[]) AND counter = ANY($2::text[])")
+           "WHERE counter = ANY($2::text[]) AND item = ANY($1::text[])")  # primary key (both)
 
 
 async def read_counts(cluster: PgCluster, keys: Collection[CountKey]) -> dict[CountKey, int]:
