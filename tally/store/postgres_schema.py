@@ -48,7 +48,7 @@ CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
 -- Counts of the items whose logical shard maps here.
 -- Keyed (counter, item): batch reads name both, and reconcile scans a counter in item order.
 CREATE TABLE IF NOT EXISTS counts (
-    counter text NOT NULL, item text NOT NULL, count bigint NOT NULL,
+    item text NOT NULL, counter text NOT NULL, count bigint NOT NULL,
     PRIMARY KEY (counter, item)
 );
 -- The last cross-database intent of each consumer applied here (idempotent roll-forward).
