@@ -55,6 +55,7 @@ class PartitionStats:
     pending_msgs: int = 0
     lag_seconds: float = 0.0
     gained_at: float = 0.0  # wall clock when this process took the lease
+    reading_at: float | None = None  # reader open at the committed position after taking it
     first_apply_at: float | None = None  # first batch applied after taking it
     last_error: str | None = None
 
@@ -88,6 +89,7 @@ class PartitionWorker:
                 await self._settle_unsure()
                 reader = await self.events.reader(self.partition,
                                                   marks.get(stream_position(self.partition), 0))
+                self.stats.reading_at = self.stats.reading_at or time.time()
                 await self._apply_loop(reader, marks)
             except asyncio.CancelledError:
                 raise
@@ -163,6 +165,10 @@ class PartitionWorker:
         self.stats.batches += 1
         if self.stats.first_apply_at is None:
             self.stats.first_apply_at = time.time()
+            log.info("partition resumed", extra={
+                "partition": self.partition,
+                "after_lease_s": round(self.stats.first_apply_at - self.stats.gained_at, 3),
+                "reading_after_lease_s": round((self.stats.reading_at or 0) - self.stats.gained_at, 3)})
 
     async def _settle_unsure(self) -> None:
         if self._unsure is not None and self.cache is not None:
