@@ -116,8 +116,10 @@ def describe() -> list[tuple[str, str, Any, str]]:
     return rows
 
 
-def _coerce(name: str, raw: Any, kind: type) -> Any:
-    if isinstance(raw, str) and kind is not str:
+def _coerce(name: str, raw: Any, kind: type, text: bool) -> Any:
+    """``text``: the value came from an environment variable, so it is parsed from a string;
+    TOML values carry their own type and must already have the right one."""
+    if text and isinstance(raw, str) and kind is not str:
         if kind is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -164,13 +166,15 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     known = {f.name: f for f in dataclasses.fields(Settings)}
+    from_env: set[str] = set()
     for key, _f in known.items():
         if (raw := env.get(f"TALLY_{key.upper()}")) is not None:
             values[key] = raw
+            from_env.add(key)
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
-    typed = {k: _coerce(k, v, _kind(known[k].type)) for k, v in values.items()}
+    typed = {k: _coerce(k, v, _kind(known[k].type), k in from_env) for k, v in values.items()}
     return validate(Settings(**typed))
 
 
@@ -204,8 +208,12 @@ def validate(s: Settings) -> Settings:
     bad_rollups = set(s.rollups) - {"day", "region"}
     if bad_rollups:
         raise ConfigError(f"unknown rollups: {sorted(bad_rollups)} (allowed: day, region)")
+    from tally.core.errors import InvalidInput
     from tally.core.model import validate_counter_configs, validate_item_types
 
-    validate_item_types(s.item_types)
-    validate_counter_configs(s.counters)
+    try:
+        validate_item_types(s.item_types)
+        validate_counter_configs(s.counters)
+    except InvalidInput as exc:  # a settings problem, reported as one (the CLI catches these)
+        raise ConfigError(f"{exc.field}: {exc.message}", exc.field) from exc
     return s

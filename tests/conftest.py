@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import pytest
@@ -101,8 +102,13 @@ class ServerProcess:
                 self.proc.wait(10)
 
 
+class ServerFactory(Protocol):
+    def __call__(self, data_dir: Path | None = None,
+                 env: dict[str, str] | None = None) -> ServerProcess: ...
+
+
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[type[ServerProcess]]:
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     """Makes servers; every one made is stopped at teardown."""
     made: list[ServerProcess] = []
 

@@ -62,7 +62,7 @@ def build_router(rt: AppRuntime) -> APIRouter:  # noqa: C901 (one small closure 
     async def item_counts(item_type: str, item_id: str,
                           counter: list[str] | None = Query(None)) -> s.ItemCounts:
         items = svc.items([(item_type, item_id)])
-        (counts,) = await svc.counts(items, svc.counter_names(counter))
+        (counts,) = await svc.counts(items, svc.counter_names(counter, "counter"))
         return s.ItemCounts(item_type=item_type, item_id=split_item(items[0])[1], counts=counts)
 
     @r.post("/v1/counts", tags=["read"], summary="Counts of a batch of items (a feed)")

@@ -51,7 +51,9 @@ class SqliteStore:
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self._pending: dict[CountKey, int] = {}  # writer thread only
+        # Writer thread only. Includes the jobs of the open transaction (undone if they roll
+        # back), so a later job in the same group commit sees an earlier job's change.
+        self._pending: dict[CountKey, int] = {}
         self.source = SOURCE
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -111,7 +113,7 @@ class SqliteStore:
 
     def _apply_ops(self, conn: sqlite3.Connection, tx: Tx, ops: list[Op]) -> list[OpResult]:
         now = time.time()
-        overlay: dict[CountKey, int] = {}  # deltas of this job, made pending only on commit
+        overlay: dict[CountKey, int] = {}  # deltas of this job, made pending once it succeeded
         results = []
         for op in ops:
             if isinstance(op, ToggleOp):
@@ -126,7 +128,8 @@ class SqliteStore:
             state = op.on if isinstance(op, ToggleOp) else None
             results.append(OpResult(changed=changed, count=count, state=state, seq=seq))
         if overlay:
-            tx.on_commit.append(lambda: self._add_pending(overlay))
+            self._add_pending(overlay)
+            tx.on_rollback.append(lambda: self._add_pending({k: -d for k, d in overlay.items()}))
         return results
 
     def _add_pending(self, deltas: dict[CountKey, int]) -> None:
@@ -234,8 +237,8 @@ class SqliteStore:
                          "DO UPDATE SET seq=excluded.seq", (consumer, src, seq))
         if SOURCE in batch.positions:  # applied events are in the counts now: trim them
             conn.execute("DELETE FROM changelog WHERE seq <= ?", (batch.positions[SOURCE],))
-        applied = {k: -d for k, d in batch.deltas.items()}
-        tx.on_commit.append(lambda: self._add_pending(applied))
+        self._add_pending({k: -d for k, d in batch.deltas.items()})
+        tx.on_rollback.append(lambda: self._add_pending(batch.deltas))
         return new
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
