@@ -59,8 +59,12 @@ class RedisCluster:
         cli = shutil.which("redis-cli")
         if cli is None:
             raise EngineError("redis: redis-cli not found; install with: apt-get install redis-tools")
-        for node in self.nodes:
-            node.start()
+        try:
+            for node in self.nodes:
+                node.start()
+        except BaseException:
+            self.stop()  # the nodes already started must not outlive the failure
+            raise
         done = subprocess.run([cli, "--cluster", "create",
                                *(f"{HOST}:{n.port}" for n in self.nodes),
                                "--cluster-replicas", "0", "--cluster-yes"],

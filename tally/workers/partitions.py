@@ -34,7 +34,7 @@ from tally.core.model import CountKey
 from tally.store.jetstream import EventLog, LogGap, LogMessage, PartitionReader, stream_position
 from tally.store.ports import CountStore
 from tally.store.redis_counts import RedisCounts
-from tally.workers.leases import LeaseSet
+from tally.workers.leases import LeaseSet, cancelled, stop_task
 
 log = logging.getLogger("tally.partitions")
 
@@ -99,6 +99,8 @@ class PartitionWorker:
                             extra={"partition": self.partition})
                 await asyncio.sleep(0.2)
             except Exception as exc:  # LogGap, a lost connection, a failed commit: start over
+                if cancelled():
+                    raise asyncio.CancelledError from exc
                 self.stats.last_error = repr(exc)
                 level = logging.INFO if isinstance(exc, LogGap) else logging.WARNING
                 log.log(level, "partition round failed; resuming from the committed position",
@@ -236,9 +238,7 @@ class PartitionPool:
         task = self._tasks.pop(n, None)
         self.workers.pop(n, None)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task, f"partition {n}")
 
     def lag(self) -> tuple[int, float]:
         """(messages pending, oldest unapplied age in seconds) over the partitions held."""
