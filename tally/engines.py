@@ -16,6 +16,7 @@ Nothing here installs anything: ``missing_binaries()`` says what is absent and h
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import pwd
 import re
@@ -54,6 +55,15 @@ def free_port() -> int:
         return port
 
 
+_LINUX = sys.platform == "linux"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (after any change of user): ask Linux for SIGKILL when the parent
+    dies (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
@@ -71,6 +81,10 @@ class Engine:
 
     name = "engine"
     stop_signal = signal.SIGTERM
+    # Tests set this: the engine then gets SIGKILL when the process that started it dies, so a
+    # test run killed by a timeout leaves no server behind. `tally cluster up` leaves it off:
+    # its engines must outlive the command.
+    die_with_parent = False
 
     def __init__(self, root: str | os.PathLike[str], port: int | None = None) -> None:
         self.root = Path(root).resolve()
@@ -109,9 +123,10 @@ class Engine:
             raise EngineError(f"{self.name}: port {self.port} is already taken")
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
-            self.proc = subprocess.Popen(self._command(), stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         **self._popen_kwargs())
+            self.proc = subprocess.Popen(
+                self._command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                start_new_session=True, **self._popen_kwargs(),
+                preexec_fn=_die_with_parent if self.die_with_parent and _LINUX else None)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
