@@ -61,6 +61,7 @@ class Settings:
     cache_ttl_s: float = _s(30.0, "Seconds a cached count may be served before it is re-read")
     hot_ttl_s: float = _s(1.0, "Seconds a hot item's count is served from memory in cluster mode")
     hot_top_k: int = _s(32, "Hot items tracked by the heavy-hitter sketch")
+    hot_sample: int = _s(8, "One read in N, at random, feeds the sketch (weighted N); 1 = every read")
     max_batch_items: int = _s(500, "Most items in one count or has-liked request")
     max_bulk_ops: int = _s(1000, "Most operations in one bulk request")
     max_body_bytes: int = _s(1_048_576, "Largest request body accepted, in bytes")
@@ -183,7 +184,8 @@ def validate(s: Settings) -> Settings:
     if s.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
     for name in ("group_commit_max", "aggregate_max_events", "cache_size", "max_batch_items",
-                 "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k", "logical_shards",
+                 "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k", "hot_sample",
+                 "logical_shards",
                  "log_partitions", "postgres_pool_max", "outbox_slots", "relay_batch",
                  "redis_ttl_s"):
         if getattr(s, name) < 1:

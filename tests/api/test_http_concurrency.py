@@ -14,7 +14,7 @@ from tests.helpers import poll, recount
 
 pytestmark = pytest.mark.anyio
 
-USERS, OPS_PER_USER = 40, 12
+USERS, OPS_PER_USER = 40, 8
 
 
 async def test_hot_item_under_concurrent_toggles(server_factory: ServerFactory) -> None:
