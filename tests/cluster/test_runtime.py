@@ -76,8 +76,11 @@ async def test_likes_flow_through_the_log_to_counts_and_redis(
     await converge(c, items, want)
     rt = c.app.state.runtime  # type: ignore[attr-defined]
     assert isinstance(rt, ClusterRuntime) and rt.redis is not None
-    assert await rt.redis.get([("like", f"post:{i}") for i in items]) == {
-        ("like", f"post:{i}"): n for i, n in zip(items, want, strict=True)}
+    in_redis = {("like", f"post:{i}"): n for i, n in zip(items, want, strict=True)}
+    deadline = time.monotonic() + 10  # written just after each commit
+    while await rt.redis.get(list(in_redis)) != in_redis:
+        assert time.monotonic() < deadline, "Redis never got the applied counts"
+        await asyncio.sleep(0.02)
     r = await c.post("/v1/has", json={"user_id": 3, "counter": "like", "items": [
         {"item_type": "post", "item_id": i} for i in (0, 3, 4)]})
     assert r.status_code == 200, r.text
