@@ -2,6 +2,7 @@
 
     python scripts/scale_bench.py --mode like --seconds 10 --concurrency 32 URL [URL ...]
 
+Likes go to Pareto-distributed items (a few hot ones), or uniformly with ``uniform``.
 Each of ``concurrency`` asyncio tasks sends one request at a time, round-robin over the URLs,
 until ``seconds`` pass or ``max_requests`` are sent. Prints JSON: requests/s, p50, p99, errors.
 The full load generator lives in the bench tooling; this one only has to be the same for every
@@ -21,7 +22,8 @@ import httpx
 
 
 async def worker(n: int, urls: list[str], mode: str, stop_at: float, budget: itertools.count,
-                 limit: int, lat: list[float], errors: list[str], items: int, users: int) -> None:
+                 limit: int, lat: list[float], errors: list[str], items: int, users: int,
+                 uniform: bool) -> None:
     rng = random.Random(n)
     async with httpx.AsyncClient(timeout=10.0) as http:
         i = n
@@ -30,8 +32,9 @@ async def worker(n: int, urls: list[str], mode: str, stop_at: float, budget: ite
             i += 1
             if mode == "like":
                 path = "/v1/like" if rng.random() < 0.7 else "/v1/unlike"
+                item = rng.randrange(items) if uniform else int(rng.paretovariate(1.2)) % items
                 body: dict[str, object] = {"user_id": rng.randrange(users), "item_type": "post",
-                                           "item_id": int(rng.paretovariate(1.2)) % items}
+                                           "item_id": item}
             else:
                 path = "/v1/counts"
                 body = {"items": [{"item_type": "post", "item_id": rng.randrange(items)}
@@ -49,13 +52,13 @@ async def worker(n: int, urls: list[str], mode: str, stop_at: float, budget: ite
 
 
 async def run(urls: list[str], mode: str, seconds: float, concurrency: int, limit: int,
-              items: int, users: int) -> dict[str, object]:
+              items: int, users: int, uniform: bool = False) -> dict[str, object]:
     lat: list[float] = []
     errors: list[str] = []
     budget = itertools.count()
     start = time.monotonic()
     await asyncio.gather(*(worker(n, urls, mode, start + seconds, budget, limit, lat, errors,
-                                  items, users) for n in range(concurrency)))
+                                  items, users, uniform) for n in range(concurrency)))
     elapsed = time.monotonic() - start
     lat.sort()
 

@@ -169,7 +169,9 @@ class ClusterRuntime:
         if self.pool is not None:
             msgs, age = self.pool.lag()
             detail.update(partitions=sorted(self.pool.workers), log_pending_messages=msgs,
-                          log_lag_seconds=age, first_applied_at={
+                          log_lag_seconds=age, reading_since={
+                              str(n): w.stats.reading_at for n, w in self.pool.workers.items()},
+                          first_applied_at={
                               str(n): w.stats.first_apply_at for n, w in self.pool.workers.items()})
             if self.pool.leases.stats.members == 0:
                 return False, {**detail, "reason": "aggregator leases not yet balanced"}

@@ -196,6 +196,8 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("role must be api, relay, aggregator or all")
     if s.backend == "sqlite" and s.workers != 1:
         raise ConfigError("workers must be 1 with the embedded sqlite backend (one writer process)")
+    if s.backend == "sqlite" and s.role != "all":
+        raise ConfigError("roles (api, relay, aggregator) need backend 'cluster'")
     if s.backend == "cluster" and not s.postgres_dsns:
         raise ConfigError("backend 'cluster' needs postgres_dsns")
     if s.postgres_synchronous_commit not in ("on", "remote_apply", "remote_write", "local", "off"):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,12 +26,30 @@ class ClusterNode(RedisEngine):
                 "--cluster-node-timeout", "2000"]
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    for _ in range(200):
+        port = random.randrange(20_000, 55_000)
+        if all(_free(p) for p in (port, port + 10_000)):
+            return port
+    raise EngineError("no free port pair for a Redis Cluster node")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
 class RedisCluster:
     """Three masters, no replicas, all 16384 slots assigned; ``url`` names one seed node."""
 
     def __init__(self, root: str | os.PathLike[str], masters: int = 3) -> None:
-        self.nodes = [ClusterNode(Path(root) / f"node{i}", appendfsync="everysec")
-                      for i in range(masters)]
+        self.nodes = [ClusterNode(Path(root) / f"node{i}", port=cluster_port(),
+                                  appendfsync="everysec") for i in range(masters)]
 
     @property
     def url(self) -> str:
@@ -39,8 +59,12 @@ class RedisCluster:
         cli = shutil.which("redis-cli")
         if cli is None:
             raise EngineError("redis: redis-cli not found; install with: apt-get install redis-tools")
-        for node in self.nodes:
-            node.start()
+        try:
+            for node in self.nodes:
+                node.start()
+        except BaseException:
+            self.stop()  # the nodes already started must not outlive the failure
+            raise
         done = subprocess.run([cli, "--cluster", "create",
                                *(f"{HOST}:{n.port}" for n in self.nodes),
                                "--cluster-replicas", "0", "--cluster-yes"],

@@ -41,6 +41,29 @@ def namespace(name: str) -> int:
     return zlib.crc32(name.encode()) & 0x7FFF_FFFF
 
 
+def cancelled() -> bool:
+    """Whether the running task has been asked to stop.
+
+    Some driver calls turn a cancellation into their own error (nats-py raises
+    ConnectionClosedError from a cancelled wait on a closed connection); a worker loop that
+    retries on errors checks this before retrying, so a cancellation is never swallowed.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def stop_task(task: asyncio.Task[None], what: str, timeout_s: float = 5.0) -> None:
+    """Cancel a worker task and wait for it, bounded: a stuck worker is logged, not waited on
+    forever (its late writes are fenced by the watermarks)."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        log.error("worker did not stop in time", extra={"worker": what, "timeout_s": timeout_s})
+    elif not task.cancelled() and task.exception() is not None:
+        log.warning("worker ended with an error", extra={"worker": what,
+                                                         "error": repr(task.exception())})
+
+
 @dataclass
 class LeaseStats:
     held: int = 0
@@ -79,9 +102,7 @@ class LeaseSet:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task, f"{self.kind} leases")
             self._task = None
         for key in sorted(self.held):
             await self.on_loss(key)
@@ -95,6 +116,8 @@ class LeaseSet:
             except asyncio.CancelledError:
                 raise
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                if cancelled():
+                    raise asyncio.CancelledError from exc
                 await self._lost(exc)
             await asyncio.sleep(self.period_s)
 

@@ -34,7 +34,7 @@ from tally.core.model import CountKey
 from tally.store.jetstream import EventLog, LogGap, LogMessage, PartitionReader, stream_position
 from tally.store.ports import CountStore
 from tally.store.redis_counts import RedisCounts
-from tally.workers.leases import LeaseSet
+from tally.workers.leases import LeaseSet, cancelled, stop_task
 
 log = logging.getLogger("tally.partitions")
 
@@ -55,6 +55,7 @@ class PartitionStats:
     pending_msgs: int = 0
     lag_seconds: float = 0.0
     gained_at: float = 0.0  # wall clock when this process took the lease
+    reading_at: float | None = None  # reader open at the committed position after taking it
     first_apply_at: float | None = None  # first batch applied after taking it
     last_error: str | None = None
 
@@ -88,6 +89,7 @@ class PartitionWorker:
                 await self._settle_unsure()
                 reader = await self.events.reader(self.partition,
                                                   marks.get(stream_position(self.partition), 0))
+                self.stats.reading_at = self.stats.reading_at or time.time()
                 await self._apply_loop(reader, marks)
             except asyncio.CancelledError:
                 raise
@@ -97,6 +99,8 @@ class PartitionWorker:
                             extra={"partition": self.partition})
                 await asyncio.sleep(0.2)
             except Exception as exc:  # LogGap, a lost connection, a failed commit: start over
+                if cancelled():
+                    raise asyncio.CancelledError from exc
                 self.stats.last_error = repr(exc)
                 level = logging.INFO if isinstance(exc, LogGap) else logging.WARNING
                 log.log(level, "partition round failed; resuming from the committed position",
@@ -163,6 +167,10 @@ class PartitionWorker:
         self.stats.batches += 1
         if self.stats.first_apply_at is None:
             self.stats.first_apply_at = time.time()
+            log.info("partition resumed", extra={
+                "partition": self.partition,
+                "after_lease_s": round(self.stats.first_apply_at - self.stats.gained_at, 3),
+                "reading_after_lease_s": round((self.stats.reading_at or 0) - self.stats.gained_at, 3)})
 
     async def _settle_unsure(self) -> None:
         if self._unsure is not None and self.cache is not None:
@@ -230,9 +238,7 @@ class PartitionPool:
         task = self._tasks.pop(n, None)
         self.workers.pop(n, None)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task, f"partition {n}")
 
     def lag(self) -> tuple[int, float]:
         """(messages pending, oldest unapplied age in seconds) over the partitions held."""

@@ -16,14 +16,13 @@ copies of rows the new owner also publishes, in the same order: harmless duplica
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
 from tally.store.jetstream import EventLog
 from tally.store.ports import Outbox
-from tally.workers.leases import LeaseSet
+from tally.workers.leases import LeaseSet, cancelled, stop_task
 
 log = logging.getLogger("tally.relay")
 
@@ -66,6 +65,8 @@ class SourceRelay:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # retry the same rows: nothing was trimmed
+                if cancelled():
+                    raise asyncio.CancelledError from exc
                 self.stats.failures += 1
                 self.stats.last_error = repr(exc)
                 log.warning("relay round failed; retrying from the first unpublished row",
@@ -118,9 +119,7 @@ class Relay:
         task = self._tasks.pop(source, None)
         self.sources.pop(source, None)
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task, f"relay {source}")
 
     def lag(self) -> tuple[int, float]:
         """(rows read but not yet published in the last rounds, oldest age) over held sources."""

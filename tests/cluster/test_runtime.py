@@ -76,8 +76,11 @@ async def test_likes_flow_through_the_log_to_counts_and_redis(
     await converge(c, items, want)
     rt = c.app.state.runtime  # type: ignore[attr-defined]
     assert isinstance(rt, ClusterRuntime) and rt.redis is not None
-    assert await rt.redis.get([("like", f"post:{i}") for i in items]) == {
-        ("like", f"post:{i}"): n for i, n in zip(items, want, strict=True)}
+    in_redis = {("like", f"post:{i}"): n for i, n in zip(items, want, strict=True)}
+    deadline = time.monotonic() + 10  # written just after each commit
+    while await rt.redis.get(list(in_redis)) != in_redis:
+        assert time.monotonic() < deadline, "Redis never got the applied counts"
+        await asyncio.sleep(0.02)
     r = await c.post("/v1/has", json={"user_id": 3, "counter": "like", "items": [
         {"item_type": "post", "item_id": i} for i in (0, 3, 4)]})
     assert r.status_code == 200, r.text
@@ -87,3 +90,30 @@ async def test_likes_flow_through_the_log_to_counts_and_redis(
     assert body["partitions"] == [0, 1, 2, 3] and len(body["sources"]) == 8
     metrics = (await c.get("/metrics")).text
     assert "tally_partition_events" in metrics and "tally_relay_published" in metrics
+
+
+@pytest.mark.parametrize("role", ["api", "relay", "aggregator"])
+async def test_a_role_runs_only_its_parts_and_reports_its_readiness(
+        role: str, tmp_path: Path, pg_dsns: list[str], nats_url: str, redis_url: str) -> None:
+    s = Settings(backend="cluster", role=role, postgres_dsns=pg_dsns, nats_url=nats_url,
+                 redis_url=redis_url, log_partitions=4, logical_shards=64,
+                 data_dir=str(tmp_path / "data"), lease_period_ms=100.0)
+    app = create_app(s)
+    rt = app.state.runtime
+    assert isinstance(rt, ClusterRuntime)
+    assert (rt.service is not None, rt.relay is not None, rt.pool is not None) == (
+        role == "api", role == "relay", role == "aggregator")
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=transport, base_url="http://tally") as c:
+        deadline = time.monotonic() + 20
+        while (ready := await c.get("/readyz")).status_code != 200:
+            assert time.monotonic() < deadline, ready.text
+            await asyncio.sleep(0.05)
+        body = ready.json()
+        assert body["roles"] == [role]
+        assert ("partitions" in body, "sources" in body) == (role == "aggregator",
+                                                              role == "relay")
+        like = await c.post("/v1/like", json={"user_id": 1, "item_type": "post", "item_id": 1})
+        assert like.status_code == (200 if role == "api" else 404)
+        assert (await c.get("/metrics")).status_code == 200

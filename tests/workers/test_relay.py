@@ -54,14 +54,23 @@ async def test_rows_are_published_in_source_order_then_trimmed(
         likes: PostgresLikeStore, nats_url: str, pg_database: Callable[[], str]) -> None:
     log = EventLog(nats_url, "T_RELAY", 3)
     await log.start()
-    for start in range(0, 300, 30):
-        await likes.write(toggles(300)[start:start + 30])
-    relay = Relay(pg_database(), likes, log, batch=50, lease_period_s=0.05)
-    relay.start()
+    lease_db = pg_database()
+    relays = [Relay(lease_db, likes, log, batch=50, lease_period_s=0.05) for _ in range(2)]
+    for relay in relays:
+        relay.start()
+
+    async def shared() -> bool:  # two relays: each owns half the sources
+        return all(len(r.sources) == len(likes.sources()) // 2 for r in relays)
+
     try:
+        await until(shared)
+        for start in range(0, 300, 30):
+            await likes.write(toggles(300)[start:start + 30])
         await until(lambda: outbox_empty(likes))
+        assert all(sum(s.stats.published for s in r.sources.values()) > 0 for r in relays)
     finally:
-        await relay.stop()
+        for relay in relays:
+            await relay.stop()
     seen: list[tuple[str, int]] = []
     for p in range(3):
         reader = await log.reader(p, 0)
@@ -73,7 +82,6 @@ async def test_rows_are_published_in_source_order_then_trimmed(
             seen.extend(part)
         await reader.close()
     assert len(seen) == len(set(seen)) == 300
-    assert sum(s.stats.published for s in relay.sources.values()) == 0  # stopped: forgotten
     await log.close()
 
 
