@@ -42,6 +42,17 @@ def periodic(period_s: float, job: Callable[[], Awaitable[object]]) -> asyncio.T
     return asyncio.create_task(loop(), name=f"tally-{job.__name__}")
 
 
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel the ``periodic`` tasks and wait for each to end, so stop() closes no store under a
+    running job; empties the list so a second stop() is a no-op."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    tasks.clear()
+
+
 class AppRuntime(Protocol):
     """What the HTTP app needs from a runtime, embedded or cluster (any role)."""
 
@@ -81,12 +92,7 @@ class Runtime:
                                          "synchronous": self.store.synchronous})
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         await self.aggregator.stop()
         await self.store.close()
         log.info("tally stopped")

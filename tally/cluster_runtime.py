@@ -13,7 +13,6 @@ Every role serves /healthz, /readyz (with its own checks and lag) and /metrics.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -123,12 +122,9 @@ class ClusterRuntime:
                                          "partitions": self.settings.log_partitions})
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        from tally.bootstrap import cancel_all
+
+        await cancel_all(self._tasks)
         if self.pool is not None:
             await self.pool.stop()
         if self.relay is not None:

@@ -124,4 +124,5 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
         s.stop()
 
 
-pytest_plugins = ["tests.engines", "tests.redis_cluster"]  # engine fixtures: pg_engine, ..., redis_cluster
+pytest_plugins = ["tests.engines", "tests.redis_cluster",  # engine fixtures: pg_engine, ..., redis_cluster
+                  "tests.sqlite_fixtures"]  # db, store (SQLite, group_commit_ms)

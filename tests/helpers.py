@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from tally.bootstrap import Runtime
 from tally.core.model import ToggleOp
+from tally.store.sqlite import SqliteStore
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
 
 CountMap = dict[tuple[str, str], int]
@@ -72,6 +73,18 @@ def poll_sync(check: Callable[[], bool], timeout_s: float = 20.0, interval_s: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s")
         time.sleep(interval_s)
+
+
+@asynccontextmanager
+async def open_sqlite(path: Path, group_commit_ms: float = 1.0, group_commit_max: int = 2000,
+                      read_threads: int = 4) -> AsyncIterator[SqliteStore]:
+    """A started SqliteStore (FULL durability, as in production), closed when the block ends."""
+    store = SqliteStore(path, "FULL", group_commit_ms, group_commit_max, read_threads)
+    await store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 @asynccontextmanager

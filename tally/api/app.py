@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tally
@@ -37,10 +38,12 @@ def _error(status: int, code: str, message: str, field: str | None = None) -> Re
 class GuardMiddleware:
     """Refuses bodies over the limit (413) before parsing, and times every request by route."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int,
+                 routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
+        self.routes = routes  # to name the endpoint of a refused request, which is never routed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -57,8 +60,9 @@ class GuardMiddleware:
         replay = await self._limit(scope, receive, send_status)
         if replay is not None:
             await self.app(scope, replay, send_status)
-        route = scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+        else:
+            endpoint = _refused_route(self.routes, scope)
         self.metrics.requests.labels(endpoint, scope["method"], str(status[0])).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
@@ -97,6 +101,16 @@ class GuardMiddleware:
         await resp(scope, receive, send)
 
 
+def _refused_route(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    """The route a request refused before routing (413) was sent to, so its metrics land under that
+    endpoint; "body_too_large" when no route matches. Only refused requests pay for this lookup."""
+    for route in routes:
+        path = getattr(route, "path", None)
+        if isinstance(path, str) and route.matches(scope)[0] is Match.FULL:
+            return path
+    return "body_too_large"
+
+
 def _field(loc: tuple[Any, ...]) -> str:
     parts = [p for p in loc if p not in ("body", "query", "path")]
     out = ""
@@ -126,7 +140,8 @@ def create_app(settings: Settings | None = None, runtime: AppRuntime | None = No
     app = FastAPI(title="Tally", version=tally.__version__, lifespan=lifespan, strict_content_type=False,
                   description="Durable, idempotent like counts and other counters.")
     app.state.runtime = rt
-    app.include_router(build_router(rt) if rt.service is not None else ops_router(rt))
+    router = build_router(rt) if rt.service is not None else ops_router(rt)
+    app.include_router(router)
 
     @app.post("/bench/noop", include_in_schema=False)
     async def noop(body: s.ToggleRequest) -> s.ToggleResponse:
@@ -161,5 +176,6 @@ def create_app(settings: Settings | None = None, runtime: AppRuntime | None = No
                                                                   ("http_error", None))
         return _error(exc.status_code, code, str(exc.detail), field)
 
-    app.add_middleware(GuardMiddleware, metrics=rt.metrics, max_body=rt.settings.max_body_bytes)
+    app.add_middleware(GuardMiddleware, metrics=rt.metrics, max_body=rt.settings.max_body_bytes,
+                       routes=[*router.routes, *app.routes])
     return app

@@ -99,3 +99,15 @@ async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:
     assert spec["info"]["title"] == "Tally"
     docs = await client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+async def test_refused_bodies_are_counted_under_their_route(client: httpx.AsyncClient) -> None:
+    """A 413 is sent before routing; its metrics still name the route, or "body_too_large"."""
+    big = b"x" * (runtime_of(client).settings.max_body_bytes + 1)
+    headers = {"content-type": "application/json"}
+    assert (await client.post("/v1/like", content=big, headers=headers)).status_code == 413
+    assert (await client.post("/v1/nope", content=big, headers=headers)).status_code == 413
+    text = (await client.get("/metrics")).text
+    assert sample(text, "tally_http_requests_total", endpoint="/v1/like", status="413") == 1
+    assert sample(text, "tally_http_requests_total", endpoint="body_too_large", status="413") == 1
+    assert 'endpoint="unmatched"' not in text

@@ -13,6 +13,7 @@ from tally.engines import RedisEngine
 from tally.store.redis_counts import RedisCounts, TieredCounts
 from tally.store.sqlite import SqliteStore
 from tests.engines import EngineFactory
+from tests.helpers import open_sqlite
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -58,10 +59,8 @@ async def test_a_read_fill_never_replaces_an_aggregator_value(counts: RedisCount
 
 @pytest.fixture
 async def sqlite_counts(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(tmp_path / "t.db", "FULL", 0.5, 100, 2)
-    await store.start()
-    yield store
-    await store.close()
+    async with open_sqlite(tmp_path / "t.db", 0.5, 100, 2) as store:
+        yield store
 
 
 async def test_reads_fall_back_to_the_durable_store_while_redis_is_down(

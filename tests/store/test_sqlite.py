@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -17,20 +16,6 @@ from tests.helpers import db_rows, like, recount, stored, writer_held
 pytestmark = pytest.mark.anyio
 
 ITEM = "post:1"
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "tally.db"
-
-
-@pytest.fixture
-async def store(db: Path) -> AsyncIterator[SqliteStore]:
-    # A wide group-commit window, so concurrent writes land in one transaction.
-    s = SqliteStore(db, group_commit_ms=20)
-    await s.start()
-    yield s
-    await s.close()
 
 
 async def test_concurrent_likes_answer_exact_counts(store: SqliteStore) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -16,19 +15,6 @@ from tests.helpers import db_exec, like, recount, stored, writer_held
 pytestmark = pytest.mark.anyio
 
 ITEMS = [f"post:{i:02d}" for i in range(10)]
-
-
-@pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "tally.db"
-
-
-@pytest.fixture
-async def store(db: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(db, group_commit_ms=20)
-    await s.start()
-    yield s
-    await s.close()
 
 
 async def seed(store: SqliteStore) -> Aggregator:

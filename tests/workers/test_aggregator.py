@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -19,16 +18,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    return tmp_path / "tally.db"
-
-
-@pytest.fixture
-async def store(db: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(db, group_commit_ms=0.5)
-    await s.start()
-    yield s
-    await s.close()
+def group_commit_ms() -> float:
+    """A narrow window: the aggregator tests wait on many small commits."""
+    return 0.5
 
 
 class RedeliveringLog:

@@ -15,6 +15,7 @@ from tally.store.jetstream import EventLog, partition_of, stream_position
 from tally.store.redis_counts import RedisCounts
 from tally.store.sqlite import SqliteStore
 from tally.workers.partitions import PartitionPool, PartitionWorker, consumer_name
+from tests.helpers import open_sqlite
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -36,10 +37,8 @@ def expected(evs: list[Event]) -> dict[CountKey, int]:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "counts.db", "FULL", 0.5, 500, 2)
-    await s.start()
-    yield s
-    await s.close()
+    async with open_sqlite(tmp_path / "counts.db", 0.5, 500, 2) as s:
+        yield s
 
 
 @pytest.fixture
