@@ -17,6 +17,7 @@ import pytest
 from tally.api.app import create_app
 from tally.bootstrap import Runtime, build
 from tally.settings import Settings
+from tests.helpers import app_client
 
 
 @pytest.fixture
@@ -45,12 +46,8 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The real ASGI app in this process, lifespan included, over httpx's ASGI transport."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://tally") as c:
-            c.app = app  # type: ignore[attr-defined]
-            yield c
+    async with app_client(create_app(settings)) as c:
+        yield c
 
 
 def free_port() -> int:

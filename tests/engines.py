@@ -49,34 +49,30 @@ def engines_dir() -> Iterator[Path]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def pg_engine(engines_dir: Path) -> Iterator[PostgresEngine]:
-    require("postgres")
-    engine = PostgresEngine(engines_dir / "pg-session")
+def session_engine(cls: type[E], root: Path, **kwargs: Any) -> Iterator[E]:
+    """One engine shared by the session: skipped (or failed under CI) when its binary is missing,
+    killed with the test process if that dies, stopped at the end otherwise."""
+    require(cls.name)
+    engine = cls(root, **kwargs)
     engine.die_with_parent = True
     engine.start()
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_engine(engines_dir: Path) -> Iterator[PostgresEngine]:
+    yield from session_engine(PostgresEngine, engines_dir / "pg-session")
 
 
 @pytest.fixture(scope="session")
 def redis_engine(engines_dir: Path) -> Iterator[RedisEngine]:
-    require("redis")
-    engine = RedisEngine(engines_dir / "redis-session", appendfsync="always")
-    engine.die_with_parent = True
-    engine.start()
-    yield engine
-    engine.stop()
+    yield from session_engine(RedisEngine, engines_dir / "redis-session", appendfsync="always")
 
 
 @pytest.fixture(scope="session")
 def nats_engine(engines_dir: Path) -> Iterator[NatsEngine]:
-    require("nats")
-    engine = NatsEngine(engines_dir / "nats-session")
-    engine.die_with_parent = True
-    engine.start()
-    yield engine
-    engine.stop()
+    yield from session_engine(NatsEngine, engines_dir / "nats-session")
 
 
 @pytest.fixture

@@ -107,6 +107,17 @@ async def writer_held(writer: GroupCommitWriter) -> AsyncIterator[None]:
         await held
 
 
+@asynccontextmanager
+async def app_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app in this process, lifespan included, over httpx's ASGI transport. The client keeps
+    the app as ``client.app``, where ``runtime_of`` finds it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://tally") as c:
+            c.app = app  # type: ignore[attr-defined]
+            yield c
+
+
 def runtime_of(client: httpx.AsyncClient) -> Runtime:
     """The runtime behind the in-process app of the ``client`` fixture."""
     app: FastAPI = vars(client)["app"]

@@ -14,6 +14,7 @@ import pytest
 from tally.api.app import create_app
 from tally.cluster_runtime import ClusterRuntime
 from tally.settings import Settings
+from tests.helpers import app_client
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -35,12 +36,8 @@ def cluster_settings(request: pytest.FixtureRequest, tmp_path: Path, pg_dsns: li
 
 @pytest.fixture
 async def cluster_client(cluster_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(cluster_settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://tally") as c:
-            c.app = app  # type: ignore[attr-defined]
-            yield c
+    async with app_client(create_app(cluster_settings)) as c:
+        yield c
 
 
 async def counts_of(c: httpx.AsyncClient, items: list[int]) -> list[int]:
@@ -103,9 +100,7 @@ async def test_a_role_runs_only_its_parts_and_reports_its_readiness(
     assert isinstance(rt, ClusterRuntime)
     assert (rt.service is not None, rt.relay is not None, rt.pool is not None) == (
         role == "api", role == "relay", role == "aggregator")
-    transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
-            transport=transport, base_url="http://tally") as c:
+    async with app_client(app) as c:
         deadline = time.monotonic() + 20
         while (ready := await c.get("/readyz")).status_code != 200:
             assert time.monotonic() < deadline, ready.text

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tally.core.coalesce import coalesce
+from tally.core.coalesce import Batch, coalesce
 from tally.core.errors import ConfigError, Unavailable
 from tally.core.model import Event
 from tally.store.postgres_cluster import PgCluster
@@ -25,6 +25,21 @@ def spanning_events(shard_map: ShardMap, n: int = 40) -> list[Event]:
                  region="eu", source="pg0.0") for i in range(n)]
     assert {shard_map.db_of(e.item) for e in evs} == {0, 1}
     return evs
+
+
+async def crash_before_roll_forward(store: PostgresCountStore, batch: Batch,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Applies ``batch`` as a process that dies between its two steps: the decision is committed,
+    the roll-forward to database 1 fails, and the intent is left for the next owner to finish.
+    The store's own roll-forward is back in place when this returns."""
+
+    async def unreachable(*args: object) -> None:
+        raise Unavailable("database 1 went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "_roll_forward", unreachable)
+        with pytest.raises(Unavailable):
+            await store.apply_batch(batch, "p1", {})
 
 
 @pytest.fixture
@@ -50,12 +65,7 @@ async def test_crash_between_decision_and_roll_forward(stores: Any,
     evs = spanning_events(shard_map)
     keys = [("like", e.item) for e in evs]
 
-    async def unreachable(*args: object) -> None:
-        raise Unavailable("database 1 went away")
-
-    monkeypatch.setattr(crashed, "_roll_forward", unreachable)
-    with pytest.raises(Unavailable):
-        await crashed.apply_batch(coalesce(evs), "p1", {})
+    await crash_before_roll_forward(crashed, coalesce(evs), monkeypatch)
     half = await other.get(keys)
     assert set(half.values()) == {1} and {shard_map.db_of(i) for _, i in half} == {0}
     # Another process takes over the consumer: its first read of the watermarks finishes the batch.
@@ -65,7 +75,6 @@ async def test_crash_between_decision_and_roll_forward(stores: Any,
     redelivered = coalesce(evs, applied=marks)
     assert (redelivered.events, redelivered.skipped) == (0, 40)
     # A late roll-forward of the same intent (the crashed process waking up) applies nothing.
-    monkeypatch.undo()
     parts = {1: [("like", e.item, 1) for e in evs if shard_map.db_of(e.item) == 1]}
     assert await crashed._roll_forward("p1", 1, parts) == {}
     assert await other.get(keys) == dict.fromkeys(keys, 1)
@@ -78,13 +87,7 @@ async def test_pending_intent_is_finished_before_the_next_batch(stores: Any,
     store = await make()
     evs = spanning_events(shard_map)
 
-    async def unreachable(*args: object) -> None:
-        raise Unavailable("database 1 went away")
-
-    with monkeypatch.context() as m:
-        m.setattr(store, "_roll_forward", unreachable)
-        with pytest.raises(Unavailable):
-            await store.apply_batch(coalesce(evs[:20]), "p1", {})
+    await crash_before_roll_forward(store, coalesce(evs[:20]), monkeypatch)
     nxt = coalesce(evs[20:], applied={"pg0.0": 20})
     got = await store.apply_batch(nxt, "p1", {"pg0.0": 20})
     assert got is not None and store.rolled_forward == 1
@@ -97,13 +100,7 @@ async def test_concurrent_takeovers_roll_forward_once(stores: Any,
     crashed = await make()
     evs = spanning_events(shard_map)
 
-    async def unreachable(*args: object) -> None:
-        raise Unavailable("database 1 went away")
-
-    with monkeypatch.context() as m:
-        m.setattr(crashed, "_roll_forward", unreachable)
-        with pytest.raises(Unavailable):
-            await crashed.apply_batch(coalesce(evs), "p1", {})
+    await crash_before_roll_forward(crashed, coalesce(evs), monkeypatch)
     takers = [await make() for _ in range(3)]
     await asyncio.gather(*(t.watermarks("p1") for t in takers))
     assert await takers[0].get([("like", e.item) for e in evs]) == {
