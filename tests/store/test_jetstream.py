@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -28,6 +30,17 @@ def test_a_run_round_trips() -> None:
     assert decode_run(encode_run("s3", evs)) == evs
 
 
+@asynccontextmanager
+async def open_log(url: str, stream: str, partitions: int) -> AsyncIterator[EventLog]:
+    """A started event log on ``stream``, closed when the block ends, whatever the test raised."""
+    log = EventLog(url, stream, partitions)
+    await log.start()
+    try:
+        yield log
+    finally:
+        await log.close()
+
+
 async def read_all(log: EventLog, partition: int) -> list[Event]:
     reader = await log.reader(partition, 0)
     try:
@@ -40,9 +53,7 @@ async def read_all(log: EventLog, partition: int) -> list[Event]:
 
 
 async def test_each_partition_holds_its_keys_in_source_order(nats_url: str) -> None:
-    log = EventLog(nats_url, "T_ORDER", 4)
-    await log.start()
-    try:
+    async with open_log(nats_url, "T_ORDER", 4) as log:
         sent = events("s0", range(1, 1201)) + events("s1", range(1, 301))
         await log.publish("s0", sent[:1200])
         await log.publish("s1", sent[1200:])
@@ -56,28 +67,20 @@ async def test_each_partition_holds_its_keys_in_source_order(nats_url: str) -> N
             got.extend(part)
         assert sorted((e.source, e.seq) for e in got) == sorted((e.source, e.seq) for e in sent)
         assert log.published_msgs >= 4
-    finally:
-        await log.close()
 
 
 async def test_a_republished_batch_is_dropped_by_the_dedupe_window(nats_url: str) -> None:
-    log = EventLog(nats_url, "T_DUP", 2)
-    await log.start()
-    try:
+    async with open_log(nats_url, "T_DUP", 2) as log:
         batch = events("s0", range(1, 51))
         await log.publish("s0", batch)
         await log.publish("s0", batch)  # a relay retry after a lost ack
         assert log.duplicates == log.published_msgs // 2
         assert [len(await read_all(log, p)) for p in range(2)] == [
             sum(partition_of(e.counter, e.item, 2) == p for e in batch) for p in range(2)]
-    finally:
-        await log.close()
 
 
 async def test_reader_resumes_after_a_stream_position(nats_url: str) -> None:
-    log = EventLog(nats_url, "T_RESUME", 1)
-    await log.start()
-    try:
+    async with open_log(nats_url, "T_RESUME", 1) as log:
         await log.publish("s0", events("s0", range(1, 11)))
         await log.publish("s0", events("s0", range(11, 21)))
         reader = await log.reader(0, 0)
@@ -88,8 +91,6 @@ async def test_reader_resumes_after_a_stream_position(nats_url: str) -> None:
         await rest.close()
         assert [e.seq for m in msgs for e in m.events] == list(range(11, 21))
         assert (await log.last_seqs())[0] == msgs[-1].stream_seq
-    finally:
-        await log.close()
 
 
 async def test_changing_the_partition_count_of_a_stream_is_refused(nats_url: str) -> None:
@@ -103,9 +104,7 @@ async def test_changing_the_partition_count_of_a_stream_is_refused(nats_url: str
 
 
 async def test_a_recreated_stream_is_read_from_its_start(nats_url: str) -> None:
-    log = EventLog(nats_url, "T_RESET", 1)
-    await log.start()
-    try:
+    async with open_log(nats_url, "T_RESET", 1) as log:
         await log.publish("s0", events("s0", range(1, 6)))
         await log.js.delete_stream("T_RESET")  # lost, then recreated: sequences restart at 1
         await log.ensure_stream()
@@ -114,5 +113,3 @@ async def test_a_recreated_stream_is_read_from_its_start(nats_url: str) -> None:
         msgs = await reader.fetch(10, 0.5)
         await reader.close()
         assert [e.seq for m in msgs for e in m.events] == [6, 7]
-    finally:
-        await log.close()
