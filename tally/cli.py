@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--users", type=int, default=10_000)
     sp.add_argument("--items", type=int, default=1_000)
     sp.add_argument("--seed", type=int, default=7)
+    from tally.bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     sp = add("config", cmd_config, "print every setting, its variable, value and meaning")
     sp.add_argument("--config", help="TOML settings file (else $TALLY_CONFIG)")
     return p

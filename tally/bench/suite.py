@@ -1,0 +1,151 @@
+"""The benchmark suite behind ``make bench``: Tally and its peers, side by side, in one run.
+
+Order: the generator's own ceiling (null server); Tally (noop ceiling, each workload at maximum
+throughput, open-loop sweeps for the viral and feed targets); then each peer on the same likes.
+Every ratio in the result compares figures measured in this run on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tally.bench import loadgen, memory, targets
+from tally.bench.loadgen import RunSpec
+from tally.bench.report import machine
+from tally.bench.workloads import Params
+
+
+@dataclass(frozen=True)
+class SuitePlan:
+    duration_s: float = 8.0
+    warmup_s: float = 1.0
+    connections: int = 32
+    workers: int = 1
+    seed: int = 1
+    sweep: tuple[float, ...] = (0.3, 0.6, 0.9)  # open-loop rates as fractions of the maximum
+    peers: tuple[str, ...] = ("pg", "redis-aof", "redis")
+    params: Params = Params()
+
+
+QUICK = SuitePlan(duration_s=1.0, warmup_s=0.3, connections=4, sweep=(0.5,), peers=(),
+                  params=Params(items=10_000))
+
+
+class Suite:
+    def __init__(self, plan: SuitePlan, work: Path, show_progress: bool = True) -> None:
+        self.plan = plan
+        self.work = work
+        self.show_progress = show_progress
+        self.runs: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.extra: dict[str, Any] = {}
+
+    def measure(self, target: str, port: int, preset: str, mode: str = "closed",
+                rate: float = 0.0, **over: Any) -> dict[str, Any]:
+        p = self.plan
+        name = f"{target}/{preset}" + (f"@{rate:.0f}" if mode == "open" else "")
+        spec = RunSpec(name=name, host=targets.HOST, port=port, preset=preset, mode=mode, rate=rate,
+                       duration_s=p.duration_s, warmup_s=p.warmup_s, connections=p.connections,
+                       workers=p.workers, seed=p.seed, params=p.params)
+        spec = replace(spec, **over)
+        result = loadgen.run(spec, self.show_progress).as_dict()
+        result["target"] = target
+        self.runs.append(result)
+        return result
+
+    def max_of(self, target: str, preset: str) -> float:
+        for r in self.runs:
+            if r["target"] == target and r["preset"] == preset and r["mode"] == "closed":
+                return float(r["throughput_per_s"])
+        return 0.0
+
+    # -- the parts --------------------------------------------------------------------------
+
+    def generator_ceiling(self) -> None:
+        with targets.null_server(self.work) as null:
+            self.measure("null", null.port, "noop")
+
+    def tally(self) -> None:
+        with targets.tally_server(self.work, "tally") as srv:
+            for preset in ("noop", "uniform", "zipf", "viral", "bulk"):
+                self.measure("tally", srv.port, preset)
+            self.sweep("tally", srv.port, "viral")
+            for preset in ("feed", "mixed", "incr"):
+                self.measure("tally", srv.port, preset)
+            feed_max = self.max_of("tally", "feed")
+            if feed_max:
+                self.measure("tally", srv.port, "feed", "open", round(0.7 * feed_max))
+        db = self.work / "tally" / "data" / "tally.db"
+        self.extra["sqlite_storage"] = memory.sqlite_bytes_per_like(db)
+
+    def sweep(self, target: str, port: int, preset: str) -> None:
+        top = self.max_of(target, preset)
+        for share in self.plan.sweep:
+            if top:
+                self.measure(target, port, preset, "open", round(share * top))
+
+    def peers(self) -> None:
+        for peer in self.plan.peers:
+            try:
+                with _peer(self.work, peer) as (srv, stats):
+                    for preset in ("uniform", "viral", "feed"):
+                        self.measure(peer, srv.port, preset)
+                    self.extra[f"{peer}_storage"] = stats()
+            except Exception as exc:  # a missing engine must not hide the other results
+                self.notes.append(f"peer {peer} not measured: {exc}")
+                print(f"\n  peer {peer} not measured: {exc}", file=sys.stderr)
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.generator_ceiling()
+        self.tally()
+        self.peers()
+        per_like = {k.removesuffix("_storage"): v["bytes_per_record"]
+                    for k, v in self.extra.items() if k.endswith("_storage") and v.get("records")}
+        self.extra["memory"] = memory.projection(memory.bytes_per_cached_counter(), per_like)
+        from tally.bench.checks import checks
+
+        return {"machine": machine(), "command": " ".join(shlex.quote(a) for a in sys.argv),
+                "started": started, "wall_s": time.time() - started, "plan": _plan_dict(self.plan),
+                "runs": self.runs, "checks": checks(self.runs, self.extra), "notes": self.notes,
+                **self.extra}
+
+
+def _plan_dict(plan: SuitePlan) -> dict[str, Any]:
+    return orjson.loads(orjson.dumps(plan, default=lambda o: o.__dict__))  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def _peer(work: Path, peer: str) -> Iterator[tuple[targets.HttpServer,
+                                                   Callable[[], dict[str, float]]]]:
+    """A peer's engine and its HTTP server; yields the server and a storage-size probe."""
+    from tally.bench.peer_engines import peer_engine
+
+    with peer_engine(work, peer) as (kind, url, stats), targets.peer_server(work, peer, kind, url) as srv:
+        yield srv, stats
+
+
+def run_suite(out: Path, plan: SuitePlan, show_progress: bool = True) -> dict[str, Any]:
+    """Runs the suite and writes result.json, results.md and the plots into ``out``."""
+    from tally.bench.plots import plot_all
+    from tally.bench.summary import write_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+    os.chmod(work, 0o755)  # PostgreSQL runs as an unprivileged user and must reach its directory
+    result = Suite(plan, work, show_progress).run()
+    (out / "result.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    result["plots"] = plot_all(result, out)
+    write_markdown(result, out / "results.md")
+    return result
