@@ -26,9 +26,11 @@ log = logging.getLogger("tally.sqlite.writer")
 
 @dataclass
 class Tx:
-    """What a job sees of the open transaction: actions to run only once it has committed."""
+    """What a job sees of the open transaction: actions to run only once it has committed, and
+    state that later jobs of the same transaction need (what earlier jobs changed in it)."""
 
     on_commit: list[Callable[[], None]] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 JobFn = Callable[[sqlite3.Connection, Tx], Any]
