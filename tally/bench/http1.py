@@ -53,6 +53,8 @@ class Http1Connection(asyncio.Protocol):
             return None
         head = bytes(self._buf[:end]).lower()
         status = int(head[9:12])
+        if b"\r\nconnection: close" in head:
+            self.closed = True  # the server closes after this response: reconnect before the next
         body_start = end + 4
         pos = head.find(b"\r\ncontent-length:")
         if pos >= 0:

@@ -112,6 +112,8 @@ class _Worker:
         kind, requests = op
         second = self._second(t_ref)
         self.rec.sent += 1
+        if slot.conn.closed:
+            await self._reconnect(slot)
         try:
             for data in requests:
                 slot.started = _now()

@@ -28,8 +28,16 @@ return {0, tonumber(redis.call('GET', KEYS[2]) or '0')}
 """
 
 
+_HAS = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('SISMEMBER', key, ARGV[1]) end
+return out
+"""
+
+
 def _keys(item: str) -> list[str]:
-    # One hash tag per item keeps both keys in one slot, so the script also runs on a cluster.
+    # One hash tag per item keeps both keys of an item in one slot (the like script runs on a
+    # cluster); the has-liked script touches many items, so it needs a single node.
     return [f"likes:{{{item}}}", f"count:{{{item}}}"]
 
 
@@ -40,6 +48,7 @@ class RedisPeer:
         self._redis: aioredis.Redis | None = None
         self._like: Any = None
         self._unlike: Any = None
+        self._has: Any = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -48,9 +57,13 @@ class RedisPeer:
         return self._redis
 
     async def start(self) -> None:
-        self._redis = aioredis.Redis.from_url(self.url, max_connections=self.pool_size)
+        # A blocking pool: a request waits for a free connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(self.url, max_connections=self.pool_size,
+                                                        timeout=10)
+        self._redis = aioredis.Redis(connection_pool=pool)
         self._like = self.redis.register_script(_LIKE)
         self._unlike = self.redis.register_script(_UNLIKE)
+        self._has = self.redis.register_script(_HAS)
         await self.redis.ping()
 
     async def close(self) -> None:
@@ -68,8 +81,6 @@ class RedisPeer:
         return [int(v) if v is not None else 0 for v in values]
 
     async def has(self, user: str, items: Sequence[str]) -> list[bool]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for i in items:
-                pipe.sismember(_keys(i)[0], user)
-            flags = await pipe.execute()
+        # One script call instead of a pipeline of SISMEMBERs: one command to build and parse.
+        flags = await self._has(keys=[_keys(i)[0] for i in items], args=[user])
         return [bool(f) for f in flags]
