@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tally.core.hotkeys import SpaceSaving
 from tally.core.lru import LRU
@@ -25,6 +26,25 @@ def schema_of(settings: Settings) -> Schema:
     counters = [Counter(c.name, Kind(c.kind), c.dedupe_window_s)
                 for c in settings.counter_defs().values()]
     return Schema(counters, settings.item_types)
+
+
+class AppRuntime(Protocol):
+    """What the HTTP app needs from a runtime, embedded or cluster (any role)."""
+
+    settings: Settings
+    metrics: Metrics
+    hot: SpaceSaving
+
+    @property
+    def service(self) -> CounterService | None:
+        """None in roles that serve no API (relay, aggregator)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def readiness(self) -> tuple[bool, dict[str, object]]:
+        """(ready, details such as lag) for /readyz."""
 
 
 @dataclass
@@ -56,6 +76,15 @@ class Runtime:
         await self.aggregator.stop()
         await self.store.close()
         log.info("tally stopped")
+
+    async def readiness(self) -> tuple[bool, dict[str, object]]:
+        try:
+            await self.store.watermarks(self.aggregator.consumer)
+        except Exception as exc:
+            return False, {"reason": str(exc)}
+        lag = self.aggregator.stats
+        return True, {"aggregator_lag_events": max(lag.head - lag.watermark, 0),
+                      "aggregator_lag_seconds": lag.lag_seconds}
 
     async def _decay_hot(self) -> None:
         self.hot.decay()
@@ -100,6 +129,15 @@ class Runtime:
             rows.append(("gauge", "tally_hot_item_hits", "Heavy-hitter estimate per hot item",
                          float(est - err), {"item": item}))
         return rows
+
+
+def build_for(settings: Settings) -> AppRuntime:
+    """The runtime the settings ask for: embedded SQLite, or one cluster role."""
+    if settings.backend == "cluster":
+        from tally.cluster_runtime import build_cluster
+
+        return build_cluster(settings)
+    return build(settings)
 
 
 def build(settings: Settings) -> Runtime:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,9 +47,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     s = settings_mod.load(args.config)
     if args.port is not None or args.host is not None:
         s = s.replace(port=args.port or s.port, host=args.host or s.host)
+    if args.role is not None:
+        s = s.replace(role=args.role)
     logs.setup(s.log_level)
-    uvicorn.run(create_app(s), host=s.host, port=s.port, loop="uvloop", http="httptools",
-                log_config=None, access_log=s.access_log, timeout_graceful_shutdown=10)
+    common: dict[str, Any] = {"host": s.host, "port": s.port, "loop": "uvloop", "http": "httptools",
+                              "log_config": None, "access_log": s.access_log,
+                              "timeout_graceful_shutdown": 10}
+    if s.workers > 1:  # each worker process builds its app from the same file and environment
+        if args.config:
+            os.environ["TALLY_CONFIG"] = args.config
+        uvicorn.run("tally.api.app:create_app_from_env", factory=True, workers=s.workers, **common)
+    else:
+        uvicorn.run(create_app(s), **common)
     return 0
 
 
@@ -107,10 +117,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print("| setting | environment variable | default | meaning |")
+        print("|---|---|---|---|")
+        for name, env, default, doc in settings_mod.describe():
+            shown = "see below" if name == "counters" else f"`{default!r}`"
+            print(f"| `{name}` | `{env}` | {shown} | {doc} |")
+        return 0
     s = settings_mod.load(args.config)
     for name, env, _default, doc in settings_mod.describe():
         print(f"{name:22} {env:30} {getattr(s, name)!r:32} {doc}")
     return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tally.cluster import DevCluster, Layout, log_lag
+    from tally.engines import EngineError
+
+    cluster = DevCluster(Path(args.dir), Layout(partitions=args.partitions))
+    try:
+        if args.action == "up":
+            cluster.up()
+            print(f"cluster up; config {cluster.config}, logs in {cluster.root}")
+        elif args.action == "down":
+            stopped = cluster.down()
+            print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+            return 0
+    except EngineError as exc:
+        print(f"tally cluster {args.action}: {exc.message}", file=sys.stderr)
+        return 2
+    rows = cluster.status()
+    if not rows:
+        print(f"no cluster running from {cluster.root}")
+        return 1
+    for row in rows:
+        state = "ready" if row["ready"] else ("running" if row["running"] else "DOWN")
+        detail = row.get("detail") or {}
+        extra = {k: v for k, v in detail.items() if k not in ("status", "roles")}
+        print(f"{row['name']:14} {state:8} pid {row['pid']:<8} {row['url']:40} "
+              f"{orjson.dumps(extra).decode() if extra else ''}")
+    lag = log_lag(rows)
+    print(f"event log lag: {lag['outbox_rows']:.0f} outbox rows ({lag['outbox_seconds']:.2f} s), "
+          f"{lag['log_messages']:.0f} log messages unapplied ({lag['log_seconds']:.2f} s)")
+    return 0 if all(r["ready"] for r in rows) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", help="TOML settings file (else $TALLY_CONFIG)")
     sp.add_argument("--host")
     sp.add_argument("--port", type=int)
+    sp.add_argument("--role", choices=("api", "relay", "aggregator", "all"),
+                    help="cluster backend: run only this role's parts (default: settings.role)")
     for name, on in (("like", True), ("unlike", False)):
         sp = add(name, cmd_toggle, f"{name} an item as a user")
         sp.add_argument("user")
@@ -152,11 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--users", type=int, default=10_000)
     sp.add_argument("--items", type=int, default=1_000)
     sp.add_argument("--seed", type=int, default=7)
+    sp = add("cluster", cmd_cluster, "a development cluster on loopback: PostgreSQL x2, NATS, Redis, "
+             "2 APIs, a relay, 2 aggregators")
+    sp.add_argument("action", choices=("up", "down", "status"))
+    sp.add_argument("--dir", default="/tmp/tally-cluster", help="where data, config and logs go")
+    sp.add_argument("--partitions", type=int, default=8, help="event-log partitions (up)")
     from tally.bench.cli import add_parser as add_bench
 
     add_bench(sub)
     sp = add("config", cmd_config, "print every setting, its variable, value and meaning")
     sp.add_argument("--config", help="TOML settings file (else $TALLY_CONFIG)")
+    sp.add_argument("--markdown", action="store_true", help="the defaults as a Markdown table")
     return p
 
 

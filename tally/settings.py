@@ -77,6 +77,12 @@ class Settings:
     log_partitions: int = _s(16, "Event-log partitions, by (counter, item) hash (cluster)")
     redis_url: str = _s("redis://127.0.0.1:6379/0", "Redis for hot counts (cluster)")
     redis_cluster: bool = _s(False, "Connect to redis_url as a Redis Cluster (cluster)")
+    redis_ttl_s: int = _s(3600, "Seconds a count stays in Redis after its last write (cluster)")
+    redis_timeout_ms: float = _s(100.0, "Redis socket timeout; past it reads go to PostgreSQL (cluster)")
+    relay_batch: int = _s(1000, "Most outbox rows a relay publishes per round and source (cluster)")
+    lease_period_ms: float = _s(500.0, "How often relays and aggregators rebalance their leases "
+                                       "(cluster)")
+    log_max_age_s: float = _s(7 * 86_400.0, "Seconds the event log keeps a message (cluster)")
     log_level: str = _s("INFO", "Log level (DEBUG, INFO, WARNING, ERROR)")
     access_log: bool = _s(False, "Log every HTTP request (costs throughput)")
 
@@ -165,13 +171,15 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
     for name in ("group_commit_max", "aggregate_max_events", "cache_size", "max_batch_items",
                  "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k", "logical_shards",
-                 "log_partitions"):
+                 "log_partitions", "relay_batch", "redis_ttl_s"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
     if s.backend not in ("sqlite", "cluster"):
         raise ConfigError("backend must be 'sqlite' or 'cluster'")
     if s.role not in ("api", "relay", "aggregator", "all"):
         raise ConfigError("role must be api, relay, aggregator or all")
+    if s.backend == "sqlite" and s.workers != 1:
+        raise ConfigError("workers must be 1 with the embedded sqlite backend (one writer process)")
     if s.backend == "cluster" and not s.postgres_dsns:
         raise ConfigError("backend 'cluster' needs postgres_dsns")
     if s.postgres_dsns or s.shard_map:

@@ -16,8 +16,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tally
 from tally.api import schemas as s
-from tally.api.routes import build_router
-from tally.bootstrap import Runtime, build
+from tally.api.routes import build_router, ops_router
+from tally.bootstrap import AppRuntime, build_for
 from tally.core.errors import TallyError
 from tally.metrics import Metrics
 from tally.settings import Settings
@@ -105,8 +105,15 @@ def _field(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
-def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
-    rt = runtime or build(settings or Settings())
+def create_app_from_env() -> FastAPI:
+    """For uvicorn's worker processes: settings from $TALLY_CONFIG and TALLY_* variables."""
+    from tally.settings import load
+
+    return create_app(load())
+
+
+def create_app(settings: Settings | None = None, runtime: AppRuntime | None = None) -> FastAPI:
+    rt = runtime or build_for(settings or Settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,7 +126,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app = FastAPI(title="Tally", version=tally.__version__, lifespan=lifespan, strict_content_type=False,
                   description="Durable, idempotent like counts and other counters.")
     app.state.runtime = rt
-    app.include_router(build_router(rt))
+    app.include_router(build_router(rt) if rt.service is not None else ops_router(rt))
 
     @app.post("/bench/noop", include_in_schema=False)
     async def noop(body: s.ToggleRequest) -> s.ToggleResponse:

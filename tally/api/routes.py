@@ -9,13 +9,15 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response, StreamingResponse
 
 from tally.api import schemas as s
-from tally.bootstrap import Runtime
+from tally.bootstrap import AppRuntime
 from tally.core.errors import InvalidInput
 from tally.core.model import OpResult, split_item
 
 
-def build_router(rt: Runtime) -> APIRouter:  # noqa: C901 (one small closure per endpoint)
+def build_router(rt: AppRuntime) -> APIRouter:  # noqa: C901 (one small closure per endpoint)
     svc = rt.service
+    if svc is None:
+        raise ValueError(f"role {rt.settings.role!r} serves no API; use ops_router")
     r = APIRouter(strict_content_type=False)
 
     async def toggle(counter: str, body: s.ToggleRequest, on: bool) -> s.ToggleResponse:
@@ -115,22 +117,23 @@ def build_router(rt: Runtime) -> APIRouter:  # noqa: C901 (one small closure per
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    r.include_router(ops_router(rt))
+    return r
+
+
+def ops_router(rt: AppRuntime) -> APIRouter:
+    """Liveness, readiness and metrics: served by every process, whatever its role."""
+    r = APIRouter()
+
     @r.get("/healthz", tags=["ops"], summary="Liveness")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @r.get("/readyz", tags=["ops"], summary="Readiness: the store answers")
+    @r.get("/readyz", tags=["ops"], summary="Readiness: this process's stores and work answer")
     async def readyz() -> Response:
-        try:
-            await rt.store.watermarks(rt.aggregator.consumer)
-        except Exception as exc:
-            return Response(orjson.dumps({"status": "unavailable", "reason": str(exc)}), 503,
-                            media_type="application/json")
-        lag = rt.aggregator.stats
-        return Response(orjson.dumps({"status": "ready", "aggregator_lag_events":
-                                      max(lag.head - lag.watermark, 0),
-                                      "aggregator_lag_seconds": lag.lag_seconds}),
-                        media_type="application/json")
+        ready, detail = await rt.readiness()
+        return Response(orjson.dumps({"status": "ready" if ready else "unavailable", **detail}),
+                        200 if ready else 503, media_type="application/json")
 
     @r.get("/metrics", tags=["ops"], summary="Prometheus metrics")
     async def metrics() -> Response:

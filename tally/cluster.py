@@ -1,0 +1,272 @@
+"""``tally cluster up | down | status``: a development cluster of real engines and Tally processes.
+
+``up`` starts, on loopback ports, two PostgreSQL servers (the two physical shard databases), NATS
+with JetStream, Redis, then two API processes, a relay and two aggregators (``tally serve
+--role ...``), writes their shared config (``cluster.toml``) and a state file with every process
+id, and returns; everything keeps running in its own process group. ``status`` shows each one's
+health and the event log's lag; ``down`` stops them all (the data stays for the next ``up``).
+The end-to-end tests start the same set with the same class.
+
+Nothing is installed: a missing binary is reported with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tally.engines import (
+    HOST,
+    Engine,
+    EngineError,
+    NatsEngine,
+    PostgresEngine,
+    RedisEngine,
+    missing_binaries,
+)
+
+DEFAULT_ROOT = Path("/tmp/tally-cluster")  # PostgreSQL's unprivileged user must reach it
+
+
+@dataclass(frozen=True)
+class Layout:
+    apis: int = 2
+    relays: int = 1
+    aggregators: int = 2
+    partitions: int = 8
+    databases: int = 2
+
+
+class TallyProcess(Engine):
+    """``tally serve --role ROLE`` as a child process in its own group, ready when /readyz is 200."""
+
+    def __init__(self, root: Path, role: str, index: int, config: Path,
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(root)
+        self.role = role
+        self.name = f"{role}-{index}"
+        self.config = config
+        self.env = env or {}
+        self.log_path = self.root / f"{self.name}.log"
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "tally.cli", "serve", "--config", str(self.config),
+                "--role", self.role, "--port", str(self.port)]
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        return {"env": {**os.environ, **self.env}}
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
+
+
+class DevCluster:
+    def __init__(self, root: Path = DEFAULT_ROOT, layout: Layout = Layout(),
+                 settings: dict[str, Any] | None = None) -> None:
+        self.root = root.resolve()
+        self.layout = layout
+        self.overrides = settings or {}
+        self.config = self.root / "cluster.toml"
+        self.state_file = self.root / "state.json"
+        self.engines: dict[str, Engine] = {}
+        self.processes: dict[str, TallyProcess] = {}
+
+    # -- up -----------------------------------------------------------------------------------
+
+    def up(self) -> None:
+        missing = missing_binaries()
+        if missing:
+            raise EngineError("missing engine binaries (nothing was installed):\n"
+                              + "\n".join(f"  {m}" for m in missing))
+        if self._live_pids():
+            raise EngineError(f"a cluster is already running from {self.root}; "
+                              "`tally cluster down` first")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o711)  # PostgreSQL runs as an unprivileged user that must enter it
+        try:
+            dsns = self._start_engines()
+            self._write_config(dsns)
+            self._start_processes()
+        except BaseException:
+            self.down()
+            raise
+
+    def _start_engines(self) -> list[str]:
+        dsns = []
+        for db in range(self.layout.databases):
+            pg = PostgresEngine(self.root / f"pg{db}")
+            self._start(f"postgres-{db}", pg)
+            if pg.psql("SELECT 1 FROM pg_database WHERE datname = 'tally'").strip() != "1":
+                pg.create_database("tally")
+            dsns.append(pg.dsn("tally"))
+        self._start("nats", NatsEngine(self.root / "nats"))
+        # Redis holds only a cache of counts rebuilt from PostgreSQL: everysec is enough.
+        self._start("redis", RedisEngine(self.root / "redis", appendfsync="everysec"))
+        return dsns
+
+    def _start(self, name: str, engine: Engine) -> None:
+        engine.start()
+        self.engines[name] = engine
+        self._save()
+
+    def _write_config(self, dsns: list[str]) -> None:
+        values: dict[str, Any] = {
+            "backend": "cluster", "postgres_dsns": dsns, "log_partitions": self.layout.partitions,
+            "nats_url": self.engines["nats"].url, "redis_url": self.engines["redis"].url,
+            "data_dir": str(self.root / "data"), "log_level": "INFO", **self.overrides}
+        lines = ["# written by `tally cluster up`", "[tally]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def _start_processes(self) -> None:
+        """Aggregators and relays first (they create the stream), then the APIs."""
+        for role, count in (("aggregator", self.layout.aggregators),
+                            ("relay", self.layout.relays), ("api", self.layout.apis)):
+            for i in range(count):
+                proc = TallyProcess(self.root / "procs", role, i, self.config)
+                proc.start(timeout_s=60)
+                self.processes[proc.name] = proc
+                self._save()
+
+    def _save(self) -> None:
+        entries = {}
+        for name, e in {**self.engines, **self.processes}.items():
+            if e.proc is not None:
+                entries[name] = {"pid": e.proc.pid, "url": e.url, "log": str(e.log_path),
+                                 "signal": int(e.stop_signal)}
+        self.state_file.write_text(json.dumps(entries, indent=2))
+
+    # -- down and status ----------------------------------------------------------------------
+
+    def _state(self) -> dict[str, dict[str, Any]]:
+        try:
+            state: dict[str, dict[str, Any]] = json.loads(self.state_file.read_text())
+            return state
+        except FileNotFoundError:
+            return {}
+
+    def _live_pids(self) -> list[int]:
+        return [e["pid"] for e in self._state().values() if _alive(e["pid"])]
+
+    def down(self, timeout_s: float = 20.0) -> list[str]:
+        """Stop the Tally processes, then the engines (clean shutdown, SIGKILL if they hang)."""
+        state = self._state()
+        order = sorted(state, key=lambda n: (n.split("-")[0] not in ("api", "relay",
+                                                                       "aggregator"), n))
+        stopped = []
+        started_here = {**self.engines, **self.processes}
+        for name in order:
+            engine = started_here.get(name)
+            if engine is not None:  # started by this object: stop() also reaps the child
+                if engine.running():
+                    stopped.append(name)
+                engine.stop(timeout_s)
+            elif _stop_group(state[name]["pid"], state[name]["signal"], timeout_s):
+                stopped.append(name)
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+        self.engines.clear()
+        self.processes.clear()
+        return stopped
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process group (a crash), for tests."""
+        engine = {**self.engines, **self.processes}.get(name)
+        if engine is not None:
+            engine.kill()
+        else:
+            _stop_group(self._state()[name]["pid"], signal.SIGKILL, 10.0)
+
+    def status(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, entry in self._state().items():
+            row: dict[str, Any] = {"name": name, "pid": entry["pid"], "url": _public(entry["url"]),
+                                   "running": _alive(entry["pid"])}
+            if entry["url"].startswith("http") and row["running"]:
+                try:
+                    resp = httpx.get(f"{entry['url']}/readyz", timeout=2.0)
+                    row["ready"] = resp.status_code == 200
+                    row["detail"] = resp.json()
+                except (httpx.TransportError, ValueError) as exc:
+                    row["ready"], row["detail"] = False, {"error": repr(exc)}
+            else:
+                row["ready"] = row["running"]
+            rows.append(row)
+        return rows
+
+    def urls(self, role: str) -> list[str]:
+        return [e["url"] for n, e in self._state().items() if n.startswith(f"{role}-")]
+
+
+def log_lag(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The event log's lag from the processes' readiness: outbox rows waiting, messages unapplied."""
+    lag = {"outbox_rows": 0.0, "outbox_seconds": 0.0, "log_messages": 0.0, "log_seconds": 0.0}
+    for row in rows:
+        detail = row.get("detail") or {}
+        lag["outbox_rows"] += detail.get("outbox_backlog", 0)
+        lag["outbox_seconds"] = max(lag["outbox_seconds"], detail.get("outbox_lag_seconds", 0.0))
+        lag["log_messages"] += detail.get("log_pending_messages", 0)
+        lag["log_seconds"] = max(lag["log_seconds"], detail.get("log_lag_seconds", 0.0))
+    return lag
+
+
+def _public(url: str) -> str:
+    """A URL without its password, for display."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1@", url)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of this process is not alive
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _stop_group(pid: int, sig: int, timeout_s: float) -> bool:
+    """Signal a process group, wait for its leader to go, SIGKILL the group if it hangs."""
+    if not _alive(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    while _alive(pid) and time.monotonic() < deadline + 10:
+        time.sleep(0.05)
+    return True

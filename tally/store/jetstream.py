@@ -1,0 +1,247 @@
+"""The durable event log: a NATS JetStream stream partitioned by (counter, item).
+
+Layout. One stream (``settings.nats_stream``) with one subject per partition,
+``<stream>.p.<n>`` for n in 0..partitions-1; an event goes to partition
+``partition_of(counter, item)``, so all changes of one count pass through one partition and one
+aggregator at a time. File storage; the server runs with ``sync_interval: always`` (engines.py and
+the cluster config set it), so a publish is acknowledged only after the message is on disk.
+Messages are kept ``max_age`` (retention by limits): an aggregator further behind than that
+would miss events, which the lag metrics are there to catch long before.
+
+One message carries a contiguous run of one source shard's events for one partition, in source
+sequence order (``{"source": ..., "events": [[seq, counter, item, user, delta, ts, region], ...]}``).
+
+Why ordering matters. Consumers do not trust the broker's de-duplication window (two minutes by
+default, and nothing across a long outage). Each consumer keeps, per source shard, the newest
+source sequence it has applied, and skips anything at or below it (``coalesce(applied=...)``).
+That rule is only safe if, within a partition, the *first* copy of each event of a source is
+stored after the first copies of all that source's earlier events. Otherwise a retried event
+could land behind a later one and be skipped as a duplicate: a lost count. ``publish`` keeps
+the rule by construction:
+
+- the caller (the relay) hands it a source's events in sequence order, starting at the oldest
+  row not yet trimmed, and does not hand it the next batch until this one is fully acknowledged;
+- within a partition the chunks of one batch are published one after another, each awaited
+  before the next; only different partitions are published concurrently;
+- rows are trimmed from the outbox only after their messages are acknowledged (stored, fsynced).
+
+So whenever any copy of event e is stored, every earlier event of e's source in e's partition is
+already stored: either acknowledged in this relay's earlier batches or trimmed, which implies
+acknowledged. Later copies (retries, a zombie relay republishing) are skipped by the watermark;
+``Nats-Msg-Id`` (source, first and last seq, partition) lets the broker drop most of them early.
+
+Reading. An aggregator that owns a partition reads it with an ephemeral pull consumer starting
+at a stream sequence it keeps with its watermarks (``stream_position``), with no acks: the
+position it committed together with the counts is where a successor resumes. Consumer sequence
+numbers are contiguous, so a message lost in delivery shows as a gap (``LogGap``) and the reader
+is reopened from the committed position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client as NATS
+from nats.js import api
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from tally.core.errors import ConfigError, Unavailable
+from tally.core.model import Event
+
+log = logging.getLogger("tally.jetstream")
+
+MAX_RUN = 500  # events per message: well under the server's 1 MB message limit
+
+
+def partition_of(counter: str, item: str, partitions: int) -> int:
+    """Stable across processes and versions (crc32, not Python's salted hash)."""
+    return zlib.crc32(f"{counter}\x00{item}".encode()) % partitions
+
+
+def stream_position(partition: int) -> str:
+    """The watermark name under which a partition's stream sequence is kept with the counts."""
+    return f"js:p{partition}"
+
+
+def encode_run(source: str, events: Sequence[Event]) -> bytes:
+    return orjson.dumps({"source": source, "events": [
+        [e.seq, e.counter, e.item, e.user, e.delta, e.ts, e.region] for e in events]})
+
+
+def decode_run(data: bytes) -> list[Event]:
+    body = orjson.loads(data)
+    source = body["source"]
+    return [Event(seq=r[0], counter=r[1], item=r[2], user=r[3], delta=r[4], ts=r[5], region=r[6],
+                  source=source) for r in body["events"]]
+
+
+@dataclass(frozen=True)
+class LogMessage:
+    stream_seq: int
+    events: list[Event]
+    pending: int  # messages after this one in the partition
+    stored_at: float  # server timestamp, epoch seconds
+
+
+class LogGap(Exception):
+    """Delivery skipped messages; the reader must be reopened from the committed position."""
+
+
+class EventLog:
+    """A connection to the stream: publish runs of events, open partition readers."""
+
+    def __init__(self, url: str, stream: str, partitions: int, replicas: int = 1,
+                 max_age_s: float = 7 * 86_400, duplicate_window_s: float = 120.0,
+                 publish_timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.stream = stream
+        self.partitions = partitions
+        self.replicas = replicas
+        self.max_age_s = max_age_s
+        self.duplicate_window_s = duplicate_window_s
+        self.publish_timeout_s = publish_timeout_s
+        self.prefix = stream.lower()
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self.published_msgs = 0
+        self.duplicates = 0
+
+    def subject(self, partition: int) -> str:
+        return f"{self.prefix}.p.{partition}"
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise Unavailable("event log is not connected")
+        return self._js
+
+    async def start(self) -> None:
+        self._nc = await nats.connect(self.url, name="tally", max_reconnect_attempts=-1,
+                                      reconnect_time_wait=0.5, connect_timeout=5)
+        self._js = self._nc.jetstream(timeout=self.publish_timeout_s)
+        await self.ensure_stream()
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.drain()
+        self._nc = self._js = None
+
+    async def ensure_stream(self) -> None:
+        """Create the stream, or check that an existing one has this partitioning."""
+        subjects = [self.subject(p) for p in range(self.partitions)]
+        try:
+            info = await self.js.stream_info(self.stream)
+        except NotFoundError:
+            await self.js.add_stream(api.StreamConfig(
+                name=self.stream, subjects=subjects, storage=api.StorageType.FILE,
+                retention=api.RetentionPolicy.LIMITS, max_age=self.max_age_s,
+                num_replicas=self.replicas, duplicate_window=self.duplicate_window_s,
+                discard=api.DiscardPolicy.OLD))
+            log.info("event log stream created", extra={"stream": self.stream,
+                                                        "partitions": self.partitions})
+            return
+        if sorted(info.config.subjects or []) != sorted(subjects):
+            raise ConfigError(f"stream {self.stream} exists with {len(info.config.subjects or [])} "
+                              f"partition subjects, settings say {self.partitions}; the partition "
+                              "count is fixed for the life of a stream")
+
+    async def publish(self, source: str, events: Sequence[Event]) -> int:
+        """Publish one source's events (in seq order); returns once every message is stored.
+
+        Raises on any failure; the caller retries the same events (see the module docstring).
+        """
+        runs: dict[int, list[Event]] = {}
+        for ev in events:
+            runs.setdefault(partition_of(ev.counter, ev.item, self.partitions), []).append(ev)
+        await asyncio.gather(*(self._publish_partition(source, p, run)
+                               for p, run in runs.items()))
+        return len(runs)
+
+    async def _publish_partition(self, source: str, partition: int, run: list[Event]) -> None:
+        for start in range(0, len(run), MAX_RUN):
+            chunk = run[start:start + MAX_RUN]
+            msg_id = f"{source}:{chunk[0].seq}-{chunk[-1].seq}:p{partition}"
+            ack = await self.js.publish(self.subject(partition), encode_run(source, chunk),
+                                        stream=self.stream, headers={"Nats-Msg-Id": msg_id})
+            self.published_msgs += 1
+            if ack.duplicate:
+                self.duplicates += 1
+
+    async def last_seqs(self) -> dict[int, int]:
+        """The newest stream sequence stored in each partition (absent when empty)."""
+        out: dict[int, int] = {}
+        for p in range(self.partitions):
+            try:
+                msg = await self.js.get_last_msg(self.stream, self.subject(p))
+            except NotFoundError:
+                continue
+            if msg.seq is not None:
+                out[p] = msg.seq
+        return out
+
+    async def reader(self, partition: int, after_stream_seq: int) -> PartitionReader:
+        r = PartitionReader(self, partition, after_stream_seq)
+        await r.open()
+        return r
+
+
+class PartitionReader:
+    """Reads one partition in order from a stream position, with an ephemeral no-ack consumer."""
+
+    def __init__(self, log_: EventLog, partition: int, after_stream_seq: int) -> None:
+        self.log = log_
+        self.partition = partition
+        self.position = after_stream_seq
+        self._sub: Any = None
+        self._consumer_seq = 0
+        self.pending = 0
+
+    async def open(self) -> None:
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.position + 1,
+            ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True,
+            num_replicas=1, max_waiting=1)
+        self._sub = await self.log.js.pull_subscribe(self.log.subject(self.partition),
+                                                     stream=self.log.stream, config=config)
+        self._consumer_seq = 0
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # the connection may be gone; the server drops it when inactive
+                log.debug("closing a partition reader failed", exc_info=True)
+            self._sub = None
+
+    async def fetch(self, max_msgs: int, timeout_s: float) -> list[LogMessage]:
+        """Up to max_msgs messages after the position; [] when none arrive within the timeout."""
+        try:
+            msgs = await self._sub.fetch(max_msgs, timeout=timeout_s)
+        except nats.errors.TimeoutError:
+            return []
+        out = []
+        for m in msgs:
+            meta = m.metadata
+            if meta.sequence.consumer != self._consumer_seq + 1:
+                raise LogGap(f"partition {self.partition}: consumer seq {meta.sequence.consumer} "
+                             f"after {self._consumer_seq}")
+            self._consumer_seq = meta.sequence.consumer
+            if meta.sequence.stream <= self.position:
+                continue
+            self.position = meta.sequence.stream
+            self.pending = meta.num_pending
+            out.append(LogMessage(meta.sequence.stream, decode_run(m.data), meta.num_pending,
+                                  meta.timestamp.timestamp()))
+        return out
+
+    def lag_seconds(self, oldest: LogMessage | None) -> float:
+        return 0.0 if oldest is None else max(time.time() - oldest.stored_at, 0.0)

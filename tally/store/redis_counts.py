@@ -1,0 +1,197 @@
+"""Hot counts in Redis (single server or Redis Cluster), in front of the PostgreSQL count store.
+
+Keys are ``tc:{<item>}:<counter>``: the hash tag is the item, so every counter of one item lives
+in one cluster slot. A batch read of many items is one MGET on a single server, and on a cluster
+one pipelined round trip per node (redis-py's ``mget_nonatomic`` groups keys by slot).
+
+Values are ``"<version>:<count>"``, written as absolute counts, never increments, so a lost or
+repeated write heals with the next one. Aggregators write with version = the stream sequence of
+the batch (monotonic per partition, and a key belongs to one partition), through a one-key Lua
+compare-and-set, so a stalled aggregator that lost its partition cannot overwrite a newer value
+with an older one. The read path fills misses from PostgreSQL with version 0 and ``NX`` (only if
+absent), so a fill never replaces an aggregator's value. Every key has a TTL: cold items leave
+Redis, and any cache value is at worst that old (``redis_ttl_s``).
+
+Redis is optional on the read path: ``TieredCounts`` answers from PostgreSQL when Redis fails or
+is slow (short socket timeouts), and a circuit breaker then skips Redis for a couple of seconds
+so reads do not each pay the timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisError
+
+from tally.core.breaker import Breaker
+from tally.core.coalesce import Batch
+from tally.core.model import CountKey
+from tally.store.ports import CountStore
+
+log = logging.getLogger("tally.redis")
+
+# KEYS[1]; ARGV: version, count, ttl seconds. Writes unless the stored version is newer.
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local v = tonumber(string.match(cur, '^(%d+):'))
+  if v and v > tonumber(ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
+def count_key(key: CountKey) -> str:
+    counter, item = key
+    return f"tc:{{{item}}}:{counter}"
+
+
+def _parse(raw: bytes | str | None) -> int | None:
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    return int(text.partition(":")[2])
+
+
+class RedisCounts:
+    """Absolute counts with a version guard; one round trip (per node) for a batch."""
+
+    def __init__(self, url: str, cluster: bool = False, ttl_s: int = 3600,
+                 timeout_s: float = 0.25) -> None:
+        self.url = url
+        self.cluster = cluster
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self._r: Any = None
+        self.write_failures = 0
+
+    async def start(self) -> None:
+        opts: dict[str, Any] = {"socket_timeout": self.timeout_s,
+                                "socket_connect_timeout": self.timeout_s}
+        if self.cluster:
+            self._r = RedisCluster.from_url(self.url, **opts)
+            await self._r.initialize()
+        else:
+            self._r = Redis.from_url(self.url, health_check_interval=30, **opts)
+
+    async def close(self) -> None:
+        if self._r is not None:
+            await self._r.aclose()
+            self._r = None
+
+    async def ping(self) -> bool:
+        return bool(await self._r.ping())
+
+    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
+        """Counts present in Redis (missing keys are absent from the result); raises on failure."""
+        if not keys:
+            return {}
+        names = [count_key(k) for k in keys]
+        raw = await (self._r.mget_nonatomic(names) if self.cluster else self._r.mget(names))
+        out = {}
+        for key, value in zip(keys, raw, strict=True):
+            parsed = _parse(value)
+            if parsed is not None:
+                out[key] = parsed
+        return out
+
+    async def put(self, counts: Mapping[CountKey, int], version: int) -> None:
+        """Absolute counts from an aggregator; a key holding a newer version is left alone."""
+        if not counts:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for key, value in counts.items():
+            pipe.eval(_CAS, 1, count_key(key), version, value, self.ttl_s)
+        await pipe.execute()
+
+    async def fill(self, counts: Mapping[CountKey, int]) -> None:
+        """Read-path fill from PostgreSQL: version 0, only where no value exists."""
+        if not counts:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for key, value in counts.items():
+            pipe.set(count_key(key), f"0:{value}", ex=self.ttl_s, nx=True)
+        await pipe.execute()
+
+    async def delete(self, keys: Sequence[CountKey]) -> None:
+        """After a repair changed counts in PostgreSQL without a new stream version."""
+        if keys:
+            pipe = self._r.pipeline(transaction=False)
+            for key in keys:
+                pipe.delete(count_key(key))
+            await pipe.execute()
+
+
+class TieredCounts:
+    """A CountStore for the read path: Redis first, PostgreSQL for misses and when Redis is out.
+
+    Everything but ``get`` goes straight to the durable store.
+    """
+
+    def __init__(self, redis: RedisCounts, durable: CountStore, breaker: Breaker | None = None,
+                 ) -> None:
+        self.redis = redis
+        self.durable = durable
+        self.breaker = breaker or Breaker(threshold=1, cooldown_s=2.0)
+        self.hits = 0
+        self.misses = 0
+        self.fallbacks = 0  # batches served without Redis (error, timeout or open breaker)
+        self._fills: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.redis.start()
+
+    async def close(self) -> None:
+        for task in list(self._fills):
+            task.cancel()
+        await asyncio.gather(*self._fills, return_exceptions=True)
+        await self.redis.close()
+
+    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
+        found: dict[CountKey, int] = {}
+        if self.breaker.allow():
+            try:
+                found = await asyncio.wait_for(self.redis.get(keys), self.redis.timeout_s * 2)
+                self.breaker.success()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.breaker.failure()
+                self.fallbacks += 1
+                log.warning("redis read failed; answering from PostgreSQL",
+                            extra={"error": repr(exc), "keys": len(keys)})
+        else:
+            self.fallbacks += 1
+        missing = [k for k in keys if k not in found]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            durable = await self.durable.get(missing)
+            found.update(durable)
+            if not self.breaker.is_open and len(self._fills) < 64:
+                self._fill({k: durable.get(k, 0) for k in missing})
+        return found
+
+    def _fill(self, counts: dict[CountKey, int]) -> None:
+        async def run() -> None:
+            try:
+                await self.redis.fill(counts)
+            except (RedisError, OSError, TimeoutError):
+                self.breaker.failure()
+
+        task = asyncio.create_task(run())
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def watermarks(self, consumer: str) -> dict[str, int]:
+        return await self.durable.watermarks(consumer)
+
+    async def apply_batch(self, batch: Batch, consumer: str,
+                          expect: Mapping[str, int]) -> dict[CountKey, int] | None:
+        return await self.durable.apply_batch(batch, consumer, expect)
+
+    async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
+        return await self.durable.rollups(counter, item_type, dimension)

@@ -1,0 +1,217 @@
+"""Partitioned aggregators: each partition of the event log is applied by one process at a time.
+
+A ``PartitionPool`` takes partition leases (``LeaseSet``, PostgreSQL advisory locks) and runs a
+``PartitionWorker`` for each partition it holds. A worker:
+
+1. reads the partition consumer's watermarks (``agg-p<n>``): one per source shard, plus the
+   stream position (``js:p<n>``) it has applied up to;
+2. reads the partition from the stream after that position;
+3. every window, coalesces what arrived (events at or below a source's watermark are skipped:
+   redeliveries and relay retries) and calls ``CountStore.apply_batch`` with the new positions
+   and ``expect`` = the positions it started from. The store moves the watermarks and adds the
+   deltas in one transaction, only if the watermarks are still where this worker left them;
+4. writes the new absolute counts to Redis, versioned by stream sequence.
+
+The conditional watermark update is the fence: a worker that lost its lease but has not noticed
+yet (a zombie) finds the watermarks moved by its successor, writes nothing, and stops. A crash
+before the commit loses nothing (the successor reads the same messages again); after it,
+nothing is applied twice (the watermarks moved with the counts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from tally.core.coalesce import coalesce
+from tally.core.model import CountKey
+from tally.store.jetstream import EventLog, LogGap, PartitionReader, stream_position
+from tally.store.ports import CountStore
+from tally.store.redis_counts import RedisCounts
+from tally.workers.leases import LeaseSet
+
+log = logging.getLogger("tally.partitions")
+
+FETCH_MSGS = 256
+MAX_DIRTY = 100_000
+
+
+class Fenced(Exception):
+    """Another worker moved this partition's watermarks: this one must stop applying."""
+
+
+@dataclass
+class PartitionStats:
+    events: int = 0
+    batches: int = 0
+    skipped: int = 0
+    fenced: int = 0
+    pending_msgs: int = 0
+    lag_seconds: float = 0.0
+    gained_at: float = 0.0  # wall clock when this process took the lease
+    first_apply_at: float | None = None  # first batch applied after taking it
+    last_error: str | None = None
+
+
+def consumer_name(partition: int) -> str:
+    return f"agg-p{partition}"
+
+
+class PartitionWorker:
+    def __init__(self, partition: int, events: EventLog, counts: CountStore,
+                 cache: RedisCounts | None, window_s: float, rollups: Sequence[str]) -> None:
+        self.partition = partition
+        self.events = events
+        self.counts = counts
+        self.cache = cache
+        self.window_s = window_s
+        self.rollups = tuple(rollups)
+        self.consumer = consumer_name(partition)
+        self.stats = PartitionStats(gained_at=time.time())
+        self._dirty: dict[CountKey, tuple[int, int]] = {}  # cache writes to retry
+        # Keys of a batch whose apply raised: it may have committed (and been rolled forward
+        # since), so their Redis values are rewritten from PostgreSQL before going on.
+        self._unsure: tuple[list[CountKey], int] | None = None
+
+    async def run(self) -> None:
+        """Apply the partition until cancelled; restarts from the committed position on errors."""
+        while True:
+            reader: PartitionReader | None = None
+            try:
+                marks = await self.counts.watermarks(self.consumer)  # rolls forward intents
+                await self._settle_unsure()
+                reader = await self.events.reader(self.partition,
+                                                  marks.get(stream_position(self.partition), 0))
+                await self._apply_loop(reader, marks)
+            except asyncio.CancelledError:
+                raise
+            except Fenced:  # a zombie predecessor, or we are one: the lease set decides which
+                self.stats.fenced += 1
+                log.warning("partition fenced: its watermarks moved under this worker; re-reading",
+                            extra={"partition": self.partition})
+                await asyncio.sleep(0.2)
+            except Exception as exc:  # LogGap, a lost connection, a failed commit: start over
+                self.stats.last_error = repr(exc)
+                level = logging.INFO if isinstance(exc, LogGap) else logging.WARNING
+                log.log(level, "partition round failed; resuming from the committed position",
+                        extra={"partition": self.partition, "error": repr(exc)})
+                await asyncio.sleep(0.2)
+            finally:
+                if reader is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(reader.close())
+
+    async def _apply_loop(self, reader: PartitionReader, marks: dict[str, int]) -> None:
+        while True:
+            started = time.monotonic()
+            msgs = await reader.fetch(FETCH_MSGS, timeout_s=max(self.window_s, 0.5))
+            if not msgs:
+                self.stats.lag_seconds = 0.0
+                self.stats.pending_msgs = 0
+                await self._flush_dirty()
+                continue
+            self.stats.pending_msgs = msgs[-1].pending
+            self.stats.lag_seconds = max(time.time() - msgs[0].stored_at, 0.0)
+            events = [ev for m in msgs for ev in m.events]
+            batch = coalesce(events, self.rollups, marks)
+            batch.positions[stream_position(self.partition)] = msgs[-1].stream_seq
+            self._unsure = (list(batch.deltas), msgs[-1].stream_seq)
+            new = await self.counts.apply_batch(batch, self.consumer, marks)
+            self._unsure = None
+            if new is None:
+                raise Fenced(self.partition)
+            marks.update(batch.positions)
+            self._record(batch.events, batch.skipped)
+            await self._write_cache(new, msgs[-1].stream_seq)
+            rest = self.window_s - (time.monotonic() - started)
+            if len(msgs) < FETCH_MSGS and rest > 0:
+                await asyncio.sleep(rest)  # let the window gather more deltas per key
+
+    def _record(self, events: int, skipped: int) -> None:
+        self.stats.events += events
+        self.stats.skipped += skipped
+        self.stats.batches += 1
+        if self.stats.first_apply_at is None:
+            self.stats.first_apply_at = time.time()
+
+    async def _settle_unsure(self) -> None:
+        if self._unsure is not None and self.cache is not None:
+            keys, version = self._unsure
+            got = await self.counts.get(keys)
+            await self._write_cache({k: got.get(k, 0) for k in keys}, version)
+        self._unsure = None
+
+    async def _write_cache(self, counts: dict[CountKey, int], version: int) -> None:
+        if self.cache is None:
+            return
+        for key, value in counts.items():
+            self._dirty[key] = (version, value)
+        await self._flush_dirty()
+
+    async def _flush_dirty(self) -> None:
+        """Absolute values, so a failed write is simply retried later (or healed by the TTL)."""
+        if self.cache is None or not self._dirty:
+            return
+        by_version: dict[int, dict[CountKey, int]] = {}
+        for key, (version, value) in self._dirty.items():
+            by_version.setdefault(version, {})[key] = value
+        try:
+            for version, counts in by_version.items():
+                await self.cache.put(counts, version)
+            self._dirty.clear()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.cache.write_failures += 1
+            if len(self._dirty) > MAX_DIRTY:
+                self._dirty.clear()  # the TTL heals what is dropped here
+            log.warning("redis write failed; will retry", extra={"error": repr(exc),
+                                                                 "partition": self.partition})
+
+
+class PartitionPool:
+    """The aggregator role: leases partitions and runs a worker per partition held."""
+
+    def __init__(self, dsn: str, events: EventLog, counts: CountStore, cache: RedisCounts | None,
+                 window_s: float, rollups: Sequence[str], lease_period_s: float = 0.5) -> None:
+        self.events = events
+        self.counts = counts
+        self.cache = cache
+        self.window_s = window_s
+        self.rollups = tuple(rollups)
+        self.workers: dict[int, PartitionWorker] = {}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        keys = [f"p{n}" for n in range(events.partitions)]
+        self.leases = LeaseSet(dsn, "aggregator", keys, self._gain, self._lose, lease_period_s)
+
+    def start(self) -> None:
+        self.leases.start()
+
+    async def stop(self) -> None:
+        await self.leases.stop()
+
+    async def _gain(self, key: str) -> None:
+        n = int(key[1:])
+        worker = PartitionWorker(n, self.events, self.counts, self.cache, self.window_s,
+                                 self.rollups)
+        self.workers[n] = worker
+        self._tasks[n] = asyncio.create_task(worker.run(), name=f"tally-partition-{n}")
+
+    async def _lose(self, key: str) -> None:
+        n = int(key[1:])
+        task = self._tasks.pop(n, None)
+        self.workers.pop(n, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def lag(self) -> tuple[int, float]:
+        """(messages pending, oldest unapplied age in seconds) over the partitions held."""
+        msgs = sum(w.stats.pending_msgs for w in self.workers.values())
+        age = max((w.stats.lag_seconds for w in self.workers.values()), default=0.0)
+        return msgs, age

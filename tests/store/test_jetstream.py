@@ -1,0 +1,102 @@
+"""The JetStream event log against a real nats-server (sync_interval: always)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tally.core.errors import ConfigError
+from tally.core.model import Event
+from tally.store.jetstream import EventLog, decode_run, encode_run, partition_of
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+def events(source: str, seqs: range, items: int = 7) -> list[Event]:
+    return [Event(seq=s, counter="like", item=f"post:{s % items}", user=f"u{s}", delta=1,
+                  ts=time.time(), region="eu", source=source) for s in seqs]
+
+
+def test_partition_is_stable_and_in_range() -> None:
+    assert partition_of("like", "post:1", 16) == partition_of("like", "post:1", 16)
+    assert {partition_of("like", f"post:{i}", 16) for i in range(1000)} == set(range(16))
+
+
+def test_a_run_round_trips() -> None:
+    evs = events("s3", range(5, 9))
+    assert decode_run(encode_run("s3", evs)) == evs
+
+
+async def read_all(log: EventLog, partition: int) -> list[Event]:
+    reader = await log.reader(partition, 0)
+    try:
+        out: list[Event] = []
+        while msgs := await reader.fetch(100, 0.3):
+            out.extend(ev for m in msgs for ev in m.events)
+        return out
+    finally:
+        await reader.close()
+
+
+async def test_each_partition_holds_its_keys_in_source_order(nats_url: str) -> None:
+    log = EventLog(nats_url, "T_ORDER", 4)
+    await log.start()
+    try:
+        sent = events("s0", range(1, 1201)) + events("s1", range(1, 301))
+        await log.publish("s0", sent[:1200])
+        await log.publish("s1", sent[1200:])
+        got: list[Event] = []
+        for p in range(4):
+            part = await read_all(log, p)
+            assert all(partition_of(e.counter, e.item, 4) == p for e in part)
+            for src in ("s0", "s1"):
+                seqs = [e.seq for e in part if e.source == src]
+                assert seqs == sorted(seqs)
+            got.extend(part)
+        assert sorted((e.source, e.seq) for e in got) == sorted((e.source, e.seq) for e in sent)
+        assert log.published_msgs >= 4
+    finally:
+        await log.close()
+
+
+async def test_a_republished_batch_is_dropped_by_the_dedupe_window(nats_url: str) -> None:
+    log = EventLog(nats_url, "T_DUP", 2)
+    await log.start()
+    try:
+        batch = events("s0", range(1, 51))
+        await log.publish("s0", batch)
+        await log.publish("s0", batch)  # a relay retry after a lost ack
+        assert log.duplicates == log.published_msgs // 2
+        assert [len(await read_all(log, p)) for p in range(2)] == [
+            sum(partition_of(e.counter, e.item, 2) == p for e in batch) for p in range(2)]
+    finally:
+        await log.close()
+
+
+async def test_reader_resumes_after_a_stream_position(nats_url: str) -> None:
+    log = EventLog(nats_url, "T_RESUME", 1)
+    await log.start()
+    try:
+        await log.publish("s0", events("s0", range(1, 11)))
+        await log.publish("s0", events("s0", range(11, 21)))
+        reader = await log.reader(0, 0)
+        first = await reader.fetch(1, 1.0)
+        await reader.close()
+        rest = await log.reader(0, first[0].stream_seq)
+        msgs = await rest.fetch(10, 0.5)
+        await rest.close()
+        assert [e.seq for m in msgs for e in m.events] == list(range(11, 21))
+        assert (await log.last_seqs())[0] == msgs[-1].stream_seq
+    finally:
+        await log.close()
+
+
+async def test_changing_the_partition_count_of_a_stream_is_refused(nats_url: str) -> None:
+    first = EventLog(nats_url, "T_FIXED", 4)
+    await first.start()
+    await first.close()
+    second = EventLog(nats_url, "T_FIXED", 8)
+    with pytest.raises(ConfigError, match="partition count is fixed"):
+        await second.start()
+    await second.close()

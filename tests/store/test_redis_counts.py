@@ -1,0 +1,97 @@
+"""Redis hot counts: single server and Redis Cluster, the version guard, and reads while Redis is down."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tally.core.breaker import Breaker
+from tally.core.coalesce import Batch
+from tally.engines import RedisEngine
+from tally.store.redis_counts import RedisCounts, TieredCounts
+from tally.store.sqlite import SqliteStore
+from tests.engines import EngineFactory, require
+from tests.redis_cluster import RedisCluster
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+KEYS = [("like", f"post:{i}") for i in range(50)]
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    require("redis")
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli not found; install with: apt-get install redis-tools")
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def counts(request: pytest.FixtureRequest) -> AsyncIterator[RedisCounts]:
+    if request.param == "single":
+        rc = RedisCounts(request.getfixturevalue("redis_url"))
+    else:
+        rc = RedisCounts(request.getfixturevalue("redis_cluster").url, cluster=True)
+    await rc.start()
+    await rc.delete(KEYS)
+    yield rc
+    await rc.close()
+
+
+async def test_a_batch_reads_back_what_was_put(counts: RedisCounts) -> None:
+    await counts.put({k: i for i, k in enumerate(KEYS[:30])}, version=7)
+    got = await counts.get(KEYS)
+    assert got == {k: i for i, k in enumerate(KEYS[:30])}
+
+
+async def test_an_older_version_never_overwrites_a_newer_one(counts: RedisCounts) -> None:
+    await counts.put({KEYS[0]: 10}, version=100)
+    await counts.put({KEYS[0]: 3}, version=99)  # a stalled aggregator's late write
+    assert await counts.get([KEYS[0]]) == {KEYS[0]: 10}
+    await counts.put({KEYS[0]: 11}, version=101)
+    assert await counts.get([KEYS[0]]) == {KEYS[0]: 11}
+
+
+async def test_a_read_fill_never_replaces_an_aggregator_value(counts: RedisCounts) -> None:
+    await counts.put({KEYS[0]: 10}, version=5)
+    await counts.fill({KEYS[0]: 9, KEYS[1]: 4})
+    assert await counts.get(KEYS[:2]) == {KEYS[0]: 10, KEYS[1]: 4}
+    await counts.put({KEYS[1]: 6}, version=1)  # any aggregator version beats a fill
+    assert await counts.get([KEYS[1]]) == {KEYS[1]: 6}
+    await counts.delete(KEYS[:2])
+    assert await counts.get(KEYS[:2]) == {}
+
+
+@pytest.fixture
+async def sqlite_counts(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "t.db", "FULL", 0.5, 100, 2)
+    await store.start()
+    yield store
+    await store.close()
+
+
+async def test_reads_fall_back_to_the_durable_store_while_redis_is_down(
+        engine_factory: EngineFactory, sqlite_counts: SqliteStore) -> None:
+    redis = engine_factory(RedisEngine)
+    redis.start()
+    tiered = TieredCounts(RedisCounts(redis.url, timeout_s=0.1), sqlite_counts,
+                          Breaker(threshold=1, cooldown_s=60.0))
+    await tiered.start()
+    try:
+        batch = Batch(deltas={KEYS[0]: 3, KEYS[1]: 1}, positions={"s0": 4})
+        assert await sqlite_counts.apply_batch(batch, "agg", {}) is not None
+        assert await tiered.get(KEYS[:3]) == {KEYS[0]: 3, KEYS[1]: 1}  # misses, from the store
+        assert tiered.misses == 3
+        redis.kill()
+        assert await tiered.get(KEYS[:3]) == {KEYS[0]: 3, KEYS[1]: 1}
+        assert tiered.fallbacks == 1 and tiered.breaker.is_open
+        assert await tiered.get(KEYS[:3]) == {KEYS[0]: 3, KEYS[1]: 1}  # breaker: Redis skipped
+        assert tiered.fallbacks == 2
+    finally:
+        await tiered.close()
