@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s = bsub.add_parser("suite", help="Tally and its peers side by side (starts its own servers)")
     s.add_argument("--quick", action="store_true", help="seconds-long smoke version, no peers")
     s.add_argument("--peers", default="pg,redis-aof,redis", help="comma list; empty for none")
+    s.add_argument("--no-cluster", action="store_true", help="skip Tally on its scale-out backends")
     _common(s)
     s.set_defaults(fn=cmd_suite)
 
@@ -75,7 +76,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
     plan = QUICK if args.quick else SuitePlan()
     peers = tuple(p for p in args.peers.split(",") if p) if not args.quick else ()
-    plan = replace(plan, peers=peers, seed=args.seed,
+    plan = replace(plan, peers=peers, seed=args.seed, cluster=plan.cluster and not args.no_cluster,
                    **{k: v for k, v in (("duration_s", args.duration),
                                         ("connections", args.connections),
                                         ("workers", args.workers)) if v})

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -35,11 +36,12 @@ class SuitePlan:
     seed: int = 1
     sweep: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # open-loop rates as fractions of the maximum
     peers: tuple[str, ...] = ("pg", "redis-aof", "redis")
+    cluster: bool = True  # Tally on its scale-out backends (tally.cluster), one process per role
     params: Params = Params()
 
 
 QUICK = SuitePlan(duration_s=1.0, warmup_s=0.3, connections=4, sweep=(0.5,), peers=(),
-                  params=Params(items=10_000))
+                  cluster=False, params=Params(items=10_000))
 
 
 class Suite:
@@ -108,11 +110,35 @@ class Suite:
                 self.notes.append(f"peer {peer} not measured: {exc}")
                 print(f"\n  peer {peer} not measured: {exc}", file=sys.stderr)
 
+    def cluster(self) -> None:
+        """The cluster at its smallest: one API, relay and aggregator, one PostgreSQL, NATS, Redis.
+
+        On two cores every extra process competes with the load generator and the API for CPU,
+        so this measures the cluster's cost per like on one machine, not its scale-out."""
+        from tally.cluster import DevCluster, Layout
+
+        layout = Layout(apis=1, relays=1, aggregators=1, partitions=4, databases=1)
+        cluster = DevCluster(self.work / "cluster", layout, settings={"log_level": "WARNING"})
+        try:
+            cluster.up()
+            port = urlsplit(cluster.urls("api")[0]).port or 80
+            for preset in ("uniform", "viral", "feed"):
+                self.measure("cluster", port, preset)
+        except Exception as exc:  # a missing engine must not hide the other results
+            self.notes.append(f"cluster not measured: {exc}")
+            print(f"\n  cluster not measured: {exc}", file=sys.stderr)
+        finally:
+            cluster.down()
+
     def run(self) -> dict[str, Any]:
         started = time.time()
+        load_before = os.getloadavg()
         self.generator_ceiling()
         self.tally()
         self.peers()
+        if self.plan.cluster:
+            self.cluster()
+        self.extra["load_average"] = {"before": load_before, "after": os.getloadavg()}
         per_like = {k.removesuffix("_storage"): v["bytes_per_record"]
                     for k, v in self.extra.items() if k.endswith("_storage") and v.get("records")}
         self.extra["memory"] = memory.projection(memory.bytes_per_cached_counter(), per_like)

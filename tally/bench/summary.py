@@ -7,9 +7,9 @@ from typing import Any
 
 from tally.bench.report import markdown_checks, markdown_runs
 
-PEERS = ("pg", "redis-aof", "redis")
+PEERS = ("pg", "redis-aof", "redis", "cluster")
 PEER_NAMES = {"pg": "PostgreSQL (sync commit)", "redis-aof": "Redis AOF everysec",
-              "redis": "Redis no persistence"}
+              "redis": "Redis no persistence", "cluster": "Tally cluster (1 of each role)"}
 
 
 def _max(runs: list[dict[str, Any]], target: str, preset: str) -> float:
@@ -49,12 +49,22 @@ def memory_table(mem: dict[str, Any]) -> str:
     return "| what | measured | projection |\n|---|---:|---|\n" + "\n".join(rows) + "\n"
 
 
+def _load(result: dict[str, Any]) -> str:
+    load = result.get("load_average")
+    if not load:
+        return ""
+    return (f"Load average (1, 5, 15 min) before the suite {', '.join(f'{x:.1f}' for x in load['before'])}, "
+            f"after {', '.join(f'{x:.1f}' for x in load['after'])}: above the 2 cores means other work "
+            "shared the machine during the run.\n")
+
+
 def write_markdown(result: dict[str, Any], path: Path) -> None:
     m = result["machine"]
     parts = [
         "# Tally benchmark results\n",
         f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memory_gb', '?')} GB, "
         f"Python {m['python']}, commit {m.get('commit')}. Suite wall time {result['wall_s']:.0f} s.\n",
+        _load(result),
         f"Command: `{result['command']}`\n",
         "## Targets\n", markdown_checks(result["checks"]),
         "## Tally against the peers (maximum throughput, same run)\n", ratio_table(result["runs"]),

@@ -116,6 +116,9 @@ class PostgresLikeStore:
         groups = self.map.group(range(len(ops)), lambda i: self.route(ops[i]))
         stored = asyncio.ensure_future(read_counts(self.cluster, {(o.counter, o.item) for o in ops}))
         try:
+            # Read before taking the write connections: both come from one pool, and a write
+            # holding its connection while its read waits for another deadlocks a full pool.
+            await stored
             planned = await self.cluster.retrying(
                 "write", lambda: self._write_all(ops, groups, now, stored))
         finally:
