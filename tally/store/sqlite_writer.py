@@ -130,12 +130,18 @@ class GroupCommitWriter:
         return batch
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        tx = Tx()
-        results: list[tuple[bool, Any]] = []
+        """Runs the batch without savepoints first: two statements fewer per job. Only when a job
+        fails is the transaction rolled back and the batch run again with a savepoint per job,
+        so the failing job fails alone, as before (jobs are re-runnable: they read the database
+        and the writer's state, which change only when a transaction commits)."""
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job in batch:
-                results.append(self._run_job(conn, tx, job))
+            tx, results = self._run_all(conn, batch, isolated=False)
+            if any(not ok for ok, _value in results):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                tx, results = self._run_all(conn, batch, isolated=True)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("commit failed", extra={"error": str(exc), "jobs": len(batch)})
@@ -150,6 +156,21 @@ class GroupCommitWriter:
         for action in tx.on_commit:
             action()
         self._resolve(batch, results)
+
+    def _run_all(self, conn: sqlite3.Connection, batch: list[_Job],
+                 isolated: bool) -> tuple[Tx, list[tuple[bool, Any]]]:
+        tx = Tx()
+        results: list[tuple[bool, Any]] = []
+        for job in batch:
+            if isolated:
+                results.append(self._run_job(conn, tx, job))
+                continue
+            try:
+                results.append((True, job.fn(conn, tx)))
+            except Exception as exc:
+                results.append((False, exc))
+                break  # the transaction is run again, isolated
+        return tx, results
 
     @staticmethod
     def _run_job(conn: sqlite3.Connection, tx: Tx, job: _Job) -> tuple[bool, Any]:
