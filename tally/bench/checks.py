@@ -46,13 +46,15 @@ def checks(runs: list[dict[str, Any]], extra: dict[str, Any]) -> list[dict[str, 
                                 f"(closed loop): {ratio:.1f}x", "met": ratio >= 10, "ratio": ratio})
     bulk = _closed(runs, "tally", "bulk")
     if bulk is not None and pg is not None:
-        likes = bulk["throughput_per_s"] * bulk["spec"]["params"]["bulk_size"]
+        size = bulk["spec"]["params"]["bulk_size"]
+        likes = sustained(runs, "tally", "bulk", P99_LIKE_MS) * size
         ratio = _ratio(likes, pg["throughput_per_s"])
-        out.append({"target": "viral via /v1/bulk (batching client): Tally >= 10x PostgreSQL",
-                    "measured": f"{likes:,.0f} likes/s, p99 {bulk['latency'].get('p99_ms', 0):.1f} "
-                                f"ms per request of {bulk['spec']['params']['bulk_size']}: {ratio:.1f}x",
-                    "met": ratio >= 10 and bulk["latency"].get("p99_ms", 1e9) <= P99_LIKE_MS,
-                    "ratio": ratio})
+        out.append({"target": "viral via /v1/bulk (batching client): Tally >= 10x PostgreSQL, "
+                              "p99 <= 50 ms",
+                    "measured": f"Tally sustains {likes:,.0f} likes/s at p99 <= 50 ms per request of "
+                                f"{size} (open loop; closed-loop max "
+                                f"{bulk['throughput_per_s'] * size:,.0f}/s): {ratio:.1f}x",
+                    "met": ratio >= 10, "ratio": ratio})
     noop = _closed(runs, "tally", "noop")
     for preset in ("uniform", "zipf"):
         run = _closed(runs, "tally", preset)

@@ -35,12 +35,13 @@ class SuitePlan:
     workers: int = 1
     seed: int = 1
     sweep: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # open-loop rates as fractions of the maximum
+    bulk_sweep: tuple[float, ...] = (0.5, 0.8)
     peers: tuple[str, ...] = ("pg", "redis-aof", "redis")
     cluster: bool = True  # Tally on its scale-out backends (tally.cluster), one process per role
     params: Params = Params()
 
 
-QUICK = SuitePlan(duration_s=1.0, warmup_s=0.3, connections=4, sweep=(0.5,), peers=(),
+QUICK = SuitePlan(duration_s=1.0, warmup_s=0.3, connections=4, sweep=(0.5,), bulk_sweep=(), peers=(),
                   cluster=False, params=Params(items=10_000))
 
 
@@ -82,9 +83,12 @@ class Suite:
         with targets.tally_server(self.work, "tally") as srv:
             for preset in ("noop", "uniform", "zipf", "viral"):
                 self.measure("tally", srv.port, preset)
-            # A batching client keeps few requests in flight, each carrying many likes.
-            self.measure("tally", srv.port, "bulk", connections=max(self.plan.workers, 2))
             self.sweep("tally", srv.port, "viral")
+            # A batching client keeps few requests in flight, each carrying many likes.
+            bulk_conns = max(self.plan.workers, 2)
+            self.measure("tally", srv.port, "bulk", connections=bulk_conns)
+            if self.plan.bulk_sweep:
+                self.sweep("tally", srv.port, "bulk", self.plan.bulk_sweep, connections=bulk_conns)
             for preset in ("feed", "mixed", "incr"):
                 self.measure("tally", srv.port, preset)
             feed_max = self.max_of("tally", "feed")
@@ -93,11 +97,13 @@ class Suite:
         db = self.work / "tally" / "data" / "tally.db"
         self.extra["sqlite_storage"] = memory.sqlite_bytes_per_like(db)
 
-    def sweep(self, target: str, port: int, preset: str) -> None:
+    def sweep(self, target: str, port: int, preset: str, shares: tuple[float, ...] | None = None,
+              **over: Any) -> None:
+        """Open-loop runs at fractions of the closed-loop maximum: latency vs offered load."""
         top = self.max_of(target, preset)
-        for share in self.plan.sweep:
+        for share in shares or self.plan.sweep:
             if top:
-                self.measure(target, port, preset, "open", round(share * top))
+                self.measure(target, port, preset, "open", max(round(share * top, 1), 0.5), **over)
 
     def peers(self) -> None:
         for peer in self.plan.peers:

@@ -29,6 +29,7 @@ def _well_formed(run: dict[str, object]) -> None:
     assert isinstance(run["series"], list) and run["series"]
 
 
+@pytest.mark.timeout(300)  # a dozen short runs, each spawning its load generator process
 def test_quick_suite_writes_results(tmp_path: Path) -> None:
     result = run_suite(tmp_path / "out", QUICK, show_progress=False)
     stored = orjson.loads((tmp_path / "out" / "result.json").read_bytes())
