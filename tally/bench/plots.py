@@ -44,11 +44,12 @@ def _vs_load(runs: list[dict[str, Any]], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, rs in sweeps.items():
         rs.sort(key=lambda r: r["offered_per_s"])
-        x = [r["offered_per_s"] for r in rs]
+        per_op = rs[0]["spec"]["params"]["bulk_size"] if rs[0]["preset"] == "bulk" else 1
+        x = [r["offered_per_s"] * per_op for r in rs]
         ax.plot(x, [r["latency"].get("p99_ms", 0) for r in rs], marker="o", label=f"{name} p99")
         ax.plot(x, [r["latency"].get("p50_ms", 0) for r in rs], marker=".", linestyle=":",
                 color=ax.lines[-1].get_color(), label=f"{name} p50")
-    ax.set_xlabel("offered load, ops / s (open loop)")
+    ax.set_xlabel("offered load, ops / s (open loop; bulk: likes / s)")
     ax.set_ylabel("latency ms (log)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
