@@ -18,9 +18,9 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 async def tally(settings: Settings) -> AsyncIterator[AsyncTally]:
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        async with AsyncTally("http://tally", transport=httpx.ASGITransport(app=app)) as c:
-            yield c
+    async with app.router.lifespan_context(app), \
+            AsyncTally("http://tally", transport=httpx.ASGITransport(app=app)) as c:
+        yield c
 
 
 async def test_concurrent_likes_share_bulk_requests(tally: AsyncTally) -> None:
