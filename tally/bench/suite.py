@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from tally.bench import loadgen, memory, targets
+from tally.bench import loadgen, memory, server_stats, targets
 from tally.bench.loadgen import RunSpec
 from tally.bench.report import machine
 from tally.bench.workloads import Params
@@ -62,8 +62,13 @@ class Suite:
                        duration_s=p.duration_s, warmup_s=p.warmup_s, connections=p.connections,
                        workers=p.workers, seed=p.seed, params=p.params)
         spec = replace(spec, **over)
+        url = f"http://{targets.HOST}:{port}"
+        before = server_stats.scrape(url) if target == "tally" else {}
         result = loadgen.run(spec, self.show_progress).as_dict()
         result["target"] = target
+        if before:
+            result["server"] = server_stats.delta(before, server_stats.scrape(url))
+            result["server"]["hot_items"] = server_stats.hot_items(url)
         self.runs.append(result)
         return result
 

@@ -38,6 +38,25 @@ def ratio_table(runs: list[dict[str, Any]]) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def server_table(runs: list[dict[str, Any]]) -> str:
+    """Group commit and coalescing as Tally counted them during each of its runs."""
+    rows = []
+    for r in runs:
+        srv = r.get("server")
+        if not srv or not srv.get("write_commits"):
+            continue
+        hot = ", ".join(f"{h['item']} ~{h['estimate']:,}" for h in srv.get("hot_items", [])[:2])
+        rows.append(f"| {r['name']} | {srv['write_ops_committed']:,.0f} | {srv['write_commits']:,.0f} | "
+                    f"{srv.get('ops_per_commit', 0):,.1f} | {srv.get('aggregator_events', 0):,.0f} | "
+                    f"{srv.get('aggregator_keys_written', 0):,.0f} | "
+                    f"{srv.get('events_per_count_write', 0):,.1f} | {hot or '-'} |")
+    if not rows:
+        return ""
+    return ("| run | ops committed | commits | ops per commit | log events applied | count writes | "
+            "events per count write | hottest reads (sketch) |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows) + "\n")
+
+
 def memory_table(mem: dict[str, Any]) -> str:
     rows = [f"| cached hot counter (LRU entry, tracemalloc) | {mem['bytes_per_cached_counter']:.0f} B | "
             f"{mem['cache_all_items_tb']:.1f} TB if all 50 billion items were cached |"]
@@ -73,6 +92,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "are service times at maximum throughput. `gen CPU` is the load generator's CPU use in "
         "cores.\n", markdown_runs(result["runs"]),
     ]
+    if table := server_table(result["runs"]):
+        parts += ["## Group commit and coalescing, as Tally counted them\n", table]
     if "memory" in result:
         parts += ["## Memory\n", memory_table(result["memory"])]
     if result.get("notes"):
