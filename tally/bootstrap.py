@@ -28,6 +28,20 @@ def schema_of(settings: Settings) -> Schema:
     return Schema(counters, settings.item_types)
 
 
+def periodic(period_s: float, job: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
+    """Run ``job`` every ``period_s`` until cancelled; a failing run is logged, not fatal."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await job()
+            except Exception:
+                log.exception("periodic job failed", extra={"job": job.__name__})
+
+    return asyncio.create_task(loop(), name=f"tally-{job.__name__}")
+
+
 class AppRuntime(Protocol):
     """What the HTTP app needs from a runtime, embedded or cluster (any role)."""
 
@@ -90,15 +104,7 @@ class Runtime:
         self.hot.decay()
 
     def _every(self, period_s: float, job: Callable[[], Awaitable[object]]) -> None:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(period_s)
-                try:
-                    await job()
-                except Exception:
-                    log.exception("periodic job failed", extra={"job": job.__name__})
-
-        self._tasks.append(asyncio.create_task(loop(), name=f"tally-{job.__name__}"))
+        self._tasks.append(periodic(period_s, job))
 
     def state(self) -> list[Sample]:
         """Gauges read at scrape time."""

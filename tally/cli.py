@@ -49,6 +49,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         s = s.replace(port=args.port or s.port, host=args.host or s.host)
     if args.role is not None:
         s = s.replace(role=args.role)
+        os.environ["TALLY_ROLE"] = args.role  # for uvicorn's worker processes, when workers > 1
     logs.setup(s.log_level)
     common: dict[str, Any] = {"host": s.host, "port": s.port, "loop": "uvloop", "http": "httptools",
                               "log_config": None, "access_log": s.access_log,

@@ -27,12 +27,8 @@ from tally.service.reads import CountReader
 from tally.settings import Settings
 from tally.store.jetstream import EventLog
 from tally.store.ports import ReconcileChunk, Recounter
-from tally.store.postgres import PostgresLikeStore
-from tally.store.postgres_cluster import PgCluster
-from tally.store.postgres_counts import PostgresCountStore
-from tally.store.postgres_reconcile import PostgresRecounter
+from tally.store.postgres_stores import build_postgres
 from tally.store.redis_counts import RedisCounts, TieredCounts
-from tally.store.shards import ShardMap
 from tally.workers.partitions import PartitionPool
 from tally.workers.relay import Relay
 
@@ -67,10 +63,9 @@ class ClusterRuntime:
         self.roles = set(ROLES) if s.role == "all" else {s.role}
         self.metrics = Metrics()
         self.hot = SpaceSaving(s.hot_top_k)
-        shard_map = ShardMap.build(s.logical_shards, len(s.postgres_dsns), s.shard_map)
-        self.pg = PgCluster(s.postgres_dsns, shard_map)
-        self.likes = PostgresLikeStore(self.pg)  # the like store and the outboxes
-        self.counts = PostgresCountStore(self.pg)
+        self.pg = build_postgres(s)
+        self.likes = self.pg.likes  # the like store and the outboxes
+        self.counts = self.pg.counts
         self.events: EventLog | None = None
         self.redis: RedisCounts | None = None
         self.tiered: TieredCounts | None = None
@@ -102,7 +97,7 @@ class ClusterRuntime:
         self.metrics.add_state(self.state)
 
     def _recounter(self) -> Recounter:
-        recounter = PostgresRecounter(self.pg, self.counts)
+        recounter = self.pg.recounter
         return CacheDroppingRecounter(recounter, self.redis) if self.redis is not None else recounter
 
     @property
@@ -152,15 +147,9 @@ class ClusterRuntime:
         self.hot.decay()
 
     def _every(self, period_s: float, job: Callable[[], Awaitable[object]]) -> None:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(period_s)
-                try:
-                    await job()
-                except Exception:
-                    log.exception("periodic job failed", extra={"job": job.__name__})
+        from tally.bootstrap import periodic
 
-        self._tasks.append(asyncio.create_task(loop(), name=f"tally-{job.__name__}"))
+        self._tasks.append(periodic(period_s, job))
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when this role's required engines answer; Redis is optional (reads fall back)."""

@@ -72,6 +72,15 @@ class Settings:
     logical_shards: int = _s(4096, "Logical shards; fixed for the life of the data (cluster)")
     shard_map: list[str] = _s([], "Logical shard ranges to databases, 'FIRST-LAST=DB_INDEX'; "
                                   "empty: an even split (cluster)")
+    postgres_synchronous_commit: str = _s(
+        "on", "PostgreSQL durability per transaction: 'on' waits for the WAL fsync (and a synchronous "
+              "standby's flush, if any) before a write is acknowledged (cluster)")
+    postgres_pool_max: int = _s(10, "Connections per physical PostgreSQL database, per process "
+                                    "(cluster)")
+    outbox_slots: int = _s(4, "Outbox sources per database: commits that take change-log "
+                              "numbers concurrently; only ever increase it (cluster)")
+    reconcile_settle_s: float = _s(2.0, "Seconds a drift must hold still before it is reported or "
+                                        "repaired; above the event-log lag (cluster)")
     nats_url: str = _s("nats://127.0.0.1:4222", "NATS server with JetStream (cluster)")
     nats_stream: str = _s("TALLY_EVENTS", "JetStream stream holding the change events (cluster)")
     log_partitions: int = _s(16, "Event-log partitions, by (counter, item) hash (cluster)")
@@ -171,7 +180,8 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
     for name in ("group_commit_max", "aggregate_max_events", "cache_size", "max_batch_items",
                  "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k", "logical_shards",
-                 "log_partitions", "relay_batch", "redis_ttl_s"):
+                 "log_partitions", "postgres_pool_max", "outbox_slots", "relay_batch",
+                 "redis_ttl_s"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
     if s.backend not in ("sqlite", "cluster"):
@@ -182,6 +192,9 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("workers must be 1 with the embedded sqlite backend (one writer process)")
     if s.backend == "cluster" and not s.postgres_dsns:
         raise ConfigError("backend 'cluster' needs postgres_dsns")
+    if s.postgres_synchronous_commit not in ("on", "remote_apply", "remote_write", "local", "off"):
+        raise ConfigError("postgres_synchronous_commit must be on, remote_apply, remote_write, "
+                          "local or off")
     if s.postgres_dsns or s.shard_map:
         from tally.store.shards import ShardMap
 

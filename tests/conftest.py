@@ -116,4 +116,4 @@ def server_factory(tmp_path: Path) -> Iterator[type[ServerProcess]]:
         s.stop()
 
 
-pytest_plugins = ["tests.engines"]  # engine fixtures: pg_engine, redis_engine, nats_engine, ...
+pytest_plugins = ["tests.engines", "tests.redis_cluster"]  # engine fixtures: pg_engine, ..., redis_cluster

@@ -1,4 +1,5 @@
-"""A throwaway Redis Cluster: three ``redis-server --cluster-enabled`` masters joined by redis-cli."""
+"""A throwaway Redis Cluster: three ``redis-server --cluster-enabled`` masters joined by redis-cli,
+and the session fixture ``redis_cluster`` (loaded by tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from tally.engines import HOST, EngineError, RedisEngine
 
@@ -53,7 +57,24 @@ class RedisCluster:
             subprocess.run(["sleep", "0.1"], check=False)
         raise EngineError("redis cluster did not reach cluster_state:ok")
 
+    def flushall(self) -> None:
+        for node in self.nodes:
+            node.flushall()
+
     def stop(self) -> None:
         for node in self.nodes:
             with contextlib.suppress(EngineError):
                 node.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(engines_dir: Path) -> Iterator[RedisCluster]:
+    from tests.engines import require
+
+    require("redis")
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli not found; install with: apt-get install redis-tools")
+    cluster = RedisCluster(engines_dir / "redis-cluster")
+    cluster.start()
+    yield cluster
+    cluster.stop()

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -189,6 +188,15 @@ class EventLog:
         return out
 
     async def reader(self, partition: int, after_stream_seq: int) -> PartitionReader:
+        """A reader after ``after_stream_seq``; from the start if the stream is behind that
+        position (it was recreated: its sequence numbers restarted). Reading from the start is
+        safe, as the per-source watermarks skip whatever was applied already."""
+        info = await self.js.stream_info(self.stream)
+        if after_stream_seq > info.state.last_seq:
+            log.error("stream is behind a committed position: it was recreated; reading it from "
+                      "the start", extra={"partition": partition, "position": after_stream_seq,
+                                          "last_seq": info.state.last_seq})
+            after_stream_seq = 0
         r = PartitionReader(self, partition, after_stream_seq)
         await r.open()
         return r
@@ -215,18 +223,21 @@ class PartitionReader:
         self._consumer_seq = 0
 
     async def close(self) -> None:
+        """Delete the consumer now rather than leave it to its inactivity timeout."""
         if self._sub is not None:
+            sub, self._sub = self._sub, None
             try:
-                await self._sub.unsubscribe()
+                info = await asyncio.wait_for(sub.consumer_info(), 2.0)
+                await sub.unsubscribe()
+                await asyncio.wait_for(self.log.js.delete_consumer(self.log.stream, info.name), 2.0)
             except Exception:  # the connection may be gone; the server drops it when inactive
                 log.debug("closing a partition reader failed", exc_info=True)
-            self._sub = None
 
     async def fetch(self, max_msgs: int, timeout_s: float) -> list[LogMessage]:
         """Up to max_msgs messages after the position; [] when none arrive within the timeout."""
         try:
             msgs = await self._sub.fetch(max_msgs, timeout=timeout_s)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError, or asyncio's when the deadline passed
             return []
         out = []
         for m in msgs:
@@ -243,5 +254,3 @@ class PartitionReader:
                                   meta.timestamp.timestamp()))
         return out
 
-    def lag_seconds(self, oldest: LogMessage | None) -> float:
-        return 0.0 if oldest is None else max(time.time() - oldest.stored_at, 0.0)

@@ -19,19 +19,17 @@ where it already took effect, and an increment with an idempotency key is counte
 without a key are not retry-safe, in any backend.)
 
 The count in each answer is read-your-writes: the stored count read before this transaction
-committed (so it cannot already contain this change) plus this request's own deltas on that key,
+began (so it cannot already contain this change) plus this request's own deltas on that key,
 floored at zero. Other users' changes appear once the aggregators have applied them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -39,6 +37,7 @@ import asyncpg
 from tally.core.errors import InvalidInput, Unavailable
 from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
 from tally.store.postgres_cluster import PgCluster, read_counts
+from tally.store.postgres_single import Planned, write_one
 
 _MATERIALIZE = (
     "INSERT INTO toggles (counter, user_id, item, state, version, updated_at, shard) "
@@ -69,14 +68,6 @@ _PENDING = ("SELECT seq, counter, item, user_id, delta, ts, region FROM outbox "
             "WHERE source = $1 AND seq > $2 ORDER BY seq LIMIT $3")
 
 ToggleKey = tuple[str, str, str]  # (counter, user, item)
-
-
-@dataclass(slots=True)
-class _Planned:
-    changed: bool
-    delta: int
-    state: bool | None
-    seq: int | None = None
 
 
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
@@ -114,19 +105,14 @@ class PostgresLikeStore:
             return []
         now = time.time()
         groups = self.map.group(range(len(ops)), lambda i: self.route(ops[i]))
-        stored = asyncio.ensure_future(read_counts(self.cluster, {(o.counter, o.item) for o in ops}))
-        try:
-            # Read before taking the write connections: both come from one pool, and a write
-            # holding its connection while its read waits for another deadlocks a full pool.
-            await stored
-            planned = await self.cluster.retrying(
-                "write", lambda: self._write_all(ops, groups, now, stored))
-        finally:
-            if not stored.done():
-                stored.cancel()
-            with contextlib.suppress(BaseException):
-                await stored
-        counts = stored.result()
+        # Read before writing, never while a transaction holds a connection: a transaction that
+        # waited for a second connection of a drained pool would never give its own back.
+        counts = await read_counts(self.cluster, {(o.counter, o.item) for o in ops})
+        if len(ops) == 1:
+            planned = {0: await self.cluster.retrying("write", lambda: self._write_one(ops[0], now))}
+        else:
+            planned = await self.cluster.retrying("write",
+                                                  lambda: self._write_all(ops, groups, now))
         overlay: dict[CountKey, int] = defaultdict(int)
         results = []
         for i, op in enumerate(ops):
@@ -137,8 +123,24 @@ class PostgresLikeStore:
                                     state=p.state, seq=p.seq))
         return results
 
-    async def _write_all(self, ops: list[Op], groups: dict[int, list[int]], now: float,
-                         stored: asyncio.Future[dict[CountKey, int]]) -> dict[int, _Planned]:
+    async def _write_one(self, op: Op, now: float) -> Planned:
+        key = self.route(op)
+        db = self.map.db_of(key)
+        async with self.cluster.connection(db) as conn:
+            return await write_one(conn, op, self._source(db), self.map.shard_of(key), now)
+
+    def _source(self, db: int) -> str:
+        """The outbox slot a transaction numbers its rows in: any one, so commits spread."""
+        return f"pg{db}.{random.randrange(self.slots)}"
+
+    async def _write_all(self, ops: list[Op], groups: dict[int, list[int]],
+                         now: float) -> dict[int, Planned]:
+        """One transaction per database, each run to its end before the next database's starts.
+
+        Connections, row locks and outbox slots are so taken in database order by every writer:
+        a wait across databases, which no server could detect as a deadlock, cannot form a cycle.
+        (Within one database PostgreSQL detects deadlocks; the whole write is then retried.)
+        """
         async with contextlib.AsyncExitStack() as stack:
             conns = {db: await stack.enter_async_context(self.cluster.connection(db))
                      for db in sorted(groups)}
@@ -147,10 +149,10 @@ class PostgresLikeStore:
                 txs[db] = conn.transaction()
                 await txs[db].start()
             try:
-                plans = await self.cluster.gather(
-                    {db: self._apply(conns[db], db, [(i, ops[i]) for i in groups[db]], now)
-                     for db in conns})
-                await stored  # read-your-writes: the counts were read before any commit
+                plans = {}
+                for db, conn in conns.items():  # in database order: see _write_all's docstring
+                    plans[db] = await self._apply(conn, db, [(i, ops[i]) for i in groups[db]],
+                                                  now)
             except BaseException:
                 await _rollback(txs.values())
                 raise
@@ -173,8 +175,8 @@ class PostgresLikeStore:
                 raise
 
     async def _apply(self, conn: asyncpg.Connection, db: int, ops: list[tuple[int, Op]],
-                     now: float) -> dict[int, _Planned]:
-        planned: dict[int, _Planned] = {}
+                     now: float) -> dict[int, Planned]:
+        planned: dict[int, Planned] = {}
         events: list[tuple[int, Op, int]] = []
         toggles = [(i, op) for i, op in ops if isinstance(op, ToggleOp)]
         incrs = [(i, op) for i, op in ops if isinstance(op, IncrOp)]
@@ -187,7 +189,7 @@ class PostgresLikeStore:
         return planned
 
     async def _toggles(self, conn: asyncpg.Connection, toggles: list[tuple[int, ToggleOp]],
-                       now: float, planned: dict[int, _Planned],
+                       now: float, planned: dict[int, Planned],
                        events: list[tuple[int, Op, int]]) -> None:
         """Lock the rows in key order, replay the ops in request order, write final states."""
         sets = sorted({(op.counter, op.user, op.item) for _, op in toggles if op.on})
@@ -201,12 +203,12 @@ class PostgresLikeStore:
         for idx, op in toggles:
             key = (op.counter, op.user, op.item)
             if state.get(key, False) == op.on:
-                planned[idx] = _Planned(False, 0, op.on)
+                planned[idx] = Planned(False, 0, op.on)
                 continue
             state[key] = op.on
             flips[key] += 1
             delta = 1 if op.on else -1
-            planned[idx] = _Planned(True, delta, op.on)
+            planned[idx] = Planned(True, delta, op.on)
             events.append((idx, op, delta))
         if flips:
             rows = [(*k, state[k], n) for k, n in sorted(flips.items())]
@@ -214,7 +216,7 @@ class PostgresLikeStore:
 
     @staticmethod
     async def _incrs(conn: asyncpg.Connection, incrs: list[tuple[int, IncrOp]], now: float,
-                     planned: dict[int, _Planned], events: list[tuple[int, Op, int]]) -> None:
+                     planned: dict[int, Planned], events: list[tuple[int, Op, int]]) -> None:
         windows = {(op.counter, op.idempotency_key): now + op.dedupe_window_s
                    for _, op in incrs if op.idempotency_key is not None}
         fresh: set[tuple[str, str]] = set()
@@ -225,15 +227,15 @@ class PostgresLikeStore:
             if op.idempotency_key is not None:
                 key = (op.counter, op.idempotency_key)
                 if key not in fresh:  # seen within the window (or earlier in this request)
-                    planned[idx] = _Planned(False, 0, None)
+                    planned[idx] = Planned(False, 0, None)
                     continue
                 fresh.discard(key)
-            planned[idx] = _Planned(True, op.n, None)
+            planned[idx] = Planned(True, op.n, None)
             events.append((idx, op, op.n))
 
     async def _append(self, conn: asyncpg.Connection, db: int, events: list[tuple[int, Op, int]],
-                      now: float, planned: dict[int, _Planned]) -> None:
-        source = f"pg{db}.{random.randrange(self.slots)}"
+                      now: float, planned: dict[int, Planned]) -> None:
+        source = self._source(db)
         last = await conn.fetchval(_TAKE_SEQ, source, len(events))
         first = last - len(events) + 1
         rows = []

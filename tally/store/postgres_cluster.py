@@ -22,7 +22,8 @@ from tally.store.shards import ShardMap
 log = logging.getLogger("tally.postgres")
 T = TypeVar("T")
 
-RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
+             asyncpg.LockNotAvailableError)
 UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
                asyncpg.TooManyConnectionsError)
@@ -63,6 +64,7 @@ class PgCluster:
                     pool = await asyncpg.create_pool(
                         dsn, min_size=1, max_size=self.pool_max, command_timeout=60,
                         server_settings={"synchronous_commit": self.synchronous_commit,
+                                         "lock_timeout": "10s",  # a safety net; then retried
                                          "application_name": "tally"})
                     self.pools.append(pool)
                     async with pool.acquire() as conn:

@@ -13,7 +13,8 @@ A key that changed meanwhile is left for the next pass.
 
 Repair never overwrites a count: it adds the correction with a compare-and-set on the count value
 it measured, so a delta applied by an aggregator in between makes the repair skip that key rather
-than fight it. A key with outbox rows older than ``settle_s`` (a stalled relay) is not repaired.
+than fight it. A key with outbox rows older than ``stall_s`` is not repaired: the relay is stalled,
+and a row it published but did not trim may already be in the count (counted twice here).
 The remaining assumption, stated for operators: no published event stays unapplied longer than
 ``settle_s`` (check the event log's lag before ``tally reconcile --repair``).
 """
@@ -62,10 +63,12 @@ class _Seen:
 class PostgresRecounter:
     """Implements Recounter (see ``tally.store.ports``) over a ``PgCluster``."""
 
-    def __init__(self, cluster: PgCluster, counts: PostgresCountStore, settle_s: float = 2.0) -> None:
+    def __init__(self, cluster: PgCluster, counts: PostgresCountStore, settle_s: float = 2.0,
+                 stall_s: float = 10.0) -> None:
         self.cluster = cluster
         self.counts = counts
         self.settle_s = settle_s
+        self.stall_s = stall_s
         self.repaired = 0
         self.skipped_repairs = 0
 
@@ -141,7 +144,7 @@ class PostgresRecounter:
 
     async def _repair(self, key: CountKey, seen: _Seen) -> None:
         stalled = (seen.oldest_unpublished is not None
-                   and seen.oldest_unpublished < time.time() - self.settle_s)
+                   and seen.oldest_unpublished < time.time() - self.stall_s)
         if stalled or seen.intents:
             self.skipped_repairs += 1
             return

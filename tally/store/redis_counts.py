@@ -20,6 +20,7 @@ so reads do not each pay the timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -75,7 +76,11 @@ class RedisCounts:
                                 "socket_connect_timeout": self.timeout_s}
         if self.cluster:
             self._r = RedisCluster.from_url(self.url, **opts)
-            await self._r.initialize()
+            try:  # learn the slot map now; if Redis is down, the first command retries it
+                await self._r.initialize()
+            except (RedisError, OSError) as exc:
+                log.warning("redis cluster unreachable at start; reads use PostgreSQL meanwhile",
+                            extra={"error": repr(exc)})
         else:
             self._r = Redis.from_url(self.url, health_check_interval=30, **opts)
 
@@ -191,7 +196,16 @@ class TieredCounts:
 
     async def apply_batch(self, batch: Batch, consumer: str,
                           expect: Mapping[str, int]) -> dict[CountKey, int] | None:
-        return await self.durable.apply_batch(batch, consumer, expect)
+        """Through the durable store, then drop the keys from Redis (the next read refills).
+
+        The aggregators do not come this way: they know the log position of a batch and write
+        the new values with it as the version (``RedisCounts.put``), which no stale fill beats.
+        """
+        new = await self.durable.apply_batch(batch, consumer, expect)
+        if new:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await self.redis.delete(list(new))
+        return new
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
         return await self.durable.rollups(counter, item_type, dimension)

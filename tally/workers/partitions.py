@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from tally.core.coalesce import coalesce
 from tally.core.model import CountKey
-from tally.store.jetstream import EventLog, LogGap, PartitionReader, stream_position
+from tally.store.jetstream import EventLog, LogGap, LogMessage, PartitionReader, stream_position
 from tally.store.ports import CountStore
 from tally.store.redis_counts import RedisCounts
 from tally.workers.leases import LeaseSet
@@ -116,22 +116,46 @@ class PartitionWorker:
                 self.stats.pending_msgs = 0
                 await self._flush_dirty()
                 continue
-            self.stats.pending_msgs = msgs[-1].pending
-            self.stats.lag_seconds = max(time.time() - msgs[0].stored_at, 0.0)
-            events = [ev for m in msgs for ev in m.events]
-            batch = coalesce(events, self.rollups, marks)
-            batch.positions[stream_position(self.partition)] = msgs[-1].stream_seq
-            self._unsure = (list(batch.deltas), msgs[-1].stream_seq)
-            new = await self.counts.apply_batch(batch, self.consumer, marks)
-            self._unsure = None
-            if new is None:
-                raise Fenced(self.partition)
-            marks.update(batch.positions)
-            self._record(batch.events, batch.skipped)
-            await self._write_cache(new, msgs[-1].stream_seq)
+            await self._apply(msgs, marks)
             rest = self.window_s - (time.monotonic() - started)
             if len(msgs) < FETCH_MSGS and rest > 0:
                 await asyncio.sleep(rest)  # let the window gather more deltas per key
+
+    async def _apply(self, msgs: list[LogMessage], marks: dict[str, int]) -> int:
+        """One window's messages: coalesce, apply with the watermarks, then set Redis."""
+        self.stats.pending_msgs = msgs[-1].pending
+        self.stats.lag_seconds = max(time.time() - msgs[0].stored_at, 0.0)
+        events = [ev for m in msgs for ev in m.events]
+        batch = coalesce(events, self.rollups, marks)
+        batch.positions[stream_position(self.partition)] = msgs[-1].stream_seq
+        self._unsure = (list(batch.deltas), msgs[-1].stream_seq)
+        new = await self.counts.apply_batch(batch, self.consumer, marks)
+        self._unsure = None
+        if new is None:
+            raise Fenced(self.partition)
+        marks.update(batch.positions)
+        self._record(batch.events, batch.skipped)
+        await self._write_cache(new, msgs[-1].stream_seq)
+        return batch.events
+
+    async def drain(self) -> int:
+        """Apply everything the partition holds now, then return: for tests and tools."""
+        last = (await self.events.last_seqs()).get(self.partition, 0)
+        marks = await self.counts.watermarks(self.consumer)
+        await self._settle_unsure()
+        reader = await self.events.reader(self.partition,
+                                          marks.get(stream_position(self.partition), 0))
+        total = 0
+        try:
+            while reader.position < last:
+                msgs = await reader.fetch(FETCH_MSGS, timeout_s=5.0)
+                if not msgs:
+                    raise TimeoutError(f"partition {self.partition}: stalled at "
+                                       f"{reader.position} of {last}")
+                total += await self._apply(msgs, marks)
+        finally:
+            await reader.close()
+        return total
 
     def _record(self, events: int, skipped: int) -> None:
         self.stats.events += events

@@ -118,7 +118,7 @@ async def test_acknowledged_writes_survive_crashes_and_counts_equal_the_recount(
     load.urls = [u for u in load.urls if u != cluster.processes["api-0"].url]
     await asyncio.gather(*clients)
     survivor = load.urls[0]
-    assert load.acked > 500, "the load loop barely ran"
+    assert load.acked > 100, "the load loop barely ran"
 
     deadline = time.monotonic() + 60
     while diff := await recount_matches(load, survivor):

@@ -18,11 +18,17 @@ from tally.settings import Settings
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 
-@pytest.fixture
-def cluster_settings(tmp_path: Path, pg_dsns: list[str], nats_url: str,
-                     redis_url: str) -> Settings:
-    return Settings(backend="cluster", postgres_dsns=pg_dsns, nats_url=nats_url,
-                    redis_url=redis_url, log_partitions=4, logical_shards=64,
+@pytest.fixture(params=["redis", "redis-cluster"])
+def cluster_settings(request: pytest.FixtureRequest, tmp_path: Path, pg_dsns: list[str],
+                     nats_url: str) -> Settings:
+    if request.param == "redis":
+        redis = {"redis_url": request.getfixturevalue("redis_url")}
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        redis = {"redis_url": cluster.url, "redis_cluster": True}
+    return Settings(backend="cluster", postgres_dsns=pg_dsns, nats_url=nats_url, **redis,
+                    log_partitions=4, logical_shards=64,
                     data_dir=str(tmp_path / "data"), aggregate_window_ms=5.0,
                     lease_period_ms=100.0, hot_ttl_s=0.05)
 

@@ -100,3 +100,19 @@ async def test_changing_the_partition_count_of_a_stream_is_refused(nats_url: str
     with pytest.raises(ConfigError, match="partition count is fixed"):
         await second.start()
     await second.close()
+
+
+async def test_a_recreated_stream_is_read_from_its_start(nats_url: str) -> None:
+    log = EventLog(nats_url, "T_RESET", 1)
+    await log.start()
+    try:
+        await log.publish("s0", events("s0", range(1, 6)))
+        await log.js.delete_stream("T_RESET")  # lost, then recreated: sequences restart at 1
+        await log.ensure_stream()
+        await log.publish("s0", events("s0", range(6, 8)))
+        reader = await log.reader(0, 5)  # a position committed against the old stream
+        msgs = await reader.fetch(10, 0.5)
+        await reader.close()
+        assert [e.seq for m in msgs for e in m.events] == [6, 7]
+    finally:
+        await log.close()

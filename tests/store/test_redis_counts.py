@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,11 @@ from tally.core.coalesce import Batch
 from tally.engines import RedisEngine
 from tally.store.redis_counts import RedisCounts, TieredCounts
 from tally.store.sqlite import SqliteStore
-from tests.engines import EngineFactory, require
-from tests.redis_cluster import RedisCluster
+from tests.engines import EngineFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
 KEYS = [("like", f"post:{i}") for i in range(50)]
-
-
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
-    require("redis")
-    if shutil.which("redis-cli") is None:
-        pytest.skip("redis-cli not found; install with: apt-get install redis-tools")
-    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
-    cluster.start()
-    yield cluster
-    cluster.stop()
 
 
 @pytest.fixture(params=["single", "cluster"])
@@ -37,9 +24,10 @@ async def counts(request: pytest.FixtureRequest) -> AsyncIterator[RedisCounts]:
     if request.param == "single":
         rc = RedisCounts(request.getfixturevalue("redis_url"))
     else:
-        rc = RedisCounts(request.getfixturevalue("redis_cluster").url, cluster=True)
+        cluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        rc = RedisCounts(cluster.url, cluster=True)
     await rc.start()
-    await rc.delete(KEYS)
     yield rc
     await rc.close()
 

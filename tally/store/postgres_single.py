@@ -1,0 +1,76 @@
+"""The one-op write (a single like, unlike or view: most requests) as one statement, one round trip.
+
+The general path (``postgres.py``) needs a transaction of several statements to replay a bulk in
+order. One op needs none of that: a data-modifying CTE flips the toggle only if it changes
+(``ON CONFLICT ... WHERE NOT state`` / ``UPDATE ... WHERE state``, which lock the row), takes the
+next number of the outbox slot only if it did, and appends the outbox row, all in one autocommit
+statement. Locks are taken in the same order as the general path (toggle row, then slot row), and
+the slot row stays locked until the commit, so numbering still follows commit order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from tally.core.model import IncrOp, Op, ToggleOp
+
+_NEXT_SEQ = ("INSERT INTO outbox_heads (source, seq) SELECT $6, 1 FROM changed "
+             "ON CONFLICT (source) DO UPDATE SET seq = outbox_heads.seq + 1 RETURNING seq")
+_OUTBOX = ("INSERT INTO outbox (source, seq, shard, counter, item, user_id, delta, ts, region) "
+           "SELECT $6, h.seq, $5, $1, $3, $2, $8, $4, $7 FROM h RETURNING seq")
+
+SET = f"""WITH changed AS (
+    INSERT INTO toggles AS t (counter, user_id, item, state, version, updated_at, shard)
+    VALUES ($1, $2, $3, true, 1, $4, $5)
+    ON CONFLICT (counter, user_id, item) DO UPDATE
+    SET state = true, version = t.version + 1, updated_at = excluded.updated_at
+    WHERE NOT t.state RETURNING 1),
+h AS ({_NEXT_SEQ})
+{_OUTBOX}"""
+
+CLEAR = f"""WITH changed AS (
+    UPDATE toggles SET state = false, version = version + 1, updated_at = $4
+    WHERE counter = $1 AND user_id = $2 AND item = $3 AND state
+    RETURNING 1),
+h AS ({_NEXT_SEQ})
+{_OUTBOX}"""
+
+KEYED = f"""WITH changed AS (
+    INSERT INTO idempotency (counter, key, expires_at) VALUES ($1, $9, $10)
+    ON CONFLICT (counter, key) DO UPDATE SET expires_at = excluded.expires_at
+    WHERE idempotency.expires_at < $4 RETURNING 1),
+h AS ({_NEXT_SEQ})
+{_OUTBOX}"""
+
+UNKEYED = f"""WITH changed AS (SELECT 1),
+h AS ({_NEXT_SEQ})
+{_OUTBOX}"""
+
+
+@dataclass(slots=True)
+class Planned:
+    """What one op did: whether it changed anything, its delta, and its outbox number."""
+
+    changed: bool
+    delta: int
+    state: bool | None
+    seq: int | None = None
+
+
+async def write_one(conn: asyncpg.Connection, op: Op, source: str, shard: int,
+                    now: float) -> Planned:
+    """Apply one op in one statement (autocommit); see the module docstring."""
+    if isinstance(op, ToggleOp):
+        delta = 1 if op.on else -1
+        seq = await conn.fetchval(SET if op.on else CLEAR, op.counter, op.user, op.item, now,
+                                  shard, source, op.region, delta)
+        return Planned(seq is not None, delta if seq is not None else 0, op.on, seq)
+    assert isinstance(op, IncrOp)
+    common = (op.counter, op.user, op.item, now, shard, source, op.region, op.n)
+    if op.idempotency_key is None:
+        seq = await conn.fetchval(UNKEYED, *common)
+    else:
+        seq = await conn.fetchval(KEYED, *common, op.idempotency_key, now + op.dedupe_window_s)
+    return Planned(seq is not None, op.n if seq is not None else 0, None, seq)

@@ -1,0 +1,169 @@
+"""PostgreSQL-only behaviour: cross-database batches survive a crash between their two steps,
+reads are one query per database, the durable setting is in force, the shard map is enforced."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tally.core.coalesce import coalesce
+from tally.core.errors import ConfigError, Unavailable
+from tally.core.model import Event
+from tally.store.postgres_cluster import PgCluster
+from tally.store.postgres_counts import PostgresCountStore
+from tally.store.shards import ShardMap
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+def spanning_events(shard_map: ShardMap, n: int = 40) -> list[Event]:
+    evs = [Event(seq=i + 1, counter="like", item=f"post:{i}", user="u", delta=1, ts=time.time(),
+                 region="eu", source="pg0.0") for i in range(n)]
+    assert {shard_map.db_of(e.item) for e in evs} == {0, 1}
+    return evs
+
+
+@pytest.fixture
+async def stores(pg_shared_dsns: list[str]) -> Any:
+    shard_map = ShardMap.build(64, 2)
+    made: list[PostgresCountStore] = []
+
+    async def make() -> PostgresCountStore:
+        store = PostgresCountStore(PgCluster(pg_shared_dsns, shard_map, pool_max=4))
+        await store.start()
+        made.append(store)
+        return store
+
+    yield make, shard_map
+    for store in made:
+        await store.close()
+
+
+async def test_crash_between_decision_and_roll_forward(stores: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    make, shard_map = stores
+    crashed, other = await make(), await make()
+    evs = spanning_events(shard_map)
+    keys = [("like", e.item) for e in evs]
+
+    async def unreachable(*args: object) -> None:
+        raise Unavailable("database 1 went away")
+
+    monkeypatch.setattr(crashed, "_roll_forward", unreachable)
+    with pytest.raises(Unavailable):
+        await crashed.apply_batch(coalesce(evs), "p1", {})
+    half = await other.get(keys)
+    assert set(half.values()) == {1} and {shard_map.db_of(i) for _, i in half} == {0}
+    # Another process takes over the consumer: its first read of the watermarks finishes the batch.
+    marks = await other.watermarks("p1")
+    assert marks == {"pg0.0": 40} and other.rolled_forward == 1
+    assert await other.get(keys) == dict.fromkeys(keys, 1)
+    redelivered = coalesce(evs, applied=marks)
+    assert (redelivered.events, redelivered.skipped) == (0, 40)
+    # A late roll-forward of the same intent (the crashed process waking up) applies nothing.
+    monkeypatch.undo()
+    parts = {1: [("like", e.item, 1) for e in evs if shard_map.db_of(e.item) == 1]}
+    assert await crashed._roll_forward("p1", 1, parts) == {}
+    assert await other.get(keys) == dict.fromkeys(keys, 1)
+
+
+async def test_pending_intent_is_finished_before_the_next_batch(stores: Any,
+                                                                monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    make, shard_map = stores
+    store = await make()
+    evs = spanning_events(shard_map)
+
+    async def unreachable(*args: object) -> None:
+        raise Unavailable("database 1 went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "_roll_forward", unreachable)
+        with pytest.raises(Unavailable):
+            await store.apply_batch(coalesce(evs[:20]), "p1", {})
+    nxt = coalesce(evs[20:], applied={"pg0.0": 20})
+    got = await store.apply_batch(nxt, "p1", {"pg0.0": 20})
+    assert got is not None and store.rolled_forward == 1
+    assert await store.get([("like", e.item) for e in evs]) == {("like", e.item): 1 for e in evs}
+
+
+async def test_concurrent_takeovers_roll_forward_once(stores: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    make, shard_map = stores
+    crashed = await make()
+    evs = spanning_events(shard_map)
+
+    async def unreachable(*args: object) -> None:
+        raise Unavailable("database 1 went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(crashed, "_roll_forward", unreachable)
+        with pytest.raises(Unavailable):
+            await crashed.apply_batch(coalesce(evs), "p1", {})
+    takers = [await make() for _ in range(3)]
+    await asyncio.gather(*(t.watermarks("p1") for t in takers))
+    assert await takers[0].get([("like", e.item) for e in evs]) == {
+        ("like", e.item): 1 for e in evs}
+
+
+async def test_batch_reads_are_one_query_per_database(stores: Any) -> None:
+    make, _ = stores
+    store = await make()
+    calls: list[int] = []
+    fetch = store.cluster.fetch
+
+    async def counting(db: int, sql: str, *args: Any) -> list[asyncpg.Record]:
+        calls.append(db)
+        rows: list[asyncpg.Record] = await fetch(db, sql, *args)
+        return rows
+
+    store.cluster.fetch = counting  # type: ignore[method-assign,unused-ignore]
+    await store.get([("like", f"post:{i}") for i in range(200)] + [("view", "post:1")])
+    assert sorted(calls) == [0, 1]
+
+
+async def test_durable_commit_setting_is_in_force(pg_shared_dsns: list[str]) -> None:
+    cluster = PgCluster(pg_shared_dsns, ShardMap.build(64, 2))
+    await cluster.start()
+    try:
+        for db in (0, 1):
+            rows = await cluster.fetch(db, "SELECT current_setting('synchronous_commit'), "
+                                           "current_setting('fsync')")
+            assert tuple(rows[0]) == ("on", "on")
+    finally:
+        await cluster.close()
+
+
+async def test_reordered_databases_are_refused(pg_shared_dsns: list[str]) -> None:
+    first = PgCluster(pg_shared_dsns, ShardMap.build(64, 2))
+    await first.start()
+    await first.close()
+    swapped = PgCluster(list(reversed(pg_shared_dsns)), ShardMap.build(64, 2))
+    with pytest.raises(ConfigError, match="must not change"):
+        await swapped.start()
+    with pytest.raises(ConfigError, match="2 postgres_dsns"):
+        PgCluster(pg_shared_dsns, ShardMap.build(64, 3))
+
+
+async def test_stores_built_from_settings_share_one_cluster(pg_shared_dsns: list[str]) -> None:
+    from tally.core.model import ToggleOp
+    from tally.settings import Settings
+    from tally.store.postgres_stores import build_postgres
+
+    settings = Settings().replace(backend="cluster", postgres_dsns=pg_shared_dsns,
+                                  logical_shards=128, outbox_slots=2, postgres_pool_max=3)
+    stores = build_postgres(settings)
+    assert stores.likes.cluster is stores.counts.cluster is stores.recounter.cluster
+    await stores.start()
+    try:
+        res = await stores.likes.write([ToggleOp("like", "post:1", "u1", True, "eu")])
+        assert res[0].changed and len(stores.likes.sources()) == 4
+        assert stores.cluster.pools[0].get_max_size() == 3
+    finally:
+        await stores.close()
+    with pytest.raises(ConfigError, match="synchronous_commit"):
+        settings.replace(postgres_synchronous_commit="sometimes")

@@ -1,0 +1,132 @@
+"""The deployment files agree with the settings: every key in deploy/tally.toml is a known setting,
+every role runs ``tally serve --role X`` on the configured port, and the engines' hosts, ports,
+credentials and durability match what the settings point at (docker-compose and Kubernetes)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from tally.settings import Settings, load
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+ROLES = ("api", "relay", "aggregator")
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return load(DEPLOY / "tally.toml", env={})  # rejects unknown keys and invalid values
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services: dict[str, Any] = doc["services"]
+    return services
+
+
+@pytest.fixture(scope="module")
+def k8s() -> list[dict[str, Any]]:
+    return [d for f in sorted((DEPLOY / "k8s").glob("*.yaml"))
+            for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def engine_endpoints(s: Settings) -> dict[str, int]:
+    """host -> port of every engine the settings name."""
+    hosts = {}
+    for url in [*s.postgres_dsns, s.nats_url, s.redis_url]:
+        parts = urlsplit(url)
+        assert parts.hostname and parts.port, url
+        hosts[parts.hostname] = parts.port
+    return hosts
+
+
+def test_settings_file_is_a_valid_cluster_config(settings: Settings) -> None:
+    raw = tomllib.loads((DEPLOY / "tally.toml").read_text())["tally"]
+    assert set(raw) <= {f for f in Settings.__dataclass_fields__}
+    assert settings.backend == "cluster" and settings.host == "0.0.0.0"
+    assert len(settings.postgres_dsns) == 2 and settings.postgres_synchronous_commit == "on"
+
+
+def test_compose_roles_run_serve_with_the_config(compose: dict[str, Any], settings: Settings) -> None:
+    for role in ROLES:
+        svc = compose[role]
+        assert svc["command"] == ["tally", "serve", "--role", role]
+        config = svc["environment"]["TALLY_CONFIG"]
+        assert f"./tally.toml:{config}:ro" in svc["volumes"]
+        assert set(svc["depends_on"]) == set(engine_endpoints(settings))
+    assert compose["api"]["ports"] == [f"8080-8081:{settings.port}"]
+    assert compose["api"]["deploy"]["replicas"] == 2 and compose["aggregator"]["deploy"]["replicas"] == 2
+
+
+def test_compose_engines_match_the_settings(compose: dict[str, Any], settings: Settings) -> None:
+    for dsn in settings.postgres_dsns:
+        parts = urlsplit(dsn)
+        env = compose[parts.hostname or ""]["environment"]
+        assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]) == (
+            parts.username, parts.password, parts.path.lstrip("/"))
+        assert parts.port == 5432
+        assert f"synchronous_commit={settings.postgres_synchronous_commit}" in \
+            compose[parts.hostname or ""]["command"]
+    nats_conf = (DEPLOY / "nats.conf").read_text()
+    assert f"listen: 0.0.0.0:{urlsplit(settings.nats_url).port}" in nats_conf
+    assert "sync_interval: always" in nats_conf
+    assert "./nats.conf:/etc/nats/nats.conf:ro" in compose["nats"]["volumes"]
+    redis = compose[urlsplit(settings.redis_url).hostname or ""]["command"]
+    assert redis[redis.index("--port") + 1] == str(urlsplit(settings.redis_url).port)
+    assert redis[redis.index("--appendonly") + 1] == "yes" and "--appendfsync" in redis
+
+
+def test_k8s_config_map_carries_the_same_files(k8s: list[dict[str, Any]]) -> None:
+    maps = by_kind(k8s, "ConfigMap")
+    assert tomllib.loads(maps["tally-config"]["data"]["tally.toml"]) == tomllib.loads(
+        (DEPLOY / "tally.toml").read_text())
+    assert maps["nats-config"]["data"]["nats.conf"].strip() == (DEPLOY / "nats.conf").read_text().strip()
+
+
+def test_k8s_roles_run_serve_on_the_configured_port(k8s: list[dict[str, Any]],
+                                                    settings: Settings) -> None:
+    deployments = by_kind(k8s, "Deployment")
+    assert set(deployments) == {f"tally-{r}" for r in ROLES}
+    for role in ROLES:
+        pod = deployments[f"tally-{role}"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["command"] == ["tally", "serve", "--role", role]
+        assert [p["containerPort"] for p in container["ports"]] == [settings.port]
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": settings.port}
+        assert {"name": "TALLY_CONFIG", "value": "/etc/tally/tally.toml"} in container["env"]
+        assert pod["volumes"][0]["configMap"]["name"] == "tally-config"
+    api = by_kind(k8s, "Service")["api"]["spec"]
+    assert api["selector"] == {"app": "tally", "role": "api"}
+    assert api["ports"][0]["targetPort"] == settings.port
+
+
+def test_k8s_services_reach_every_engine_the_settings_name(k8s: list[dict[str, Any]],
+                                                           settings: Settings) -> None:
+    services = by_kind(k8s, "Service")
+    for host, port in engine_endpoints(settings).items():
+        assert host in services, f"no Service named {host}"
+        assert port in [p["port"] for p in services[host]["spec"]["ports"]]
+    password = by_kind(k8s, "Secret")["postgres"]["stringData"]["password"]
+    assert {urlsplit(d).password for d in settings.postgres_dsns} == {password}
+    sets = by_kind(k8s, "StatefulSet")
+    pg_args = sets["postgres"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"synchronous_commit={settings.postgres_synchronous_commit}" in pg_args
+    assert sets["postgres"]["spec"]["replicas"] == len(settings.postgres_dsns)
+    redis_args = sets["redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert redis_args[redis_args.index("--appendonly") + 1] == "yes"
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kust = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
+    files = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kust["resources"]) == files

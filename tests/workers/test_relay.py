@@ -1,0 +1,118 @@
+"""The relay: outbox rows reach the log in order, are trimmed, and survive a NATS crash."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from tally.core.model import CountKey, ToggleOp
+from tally.engines import NatsEngine
+from tally.store.jetstream import EventLog
+from tally.store.postgres import PostgresLikeStore
+from tally.store.postgres_cluster import PgCluster
+from tally.store.shards import ShardMap
+from tally.store.sqlite import SqliteStore
+from tally.workers.partitions import PartitionPool
+from tally.workers.relay import Relay
+from tests.engines import EngineFactory
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+@pytest.fixture
+async def likes(pg_dsns: list[str]) -> AsyncIterator[PostgresLikeStore]:
+    store = PostgresLikeStore(PgCluster(pg_dsns, ShardMap.build(64, 2)), outbox_slots=2)
+    await store.start()
+    yield store
+    await store.close()
+
+
+def toggles(n: int, items: int = 9) -> list[ToggleOp]:
+    return [ToggleOp("like", f"post:{i % items}", f"u{i}", True, "eu") for i in range(n)]
+
+
+async def until(cond: Callable[[], object], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await cond():  # type: ignore[misc]
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def outbox_empty(likes: PostgresLikeStore) -> bool:
+    for source in likes.sources():
+        if await likes.pending(source, 0, 1):
+            return False
+    return True
+
+
+async def test_rows_are_published_in_source_order_then_trimmed(
+        likes: PostgresLikeStore, nats_url: str, pg_database: Callable[[], str]) -> None:
+    log = EventLog(nats_url, "T_RELAY", 3)
+    await log.start()
+    for start in range(0, 300, 30):
+        await likes.write(toggles(300)[start:start + 30])
+    relay = Relay(pg_database(), likes, log, batch=50, lease_period_s=0.05)
+    relay.start()
+    try:
+        await until(lambda: outbox_empty(likes))
+    finally:
+        await relay.stop()
+    seen: list[tuple[str, int]] = []
+    for p in range(3):
+        reader = await log.reader(p, 0)
+        while msgs := await reader.fetch(100, 0.3):
+            part = [(e.source, e.seq) for m in msgs for e in m.events]
+            for source in likes.sources():
+                seqs = [s for src, s in part if src == source]
+                assert seqs == sorted(seqs), "a source's events out of order in a partition"
+            seen.extend(part)
+        await reader.close()
+    assert len(seen) == len(set(seen)) == 300
+    assert sum(s.stats.published for s in relay.sources.values()) == 0  # stopped: forgotten
+    await log.close()
+
+
+async def test_a_nats_crash_mid_relay_loses_and_doubles_nothing(
+        likes: PostgresLikeStore, engine_factory: EngineFactory, tmp_path: Path,
+        pg_database: Callable[[], str]) -> None:
+    nats = engine_factory(NatsEngine)
+    nats.start()
+    log = EventLog(nats.url, "T_CRASH", 4, publish_timeout_s=1.0)
+    await log.start()
+    counts = SqliteStore(tmp_path / "counts.db", "FULL", 0.5, 500, 2)
+    await counts.start()
+    lease_db = pg_database()
+    relay = Relay(lease_db, likes, log, batch=20, lease_period_s=0.05)
+    pool = PartitionPool(lease_db, log, counts, None, window_s=0.01, rollups=())
+    relay.start()
+    pool.start()
+    ops = toggles(600) + [ToggleOp("like", f"post:{i % 9}", f"u{i}", False, "eu")
+                          for i in range(0, 600, 3)]
+    try:
+        for n, start in enumerate(range(0, len(ops), 20)):
+            await likes.write(ops[start:start + 20])
+            if n == 10:
+                nats.kill()  # the stream is fsynced: acknowledged messages survive
+            if n == 20:
+                nats.start()
+            await asyncio.sleep(0.2 if 10 <= n < 20 else 0.01)  # writes go on during the outage
+        want: Counter[CountKey] = Counter()
+        for op in ops:
+            want[("like", op.item)] += 1 if op.on else -1
+
+        async def converged() -> bool:
+            return await counts.get(list(want)) == dict(want)
+
+        await until(converged, timeout_s=60)
+        await until(lambda: outbox_empty(likes))
+        assert sum(s.stats.failures for s in relay.sources.values()) > 0  # it did retry
+    finally:
+        await pool.stop()
+        await relay.stop()
+        await log.close()
+        await counts.close()
