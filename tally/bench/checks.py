@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 P99_LIKE_MS = 50.0
@@ -9,10 +10,16 @@ P99_FEED_MS = 10.0
 
 
 def _closed(runs: list[dict[str, Any]], target: str, preset: str) -> dict[str, Any] | None:
-    for r in runs:
-        if r["target"] == target and r["preset"] == preset and r["mode"] == "closed":
-            return r
-    return None
+    """The closed-loop run of the median throughput (over the interleaved rounds)."""
+    found = sorted((r for r in runs if r["target"] == target and r["preset"] == preset
+                    and r["mode"] == "closed"), key=lambda r: r["throughput_per_s"])
+    return found[(len(found) - 1) // 2] if found else None
+
+
+def median_max(runs: list[dict[str, Any]], target: str, preset: str) -> float:
+    xs = [r["throughput_per_s"] for r in runs
+          if r["target"] == target and r["preset"] == preset and r["mode"] == "closed"]
+    return float(statistics.median(xs)) if xs else 0.0
 
 
 def _open(runs: list[dict[str, Any]], target: str, preset: str) -> list[dict[str, Any]]:
@@ -39,16 +46,18 @@ def checks(runs: list[dict[str, Any]], extra: dict[str, Any]) -> list[dict[str, 
     pg = _closed(runs, "pg", "viral")
     tally_viral = sustained(runs, "tally", "viral", P99_LIKE_MS)
     if pg is not None:
-        ratio = _ratio(tally_viral, pg["throughput_per_s"])
+        pg_max = median_max(runs, "pg", "viral")
+        ratio = _ratio(tally_viral, pg_max)
         out.append({"target": "viral, equal durability: Tally >= 10x naive PostgreSQL, like p99 <= 50 ms",
                     "measured": f"Tally sustains {tally_viral:,.0f} likes/s at p99 <= 50 ms (open "
-                                f"loop); PostgreSQL max {pg['throughput_per_s']:,.0f}/s "
-                                f"(closed loop): {ratio:.1f}x", "met": ratio >= 10, "ratio": ratio})
+                                f"loop); PostgreSQL max {pg_max:,.0f}/s "
+                                f"(closed loop, median): {ratio:.1f}x", "met": ratio >= 10,
+                    "ratio": ratio})
     bulk = _closed(runs, "tally", "bulk")
     if bulk is not None and pg is not None:
         size = bulk["spec"]["params"]["bulk_size"]
         likes = sustained(runs, "tally", "bulk", P99_LIKE_MS) * size
-        ratio = _ratio(likes, pg["throughput_per_s"])
+        ratio = _ratio(likes, median_max(runs, "pg", "viral"))
         out.append({"target": "viral via /v1/bulk (batching client): Tally >= 10x PostgreSQL, "
                               "p99 <= 50 ms",
                     "measured": f"Tally sustains {likes:,.0f} likes/s at p99 <= 50 ms per request of "
@@ -59,10 +68,11 @@ def checks(runs: list[dict[str, Any]], extra: dict[str, Any]) -> list[dict[str, 
     for preset in ("uniform", "zipf"):
         run = _closed(runs, "tally", preset)
         if run is not None and noop is not None:
-            ratio = _ratio(run["throughput_per_s"], noop["throughput_per_s"])
+            mine, ceiling = median_max(runs, "tally", preset), median_max(runs, "tally", "noop")
+            ratio = _ratio(mine, ceiling)
             out.append({"target": f"{preset}: Tally likes/s >= 70% of /bench/noop",
-                        "measured": f"{run['throughput_per_s']:,.0f} vs {noop['throughput_per_s']:,.0f}"
-                                    f"/s: {ratio:.0%}", "met": ratio >= 0.7, "ratio": ratio})
+                        "measured": f"{mine:,.0f} vs {ceiling:,.0f}/s (medians of interleaved "
+                                    f"rounds): {ratio:.0%}", "met": ratio >= 0.7, "ratio": ratio})
     feed = _open(runs, "tally", "feed")
     if feed:
         p99 = feed[-1]["latency"].get("p99_ms", 1e9)

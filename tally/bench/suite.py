@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from tally.bench import loadgen, memory, server_stats, targets
+from tally.bench.checks import median_max
 from tally.bench.loadgen import RunSpec
 from tally.bench.report import machine
 from tally.bench.workloads import Params
@@ -36,13 +37,18 @@ class SuitePlan:
     seed: int = 1
     sweep: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # open-loop rates as fractions of the maximum
     bulk_sweep: tuple[float, ...] = (0.5, 0.8)
+    rounds: int = 3  # interleaved rounds of the side-by-side maxima; the tables take the median
+    compare_s: float = 4.0  # measured seconds of each side-by-side run
     peers: tuple[str, ...] = ("pg", "redis-aof", "redis")
     cluster: bool = True  # Tally on its scale-out backends (tally.cluster), one process per role
     params: Params = Params()
 
 
-QUICK = SuitePlan(duration_s=1.0, warmup_s=0.3, connections=4, sweep=(0.5,), bulk_sweep=(), peers=(),
+QUICK = SuitePlan(duration_s=1.0, warmup_s=0.3, connections=4, sweep=(0.5,), bulk_sweep=(),
+                  rounds=1, compare_s=1.0, peers=(),
                   cluster=False, params=Params(items=10_000))
+COMPARED = ("noop", "uniform", "zipf", "viral", "feed")  # Tally's side-by-side presets
+PEER_PRESETS = ("uniform", "viral", "feed")  # what the peers serve
 
 
 class Suite:
@@ -55,9 +61,10 @@ class Suite:
         self.extra: dict[str, Any] = {}
 
     def measure(self, target: str, port: int, preset: str, mode: str = "closed",
-                rate: float = 0.0, **over: Any) -> dict[str, Any]:
+                rate: float = 0.0, round_: int | None = None, **over: Any) -> dict[str, Any]:
         p = self.plan
         name = f"{target}/{preset}" + (f"@{rate:.0f}" if mode == "open" else "")
+        name += f" r{round_ + 1}" if round_ is not None and p.rounds > 1 else ""
         spec = RunSpec(name=name, host=targets.HOST, port=port, preset=preset, mode=mode, rate=rate,
                        duration_s=p.duration_s, warmup_s=p.warmup_s, connections=p.connections,
                        workers=p.workers, seed=p.seed, params=p.params)
@@ -66,6 +73,7 @@ class Suite:
         before = server_stats.scrape(url) if target == "tally" else {}
         result = loadgen.run(spec, self.show_progress).as_dict()
         result["target"] = target
+        result["round"] = round_
         if before:
             result["server"] = server_stats.delta(before, server_stats.scrape(url))
             result["server"]["hot_items"] = server_stats.hot_items(url)
@@ -73,10 +81,7 @@ class Suite:
         return result
 
     def max_of(self, target: str, preset: str) -> float:
-        for r in self.runs:
-            if r["target"] == target and r["preset"] == preset and r["mode"] == "closed":
-                return float(r["throughput_per_s"])
-        return 0.0
+        return median_max(self.runs, target, preset)
 
     # -- the parts --------------------------------------------------------------------------
 
@@ -84,21 +89,47 @@ class Suite:
         with targets.null_server(self.work) as null:
             self.measure("null", null.port, "noop")
 
-    def tally(self) -> None:
-        with targets.tally_server(self.work, "tally") as srv:
-            for preset in ("noop", "uniform", "zipf", "viral"):
-                self.measure("tally", srv.port, preset)
-            self.sweep("tally", srv.port, "viral")
-            # A batching client keeps few requests in flight, each carrying many likes.
-            bulk_conns = max(self.plan.workers, 2)
-            self.measure("tally", srv.port, "bulk", connections=bulk_conns)
-            if self.plan.bulk_sweep:
-                self.sweep("tally", srv.port, "bulk", self.plan.bulk_sweep, connections=bulk_conns)
-            for preset in ("feed", "mixed", "incr"):
-                self.measure("tally", srv.port, preset)
-            feed_max = self.max_of("tally", "feed")
-            if feed_max:
-                self.measure("tally", srv.port, "feed", "open", round(0.7 * feed_max))
+    def compare(self, servers: dict[str, int]) -> None:
+        """Closed-loop maxima of every target, interleaved: each round runs every (target,
+        preset) once, so a change in the machine's background load falls on all targets alike
+        instead of on whichever ran last; the tables quote the median over the rounds."""
+        for rnd in range(self.plan.rounds):
+            for preset in COMPARED:
+                for target, port in servers.items():
+                    if target == "tally" or preset in PEER_PRESETS:
+                        self.measure(target, port, preset, round_=rnd, duration_s=self.plan.compare_s)
+
+    def tally_only(self, port: int) -> None:
+        """Open-loop sweeps and the workloads the peers do not serve."""
+        self.sweep("tally", port, "viral")
+        # A batching client keeps few requests in flight, each carrying many likes.
+        bulk_conns = max(self.plan.workers, 2)
+        self.measure("tally", port, "bulk", connections=bulk_conns)
+        if self.plan.bulk_sweep:
+            self.sweep("tally", port, "bulk", self.plan.bulk_sweep, connections=bulk_conns)
+        for preset in ("mixed", "incr"):
+            self.measure("tally", port, preset)
+        feed_max = self.max_of("tally", "feed")
+        if feed_max:
+            self.measure("tally", port, "feed", "open", round(0.7 * feed_max))
+
+    def side_by_side(self) -> None:
+        """Tally and every peer up at once, measured in interleaved rounds, then Tally alone."""
+        probes: dict[str, Callable[[], dict[str, float]]] = {}
+        with contextlib.ExitStack() as stack:
+            tally = stack.enter_context(targets.tally_server(self.work, "tally"))
+            servers = {"tally": tally.port}
+            for peer in self.plan.peers:
+                try:
+                    srv, probes[peer] = stack.enter_context(peer_target(self.work, peer))
+                    servers[peer] = srv.port
+                except Exception as exc:  # a missing engine must not hide the other results
+                    self.notes.append(f"peer {peer} not measured: {exc}")
+                    print(f"\n  peer {peer} not measured: {exc}", file=sys.stderr)
+            self.compare(servers)
+            self.tally_only(tally.port)
+            for peer, probe in probes.items():
+                self.extra[f"{peer}_storage"] = probe()
         db = self.work / "tally" / "data" / "tally.db"
         self.extra["sqlite_storage"] = memory.sqlite_bytes_per_like(db)
 
@@ -109,17 +140,6 @@ class Suite:
         for share in shares or self.plan.sweep:
             if top:
                 self.measure(target, port, preset, "open", max(round(share * top, 1), 0.5), **over)
-
-    def peers(self) -> None:
-        for peer in self.plan.peers:
-            try:
-                with _peer(self.work, peer) as (srv, stats):
-                    for preset in ("uniform", "viral", "feed"):
-                        self.measure(peer, srv.port, preset)
-                    self.extra[f"{peer}_storage"] = stats()
-            except Exception as exc:  # a missing engine must not hide the other results
-                self.notes.append(f"peer {peer} not measured: {exc}")
-                print(f"\n  peer {peer} not measured: {exc}", file=sys.stderr)
 
     def cluster(self) -> None:
         """The cluster at its smallest: one API, relay and aggregator, one PostgreSQL, NATS, Redis.
@@ -145,8 +165,7 @@ class Suite:
         started = time.time()
         load_before = os.getloadavg()
         self.generator_ceiling()
-        self.tally()
-        self.peers()
+        self.side_by_side()
         if self.plan.cluster:
             self.cluster()
         self.extra["load_average"] = {"before": load_before, "after": os.getloadavg()}
@@ -166,7 +185,7 @@ def _plan_dict(plan: SuitePlan) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _peer(work: Path, peer: str) -> Iterator[tuple[targets.HttpServer,
+def peer_target(work: Path, peer: str) -> Iterator[tuple[targets.HttpServer,
                                                    Callable[[], dict[str, float]]]]:
     """A peer's engine and its HTTP server; yields the server and a storage-size probe."""
     from tally.bench.peer_engines import peer_engine

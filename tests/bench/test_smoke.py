@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from tally.bench.hist import PERCENTILES
-from tally.bench.suite import QUICK, Suite, run_suite
+from tally.bench.suite import PEER_PRESETS, QUICK, Suite, peer_target, run_suite
 from tests.engines import require
 
 pytestmark = pytest.mark.slow
@@ -56,9 +56,11 @@ def test_peer_serves_the_workloads(engines_dir: Path, peer: str) -> None:
     work.mkdir()
     work.chmod(0o711)
     suite = Suite(replace(QUICK, peers=(peer,)), work, show_progress=False)
-    suite.peers()
-    assert not suite.notes, suite.notes
-    assert [r["preset"] for r in suite.runs] == ["uniform", "viral", "feed"]
+    with peer_target(work, peer) as (srv, probe):
+        for preset in PEER_PRESETS:
+            suite.measure(peer, srv.port, preset)
+        storage = probe()
+    assert [r["preset"] for r in suite.runs] == list(PEER_PRESETS)
     for run in suite.runs:
         _well_formed(run)
-    assert suite.extra[f"{peer}_storage"]["records"] > 0
+    assert storage["records"] > 0 and storage["bytes_per_record"] > 0
