@@ -14,6 +14,7 @@ import httpx
 COUNTERS = ("tally_write_commits_total", "tally_write_ops_committed_total",
             "tally_aggregator_events_total", "tally_aggregator_keys_written_total",
             "tally_aggregator_batches_total", "tally_cache_coalesced_misses_total")
+GAUGES = ("tally_aggregator_lag_events", "tally_aggregator_lag_seconds")
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -25,7 +26,7 @@ def scrape(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in COUNTERS:
+        if name in COUNTERS or name in GAUGES:
             out[name] = float(value)
     return out
 
@@ -41,7 +42,11 @@ def hot_items(url: str, n: int = 3) -> list[dict[str, Any]]:
 def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Per-run figures: the counters' growth and the two ratios the hot-key machinery promises."""
     d = {k.removeprefix("tally_").removesuffix("_total"): after[k] - before.get(k, 0.0)
-         for k in after}
+         for k in after if k in COUNTERS}
+    for k in GAUGES:  # levels, not growth: how far behind the aggregator was at each end
+        if k in after:
+            name = k.removeprefix("tally_")
+            d[f"{name}_before"], d[f"{name}_after"] = before.get(k, 0.0), after[k]
     if d.get("write_commits"):
         d["ops_per_commit"] = round(d["write_ops_committed"] / d["write_commits"], 1)
     if d.get("aggregator_keys_written"):

@@ -47,12 +47,14 @@ def server_table(runs: list[dict[str, Any]]) -> str:
         rows.append(f"| {r['name']} | {srv['write_ops_committed']:,.0f} | {srv['write_commits']:,.0f} | "
                     f"{srv.get('ops_per_commit', 0):,.1f} | {srv.get('aggregator_events', 0):,.0f} | "
                     f"{srv.get('aggregator_keys_written', 0):,.0f} | "
-                    f"{srv.get('events_per_count_write', 0):,.1f} | {hot or '-'} |")
+                    f"{srv.get('events_per_count_write', 0):,.1f} | "
+                    f"{srv.get('aggregator_lag_events_before', 0):,.0f} -> "
+                    f"{srv.get('aggregator_lag_events_after', 0):,.0f} | {hot or '-'} |")
     if not rows:
         return ""
     return ("| run | ops committed | commits | ops per commit | log events applied | count writes | "
-            "events per count write | hottest reads (sketch) |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows) + "\n")
+            "events per count write | aggregator lag, events (start -> end) | "
+            "hottest reads (sketch) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows) + "\n")
 
 
 def memory_table(mem: dict[str, Any]) -> str:
