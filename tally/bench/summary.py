@@ -54,7 +54,8 @@ def server_table(runs: list[dict[str, Any]]) -> str:
         return ""
     return ("| run | ops committed | commits | ops per commit | log events applied | count writes | "
             "events per count write | aggregator lag, events (start -> end) | "
-            "hottest reads (sketch) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n" + "\n".join(rows) + "\n")
+            "hottest reads (sketch) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def memory_table(mem: dict[str, Any]) -> str:
