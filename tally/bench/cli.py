@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -56,7 +57,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                            port=url.port or 80, preset=args.preset, mode=args.mode, rate=args.rate,
                            duration_s=args.duration or 10.0, connections=args.connections or 32,
                            workers=args.workers or 1, seed=args.seed,
-                           params=Params(items=args.items))
+                           params=Params(items=args.items),
+                           run_id=int(time.time()) % 3_000_000)  # fresh users run after run
     result = loadgen.run(spec).as_dict()
     result["target"] = args.url
     args.out.mkdir(parents=True, exist_ok=True)

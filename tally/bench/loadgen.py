@@ -44,6 +44,7 @@ class RunSpec:
     workers: int = 1
     seed: int = 1
     timeout_s: float = 10.0
+    run_id: int = 0  # distinct per run against one server: fresh users (see workloads.Generator)
     grace_s: float = 5.0  # after the end, how long queued operations may still complete
     params: Params = field(default_factory=Params)
 
@@ -54,6 +55,8 @@ class RunSpec:
             raise ValueError("an open-loop run needs a rate > 0")
         if self.connections < self.workers:
             raise ValueError("need at least one connection per worker")
+        if not 0 <= self.run_id < 3_000_000 or self.workers > 256:
+            raise ValueError("run_id must be in [0, 3e6) and workers at most 256 (user ids: int64)")
 
 
 @dataclass
@@ -86,7 +89,8 @@ class _Worker:
         self.spec = spec
         self.index = index
         self.progress = progress  # shared array: [completed, errors] per worker
-        self.gen = Generator(spec.preset, params_for(spec.preset, spec.params), spec.seed, index)
+        self.gen = Generator(spec.preset, params_for(spec.preset, spec.params), spec.seed, index,
+                             spec.run_id)
         self.rec = Recorder()
         self.slots: list[_Slot] = []
         self.begin = 0.0

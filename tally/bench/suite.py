@@ -67,7 +67,7 @@ class Suite:
         name += f" r{round_ + 1}" if round_ is not None and p.rounds > 1 else ""
         spec = RunSpec(name=name, host=targets.HOST, port=port, preset=preset, mode=mode, rate=rate,
                        duration_s=p.duration_s, warmup_s=p.warmup_s, connections=p.connections,
-                       workers=p.workers, seed=p.seed, params=p.params)
+                       workers=p.workers, seed=p.seed, params=p.params, run_id=len(self.runs) + 1)
         spec = replace(spec, **over)
         url = f"http://{targets.HOST}:{port}"
         before = server_stats.scrape(url) if target == "tally" else {}

@@ -64,12 +64,17 @@ class Zipf:
 class Generator:
     """Yields the operations of one preset for one worker process."""
 
-    def __init__(self, preset: str, params: Params, seed: int, worker: int) -> None:
+    def __init__(self, preset: str, params: Params, seed: int, worker: int, run_id: int = 0) -> None:
+        """``run_id`` keeps the users of different runs apart: a second run against the same
+        server would otherwise replay the first one's likes, which then change nothing (cheap
+        idempotent repeats instead of new likes). Items follow the seed alone, so every target
+        of a comparison sees the same item sequence."""
         if preset not in PRESETS:
             raise ValueError(f"unknown workload {preset!r} (known: {', '.join(PRESETS)})")
         self.preset = preset
         self.p = params
         self.worker = worker
+        self.run_id = run_id
         self.rng = random.Random(f"{seed}/{preset}/{worker}")
         self.zipf = Zipf(params.items, params.zipf_s, self.rng)
         self.seq = 0
@@ -81,8 +86,8 @@ class Generator:
         return self._next()
 
     def _fresh_user(self) -> int:
-        """A user that has not liked yet in this run: likes then really change state."""
-        return self.worker * 10_000_000_000 + self.seq
+        """A user that has not liked yet: likes then really change state."""
+        return (self.run_id * 256 + self.worker) * 10_000_000_000 + self.seq
 
     def _like(self, item: int) -> Op:
         body = {"user_id": self._fresh_user(), "item_type": "post", "item_id": item}

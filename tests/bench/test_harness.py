@@ -74,3 +74,13 @@ async def test_http1_framing(chunks: list[bytes]) -> None:
     status = await task
     assert status in (200, 201)
     assert not conn._buf  # the whole response was consumed
+
+
+def test_runs_like_with_fresh_users() -> None:
+    """A second run against the same server must send new likes, not replay the first run's."""
+    def users(run_id: int) -> set[int]:
+        gen = Generator("uniform", Params(items=1000), seed=1, worker=0, run_id=run_id)
+        return {orjson.loads(gen.next()[1][0].split(b"\r\n\r\n", 1)[1])["user_id"] for _ in range(100)}
+
+    assert not users(1) & users(2)
+    assert len(users(1)) == 100
