@@ -151,7 +151,8 @@ def build(settings: Settings) -> Runtime:
                         settings.group_commit_ms, settings.group_commit_max, settings.read_threads)
     hot = SpaceSaving(settings.hot_top_k)
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
-    reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s)
+    reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,
+                         sample=settings.hot_sample)
     aggregator = Aggregator(store, store, window_s=settings.aggregate_window_ms / 1000,
                             max_events=settings.aggregate_max_events, rollups=settings.rollups,
                             on_applied=reader.applied)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,12 +20,15 @@ from tally.core.errors import ConfigError
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
+_DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
 def _id(raw: str) -> int | str:
-    """Ids on the command line: digits are an int64, anything else a string id."""
-    try:
-        return int(raw)
-    except ValueError:
-        return raw
+    """Ids on the command line: a canonical decimal is an int64, anything else a string id.
+
+    Not ``int(raw)``: it would also take '1_000', '007', '+5' or ' 5', which name other ids.
+    """
+    return int(raw) if _DECIMAL.fullmatch(raw) else raw
 
 
 def _item(raw: str) -> tuple[str, int | str]:

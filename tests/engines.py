@@ -53,6 +53,7 @@ def engines_dir() -> Iterator[Path]:
 def pg_engine(engines_dir: Path) -> Iterator[PostgresEngine]:
     require("postgres")
     engine = PostgresEngine(engines_dir / "pg-session")
+    engine.die_with_parent = True
     engine.start()
     yield engine
     engine.stop()
@@ -62,6 +63,7 @@ def pg_engine(engines_dir: Path) -> Iterator[PostgresEngine]:
 def redis_engine(engines_dir: Path) -> Iterator[RedisEngine]:
     require("redis")
     engine = RedisEngine(engines_dir / "redis-session", appendfsync="always")
+    engine.die_with_parent = True
     engine.start()
     yield engine
     engine.stop()
@@ -71,6 +73,7 @@ def redis_engine(engines_dir: Path) -> Iterator[RedisEngine]:
 def nats_engine(engines_dir: Path) -> Iterator[NatsEngine]:
     require("nats")
     engine = NatsEngine(engines_dir / "nats-session")
+    engine.die_with_parent = True
     engine.start()
     yield engine
     engine.stop()
@@ -151,6 +154,7 @@ def engine_factory(engines_dir: Path) -> Iterator[EngineFactory]:
     def make(cls: type[E], **kwargs: Any) -> E:
         require(cls.name)
         engine = cls(engines_dir / f"{cls.name}-{next(_names)}", **kwargs)
+        engine.die_with_parent = True
         made.append(engine)
         return engine
 

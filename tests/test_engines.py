@@ -3,6 +3,11 @@ a SIGKILL of the whole engine."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import asyncpg
 import nats
 import pytest
@@ -136,3 +141,34 @@ def test_port_in_use_is_refused(engine_factory: EngineFactory) -> None:
     clash = engine_factory(RedisEngine, port=taken.port)
     with pytest.raises(EngineError, match="already taken"):
         clash.start()
+
+
+def test_engines_die_with_the_process_that_started_them(engines_dir: Path) -> None:
+    """A test run killed by a timeout leaves no server behind (die_with_parent, set by fixtures)."""
+    code = ("import sys, time\n"
+            "from tally.engines import PostgresEngine, RedisEngine\n"
+            "for e in (PostgresEngine(sys.argv[1] + '/pg'), RedisEngine(sys.argv[1] + '/rd')):\n"
+            "    e.die_with_parent = True\n"
+            "    e.start()\n"
+            "    print(e.proc.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    with subprocess.Popen([sys.executable, "-c", code, str(engines_dir / "orphans")],
+                          stdout=subprocess.PIPE, text=True) as parent:
+        try:
+            assert parent.stdout is not None
+            pids = [int(parent.stdout.readline()) for _ in range(2)]
+            assert all(_alive(pid) for pid in pids)
+        finally:
+            parent.kill()
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

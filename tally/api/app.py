@@ -154,8 +154,12 @@ def create_app(settings: Settings | None = None, runtime: AppRuntime | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, code, str(exc.detail))
+        # The framework's own refusals: a body it could not parse (e.g. JSON nested too deep
+        # for the parser), an unknown path or method. They name what was wrong like ours do.
+        code, field = {400: ("bad_json", "body"), 404: ("not_found", "path"),
+                       405: ("method_not_allowed", "method")}.get(exc.status_code,
+                                                                  ("http_error", None))
+        return _error(exc.status_code, code, str(exc.detail), field)
 
     app.add_middleware(GuardMiddleware, metrics=rt.metrics, max_body=rt.settings.max_body_bytes)
     return app

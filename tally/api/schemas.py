@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 Id = Annotated[StrictInt | StrictStr, Field(examples=[42, "u_123"])]
 
@@ -109,7 +109,7 @@ class BulkResponse(BaseModel):
 
 class ReconcileRequest(_Body):
     items: list[ItemRef] | None = Field(None, description="Default: every item")
-    repair: bool = True
+    repair: StrictBool = True
 
 
 class RollupResponse(BaseModel):

@@ -14,6 +14,9 @@ from typing import Any
 from tally.core.errors import InvalidInput
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Most one increment may add: counts are int64 sums, and an n near INT64_MAX would overflow them
+# (SQLite then turns the sum into a float, and the count can no longer be read).
+MAX_INCR = 1_000_000_000
 _ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 _NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 

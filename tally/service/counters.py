@@ -13,7 +13,7 @@ from typing import Any
 
 from tally.core.errors import InvalidInput, LimitExceeded
 from tally.core.model import (
-    INT64_MAX,
+    MAX_INCR,
     IncrOp,
     Kind,
     Op,
@@ -66,8 +66,8 @@ class CounterService:
     def incr_op(self, counter: Any, item_type: Any, item_id: Any, n: Any = 1, key: Any = None,
                 user: Any = None, region: Any = None, prefix: str = "") -> IncrOp:
         c = self.schema.counter(counter, f"{prefix}counter", Kind.EVENT)
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= INT64_MAX:
-            raise InvalidInput("n must be an integer of at least 1", f"{prefix}n")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_INCR:
+            raise InvalidInput(f"n must be an integer from 1 to {MAX_INCR:,}", f"{prefix}n")
         if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 128):
             raise InvalidInput("idempotency_key must be a string of 1-128 characters",
                                f"{prefix}idempotency_key")
@@ -107,10 +107,10 @@ class CounterService:
             raise LimitExceeded(f"at most {self.limits.max_batch_items} items per request", field)
         return [self.schema.item(t, i, f"{field}[{n}].") for n, (t, i) in enumerate(refs)]
 
-    def counter_names(self, names: Sequence[Any] | None) -> list[str]:
+    def counter_names(self, names: Sequence[Any] | None, field: str = "counters") -> list[str]:
         if not names:
             return list(self.schema.counters)
-        return [self.schema.counter(n, f"counters[{i}]").name for i, n in enumerate(names)]
+        return [self.schema.counter(n, f"{field}[{i}]").name for i, n in enumerate(names)]
 
     # -- running them -------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ falls out of the cache costs one backend read however many requests want it at t
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 
 from tally.core.hotkeys import SpaceSaving
@@ -17,7 +18,8 @@ from tally.store.ports import CountStore
 
 class CountReader:
     def __init__(self, store: CountStore, cache: LRU[CountKey, int], hot: SpaceSaving,
-                 cache_all: bool = True, hot_ttl_s: float = 1.0, hot_share: float = 0.01) -> None:
+                 cache_all: bool = True, hot_ttl_s: float = 1.0, hot_share: float = 0.01,
+                 sample: int = 1) -> None:
         """``cache_all``: the aggregator writes through to this cache (embedded mode), so every
         key may be cached for the cache's TTL; otherwise only hot keys are, for ``hot_ttl_s``."""
         self.store = store
@@ -28,13 +30,19 @@ class CountReader:
         self.hot_share = hot_share
         self._inflight: dict[CountKey, asyncio.Future[int]] = {}
         self.coalesced = 0
+        # Sampling: a viral key still dominates the sketch, at 1/sample of the cost per read.
+        self.sample = sample
+        self._rng = random.Random()
 
     async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
         out: dict[CountKey, int] = {}
         waits: list[tuple[CountKey, asyncio.Future[int]]] = []
         mine: list[CountKey] = []
         for key in keys:
-            self.hot.add(key[1])
+            if self.sample == 1:
+                self.hot.add(key[1])
+            elif self._rng.random() * self.sample < 1.0:
+                self.hot.add(key[1], self.sample)
             value = self.cache.get(key)
             if value is not None:
                 out[key] = value

@@ -28,6 +28,9 @@ class LikeStore(Lifecycle, Protocol):
         """Apply all ops atomically: all are written, or none and an error is raised.
 
         A toggle op that repeats the current state changes nothing and appends no event.
+        (A store sharded over databases is atomic per database; across them only a failure
+        during the commits can split a request, which then fails and is safe to retry: see
+        ``tally.store.postgres``.)
         """
 
     async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
@@ -80,7 +83,8 @@ class CountStore(Lifecycle, Protocol):
 
         Only if each source's stored watermark still equals ``expect`` (absent: 0); else nothing
         is written and None is returned (another consumer applied first). Returns the new
-        absolute counts, so caches can be set, not incremented.
+        absolute counts, so caches can be set, not incremented. (Across databases, the decision
+        is one transaction and the other databases follow idempotently: ``postgres_counts``.)
         """
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]: ...

@@ -104,13 +104,13 @@ class PostgresLikeStore:
         if not ops:
             return []
         now = time.time()
-        groups = self.map.group(range(len(ops)), lambda i: self.route(ops[i]))
-        # Read before writing, never while a transaction holds a connection: a transaction that
-        # waited for a second connection of a drained pool would never give its own back.
-        counts = await read_counts(self.cluster, {(o.counter, o.item) for o in ops})
         if len(ops) == 1:
-            planned = {0: await self.cluster.retrying("write", lambda: self._write_one(ops[0], now))}
+            planned, counts = await self._write_single(ops[0], now)
         else:
+            groups = self.map.group(range(len(ops)), lambda i: self.route(ops[i]))
+            # Read before writing, never while a transaction holds a connection: a transaction
+            # waiting for a second connection of a drained pool would never give its own back.
+            counts = await read_counts(self.cluster, {(o.counter, o.item) for o in ops})
             planned = await self.cluster.retrying("write",
                                                   lambda: self._write_all(ops, groups, now))
         overlay: dict[CountKey, int] = defaultdict(int)
@@ -123,11 +123,19 @@ class PostgresLikeStore:
                                     state=p.state, seq=p.seq))
         return results
 
-    async def _write_one(self, op: Op, now: float) -> Planned:
-        key = self.route(op)
+    async def _write_single(self, op: Op, now: float
+                            ) -> tuple[dict[int, Planned], dict[CountKey, int]]:
+        key, item_key = self.route(op), (op.counter, op.item)
         db = self.map.db_of(key)
-        async with self.cluster.connection(db) as conn:
-            return await write_one(conn, op, self._source(db), self.map.shard_of(key), now)
+        here = self.map.db_of(op.item) == db  # the statement reads the count itself
+        counts = {} if here else await read_counts(self.cluster, {item_key})
+
+        async def attempt() -> tuple[Planned, int]:
+            async with self.cluster.connection(db) as conn:
+                return await write_one(conn, op, self._source(db), self.map.shard_of(key), now)
+
+        planned, stored = await self.cluster.retrying("write", attempt)
+        return {0: planned}, ({item_key: stored} if here else counts)
 
     def _source(self, db: int) -> str:
         """The outbox slot a transaction numbers its rows in: any one, so commits spread."""
@@ -249,8 +257,9 @@ class PostgresLikeStore:
         if not items:
             return []
         rows = await self.cluster.fetch(
-            self.map.db_of(user), "SELECT item FROM toggles WHERE counter = $1 AND user_id = $2 "
-            "AND item = ANY($3::text[]) AND state", counter, user, list(items))
+            self.map.db_of(user), "SELECT t.item FROM unnest($3::text[]) AS k(item) JOIN toggles t "
+            "ON t.counter = $1 AND t.user_id = $2 AND t.item = k.item WHERE t.state",
+            counter, user, list(items))
         on = {r[0] for r in rows}
         return [item in on for item in items]
 

@@ -25,8 +25,16 @@ T = TypeVar("T")
 RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
              asyncpg.LockNotAvailableError)
 UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
-               asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+               asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.CannotConnectNowError,
                asyncpg.TooManyConnectionsError)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release a pooled connection without asyncpg's reset query (a round trip per operation).
+
+    The stores leave no session state behind: no SET, cursors, LISTEN or advisory locks (leases
+    use connections of their own). asyncpg still rolls back a transaction left open.
+    """
 
 
 class PgCluster:
@@ -47,6 +55,8 @@ class PgCluster:
         self.synchronous_commit = synchronous_commit
         self.retries = retries
         self.pools: list[asyncpg.Pool] = []
+        self.retried = 0  # transactions run again after a deadlock or lock timeout
+        self.unavailable = 0  # operations failed because a database was unreachable
         self._users = 0
         self._lock = asyncio.Lock()
 
@@ -63,6 +73,7 @@ class PgCluster:
                 for index, dsn in enumerate(self.dsns):
                     pool = await asyncpg.create_pool(
                         dsn, min_size=1, max_size=self.pool_max, command_timeout=60,
+                        reset=_keep_session,
                         server_settings={"synchronous_commit": self.synchronous_commit,
                                          "lock_timeout": "10s",  # a safety net; then retried
                                          "application_name": "tally"})
@@ -99,6 +110,7 @@ class PgCluster:
             async with self.pool(db).acquire(timeout=30) as conn:
                 yield conn
         except UNREACHABLE as exc:
+            self.unavailable += 1
             raise Unavailable(f"postgres database {db} is unreachable: {exc!r}") from exc
 
     async def fetch(self, db: int, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -112,6 +124,7 @@ class PgCluster:
             try:
                 return await attempt()
             except RETRYABLE as exc:
+                self.retried += 1
                 if left == 0:
                     raise Unavailable(f"{what}: gave up after {self.retries} attempts: "
                                       f"{exc!r}") from exc
@@ -119,6 +132,7 @@ class PgCluster:
                                                           "left": left})
                 await asyncio.sleep(0.005 * (self.retries - left))
             except UNREACHABLE as exc:
+                self.unavailable += 1
                 raise Unavailable(f"{what}: postgres unreachable: {exc!r}") from exc
         raise AssertionError("unreachable")
 
@@ -137,7 +151,7 @@ class PgCluster:
 
 
 _COUNTS = ("SELECT counter, item, count FROM counts "
-           "WHERE item = ANY($1::text[]) AND counter = ANY($2::text[])")
+           "WHERE counter = ANY($2::text[]) AND item = ANY($1::text[])")  # primary key (both)
 
 
 async def read_counts(cluster: PgCluster, keys: Collection[CountKey]) -> dict[CountKey, int]:

@@ -38,7 +38,7 @@ COORDINATOR = 0
 
 _ADD = ("INSERT INTO counts (item, counter, count) "
         "SELECT i, c, d FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(c, i, d) "
-        "ORDER BY i, c ON CONFLICT (item, counter) DO UPDATE SET count = counts.count + excluded.count "
+        "ORDER BY c, i ON CONFLICT (counter, item) DO UPDATE SET count = counts.count + excluded.count "
         "RETURNING counter, item, count")
 _ROLLUP = ("INSERT INTO rollups (counter, item_type, dimension, bucket, value) "
            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) "

@@ -43,7 +43,7 @@ _SCAN_TOGGLES = ("SELECT DISTINCT counter, item FROM toggles WHERE state AND cou
 _SCAN_COUNTS = ("SELECT counter, item FROM counts WHERE counter = ANY($1) "
                 "AND (counter, item) > ($2, $3) ORDER BY counter, item LIMIT $4")
 _REPAIR = ("INSERT INTO counts (item, counter, count) VALUES ($1, $2, $3) "
-           "ON CONFLICT (item, counter) DO UPDATE SET count = counts.count + $3 "
+           "ON CONFLICT (counter, item) DO UPDATE SET count = counts.count + $3 "
            "WHERE counts.count = $4 RETURNING count")
 
 

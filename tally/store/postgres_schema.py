@@ -46,11 +46,11 @@ CREATE TABLE IF NOT EXISTS idempotency (
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
 
 -- Counts of the items whose logical shard maps here.
+-- Keyed (counter, item): batch reads name both, and reconcile scans a counter in item order.
 CREATE TABLE IF NOT EXISTS counts (
     item text NOT NULL, counter text NOT NULL, count bigint NOT NULL,
-    PRIMARY KEY (item, counter)
+    PRIMARY KEY (counter, item)
 );
-CREATE INDEX IF NOT EXISTS counts_by_counter ON counts (counter, item);
 -- The last cross-database intent of each consumer applied here (idempotent roll-forward).
 CREATE TABLE IF NOT EXISTS applied_intents (consumer text PRIMARY KEY, intent bigint NOT NULL);
 

@@ -51,7 +51,9 @@ class SqliteStore:
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        self._pending: dict[CountKey, int] = {}  # writer thread only
+        # Writer thread only. Includes the jobs of the open transaction (undone if they roll
+        # back), so a later job in the same group commit sees an earlier job's change.
+        self._pending: dict[CountKey, int] = {}
         self.source = SOURCE
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -111,8 +113,7 @@ class SqliteStore:
 
     def _apply_ops(self, conn: sqlite3.Connection, tx: Tx, ops: list[Op]) -> list[OpResult]:
         now = time.time()
-        overlay: dict[CountKey, int] = {}  # deltas of this job, made pending only on commit
-        earlier = self._tx_deltas(tx)
+        overlay: dict[CountKey, int] = {}  # deltas of this job, made pending once it succeeded
         results = []
         for op in ops:
             if isinstance(op, ToggleOp):
@@ -123,35 +124,13 @@ class SqliteStore:
             if delta:
                 overlay[key] = overlay.get(key, 0) + delta
             row = conn.execute(_COUNT, (op.item, op.counter)).fetchone()
-            count = ((row[0] if row else 0) + self._pending.get(key, 0) + earlier.get(key, 0)
-                     + overlay.get(key, 0))
+            count = (row[0] if row else 0) + self._pending.get(key, 0) + overlay.get(key, 0)
             state = op.on if isinstance(op, ToggleOp) else None
             results.append(OpResult(changed=changed, count=count, state=state, seq=seq))
         if overlay:
-            tx.on_commit.append(lambda: self._add_pending(overlay))
-            for key, d in overlay.items():
-                earlier[key] = earlier.get(key, 0) + d
+            self._add_pending(overlay)
+            tx.on_rollback.append(lambda: self._add_pending({k: -d for k, d in overlay.items()}))
         return results
-
-    @staticmethod
-    def _tx_deltas(tx: Tx) -> dict[CountKey, int]:
-        """How earlier jobs of the open transaction changed the unapplied deltas, per key.
-
-        ``_pending`` changes only at the commit, but a later job of the same group commit already
-        sees those jobs' rows: their logged deltas (+) and the deltas an aggregation job moved into
-        the count table (-). Counting from the table, a job adds these, or it would miss the likes
-        committed beside it (two concurrent likes answering the same count) or count an aggregated
-        delta twice (in the table and in ``_pending``)."""
-        deltas: dict[CountKey, int] = tx.data.setdefault("deltas", {})
-        return deltas
-
-    def _unapplied(self, tx: Tx) -> dict[CountKey, int]:
-        """``_pending`` as seen from inside the open transaction."""
-        deltas = self._tx_deltas(tx)
-        if not deltas:
-            return self._pending
-        keys = set(self._pending) | set(deltas)
-        return {k: self._pending.get(k, 0) + deltas.get(k, 0) for k in keys}
 
     def _add_pending(self, deltas: dict[CountKey, int]) -> None:
         for key, d in deltas.items():
@@ -258,11 +237,8 @@ class SqliteStore:
                          "DO UPDATE SET seq=excluded.seq", (consumer, src, seq))
         if SOURCE in batch.positions:  # applied events are in the counts now: trim them
             conn.execute("DELETE FROM changelog WHERE seq <= ?", (batch.positions[SOURCE],))
-        earlier = self._tx_deltas(tx)
-        for key, d in batch.deltas.items():
-            earlier[key] = earlier.get(key, 0) - d
-        applied = {k: -d for k, d in batch.deltas.items()}
-        tx.on_commit.append(lambda: self._add_pending(applied))
+        self._add_pending({k: -d for k, d in batch.deltas.items()})
+        tx.on_rollback.append(lambda: self._add_pending(batch.deltas))
         return new
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
@@ -276,7 +252,7 @@ class SqliteStore:
                               after: tuple[str, str] | None, limit: int,
                               repair: bool) -> ReconcileChunk:
         def job(conn: sqlite3.Connection, tx: Tx) -> ReconcileChunk:
-            return reconcile_chunk(conn, self._unapplied(tx), list(counters), items, after, limit,
+            return reconcile_chunk(conn, self._pending, list(counters), items, after, limit,
                                    repair)
 
         chunk: ReconcileChunk = await self.writer.run(job)

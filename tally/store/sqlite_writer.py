@@ -26,11 +26,17 @@ log = logging.getLogger("tally.sqlite.writer")
 
 @dataclass
 class Tx:
-    """What a job sees of the open transaction: actions to run only once it has committed, and
-    state that later jobs of the same transaction need (what earlier jobs changed in it)."""
+    """What a job sees of the open transaction: actions to run once it has committed, and actions
+    that undo a job's in-memory effects if its savepoint or the whole transaction rolls back."""
 
     on_commit: list[Callable[[], None]] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
+    on_rollback: list[Callable[[], None]] = field(default_factory=list)
+
+    def undo(self, mark: int = 0) -> None:
+        """Run the rollback actions registered after ``mark``, newest first, and forget them."""
+        for action in reversed(self.on_rollback[mark:]):
+            action()
+        del self.on_rollback[mark:]
 
 
 JobFn = Callable[[sqlite3.Connection, Tx], Any]
@@ -55,12 +61,14 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False  # set before the stop marker: nothing may queue behind it
         self.commits = 0
         self.committed_ops = 0
         self.failed_commits = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._stopping = False
         ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(ready,), name="tally-sqlite-writer",
                                         daemon=True)
@@ -71,13 +79,14 @@ class GroupCommitWriter:
 
     async def stop(self) -> None:
         if self._thread is not None:
+            self._stopping = True
             self._queue.put(_STOP)
             await asyncio.to_thread(self._thread.join)
             self._thread = None
 
     def submit(self, fn: JobFn, weight: int = 1) -> asyncio.Future[Any]:
         """Queue a job; its future resolves after the transaction holding it has committed."""
-        if self._thread is None or self._loop is None:
+        if self._thread is None or self._loop is None or self._stopping:
             raise Unavailable("the SQLite writer is not running")
         fut = self._loop.create_future()
         self._queue.put(_Job(fn, weight, fut))
@@ -131,23 +140,27 @@ class GroupCommitWriter:
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         """Runs the batch without savepoints first: two statements fewer per job. Only when a job
-        fails is the transaction rolled back and the batch run again with a savepoint per job,
-        so the failing job fails alone, as before (jobs are re-runnable: they read the database
-        and the writer's state, which change only when a transaction commits)."""
+        fails is the transaction rolled back (its in-memory effects undone) and the batch run
+        again with a savepoint per job, so the failing job fails alone, as before. Jobs are
+        re-runnable: they read the database and the writer's state, both back where they were."""
+        tx = Tx()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            tx, results = self._run_all(conn, batch, isolated=False)
-            if any(not ok for ok, _value in results):
+            results = self._run_all(conn, tx, batch, isolated=False)
+            if len(results) < len(batch) or not all(ok for ok, _value in results):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
+                tx.undo()
+                tx = Tx()
                 conn.execute("BEGIN IMMEDIATE")
-                tx, results = self._run_all(conn, batch, isolated=True)
+                results = self._run_all(conn, tx, batch, isolated=True)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             log.error("commit failed", extra={"error": str(exc), "jobs": len(batch)})
             self.failed_commits += 1
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            tx.undo()
             err = Unavailable(f"storage write failed: {exc}")
             self._resolve(batch, [(False, err)] * len(batch))
             return
@@ -157,9 +170,8 @@ class GroupCommitWriter:
             action()
         self._resolve(batch, results)
 
-    def _run_all(self, conn: sqlite3.Connection, batch: list[_Job],
-                 isolated: bool) -> tuple[Tx, list[tuple[bool, Any]]]:
-        tx = Tx()
+    def _run_all(self, conn: sqlite3.Connection, tx: Tx, batch: list[_Job],
+                 isolated: bool) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
         for job in batch:
             if isolated:
@@ -170,11 +182,11 @@ class GroupCommitWriter:
             except Exception as exc:
                 results.append((False, exc))
                 break  # the transaction is run again, isolated
-        return tx, results
+        return results
 
     @staticmethod
     def _run_job(conn: sqlite3.Connection, tx: Tx, job: _Job) -> tuple[bool, Any]:
-        mark = len(tx.on_commit)
+        mark, undo_mark = len(tx.on_commit), len(tx.on_rollback)
         conn.execute("SAVEPOINT job")
         try:
             value = job.fn(conn, tx)
@@ -182,6 +194,7 @@ class GroupCommitWriter:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
             del tx.on_commit[mark:]
+            tx.undo(undo_mark)
             return False, exc
         conn.execute("RELEASE job")
         return True, value

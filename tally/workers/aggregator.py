@@ -122,9 +122,12 @@ class Aggregator:
                 await asyncio.sleep(min(self.window_s * 10, 1.0))
 
     async def _wait(self, timeout_s: float) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11, wait_for swallows a cancellation that
+        # arrives as the wake-up fires, and stop() then waits forever for this task.
         self._wake.clear()
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._wake.wait()
         except TimeoutError:
             return
         await asyncio.sleep(self.window_s)  # gather the window's neighbours

@@ -148,7 +148,8 @@ async def make_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> Async
     async def corrupt(key: CountKey, value: int) -> None:
         cluster: PgCluster = box["cluster"]
         async with cluster.connection(shard_map.db_of(key[1])) as conn:
-            await conn.execute("INSERT INTO counts VALUES ($1, $2, $3) ON CONFLICT (item, counter) "
+            await conn.execute("INSERT INTO counts (item, counter, count) VALUES ($1, $2, $3) "
+                               "ON CONFLICT (counter, item) "
                                "DO UPDATE SET count = excluded.count", key[1], key[0], value)
 
     def port(name: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -113,3 +114,31 @@ async def test_restart_keeps_toggles_keys_and_unapplied_changes(harness: Harness
     assert await harness.pump() == 3
     assert await harness.counts.get([("like", "post:1"), ("share", "post:1")]) == {
         ("like", "post:1"): 2, ("share", "post:1"): 1}
+
+
+async def test_random_requests_match_a_model(harness: Harness) -> None:
+    """Seeded random requests (singles and bulks, repeated keys, several users and items): every
+    changed flag and every final count and state equal a plain in-memory model's."""
+    harness.need("likes", "counts")
+    rng = random.Random(20261128)
+    users, items = [f"m{i}" for i in range(12)], [f"post:{i}" for i in range(6)]
+    state: dict[tuple[str, str], bool] = {}
+    for _ in range(60):
+        ops = [like(rng.choice(users), rng.choice(items), rng.random() < 0.6)
+               for _ in range(rng.choice((1, 1, 2, 5, 9)))]
+        expected = []
+        for op in ops:
+            key = (op.user, op.item)
+            expected.append(state.get(key, False) != op.on)
+            state[key] = op.on
+        got = await harness.likes.write(ops)
+        assert [r.changed for r in got] == expected
+        if rng.random() < 0.2:
+            await harness.pump()
+    await harness.pump()
+    counts = await harness.counts.get([("like", i) for i in items])
+    for item in items:
+        assert counts.get(("like", item), 0) == sum(on for (u, i), on in state.items() if i == item)
+    for user in users:
+        assert await harness.likes.has("like", user, items) == [state.get((user, i), False)
+                                                               for i in items]

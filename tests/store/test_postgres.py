@@ -167,3 +167,33 @@ async def test_stores_built_from_settings_share_one_cluster(pg_shared_dsns: list
         await stores.close()
     with pytest.raises(ConfigError, match="synchronous_commit"):
         settings.replace(postgres_synchronous_commit="sometimes")
+
+
+async def test_single_write_answer_with_counts_here_or_elsewhere(pg_shared_dsns: list[str]) -> None:
+    """The one-statement write reads the count itself when the item lives in the user's database,
+    else it is read just before; either way the answer is the applied count plus this change."""
+    from tally.core.model import ToggleOp
+    from tally.settings import Settings
+    from tally.store.postgres_stores import build_postgres
+
+    stores = build_postgres(Settings().replace(backend="cluster", postgres_dsns=pg_shared_dsns,
+                                               logical_shards=64))
+    await stores.start()
+    try:
+        item, sm = "post:7", stores.cluster.map
+        likers = [f"u{i}" for i in range(10)]
+        await stores.likes.write([ToggleOp("like", item, u, True, "eu") for u in likers])
+        evs = [e for s in stores.likes.sources() for e in await stores.likes.pending(s, 0, 100)]
+        assert await stores.counts.apply_batch(coalesce(evs), "c", {}) is not None
+        fresh = [f"v{i}" for i in range(40)]
+        here = next(u for u in fresh if sm.db_of(u) == sm.db_of(item))
+        there = next(u for u in fresh if sm.db_of(u) != sm.db_of(item))
+        for user in (here, there):  # applied 10, plus this like
+            res = await stores.likes.write([ToggleOp("like", item, user, True, "eu")])
+            assert (res[0].changed, res[0].count) == (True, 11)
+        for user in (next(u for u in likers if sm.db_of(u) == sm.db_of(item)),
+                     next(u for u in likers if sm.db_of(u) != sm.db_of(item))):
+            res = await stores.likes.write([ToggleOp("like", item, user, False, "eu")])
+            assert (res[0].changed, res[0].count) == (True, 9)
+    finally:
+        await stores.close()

@@ -1,55 +1,139 @@
-"""Group commit: a failing job fails alone, whether the batch ran with or without savepoints."""
+"""The group-commit writer: batching, isolation of a failing job, rollback of in-memory effects."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 
+from tally.core.errors import Unavailable
+from tally.store.sqlite_schema import connect
 from tally.store.sqlite_writer import GroupCommitWriter, JobFn, Tx
+from tests.helpers import writer_held
 
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
 async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
-    def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(tmp_path / "w.db", isolation_level=None, check_same_thread=False)
-        conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
+    def open_db() -> sqlite3.Connection:
+        conn = connect(tmp_path / "w.db", "FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
         return conn
 
-    w = GroupCommitWriter(connect, window_s=0.2, max_ops=100)  # wide: the jobs share one commit
+    w = GroupCommitWriter(open_db, window_s=0.05, max_ops=1000)
+    w.start()
+    yield w
+    await w.stop()
+
+
+def insert(k: int, v: str | None = "x") -> JobFn:
+    def job(conn: sqlite3.Connection, tx: Tx) -> int:
+        conn.execute("INSERT INTO t VALUES (?, ?)", (k, v))
+        return k
+
+    return job
+
+
+def rows(conn_path: Path) -> list[tuple[int, str]]:
+    conn = sqlite3.connect(str(conn_path))
+    try:
+        return conn.execute("SELECT k, v FROM t ORDER BY k").fetchall()
+    finally:
+        conn.close()
+
+
+async def test_concurrent_jobs_share_commits(writer: GroupCommitWriter, tmp_path: Path) -> None:
+    results: list[int] = []
+
+    async def one(k: int) -> None:
+        results.append(await writer.run(insert(k)))
+
+    async with anyio.create_task_group() as tg:
+        for k in range(200):
+            tg.start_soon(one, k)
+    assert sorted(results) == list(range(200))
+    assert writer.committed_ops == 200
+    assert 1 <= writer.commits < 200 / 4  # gathered, not one commit per job
+    assert len(rows(tmp_path / "w.db")) == 200
+
+
+async def test_weight_bounds_a_batch(tmp_path: Path) -> None:
+    w = GroupCommitWriter(lambda: connect(tmp_path / "b.db", "FULL"), window_s=0.05, max_ops=10)
     w.start()
     try:
-        yield w
+        def noop(conn: sqlite3.Connection, tx: Tx) -> None:
+            return None
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(w.run, noop, 5)
+        assert w.committed_ops == 50
+        assert w.commits >= 5  # at most two jobs of weight 5 fit in a batch of 10
     finally:
         await w.stop()
 
 
-def insert(key: str, fail: bool = False) -> JobFn:
-    def job(conn: sqlite3.Connection, tx: Tx) -> str:
-        conn.execute("INSERT INTO t VALUES (?)", (key,))
-        tx.on_commit.append(lambda: None)
-        if fail:
-            raise ValueError(f"job {key} failed")
-        return key
-    return job
+async def test_a_failing_job_fails_alone(writer: GroupCommitWriter, tmp_path: Path) -> None:
+    done: list[int] = []
+    undone: list[int] = []
+    committed: list[int] = []
+
+    def tracked(k: int, fail: bool) -> JobFn:
+        def job(conn: sqlite3.Connection, tx: Tx) -> int:
+            conn.execute("INSERT INTO t VALUES (?, 'x')", (k,))
+            done.append(k)  # an in-memory effect, undone by the rollback action below
+            tx.on_commit.append(lambda: committed.append(k))
+            tx.on_rollback.append(lambda: undone.append(k))
+            if fail:
+                conn.execute("INSERT INTO t VALUES (?, NULL)", (k + 1000,))  # NOT NULL fails
+            return k
+
+        return job
+
+    outcomes: dict[int, object] = {}
+
+    async def one(k: int) -> None:
+        try:
+            outcomes[k] = await writer.run(tracked(k, fail=k % 5 == 0))
+        except sqlite3.IntegrityError as exc:
+            outcomes[k] = exc
+
+    async with anyio.create_task_group() as tg:
+        for k in range(1, 21):
+            tg.start_soon(one, k)
+    failed = {k for k, v in outcomes.items() if isinstance(v, Exception)}
+    assert failed == {5, 10, 15, 20}
+    assert [k for k, _ in rows(tmp_path / "w.db")] == [k for k in range(1, 21) if k not in failed]
+    # The failed jobs' in-memory effects are undone, the others' kept. (The writer may run a batch
+    # twice: first without savepoints, then isolated after a failure, undoing the first run.)
+    net = Counter(done)
+    net.subtract(undone)
+    assert {k for k, n in net.items() if n} == set(range(1, 21)) - failed
+    assert all(n in (0, 1) for n in net.values())
+    assert sorted(committed) == sorted(set(range(1, 21)) - failed)
+    assert writer.commits < 20
 
 
-async def test_a_failing_job_fails_alone(writer: GroupCommitWriter) -> None:
-    out = await asyncio.gather(*(writer.run(insert(k, fail=k == "b")) for k in "abc"),
-                               return_exceptions=True)
-    assert out[0] == "a" and out[2] == "c"
-    assert isinstance(out[1], ValueError)
-    rows = await writer.run(lambda conn, tx: conn.execute("SELECT k FROM t ORDER BY k").fetchall())
-    assert rows == [("a",), ("c",)]  # b's row was rolled back with its job
-    assert writer.commits == 2
+async def test_submit_before_start_is_unavailable(tmp_path: Path) -> None:
+    w = GroupCommitWriter(lambda: connect(tmp_path / "c.db", "FULL"), 0.001, 10)
+    with pytest.raises(Unavailable):
+        w.submit(insert(1))
 
 
-async def test_a_batch_without_failures_commits_everything(writer: GroupCommitWriter) -> None:
-    out = await asyncio.gather(*(writer.run(insert(k)) for k in "xyz"))
-    assert out == ["x", "y", "z"]
-    assert writer.commits == 1
+async def test_a_job_queued_behind_stop_is_refused_not_lost(writer: GroupCommitWriter) -> None:
+    """A request that races shutdown gets an error, instead of waiting forever."""
+    async with anyio.create_task_group() as tg, writer_held(writer):
+        queued = writer.submit(insert(1))  # before stop: still committed
+        tg.start_soon(writer.stop)
+        await anyio.sleep(0)  # the stop marker is queued, the thread is still busy
+        with pytest.raises(Unavailable):
+            writer.submit(insert(2))
+    with anyio.fail_after(10):
+        assert await queued == 1
+    with pytest.raises(Unavailable):
+        writer.submit(insert(3))

@@ -1,0 +1,101 @@
+"""Health, readiness, Prometheus metrics and the OpenAPI document."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from tests.helpers import runtime_of
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    r = await client.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "aggregator_lag_events": 0,
+                        "aggregator_lag_seconds": 0.0}
+
+
+async def test_not_ready_when_the_store_is_down(client: httpx.AsyncClient) -> None:
+    rt = runtime_of(client)
+    await rt.aggregator.stop()
+    await rt.store.close()
+    r = await client.get("/readyz")
+    assert r.status_code == 503 and r.json()["status"] == "unavailable"
+    r = await client.post("/v1/like", json={"user_id": 1, "item_type": "post", "item_id": 1})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    await rt.store.start()  # so that the fixture's shutdown finds it running
+    rt.aggregator.start()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample, found by name and a subset of its labels."""
+    for line in text.splitlines():
+        m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(got.get(k) == v for k, v in labels.items()):
+            return float(m.group(3))
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+async def test_metrics(client: httpx.AsyncClient) -> None:
+    for u in range(3):
+        await client.post("/v1/like", json={"user_id": u, "item_type": "post", "item_id": 1})
+    await client.post("/v1/like", json={"user_id": "bad id", "item_type": "post", "item_id": 1})
+    await client.post("/v1/counts", json={"items": [{"item_type": "post", "item_id": 1}]})
+    await client.post("/v1/counts", json={"items": [{"item_type": "post", "item_id": 1}]})
+    await client.get("/v1/items/post/1/counts")
+    rt = runtime_of(client)
+    await rt.aggregator.drain()
+    await rt.aggregator.refresh_lag()
+    r = await client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert sample(text, "tally_http_requests_total", endpoint="/v1/like", status="200") == 3
+    assert sample(text, "tally_http_requests_total", endpoint="/v1/like", status="422") == 1
+    assert sample(text, "tally_http_requests_total", endpoint="/v1/counts", method="POST") == 2
+    assert sample(text, "tally_http_requests_total",
+                  endpoint="/v1/items/{item_type}/{item_id}/counts") == 1
+    assert sample(text, "tally_http_request_seconds_count", endpoint="/v1/like") == 4
+    assert sample(text, "tally_http_request_seconds_bucket", endpoint="/v1/like", le="+Inf") == 4
+    assert sample(text, "tally_aggregator_lag_events") == 0
+    assert sample(text, "tally_aggregator_lag_seconds") == 0
+    assert sample(text, "tally_aggregator_events_total") == 3
+    ratio = sample(text, "tally_cache_hit_ratio")
+    assert 0 < ratio < 1  # the first read missed, the later ones hit
+    assert sample(text, "tally_write_commits_total") >= 1
+    assert sample(text, "tally_hot_item_hits", item="post:1") >= 1
+
+
+async def test_lag_is_visible_before_aggregation(client: httpx.AsyncClient) -> None:
+    rt = runtime_of(client)
+    await rt.aggregator.stop()
+    for u in range(4):
+        await client.post("/v1/like", json={"user_id": u, "item_type": "post", "item_id": 1})
+    await rt.aggregator.refresh_lag()
+    text = (await client.get("/metrics")).text
+    assert sample(text, "tally_aggregator_lag_events") == 4
+    assert sample(text, "tally_aggregator_lag_seconds") >= 0
+    assert (await client.get("/readyz")).json()["aggregator_lag_events"] == 4
+    rt.aggregator.start()
+
+
+async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    paths = set(spec["paths"])
+    assert paths >= {"/v1/like", "/v1/unlike", "/v1/counters/{counter}/set",
+                     "/v1/counters/{counter}/clear", "/v1/counters/{counter}/incr", "/v1/bulk",
+                     "/v1/items/{item_type}/{item_id}/counts", "/v1/counts", "/v1/has",
+                     "/v1/has/{counter}/{user_id}/{item_type}/{item_id}",
+                     "/v1/rollups/{counter}/{item_type}/{dimension}", "/v1/admin/hot",
+                     "/v1/admin/reconcile", "/healthz", "/readyz", "/metrics"}
+    assert "/bench/noop" not in paths
+    assert spec["info"]["title"] == "Tally"
+    docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()

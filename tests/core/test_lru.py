@@ -1,0 +1,53 @@
+"""The count cache: size bound, time to live, put_if_absent, hit and miss accounting."""
+
+from __future__ import annotations
+
+from tally.core.lru import LRU
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_size_bound_evicts_least_recently_used() -> None:
+    c: LRU[str, int] = LRU(2, 10.0, Clock())
+    c.put("a", 1)
+    c.put("b", 2)
+    assert c.get("a") == 1  # a is now the most recent
+    c.put("c", 3)
+    assert (len(c), c.get("b"), c.get("a"), c.get("c")) == (2, None, 1, 3)
+    assert (c.hits, c.misses) == (3, 1)
+
+
+def test_ttl() -> None:
+    clock = Clock()
+    c: LRU[str, int] = LRU(10, 5.0, clock)
+    c.put("a", 1)
+    c.put("b", 2, ttl_s=1.0)
+    clock.now = 1.5
+    assert (c.get("a"), c.get("b")) == (1, None)
+    clock.now = 5.5
+    assert c.get("a") is None
+    assert len(c) == 0  # expired entries are dropped when found
+
+
+def test_put_if_absent_keeps_a_fresher_value() -> None:
+    clock = Clock()
+    c: LRU[str, int] = LRU(10, 5.0, clock)
+    c.put("a", 2)  # written by the aggregator
+    c.put_if_absent("a", 1)  # an older read finishing late
+    assert c.get("a") == 2
+    c.put_if_absent("b", 7)
+    assert c.get("b") == 7
+    clock.now = 6.0
+    c.put_if_absent("a", 3)  # the old entry expired: the read is fresher
+    assert c.get("a") == 3
+    c.discard("a")
+    c.discard("missing")
+    assert c.get("a") is None
+    c.clear()
+    assert len(c) == 0

@@ -1,0 +1,102 @@
+"""The read path: single flight for concurrent misses, write-through from the aggregator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import anyio
+import pytest
+
+from tally.core.hotkeys import SpaceSaving
+from tally.core.lru import LRU
+from tally.core.model import CountKey
+from tally.service.reads import CountReader
+from tally.store.sqlite import SqliteStore
+from tally.workers.aggregator import Aggregator
+from tests.helpers import like
+
+pytestmark = pytest.mark.anyio
+
+
+class CountingStore(SqliteStore):
+    """The real store, remembering each batch read."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.reads: list[list[CountKey]] = []
+        self.fail = False
+
+    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
+        self.reads.append(list(keys))
+        if self.fail:
+            await anyio.sleep(0.01)
+            raise OSError("disk on fire")
+        return await super().get(keys)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CountingStore]:
+    s = CountingStore(tmp_path / "t.db")
+    await s.start()
+    yield s
+    await s.close()
+
+
+def reader(store: CountingStore) -> CountReader:
+    cache: LRU[CountKey, int] = LRU(100, 60.0)
+    return CountReader(store, cache, SpaceSaving(8))
+
+
+async def test_concurrent_misses_are_one_read(store: CountingStore) -> None:
+    await store.write([like(u, "post:viral") for u in range(7)])
+    await Aggregator(store, store, window_s=0.001).drain()
+    r = reader(store)
+    key = ("like", "post:viral")
+    got: list[int] = []
+
+    async def read() -> None:
+        got.append((await r.get([key]))[key])
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(read)
+    assert got == [7] * 20
+    assert len(store.reads) == 1 and r.coalesced == 19
+    assert (await r.get([key, ("like", "post:none")])) == {key: 7, ("like", "post:none"): 0}
+    assert store.reads[-1] == [("like", "post:none")]  # the cached key was not read again
+
+
+async def test_aggregator_writes_through(store: CountingStore) -> None:
+    r = reader(store)
+    key = ("like", "post:1")
+    agg = Aggregator(store, store, window_s=0.001, on_applied=r.applied)
+    assert await r.get([key]) == {key: 0}
+    await store.write([like(1, "post:1"), like(2, "post:1")])
+    await agg.drain()
+    reads = len(store.reads)
+    assert await r.get([key]) == {key: 2}
+    assert len(store.reads) == reads  # served from the cache the aggregator updated
+    r.forget([key])
+    assert await r.get([key]) == {key: 2}
+    assert len(store.reads) == reads + 1
+
+
+async def test_a_failed_read_fails_every_waiter(store: CountingStore) -> None:
+    r = reader(store)
+    store.fail = True
+    key = ("like", "post:1")
+    errors: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await r.get([key])
+        except OSError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(read)
+    assert len(errors) == 3 and len(store.reads) == 1 and r.coalesced == 2
+    store.fail = False
+    assert await r.get([key]) == {key: 0}  # nothing in flight is left behind
