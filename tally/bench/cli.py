@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     bsub = p.add_subparsers(dest="bench_command", required=True)
     r = bsub.add_parser("run", help="one run against a running server (--url)")
     r.add_argument("--preset", choices=sorted(PRESETS), default="uniform",
-                   help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+                   help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()).replace("%", "%%"))
     r.add_argument("--mode", choices=["open", "closed"], default="closed")
     r.add_argument("--rate", type=float, default=0.0, help="operations/s offered (open loop)")
     r.add_argument("--items", type=int, default=Params.items, help="item space")
