@@ -215,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=("up", "down", "status"))
     sp.add_argument("--dir", default="/tmp/tally-cluster", help="where data, config and logs go")
     sp.add_argument("--partitions", type=int, default=8, help="event-log partitions (up)")
+    from tally.bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     sp = add("config", cmd_config, "print every setting, its variable, value and meaning")
     sp.add_argument("--config", help="TOML settings file (else $TALLY_CONFIG)")
     sp.add_argument("--markdown", action="store_true", help="the defaults as a Markdown table")

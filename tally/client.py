@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
+
+if TYPE_CHECKING:
+    from tally.batching import Batcher
 
 Id = int | str
 Item = tuple[str, Id]  # (item_type, item_id)
@@ -103,10 +106,18 @@ def _parse_has(data: dict[str, Any]) -> list[bool]:
 
 class AsyncTally:
     def __init__(self, base_url: str = "http://127.0.0.1:8080", timeout: float = 10.0,
-                 max_connections: int = 100) -> None:
+                 max_connections: int = 100,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits)
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits,
+                                      transport=transport)
+
+    def batcher(self, max_ops: int = 500, window_ms: float = 2.0, max_in_flight: int = 4) -> Batcher:
+        """Gathers concurrent like/unlike/incr calls into /v1/bulk requests (see tally.batching)."""
+        from tally.batching import Batcher
+
+        return Batcher(self, max_ops, window_ms / 1000, max_in_flight)
 
     async def __aenter__(self) -> AsyncTally:
         return self

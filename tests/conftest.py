@@ -14,6 +14,7 @@ from typing import Protocol
 import httpx
 import pytest
 
+from tally import engines
 from tally.api.app import create_app
 from tally.bootstrap import Runtime, build
 from tally.settings import Settings
@@ -120,6 +121,10 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     for s in made:
         s.stop()
 
+
+# Every engine a test starts (fixtures, Redis Cluster nodes, bench peers) dies with the test
+# process, so an aborted or failed run leaves no server behind.
+engines.Engine.die_with_parent = True
 
 pytest_plugins = ["tests.engines", "tests.redis_cluster",  # engine fixtures: pg_engine, ..., redis_cluster
                   "tests.sqlite_fixtures"]  # db, store (SQLite, group_commit_ms)

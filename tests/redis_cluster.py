@@ -9,6 +9,7 @@ import random
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,17 +61,19 @@ class RedisCluster:
         if cli is None:
             raise EngineError("redis: redis-cli not found; install with: apt-get install redis-tools")
         try:
-            for node in self.nodes:
-                node.start()
+            self._form(cli)
         except BaseException:
             self.stop()  # the nodes already started must not outlive the failure
             raise
+
+    def _form(self, cli: str) -> None:
+        for node in self.nodes:
+            node.start()
         done = subprocess.run([cli, "--cluster", "create",
                                *(f"{HOST}:{n.port}" for n in self.nodes),
                                "--cluster-replicas", "0", "--cluster-yes"],
                               capture_output=True, text=True, timeout=60)
         if done.returncode != 0:
-            self.stop()
             raise EngineError(f"redis-cli --cluster create failed: {done.stdout}{done.stderr}")
         for _ in range(100):  # wait until every node agrees the cluster is up
             states = [subprocess.run([cli, "-p", str(n.port), "cluster", "info"],
@@ -78,7 +81,7 @@ class RedisCluster:
                       for n in self.nodes]
             if all("cluster_state:ok" in s for s in states):
                 return
-            subprocess.run(["sleep", "0.1"], check=False)
+            time.sleep(0.1)
         raise EngineError("redis cluster did not reach cluster_state:ok")
 
     def flushall(self) -> None:

@@ -172,3 +172,12 @@ def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip() == "tally: configuration error: group_commit_ms: expected float, got str"
+
+
+@pytest.mark.parametrize("argv", [[], ["serve"], ["like"], ["reconcile"], ["demo"], ["config"],
+                                  ["bench"], ["bench", "run"], ["bench", "suite"], ["cluster"]])
+def test_every_help_page_renders(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: tally" in capsys.readouterr().out

@@ -1,0 +1,89 @@
+"""``tally bench``: one measurement against a running server, or the whole suite.
+
+    tally bench run --preset viral --mode open --rate 2000 --duration 20 --out bench-results
+    tally bench suite --out bench-results          (what ``make bench`` runs, about 6-10 minutes)
+    tally bench suite --quick --out /tmp/b         (seconds: only proves the harness works)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import orjson
+
+from tally.bench.workloads import PRESETS, Params
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", help="load generator and benchmark suite", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+    r = bsub.add_parser("run", help="one run against a running server (--url)")
+    r.add_argument("--preset", choices=sorted(PRESETS), default="uniform",
+                   help="; ".join(f"{k}: {v}" for k, v in PRESETS.items()).replace("%", "%%"))
+    r.add_argument("--mode", choices=["open", "closed"], default="closed")
+    r.add_argument("--rate", type=float, default=0.0, help="operations/s offered (open loop)")
+    r.add_argument("--items", type=int, default=Params.items, help="item space")
+    _common(r)
+    r.set_defaults(fn=cmd_run)
+    s = bsub.add_parser("suite", help="Tally and its peers side by side (starts its own servers)")
+    s.add_argument("--quick", action="store_true", help="seconds-long smoke version, no peers")
+    s.add_argument("--peers", default="pg,redis-aof,redis", help="comma list; empty for none")
+    s.add_argument("--no-cluster", action="store_true", help="skip Tally on its scale-out backends")
+    _common(s)
+    s.set_defaults(fn=cmd_suite)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--duration", type=float, help="measured seconds per run")
+    p.add_argument("--connections", type=int, help="keep-alive connections, all workers")
+    p.add_argument("--workers", type=int, help="load generator processes")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("bench-results"))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tally.bench import loadgen
+    from tally.bench.plots import plot_all
+    from tally.bench.report import machine, markdown_runs
+
+    url = urlsplit(args.url)
+    spec = loadgen.RunSpec(name=f"{args.preset}-{args.mode}", host=url.hostname or "127.0.0.1",
+                           port=url.port or 80, preset=args.preset, mode=args.mode, rate=args.rate,
+                           duration_s=args.duration or 10.0, connections=args.connections or 32,
+                           workers=args.workers or 1, seed=args.seed,
+                           params=Params(items=args.items),
+                           run_id=int(time.time()) % 3_000_000)  # fresh users run after run
+    result = loadgen.run(spec).as_dict()
+    result["target"] = args.url
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": machine(), "command": " ".join(sys.argv), "runs": [result]}
+    (args.out / "result.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    table = markdown_runs([result])
+    (args.out / "results.md").write_text(table)
+    plot_all(doc, args.out)
+    print(table)
+    return 1 if result["errors"] else 0
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    from tally.bench.report import markdown_checks
+    from tally.bench.suite import QUICK, SuitePlan, run_suite
+    from tally.bench.summary import ratio_table
+
+    plan = QUICK if args.quick else SuitePlan()
+    peers = tuple(p for p in args.peers.split(",") if p) if not args.quick else ()
+    plan = replace(plan, peers=peers, seed=args.seed, cluster=plan.cluster and not args.no_cluster,
+                   **{k: v for k, v in (("duration_s", args.duration),
+                                        ("connections", args.connections),
+                                        ("workers", args.workers)) if v})
+    result = run_suite(args.out, plan)
+    print(markdown_checks(result["checks"]))
+    print(ratio_table(result["runs"]))
+    print(f"results: {args.out / 'results.md'}, {args.out / 'result.json'}")
+    return 0

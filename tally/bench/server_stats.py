@@ -1,0 +1,54 @@
+"""What Tally itself reports around a run: group commits, coalescing, cache and hot items.
+
+The suite reads ``/metrics`` before and after each Tally run and keeps the differences, so each
+result shows how many likes shared one commit (one fsync) and how many change-log events one
+count write absorbed, measured on the very workload the run drove.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+COUNTERS = ("tally_write_commits_total", "tally_write_ops_committed_total",
+            "tally_aggregator_events_total", "tally_aggregator_keys_written_total",
+            "tally_aggregator_batches_total", "tally_cache_coalesced_misses_total")
+GAUGES = ("tally_aggregator_lag_events", "tally_aggregator_lag_seconds")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The counters above, from the Prometheus text; empty if the server does not answer."""
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in COUNTERS or name in GAUGES:
+            out[name] = float(value)
+    return out
+
+
+def hot_items(url: str, n: int = 3) -> list[dict[str, Any]]:
+    try:
+        items: list[dict[str, Any]] = httpx.get(f"{url}/v1/admin/hot", timeout=10).json()["items"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return []
+    return items[:n]
+
+
+def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-run figures: the counters' growth and the two ratios the hot-key machinery promises."""
+    d = {k.removeprefix("tally_").removesuffix("_total"): after[k] - before.get(k, 0.0)
+         for k in after if k in COUNTERS}
+    for k in GAUGES:  # levels, not growth: how far behind the aggregator was at each end
+        if k in after:
+            name = k.removeprefix("tally_")
+            d[f"{name}_before"], d[f"{name}_after"] = before.get(k, 0.0), after[k]
+    if d.get("write_commits"):
+        d["ops_per_commit"] = round(d["write_ops_committed"] / d["write_commits"], 1)
+    if d.get("aggregator_keys_written"):
+        d["events_per_count_write"] = round(d["aggregator_events"] / d["aggregator_keys_written"], 1)
+    return d

@@ -1,0 +1,209 @@
+"""The benchmark suite behind ``make bench``: Tally and its peers, side by side, in one run.
+
+Order: the generator's own ceiling (null server); Tally (noop ceiling, each workload at maximum
+throughput, open-loop sweeps for the viral and feed targets); then each peer on the same likes.
+Every ratio in the result compares figures measured in this run on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from tally.bench import loadgen, memory, server_stats, targets
+from tally.bench.checks import median_max
+from tally.bench.loadgen import RunSpec
+from tally.bench.report import machine
+from tally.bench.workloads import Params
+
+
+@dataclass(frozen=True)
+class SuitePlan:
+    duration_s: float = 8.0
+    warmup_s: float = 1.0
+    connections: int = 32
+    workers: int = 1
+    seed: int = 1
+    sweep: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # open-loop rates as fractions of the maximum
+    bulk_sweep: tuple[float, ...] = (0.5, 0.8)
+    rounds: int = 3  # interleaved rounds of the side-by-side maxima; the tables take the median
+    compare_s: float = 4.0  # measured seconds of each side-by-side run
+    peers: tuple[str, ...] = ("pg", "redis-aof", "redis")
+    cluster: bool = True  # Tally on its scale-out backends (tally.cluster), one process per role
+    params: Params = Params()
+
+
+QUICK = SuitePlan(duration_s=1.0, warmup_s=0.3, connections=4, sweep=(0.5,), bulk_sweep=(),
+                  rounds=1, compare_s=1.0, peers=(),
+                  cluster=False, params=Params(items=10_000))
+COMPARED = ("noop", "uniform", "zipf", "viral", "feed")  # Tally's side-by-side presets
+PEER_PRESETS = ("uniform", "viral", "feed")  # what the peers serve
+
+
+class Suite:
+    def __init__(self, plan: SuitePlan, work: Path, show_progress: bool = True) -> None:
+        self.plan = plan
+        self.work = work
+        self.show_progress = show_progress
+        self.runs: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.extra: dict[str, Any] = {}
+
+    def measure(self, target: str, port: int, preset: str, mode: str = "closed",
+                rate: float = 0.0, round_: int | None = None, **over: Any) -> dict[str, Any]:
+        p = self.plan
+        name = f"{target}/{preset}" + (f"@{rate:.0f}" if mode == "open" else "")
+        name += f" r{round_ + 1}" if round_ is not None and p.rounds > 1 else ""
+        spec = RunSpec(name=name, host=targets.HOST, port=port, preset=preset, mode=mode, rate=rate,
+                       duration_s=p.duration_s, warmup_s=p.warmup_s, connections=p.connections,
+                       workers=p.workers, seed=p.seed, params=p.params, run_id=len(self.runs) + 1)
+        spec = replace(spec, **over)
+        url = f"http://{targets.HOST}:{port}"
+        before = server_stats.scrape(url) if target == "tally" else {}
+        result = loadgen.run(spec, self.show_progress).as_dict()
+        result["target"] = target
+        result["round"] = round_
+        if before:
+            result["server"] = server_stats.delta(before, server_stats.scrape(url))
+            result["server"]["hot_items"] = server_stats.hot_items(url)
+        self.runs.append(result)
+        return result
+
+    def max_of(self, target: str, preset: str) -> float:
+        return median_max(self.runs, target, preset)
+
+    # -- the parts --------------------------------------------------------------------------
+
+    def generator_ceiling(self) -> None:
+        with targets.null_server(self.work) as null:
+            self.measure("null", null.port, "noop")
+
+    def compare(self, servers: dict[str, int]) -> None:
+        """Closed-loop maxima of every target, interleaved: each round runs every (target,
+        preset) once, so a change in the machine's background load falls on all targets alike
+        instead of on whichever ran last; the tables quote the median over the rounds."""
+        for rnd in range(self.plan.rounds):
+            for preset in COMPARED:
+                for target, port in servers.items():
+                    if target == "tally" or preset in PEER_PRESETS:
+                        self.measure(target, port, preset, round_=rnd, duration_s=self.plan.compare_s)
+
+    def tally_only(self, port: int) -> None:
+        """Open-loop sweeps and the workloads the peers do not serve."""
+        self.sweep("tally", port, "viral")
+        # A batching client keeps few requests in flight, each carrying many likes.
+        bulk_conns = max(self.plan.workers, 2)
+        self.measure("tally", port, "bulk", connections=bulk_conns)
+        if self.plan.bulk_sweep:
+            self.sweep("tally", port, "bulk", self.plan.bulk_sweep, connections=bulk_conns)
+        for preset in ("mixed", "incr"):
+            self.measure("tally", port, preset)
+        feed_max = self.max_of("tally", "feed")
+        if feed_max:
+            self.measure("tally", port, "feed", "open", round(0.7 * feed_max))
+
+    def side_by_side(self) -> None:
+        """Tally and every peer up at once, measured in interleaved rounds, then Tally alone."""
+        probes: dict[str, Callable[[], dict[str, float]]] = {}
+        with contextlib.ExitStack() as stack:
+            tally = stack.enter_context(targets.tally_server(self.work, "tally"))
+            servers = {"tally": tally.port}
+            for peer in self.plan.peers:
+                try:
+                    srv, probes[peer] = stack.enter_context(peer_target(self.work, peer))
+                    servers[peer] = srv.port
+                except Exception as exc:  # a missing engine must not hide the other results
+                    self.notes.append(f"peer {peer} not measured: {exc}")
+                    print(f"\n  peer {peer} not measured: {exc}", file=sys.stderr)
+            self.compare(servers)
+            self.tally_only(tally.port)
+            for peer, probe in probes.items():
+                self.extra[f"{peer}_storage"] = probe()
+        db = self.work / "tally" / "data" / "tally.db"
+        self.extra["sqlite_storage"] = memory.sqlite_bytes_per_like(db)
+
+    def sweep(self, target: str, port: int, preset: str, shares: tuple[float, ...] | None = None,
+              **over: Any) -> None:
+        """Open-loop runs at fractions of the closed-loop maximum: latency vs offered load."""
+        top = self.max_of(target, preset)
+        for share in shares or self.plan.sweep:
+            if top:
+                self.measure(target, port, preset, "open", max(round(share * top, 1), 0.5), **over)
+
+    def cluster(self) -> None:
+        """The cluster at its smallest: one API, relay and aggregator, one PostgreSQL, NATS, Redis.
+
+        On two cores every extra process competes with the load generator and the API for CPU,
+        so this measures the cluster's cost per like on one machine, not its scale-out."""
+        from tally.cluster import DevCluster, Layout
+
+        layout = Layout(apis=1, relays=1, aggregators=1, partitions=4, databases=1)
+        cluster = DevCluster(self.work / "cluster", layout, settings={"log_level": "WARNING"})
+        try:
+            cluster.up()
+            port = urlsplit(cluster.urls("api")[0]).port or 80
+            for preset in ("uniform", "viral", "feed"):
+                self.measure("cluster", port, preset)
+        except Exception as exc:  # a missing engine must not hide the other results
+            self.notes.append(f"cluster not measured: {exc}")
+            print(f"\n  cluster not measured: {exc}", file=sys.stderr)
+        finally:
+            cluster.down()
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        load_before = os.getloadavg()
+        self.generator_ceiling()
+        self.side_by_side()
+        if self.plan.cluster:
+            self.cluster()
+        self.extra["load_average"] = {"before": load_before, "after": os.getloadavg()}
+        per_like = {k.removesuffix("_storage"): v["bytes_per_record"]
+                    for k, v in self.extra.items() if k.endswith("_storage") and v.get("records")}
+        self.extra["memory"] = memory.projection(memory.bytes_per_cached_counter(), per_like)
+        from tally.bench.checks import checks
+
+        return {"machine": machine(), "command": " ".join(shlex.quote(a) for a in sys.argv),
+                "started": started, "wall_s": time.time() - started, "plan": _plan_dict(self.plan),
+                "runs": self.runs, "checks": checks(self.runs, self.extra), "notes": self.notes,
+                **self.extra}
+
+
+def _plan_dict(plan: SuitePlan) -> dict[str, Any]:
+    return orjson.loads(orjson.dumps(plan, default=lambda o: o.__dict__))  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def peer_target(work: Path, peer: str) -> Iterator[tuple[targets.HttpServer,
+                                                   Callable[[], dict[str, float]]]]:
+    """A peer's engine and its HTTP server; yields the server and a storage-size probe."""
+    from tally.bench.peer_engines import peer_engine
+
+    with peer_engine(work, peer) as (kind, url, stats), targets.peer_server(work, peer, kind, url) as srv:
+        yield srv, stats
+
+
+def run_suite(out: Path, plan: SuitePlan, show_progress: bool = True) -> dict[str, Any]:
+    """Runs the suite and writes result.json, results.md and the plots into ``out``."""
+    from tally.bench.plots import plot_all
+    from tally.bench.summary import write_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="tally-bench-"))
+    os.chmod(work, 0o755)  # PostgreSQL runs as an unprivileged user and must reach its directory
+    result = Suite(plan, work, show_progress).run()
+    (out / "result.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    result["plots"] = plot_all(result, out)
+    write_markdown(result, out / "results.md")
+    return result

@@ -1,0 +1,106 @@
+"""The suite's Markdown: targets, ratios to the peers of the same run, every run, memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tally.bench.checks import median_max
+from tally.bench.report import markdown_checks, markdown_runs
+
+PEERS = ("pg", "redis-aof", "redis", "cluster")
+PEER_NAMES = {"pg": "PostgreSQL (sync commit)", "redis-aof": "Redis AOF everysec",
+              "redis": "Redis no persistence", "cluster": "Tally cluster (1 of each role)"}
+
+
+def _max(runs: list[dict[str, Any]], target: str, preset: str) -> float:
+    return median_max(runs, target, preset)
+
+
+def ratio_table(runs: list[dict[str, Any]]) -> str:
+    """Tally's maximum throughput over each peer's, per workload: medians of interleaved rounds."""
+    peers = [p for p in PEERS if any(r["target"] == p for r in runs)]
+    if not peers:
+        return "No peers ran.\n"
+    head = ("| workload | Tally ops/s | " + " | ".join(f"{PEER_NAMES[p]} ops/s | Tally / it"
+                                                   for p in peers) + " |\n")
+    head += "|---|---:|" + "---:|---:|" * len(peers) + "\n"
+    rows = []
+    for preset in ("uniform", "viral", "feed"):
+        mine = _max(runs, "tally", preset)
+        cells = []
+        for p in peers:
+            theirs = _max(runs, p, preset)
+            cells.append(f"{theirs:,.0f} | {mine / theirs:.2f}x" if theirs else "- | -")
+        rows.append(f"| {preset} | {mine:,.0f} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def server_table(runs: list[dict[str, Any]]) -> str:
+    """Group commit and coalescing as Tally counted them during each of its runs."""
+    rows = []
+    for r in runs:
+        srv = r.get("server")
+        if not srv or not srv.get("write_commits"):
+            continue
+        hot = ", ".join(f"{h['item']} ~{h['estimate']:,}" for h in srv.get("hot_items", [])[:2])
+        rows.append(f"| {r['name']} | {srv['write_ops_committed']:,.0f} | {srv['write_commits']:,.0f} | "
+                    f"{srv.get('ops_per_commit', 0):,.1f} | {srv.get('aggregator_events', 0):,.0f} | "
+                    f"{srv.get('aggregator_keys_written', 0):,.0f} | "
+                    f"{srv.get('events_per_count_write', 0):,.1f} | "
+                    f"{srv.get('aggregator_lag_events_before', 0):,.0f} -> "
+                    f"{srv.get('aggregator_lag_events_after', 0):,.0f} | {hot or '-'} |")
+    if not rows:
+        return ""
+    return ("| run | ops committed | commits | ops per commit | log events applied | count writes | "
+            "events per count write | aggregator lag, events (start -> end) | "
+            "hottest reads (sketch) |\n|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+            + "\n".join(rows) + "\n")
+
+
+def memory_table(mem: dict[str, Any]) -> str:
+    rows = [f"| cached hot counter (LRU entry, tracemalloc) | {mem['bytes_per_cached_counter']:.0f} B | "
+            f"{mem['cache_all_items_tb']:.1f} TB if all 50 billion items were cached |"]
+    for key, value in mem.items():
+        if key.endswith("_bytes_per_like"):
+            name = key.removesuffix("_bytes_per_like")
+            rows.append(f"| like record, {name} | {value:.0f} B | "
+                        f"{mem[name + '_trillion_likes_tb']:.0f} TB for 1 trillion likes |")
+    return "| what | measured | projection |\n|---|---:|---|\n" + "\n".join(rows) + "\n"
+
+
+def _load(result: dict[str, Any]) -> str:
+    load = result.get("load_average")
+    if not load:
+        return ""
+    return (f"Load average (1, 5, 15 min) before the suite {', '.join(f'{x:.1f}' for x in load['before'])}, "
+            f"after {', '.join(f'{x:.1f}' for x in load['after'])}: above the 2 cores means other work "
+            "shared the machine during the run.\n")
+
+
+def write_markdown(result: dict[str, Any], path: Path) -> None:
+    m = result["machine"]
+    parts = [
+        "# Tally benchmark results\n",
+        f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memory_gb', '?')} GB, "
+        f"Python {m['python']}, commit {m.get('commit')}. Suite wall time {result['wall_s']:.0f} s.\n",
+        _load(result),
+        f"Command: `{result['command']}`\n",
+        "## Targets\n", markdown_checks(result["checks"]),
+        "## Tally against the peers (maximum throughput, same run)\n",
+        "Medians over interleaved rounds: every round runs each target once per workload, so drift "
+        "in the machine's background load falls on all of them alike.\n", ratio_table(result["runs"]),
+        "## Every run\n",
+        "Open-loop latencies count from each request's intended send time. Closed-loop latencies "
+        "are service times at maximum throughput. `gen CPU` is the load generator's CPU use in "
+        "cores.\n", markdown_runs(result["runs"]),
+    ]
+    if table := server_table(result["runs"]):
+        parts += ["## Group commit and coalescing, as Tally counted them\n", table]
+    if "memory" in result:
+        parts += ["## Memory\n", memory_table(result["memory"])]
+    if result.get("notes"):
+        parts += ["## Notes\n", "\n".join(f"- {n}" for n in result["notes"]) + "\n"]
+    if result.get("plots"):
+        parts += ["## Plots\n", "\n".join(f"![{p}]({p})" for p in result["plots"]) + "\n"]
+    path.write_text("\n".join(parts))

@@ -1,0 +1,66 @@
+"""The whole suite in its quick form, and each peer briefly: results are produced and well formed.
+
+Nothing here asserts a timing: a shared 2-core machine cannot promise one. It proves the harness
+runs end to end, so it cannot rot between real benchmark runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tally.bench.hist import PERCENTILES
+from tally.bench.suite import PEER_PRESETS, QUICK, Suite, peer_target, run_suite
+from tests.engines import require
+
+pytestmark = pytest.mark.slow
+
+
+def _well_formed(run: dict[str, object]) -> None:
+    assert isinstance(run["ok"], int) and run["ok"] > 0
+    assert run["errors"] == 0, run["error_reasons"]
+    latency = run["latency"]
+    assert isinstance(latency, dict)
+    for p in PERCENTILES:
+        assert f"p{p:g}_ms" in latency
+    assert isinstance(run["series"], list) and run["series"]
+
+
+@pytest.mark.timeout(300)  # a dozen short runs, each spawning its load generator process
+def test_quick_suite_writes_results(tmp_path: Path) -> None:
+    result = run_suite(tmp_path / "out", QUICK, show_progress=False)
+    stored = orjson.loads((tmp_path / "out" / "result.json").read_bytes())
+    assert {r["name"] for r in stored["runs"]} == {r["name"] for r in result["runs"]}
+    presets = {r["preset"] for r in result["runs"] if r["target"] == "tally"}
+    assert presets >= {"noop", "uniform", "zipf", "viral", "bulk", "feed", "mixed", "incr"}
+    assert any(r["mode"] == "open" for r in result["runs"])
+    for run in result["runs"]:
+        _well_formed(run)
+    assert result["checks"] and all("met" in c for c in result["checks"])
+    assert result["memory"]["bytes_per_cached_counter"] > 0
+    assert result["sqlite_storage"]["records"] > 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## Targets" in md and "tally/uniform" in md
+    for png in result["plots"]:
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("peer", ["pg", "redis-aof", "redis"])
+def test_peer_serves_the_workloads(engines_dir: Path, peer: str) -> None:
+    require("postgres" if peer == "pg" else "redis")
+    work = engines_dir / f"bench-{peer}"  # reachable by PostgreSQL's unprivileged user
+    work.mkdir()
+    work.chmod(0o711)
+    suite = Suite(replace(QUICK, peers=(peer,)), work, show_progress=False)
+    with peer_target(work, peer) as (srv, probe):
+        for preset in PEER_PRESETS:
+            suite.measure(peer, srv.port, preset)
+        storage = probe()
+    assert [r["preset"] for r in suite.runs] == list(PEER_PRESETS)
+    for run in suite.runs:
+        _well_formed(run)
+    assert storage["records"] > 0 and storage["bytes_per_record"] > 0
