@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from tally import engines
 from tally.api.app import create_app
 from tally.bootstrap import Runtime, build
+from tally.engines import free_port
 from tally.settings import Settings
 from tests.helpers import app_client
 
@@ -49,13 +49,6 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The real ASGI app in this process, lifespan included, over httpx's ASGI transport."""
     async with app_client(create_app(settings)) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class ServerProcess:

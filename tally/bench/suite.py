@@ -26,6 +26,7 @@ from tally.bench.checks import median_max
 from tally.bench.loadgen import RunSpec
 from tally.bench.report import machine
 from tally.bench.workloads import Params
+from tally.engines import HOST
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,11 @@ class Suite:
         p = self.plan
         name = f"{target}/{preset}" + (f"@{rate:.0f}" if mode == "open" else "")
         name += f" r{round_ + 1}" if round_ is not None and p.rounds > 1 else ""
-        spec = RunSpec(name=name, host=targets.HOST, port=port, preset=preset, mode=mode, rate=rate,
+        spec = RunSpec(name=name, host=HOST, port=port, preset=preset, mode=mode, rate=rate,
                        duration_s=p.duration_s, warmup_s=p.warmup_s, connections=p.connections,
                        workers=p.workers, seed=p.seed, params=p.params, run_id=len(self.runs) + 1)
         spec = replace(spec, **over)
-        url = f"http://{targets.HOST}:{port}"
+        url = f"http://{HOST}:{port}"
         before = server_stats.scrape(url) if target == "tally" else {}
         result = loadgen.run(spec, self.show_progress).as_dict()
         result["target"] = target

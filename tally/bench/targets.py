@@ -16,14 +16,7 @@ from types import TracebackType
 
 import httpx
 
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+from tally.engines import HOST, free_port
 
 
 class HttpServer:
