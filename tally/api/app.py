@@ -138,6 +138,7 @@ def create_app(settings: Settings | None = None, runtime: AppRuntime | None = No
             await rt.stop()
 
     app = FastAPI(title="Tally", version=tally.__version__, lifespan=lifespan, strict_content_type=False,
+                  redirect_slashes=False,  # one URL per resource: "/x/" is a 404, not a redirect
                   description="Durable, idempotent like counts and other counters.")
     app.state.runtime = rt
     router = build_router(rt) if rt.service is not None else ops_router(rt)
