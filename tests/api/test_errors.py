@@ -138,7 +138,8 @@ async def test_unknown_path_and_method(guarded: httpx.AsyncClient) -> None:
 
 
 @pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000,
-                                 b'{"user_id":' * 50_000 + b"1" + b"}" * 50_000])
+                                 b'{"user_id":' * 50_000 + b"1" + b"}" * 50_000],
+                         ids=["arrays", "objects"])
 async def test_json_nested_too_deep(guarded: httpx.AsyncClient, raw: bytes) -> None:
     r = await guarded.post("/v1/like", content=raw, headers={"content-type": "application/json"})
     assert check_error(r, 400, "body")["code"] == "bad_json"
