@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -22,6 +23,20 @@ from tally.bootstrap import AppRuntime, build_for
 from tally.core.errors import TallyError
 from tally.metrics import Metrics
 from tally.settings import Settings
+
+
+def tune_gc(threshold: int) -> None:
+    """Moves everything alive after start-up out of the collector's sight and collects the young
+    generation less often. A request allocates a few hundred objects; at Python's default
+    threshold (700) the collector ran every few requests and its older generations walked the
+    whole count cache: 13% of the event loop's time in a profile of likes, and the tens of ms
+    pauses that set the p99."""
+    if threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(threshold, gen1, gen2)
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:
@@ -132,6 +147,7 @@ def create_app(settings: Settings | None = None, runtime: AppRuntime | None = No
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await rt.start()
+        tune_gc(rt.settings.gc_threshold)
         try:
             yield
         finally:

@@ -111,3 +111,20 @@ async def test_refused_bodies_are_counted_under_their_route(client: httpx.AsyncC
     assert sample(text, "tally_http_requests_total", endpoint="/v1/like", status="413") == 1
     assert sample(text, "tally_http_requests_total", endpoint="body_too_large", status="413") == 1
     assert 'endpoint="unmatched"' not in text
+
+
+def test_tune_gc_freezes_start_up_objects_and_spaces_young_collections() -> None:
+    import gc
+
+    from tally.api.app import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(0)
+        assert gc.get_threshold() == before
+        tune_gc(12_345)
+        assert gc.get_threshold() == (12_345, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
