@@ -14,12 +14,14 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tally.core.coalesce import Batch
-from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
+from tally.core.model import CountKey, Event, Op, OpResult
 from tally.store.ports import ReconcileChunk
+from tally.store.sqlite_ops import apply_ops, stored_counts
 from tally.store.sqlite_reconcile import reconcile_chunk
 from tally.store.sqlite_schema import connect, migrate
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
@@ -27,16 +29,33 @@ from tally.store.sqlite_writer import GroupCommitWriter, Tx
 T = TypeVar("T")
 SOURCE = "local"  # the one change log of the embedded store
 
-_SET = ("INSERT INTO toggles (counter, user, item, state, version, updated_at) VALUES (?,?,?,1,1,?) "
-        "ON CONFLICT (counter, user, item) DO UPDATE SET state=1, version=version+1, "
-        "updated_at=excluded.updated_at WHERE state=0 RETURNING version")
-_CLEAR = ("UPDATE toggles SET state=0, version=version+1, updated_at=? "
-          "WHERE counter=? AND user=? AND item=? AND state=1 RETURNING version")
-_LOG = "INSERT INTO changelog (counter, item, user, delta, ts, region) VALUES (?,?,?,?,?,?)"
-_COUNT = "SELECT count FROM counts WHERE item=? AND counter=?"
-_IDEM = ("INSERT INTO idempotency (counter, key, expires_at) VALUES (?,?,?) "
-         "ON CONFLICT (counter, key) DO UPDATE SET expires_at=excluded.expires_at "
-         "WHERE expires_at < ? RETURNING 1")
+
+
+@dataclass(slots=True)
+class _Combined:
+    """The operations of the requests that wrote in one event-loop turn, and who waits for what:
+    (first operation, how many, the request's future)."""
+
+    ops: list[Op] = field(default_factory=list)
+    waiters: list[tuple[int, int, asyncio.Future[list[OpResult]]]] = field(default_factory=list)
+
+    def deliver(self, done: asyncio.Future[list[OpResult]]) -> None:
+        if done.cancelled():
+            self.fail(asyncio.CancelledError())
+            return
+        exc = done.exception()
+        if exc is not None:
+            self.fail(exc)
+            return
+        results = done.result()
+        for start, n, waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(results[start:start + n])
+
+    def fail(self, exc: BaseException) -> None:
+        for _start, _n, waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_exception(exc)
 
 
 class SqliteStore:
@@ -55,6 +74,7 @@ class SqliteStore:
         # back), so a later job in the same group commit sees an earlier job's change.
         self._pending: dict[CountKey, int] = {}
         self.source = SOURCE
+        self._combining: _Combined | None = None  # event loop thread only
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -106,27 +126,33 @@ class SqliteStore:
     # -- LikeStore --------------------------------------------------------------------------
 
     async def write(self, ops: Sequence[Op]) -> list[OpResult]:
-        ops = list(ops)
-        result: list[OpResult] = await self.writer.run(lambda c, tx: self._apply_ops(c, tx, ops),
-                                                       weight=len(ops))
-        return result
+        """Joins the operations of every request that writes in the same event-loop turn into
+        one writer job (see ``tally.store.sqlite_ops``); each request gets its own slice back."""
+        batch = self._combining
+        if batch is None or len(batch.ops) + len(ops) > self.writer.max_ops:
+            if batch is not None:
+                self._flush()
+            batch = self._combining = _Combined()
+            asyncio.get_running_loop().call_soon(self._flush)
+        waiter: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
+        batch.waiters.append((len(batch.ops), len(ops), waiter))
+        batch.ops.extend(ops)
+        return await waiter
+
+    def _flush(self) -> None:
+        batch, self._combining = self._combining, None
+        if batch is None:
+            return
+        ops = batch.ops
+        try:
+            done = self.writer.submit(lambda c, tx: self._apply_ops(c, tx, ops), weight=len(ops))
+        except Exception as exc:
+            batch.fail(exc)
+            return
+        done.add_done_callback(batch.deliver)
 
     def _apply_ops(self, conn: sqlite3.Connection, tx: Tx, ops: list[Op]) -> list[OpResult]:
-        now = time.time()
-        overlay: dict[CountKey, int] = {}  # deltas of this job, made pending once it succeeded
-        results = []
-        for op in ops:
-            if isinstance(op, ToggleOp):
-                changed, delta, seq = self._toggle(conn, op, now)
-            else:
-                changed, delta, seq = self._incr(conn, op, now)
-            key = (op.counter, op.item)
-            if delta:
-                overlay[key] = overlay.get(key, 0) + delta
-            row = conn.execute(_COUNT, (op.item, op.counter)).fetchone()
-            count = (row[0] if row else 0) + self._pending.get(key, 0) + overlay.get(key, 0)
-            state = op.on if isinstance(op, ToggleOp) else None
-            results.append(OpResult(changed=changed, count=count, state=state, seq=seq))
+        results, overlay = apply_ops(conn, ops, self._pending, time.time())
         if overlay:
             self._add_pending(overlay)
             tx.on_rollback.append(lambda: self._add_pending({k: -d for k, d in overlay.items()}))
@@ -139,28 +165,6 @@ class SqliteStore:
                 self._pending[key] = total
             else:
                 self._pending.pop(key, None)
-
-    @staticmethod
-    def _toggle(conn: sqlite3.Connection, op: ToggleOp, now: float) -> tuple[bool, int, int | None]:
-        if op.on:
-            row = conn.execute(_SET, (op.counter, op.user, op.item, now)).fetchone()
-        else:
-            row = conn.execute(_CLEAR, (now, op.counter, op.user, op.item)).fetchone()
-        if row is None:
-            return False, 0, None
-        delta = 1 if op.on else -1
-        cur = conn.execute(_LOG, (op.counter, op.item, op.user, delta, now, op.region))
-        return True, delta, cur.lastrowid
-
-    @staticmethod
-    def _incr(conn: sqlite3.Connection, op: IncrOp, now: float) -> tuple[bool, int, int | None]:
-        if op.idempotency_key is not None:
-            fresh = conn.execute(_IDEM, (op.counter, op.idempotency_key,
-                                         now + op.dedupe_window_s, now)).fetchone()
-            if fresh is None:
-                return False, 0, None
-        cur = conn.execute(_LOG, (op.counter, op.item, op.user, op.n, now, op.region))
-        return True, op.n, cur.lastrowid
 
     async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
         marks = ",".join("?" * len(items))
@@ -223,18 +227,16 @@ class SqliteStore:
                                    (consumer,)).fetchall())
         if any(stored.get(src, 0) != expect.get(src, 0) for src in batch.positions):
             return None
-        new: dict[CountKey, int] = {}
-        for (counter, item), delta in batch.deltas.items():
-            got = conn.execute("INSERT INTO counts (item, counter, count) VALUES (?,?,?) "
-                               "ON CONFLICT (item, counter) DO UPDATE SET count=count+excluded.count "
-                               "RETURNING count", (item, counter, delta)).fetchone()
-            new[(counter, item)] = got[0]
-        for (counter, item_type, dim, bucket), delta in batch.rollups.items():
-            conn.execute("INSERT INTO rollups VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE "
-                         "SET value=value+excluded.value", (counter, item_type, dim, bucket, delta))
-        for src, seq in batch.positions.items():
-            conn.execute("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
-                         "DO UPDATE SET seq=excluded.seq", (consumer, src, seq))
+        conn.executemany("INSERT INTO counts (item, counter, count) VALUES (?,?,?) ON CONFLICT "
+                         "(item, counter) DO UPDATE SET count=count+excluded.count",
+                         [(item, counter, d) for (counter, item), d in batch.deltas.items()])
+        new = stored_counts(conn, list(batch.deltas))
+        conn.executemany("INSERT INTO rollups VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE "
+                         "SET value=value+excluded.value",
+                         [(*key, d) for key, d in batch.rollups.items()])
+        conn.executemany("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
+                         "DO UPDATE SET seq=excluded.seq",
+                         [(consumer, src, seq) for src, seq in batch.positions.items()])
         if SOURCE in batch.positions:  # applied events are in the counts now: trim them
             conn.execute("DELETE FROM changelog WHERE seq <= ?", (batch.positions[SOURCE],))
         self._add_pending({k: -d for k, d in batch.deltas.items()})
