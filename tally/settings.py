@@ -66,6 +66,8 @@ class Settings:
     max_bulk_ops: int = _s(1000, "Most operations in one bulk request")
     max_body_bytes: int = _s(1_048_576, "Largest request body accepted, in bytes")
     read_threads: int = _s(4, "Threads serving SQLite reads")
+    inline_reads: bool = _s(True, "Run SQLite count and has-liked lookups on the event loop "
+                            "instead of a read thread (cheaper than the hand-off)")
     backend: str = _s("sqlite", "Storage: 'sqlite' (embedded, one process) or 'cluster' (PostgreSQL, "
                            "NATS JetStream, Redis)")
     role: str = _s("all", "Cluster process role: api, relay, aggregator or all")

