@@ -20,10 +20,11 @@ pytestmark = pytest.mark.anyio
 
 
 class CountingStore(SqliteStore):
-    """The real store, remembering each batch read."""
+    """The real store, remembering each batch read. Its reads run in threads, so concurrent
+    readers really wait on one another (inline reads finish before the next reader starts)."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path)
+        super().__init__(path, inline_reads=False)
         self.reads: list[list[CountKey]] = []
         self.fail = False
 

@@ -28,7 +28,7 @@ async def test_one_batch_runs_repeats_and_reversals_in_order(store: SqliteStore,
     assert [r.changed for r in res] == [True, False, True, True, True, False]
     assert [r.count for r in res] == [1, 1, 0, 1, 2, 2]
     assert [r.state for r in res] == [True, True, False, True, True, False]
-    seqs = [r.seq for r in res if r.changed]
+    seqs = [r.seq for r in res if r.seq is not None]
     assert seqs == sorted(seqs) and len(set(seqs)) == 4
     log = db_rows(db, "SELECT seq, user, delta FROM changelog ORDER BY seq")
     assert log == [(seqs[0], "1", 1), (seqs[1], "1", -1), (seqs[2], "2", 1), (seqs[3], "1", 1)]
