@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tally
 from tally.api import schemas as s
-from tally.api.routes import build_router, ops_router
+from tally.api.routes import NOT_A_JSON_OBJECT, build_router, ops_router
 from tally.bootstrap import AppRuntime, build_for
 from tally.core.errors import TallyError
 from tally.metrics import Metrics
@@ -181,7 +181,7 @@ def create_app(settings: Settings | None = None, runtime: AppRuntime | None = No
         if loc and loc[-1] in ("int", "str"):  # a member of the int | str id union
             loc, message = loc[:-1], "must be an int64 or a string id"
         if loc == ("body",):
-            message = "request body must be a JSON object sent as Content-Type: application/json"
+            message = NOT_A_JSON_OBJECT
         return _error(422, "invalid", message, _field(loc))
 
     @app.exception_handler(StarletteHTTPException)

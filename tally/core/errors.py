@@ -26,6 +26,13 @@ class InvalidInput(TallyError):
     code = "invalid"
 
 
+class BadJson(InvalidInput):
+    """The body is not JSON at all (or nests deeper than the parser allows)."""
+
+    status = 400
+    code = "bad_json"
+
+
 class LimitExceeded(InvalidInput):
     status = 422
     code = "limit_exceeded"

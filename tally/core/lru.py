@@ -25,6 +25,10 @@ class LRU(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._data)
 
+    def __contains__(self, key: object) -> bool:
+        """Held, fresh or not (no hit or miss counted)."""
+        return key in self._data
+
     def get(self, key: K) -> V | None:
         entry = self._data.get(key)
         if entry is None or entry[0] < self._clock():

@@ -91,6 +91,8 @@ class CounterService:
         return [self._bulk_op(entry, f"ops[{i}].") for i, entry in enumerate(raw)]
 
     def _bulk_op(self, e: Mapping[str, Any], prefix: str) -> Op:
+        if not isinstance(e, Mapping):
+            raise InvalidInput("each operation must be a JSON object", prefix.rstrip("."))
         kind = e.get("op")
         if kind in ("set", "clear", "like", "unlike"):
             counter = e.get("counter", "like")

@@ -86,12 +86,17 @@ class CountReader:
             self.cache.put(key, value, ttl_s=self.hot_ttl_s)
 
     def applied(self, counts: dict[CountKey, int]) -> None:
-        """New absolute counts from the aggregator: write through (embedded) or drop stale copies."""
+        """New absolute counts from the aggregator: refresh the cached ones (embedded) or drop
+        stale copies. Keys neither cached nor being fetched are left out: nobody read them
+        lately, and caching every applied key cost a cache insert and an eviction per liked
+        item on the event loop. A key being fetched is written, so the fetch (which may have
+        read the table before this commit) cannot cache an older value over it."""
+        cache, inflight = self.cache, self._inflight
         for key, value in counts.items():
-            if self.cache_all:
-                self.cache.put(key, value)
-            else:
-                self.cache.discard(key)
+            if not self.cache_all:
+                cache.discard(key)
+            elif key in cache or key in inflight:
+                cache.put(key, value)
 
     def forget(self, keys: Sequence[CountKey]) -> None:
         for key in keys:

@@ -184,3 +184,12 @@ async def test_bulk_ops_must_be_objects(client: httpx.AsyncClient, settings: Set
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == "ops[0]"
     assert snapshot(settings.sqlite_path) == before
+
+
+@pytest.mark.parametrize(("body", "field"), [({"ops": "like"}, "ops"), ({}, "ops"),
+                                             ({"ops": [], "dry_run": True}, "dry_run"),
+                                             ([{"op": "like"}], "body")])
+async def test_bulk_body_shape(client: httpx.AsyncClient, body: Any, field: str) -> None:
+    r = await client.post("/v1/bulk", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == field
