@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from tally.core.coalesce import Batch
 from tally.core.model import CountKey, Event, Op, OpResult
 from tally.store.ports import ReconcileChunk
-from tally.store.sqlite_ops import apply_ops, stored_counts
+from tally.store.sqlite_ops import apply_ops, stored_counts, values_marks
 from tally.store.sqlite_reconcile import reconcile_chunk
 from tally.store.sqlite_schema import connect, migrate
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
@@ -214,12 +214,12 @@ class SqliteStore:
     async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
         if not keys:
             return {}
-        items = sorted({item for _, item in keys})
-        marks = ",".join("?" * len(items))
-        rows = await self._read(f"SELECT counter, item, count FROM counts WHERE item IN ({marks})",
-                                items, small=True)
-        wanted = set(keys)
-        return {(c, i): n for c, i, n in rows if (c, i) in wanted}
+        wanted = list(dict.fromkeys(keys))
+        rows = await self._read(f"WITH v(c, i) AS (VALUES {values_marks(2, len(wanted))}) "
+                                "SELECT t.counter, t.item, t.count FROM v CROSS JOIN counts t "
+                                "ON t.counter = v.c AND t.item = v.i",
+                                [x for key in wanted for x in key], small=True)
+        return {(c, i): n for c, i, n in rows}
 
     async def watermarks(self, consumer: str) -> dict[str, int]:
         rows = await self._read("SELECT source, seq FROM watermarks WHERE consumer=?", (consumer,))
@@ -238,7 +238,7 @@ class SqliteStore:
         if any(stored.get(src, 0) != expect.get(src, 0) for src in batch.positions):
             return None
         conn.executemany("INSERT INTO counts (item, counter, count) VALUES (?,?,?) ON CONFLICT "
-                         "(item, counter) DO UPDATE SET count=count+excluded.count",
+                         "(counter, item) DO UPDATE SET count=count+excluded.count",
                          [(item, counter, d) for (counter, item), d in batch.deltas.items()])
         new = stored_counts(conn, list(batch.deltas))
         conn.executemany("INSERT INTO rollups VALUES (?,?,?,?,?) ON CONFLICT DO UPDATE "

@@ -19,7 +19,7 @@ from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
 ToggleKey = tuple[str, str, str]  # (counter, user, item)
 
 _UPSERT = ("INSERT INTO toggles (counter, user, item, state, version, updated_at) "
-           "VALUES (?,?,?,?,?,?) ON CONFLICT (counter, user, item) DO UPDATE SET "
+           "VALUES (?,?,?,?,?,?) ON CONFLICT (counter, item, user) DO UPDATE SET "
            "state=excluded.state, version=excluded.version, updated_at=excluded.updated_at")
 _LOG = ("INSERT INTO changelog (seq, counter, item, user, delta, ts, region) "
         "VALUES (?,?,?,?,?,?,?)")
@@ -29,7 +29,8 @@ _IDEM = ("INSERT INTO idempotency (counter, key, expires_at) VALUES (?,?,?) "
 _CHUNK = 300  # rows per lookup statement: well under SQLite's bound on parameters
 
 
-def _values(width: int, rows: int) -> str:
+def values_marks(width: int, rows: int) -> str:
+    """Placeholders of a VALUES list: ``rows`` tuples of ``width``."""
     one = "(" + ",".join("?" * width) + ")"
     return ",".join([one] * rows)
 
@@ -44,7 +45,7 @@ def toggle_states(conn: sqlite3.Connection, keys: Sequence[ToggleKey]) -> dict[T
     """(state, version) of each toggle that has a record; one indexed lookup per key."""
     found: dict[ToggleKey, tuple[int, int]] = {}
     for part in _chunks(keys):
-        sql = (f"WITH v(c, u, i) AS (VALUES {_values(3, len(part))}) SELECT t.counter, t.user, "
+        sql = (f"WITH v(c, u, i) AS (VALUES {values_marks(3, len(part))}) SELECT t.counter, t.user, "
                "t.item, t.state, t.version FROM v CROSS JOIN toggles t "
                "ON t.counter = v.c AND t.user = v.u AND t.item = v.i")
         for c, u, i, state, version in conn.execute(sql, [x for key in part for x in key]):
@@ -56,7 +57,7 @@ def stored_counts(conn: sqlite3.Connection, keys: Sequence[CountKey]) -> dict[Co
     """The count table's values for ``keys`` (absent keys are 0 and left out)."""
     found: dict[CountKey, int] = {}
     for part in _chunks(keys):
-        sql = (f"WITH v(c, i) AS (VALUES {_values(2, len(part))}) SELECT t.counter, t.item, "
+        sql = (f"WITH v(c, i) AS (VALUES {values_marks(2, len(part))}) SELECT t.counter, t.item, "
                "t.count FROM v CROSS JOIN counts t ON t.item = v.i AND t.counter = v.c")
         for c, i, n in conn.execute(sql, [x for key in part for x in key]):
             found[(c, i)] = n

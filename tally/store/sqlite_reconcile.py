@@ -34,7 +34,9 @@ def _explicit(conn: sqlite3.Connection, counters: list[str],
 
 def _scan(conn: sqlite3.Connection, counters: list[str], after: tuple[str, str], limit: int
           ) -> tuple[dict[CountKey, int], dict[CountKey, int], CountKey | None]:
-    where = f"counter IN ({_marks(counters)}) AND (counter, item) > (?, ?)"
+    # "+counter": the counter filter must not take the key; the range on (counter, item) does,
+    # so each chunk seeks to where the last one stopped instead of rescanning from the start.
+    where = f"+counter IN ({_marks(counters)}) AND (counter, item) > (?, ?)"
     params = [*counters, *after, limit]
     actual = _rows(conn, f"SELECT counter, item, count(*) FROM toggles WHERE state=1 AND {where} "
                          "GROUP BY counter, item ORDER BY counter, item LIMIT ?", params)
@@ -71,6 +73,6 @@ def reconcile_chunk(conn: sqlite3.Connection, pending: dict[CountKey, int],
         drifts.append(Drift(counter=counter, item=item, stored=seen, actual=real))
         if repair:
             conn.execute("INSERT INTO counts (item, counter, count) VALUES (?,?,?) "
-                         "ON CONFLICT (item, counter) DO UPDATE SET count=excluded.count",
+                         "ON CONFLICT (counter, item) DO UPDATE SET count=excluded.count",
                          (item, counter, real - unapplied))
     return ReconcileChunk(checked=len(keys), drifts=drifts, next_after=upper)

@@ -92,8 +92,8 @@ async def make_sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
 
     async def corrupt(key: CountKey, value: int) -> None:
         def job(conn: Any, tx: Any) -> None:
-            conn.execute("INSERT INTO counts VALUES (?,?,?) ON CONFLICT (item, counter) DO UPDATE "
-                         "SET count=excluded.count", (key[1], key[0], value))
+            conn.execute("INSERT INTO counts (counter, item, count) VALUES (?,?,?) ON CONFLICT "
+                         "(counter, item) DO UPDATE SET count=excluded.count", (*key, value))
 
         await box["s"].writer.run(job)
 

@@ -59,7 +59,7 @@ async def test_injected_drift_is_found_in_chunks_and_repaired(store: SqliteStore
     db_exec(db, "DELETE FROM counts WHERE item='post:07' AND counter='like'")
     db_exec(db, "UPDATE counts SET count = -2 WHERE item='post:09' AND counter='save'")
     # A count whose toggles are all gone: only the counts table knows the item.
-    db_exec(db, "INSERT INTO counts VALUES ('post:99', 'like', 4)")
+    db_exec(db, "INSERT INTO counts (item, counter, count) VALUES ('post:99', 'like', 4)")
     drifts, _, chunks = await reconcile_all(store, limit=2)
     assert chunks > 5
     assert {(d.counter, d.item, d.stored, d.actual) for d in drifts} == {
