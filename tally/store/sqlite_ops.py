@@ -29,7 +29,7 @@ _IDEM = ("INSERT INTO idempotency (counter, key, expires_at) VALUES (?,?,?) "
 _CHUNK = 300  # rows per lookup statement: well under SQLite's bound on parameters
 
 
-def values_marks(width: int, rows: int) -> str:
+def _values(width: int, rows: int) -> str:
     """Placeholders of a VALUES list: ``rows`` tuples of ``width``."""
     one = "(" + ",".join("?" * width) + ")"
     return ",".join([one] * rows)
@@ -45,7 +45,7 @@ def toggle_states(conn: sqlite3.Connection, keys: Sequence[ToggleKey]) -> dict[T
     """(state, version) of each toggle that has a record; one indexed lookup per key."""
     found: dict[ToggleKey, tuple[int, int]] = {}
     for part in _chunks(keys):
-        sql = (f"WITH v(c, u, i) AS (VALUES {values_marks(3, len(part))}) SELECT t.counter, t.user, "
+        sql = (f"WITH v(c, u, i) AS (VALUES {_values(3, len(part))}) SELECT t.counter, t.user, "
                "t.item, t.state, t.version FROM v CROSS JOIN toggles t "
                "ON t.counter = v.c AND t.user = v.u AND t.item = v.i")
         for c, u, i, state, version in conn.execute(sql, [x for key in part for x in key]):
@@ -54,13 +54,20 @@ def toggle_states(conn: sqlite3.Connection, keys: Sequence[ToggleKey]) -> dict[T
 
 
 def stored_counts(conn: sqlite3.Connection, keys: Sequence[CountKey]) -> dict[CountKey, int]:
-    """The count table's values for ``keys`` (absent keys are 0 and left out)."""
+    """The count table's values for ``keys`` (absent keys are 0 and left out). Asks for every
+    (counter, item) pair of the counters and items named, which is what a batch read wants, and
+    seeks each on the key: half the cost of joining a VALUES list."""
     found: dict[CountKey, int] = {}
-    for part in _chunks(keys):
-        sql = (f"WITH v(c, i) AS (VALUES {values_marks(2, len(part))}) SELECT t.counter, t.item, "
-               "t.count FROM v CROSS JOIN counts t ON t.item = v.i AND t.counter = v.c")
-        for c, i, n in conn.execute(sql, [x for key in part for x in key]):
-            found[(c, i)] = n
+    wanted = set(keys)
+    counters = sorted({c for c, _ in wanted})
+    items = sorted({i for _, i in wanted})
+    for start in range(0, len(items), _CHUNK):
+        part = items[start:start + _CHUNK]
+        sql = (f"SELECT counter, item, count FROM counts WHERE counter IN "
+               f"({','.join('?' * len(counters))}) AND item IN ({','.join('?' * len(part))})")
+        for c, i, n in conn.execute(sql, [*counters, *part]):
+            if (c, i) in wanted:
+                found[(c, i)] = n
     return found
 
 
