@@ -95,7 +95,7 @@ class Settings:
     lease_period_ms: float = _s(500.0, "How often relays and aggregators rebalance their leases "
                                        "(cluster)")
     log_max_age_s: float = _s(7 * 86_400.0, "Seconds the event log keeps a message (cluster)")
-    gc_threshold: int = _s(50_000, "Allocations between young garbage collections in a server "
+    gc_threshold: int = _s(10_000, "Allocations between young garbage collections in a server "
                            "process (Python's default: 700); 0 leaves the collector alone")
     log_level: str = _s("INFO", "Log level (DEBUG, INFO, WARNING, ERROR)")
     access_log: bool = _s(False, "Log every HTTP request (costs throughput)")
