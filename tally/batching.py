@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tally.client import AsyncTally
 
 _Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]]"]
+BATCHER_IN_FLIGHT = 4  # bulk requests a batcher keeps in flight by default
 _OP_FIELD = re.compile(r"ops\[(\d+)\]")
 
 
@@ -43,7 +44,7 @@ def _fail(batch: list[_Pending], exc: BaseException) -> None:
 
 class Batcher:
     def __init__(self, client: AsyncTally, max_ops: int = 500, window_s: float = 0.002,
-                 max_in_flight: int = 4) -> None:
+                 max_in_flight: int = BATCHER_IN_FLIGHT) -> None:
         """``max_ops`` must not exceed the server's ``max_bulk_ops`` (1000 by default)."""
         self.client = client
         self.max_ops = max_ops

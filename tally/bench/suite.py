@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from tally.batching import BATCHER_IN_FLIGHT
 from tally.bench import loadgen, memory, server_stats, targets
 from tally.bench.checks import median_max
 from tally.bench.loadgen import RunSpec
@@ -37,7 +38,7 @@ class SuitePlan:
     workers: int = 1
     seed: int = 1
     sweep: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # open-loop rates as fractions of the maximum
-    bulk_sweep: tuple[float, ...] = (0.5, 0.8)
+    bulk_sweep: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)
     rounds: int = 3  # interleaved rounds of the side-by-side maxima; the tables take the median
     compare_s: float = 4.0  # measured seconds of each side-by-side run
     peers: tuple[str, ...] = ("pg", "redis-aof", "redis")
@@ -103,8 +104,9 @@ class Suite:
     def tally_only(self, port: int) -> None:
         """Open-loop sweeps and the workloads the peers do not serve."""
         self.sweep("tally", port, "viral")
-        # A batching client keeps few requests in flight, each carrying many likes.
-        bulk_conns = max(self.plan.workers, 2)
+        # A batching client keeps few requests in flight, each carrying many likes: as many
+        # connections as AsyncTally.batcher's default max_in_flight.
+        bulk_conns = max(self.plan.workers, BATCHER_IN_FLIGHT)
         self.measure("tally", port, "bulk", connections=bulk_conns)
         if self.plan.bulk_sweep:
             self.sweep("tally", port, "bulk", self.plan.bulk_sweep, connections=bulk_conns)

@@ -40,7 +40,7 @@ class Params:
     read_share: float = 0.8  # mixed: reads / all operations
     retry_share: float = 0.05  # mixed: writes that repeat an earlier write
     keyed_share: float = 0.2  # incr: increments that carry an idempotency key
-    bulk_size: int = 100  # bulk: likes per /v1/bulk request
+    bulk_size: int = 500  # bulk: likes per /v1/bulk request (AsyncTally.batcher's max_ops)
     like_path: str = "/v1/like"  # "/bench/noop" measures the framework ceiling
 
 
@@ -149,7 +149,7 @@ PRESETS: dict[str, str] = {
     "feed": "feed reads: counts of 50 Zipf-drawn items, then has-liked for the same 50",
     "mixed": "80% reads (counts of 10 items), 20% likes of which 5% repeat an earlier like",
     "incr": "event counter increments (views), 20% with an idempotency key",
-    "bulk": "viral likes, bulk_size (100) per /v1/bulk request, as a batching client sends them",
+    "bulk": "viral likes, bulk_size (500) per /v1/bulk request, as a batching client sends them",
     "noop": "uniform likes sent to /bench/noop: parsing and serialising only, no storage",
 }
 
