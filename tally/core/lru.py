@@ -10,50 +10,69 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+SHARD_ENTRIES = 2048  # entries per shard once the cache is large enough to be split
+
 
 class LRU(Generic[K, V]):
-    """Not thread-safe: used from the event loop only."""
+    """Not thread-safe: used from the event loop only.
+
+    A large cache is split by key hash into shards of about ``SHARD_ENTRIES``, each its own
+    LRU. A dict rebuilds its table as it grows and, under steady insert-and-evict churn, every
+    few hundred thousand inserts: on one 200k-entry map that froze the event loop for 10-20 ms
+    (the feed workload's p99.9). Per shard the rebuild is a few hundred microseconds. Eviction is
+    then least-recently-used within the key's shard, which approximates the global order."""
 
     def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.size = size
         self.ttl_s = ttl_s
         self._clock = clock
-        self._data: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        n = 1
+        while n * 2 * SHARD_ENTRIES <= size:
+            n *= 2  # a power of two: the shard is a mask of the hash
+        self._mask = n - 1
+        self._shards: list[OrderedDict[K, tuple[float, V]]] = [OrderedDict() for _ in range(n)]
+        self._shard_size = -(-size // n)  # ceil: the shards together hold at least ``size``
         self.hits = 0
         self.misses = 0
 
+    def _shard(self, key: K) -> OrderedDict[K, tuple[float, V]]:
+        return self._shards[hash(key) & self._mask]
+
     def __len__(self) -> int:
-        return len(self._data)
+        return sum(len(s) for s in self._shards)
 
     def __contains__(self, key: object) -> bool:
         """Held, fresh or not (no hit or miss counted)."""
-        return key in self._data
+        return key in self._shard(key)  # type: ignore[arg-type]
 
     def get(self, key: K) -> V | None:
-        entry = self._data.get(key)
+        shard = self._shard(key)
+        entry = shard.get(key)
         if entry is None or entry[0] < self._clock():
             if entry is not None:
-                del self._data[key]
+                del shard[key]
             self.misses += 1
             return None
-        self._data.move_to_end(key)
+        shard.move_to_end(key)
         self.hits += 1
         return entry[1]
 
     def put(self, key: K, value: V, ttl_s: float | None = None) -> None:
-        self._data[key] = (self._clock() + (self.ttl_s if ttl_s is None else ttl_s), value)
-        self._data.move_to_end(key)
-        if len(self._data) > self.size:
-            self._data.popitem(last=False)
+        shard = self._shard(key)
+        shard[key] = (self._clock() + (self.ttl_s if ttl_s is None else ttl_s), value)
+        shard.move_to_end(key)
+        if len(shard) > self._shard_size:
+            shard.popitem(last=False)
 
     def put_if_absent(self, key: K, value: V) -> None:
         """Store a value read from the table unless a fresher one was written meanwhile."""
-        entry = self._data.get(key)
+        entry = self._shard(key).get(key)
         if entry is None or entry[0] < self._clock():
             self.put(key, value)
 
     def discard(self, key: K) -> None:
-        self._data.pop(key, None)
+        self._shard(key).pop(key, None)
 
     def clear(self) -> None:
-        self._data.clear()
+        for shard in self._shards:
+            shard.clear()

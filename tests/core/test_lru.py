@@ -51,3 +51,22 @@ def test_put_if_absent_keeps_a_fresher_value() -> None:
     assert c.get("a") is None
     c.clear()
     assert len(c) == 0
+
+
+def test_a_large_cache_is_sharded_and_keeps_its_bound_and_recent_keys() -> None:
+    from tally.core.lru import SHARD_ENTRIES
+
+    size = 8 * SHARD_ENTRIES
+    c: LRU[int, int] = LRU(size, 60.0)
+    assert len(c._shards) > 1
+    for k in range(size):
+        c.put(k, k)
+    assert len(c) == size
+    hot = range(0, size, 97)
+    for k in hot:
+        assert c.get(k) == k  # touched: most recent in its shard
+    for k in range(size, 2 * size - size // 2):
+        c.put(k, k)
+    assert len(c) == size
+    assert all(k in c for k in hot)
+    assert c.get(1) is None  # the oldest untouched key: evicted
