@@ -52,7 +52,8 @@ class Settings:
     )
     item_types: list[str] = _s(["post", "reel", "comment", "story"], "Allowed item types")
     counters: list[dict[str, Any]] = _s(DEFAULT_COUNTERS, "Counter definitions (name, kind)")
-    group_commit_ms: float = _s(1.0, "Longest wait to gather concurrent writes into one commit")
+    group_commit_ms: float = _s(0.0, "Extra wait for more writes before a commit; 0: writes that "
+                                "arrive during a commit (and each event-loop turn's) share the next")
     group_commit_max: int = _s(2000, "Most operations committed in one transaction")
     aggregate_window_ms: float = _s(100.0, "Longest time a delta waits before it is applied")
     aggregate_max_events: int = _s(20_000, "Most change-log events applied in one transaction")

@@ -61,7 +61,7 @@ class _Combined:
 class SqliteStore:
     """Implements LikeStore, ChangeLog, CountStore and Recounter (see ``tally.store.ports``)."""
 
-    def __init__(self, path: Path, synchronous: str = "FULL", group_commit_ms: float = 1.0,
+    def __init__(self, path: Path, synchronous: str = "FULL", group_commit_ms: float = 0.0,
                  group_commit_max: int = 2000, read_threads: int = 4,
                  inline_reads: bool = True) -> None:
         self.path = Path(path)
