@@ -6,11 +6,15 @@ scraped, by a collector, so the hot path pays nothing for them.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+log = logging.getLogger("tally.loop")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -40,9 +44,26 @@ class Metrics:
                                 ["endpoint", "method", "status"], registry=self.registry)
         self.latency = Histogram("tally_http_request_seconds", "HTTP request latency by endpoint",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.loop_lag = Histogram("tally_event_loop_lag_seconds",
+                                  "How late the event loop woke a 10 ms sleeper",
+                                  buckets=LATENCY_BUCKETS, registry=self.registry)
 
     def add_state(self, sample: Callable[[], list[Sample]]) -> None:
         self.registry.register(_StateCollector(sample))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.01, warn_s: float = 0.05) -> None:
+    """Measures how late the event loop wakes a sleeper, until cancelled. Every request that
+    arrives during a stall waits that long, so stalls set the tail latency; a stall over
+    ``warn_s`` is logged with its length, to be matched with what ran at that moment."""
+    loop = asyncio.get_running_loop()
+    while True:
+        start = loop.time()
+        await asyncio.sleep(interval_s)
+        lag = max(loop.time() - start - interval_s, 0.0)
+        metrics.loop_lag.observe(lag)
+        if lag > warn_s:
+            log.warning("event loop stalled", extra={"stall_ms": round(lag * 1000, 1)})

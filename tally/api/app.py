@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -19,9 +20,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import tally
 from tally.api import schemas as s
 from tally.api.routes import NOT_A_JSON_OBJECT, build_router, ops_router
-from tally.bootstrap import AppRuntime, build_for
+from tally.bootstrap import AppRuntime, build_for, cancel_all
 from tally.core.errors import TallyError
-from tally.metrics import Metrics
+from tally.metrics import Metrics, watch_loop_lag
 from tally.settings import Settings
 
 
@@ -149,9 +150,11 @@ def create_app(settings: Settings | None = None, runtime: AppRuntime | None = No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await rt.start()
         tune_gc(rt.settings.gc_threshold)
+        lag = asyncio.create_task(watch_loop_lag(rt.metrics), name="tally-loop-lag")
         try:
             yield
         finally:
+            await cancel_all([lag])
             await rt.stop()
 
     app = FastAPI(title="Tally", version=tally.__version__, lifespan=lifespan, strict_content_type=False,

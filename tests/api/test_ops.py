@@ -128,3 +128,25 @@ def test_tune_gc_freezes_start_up_objects_and_spaces_young_collections() -> None
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_loop_lag_is_measured_and_a_stall_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import time
+
+    from tally.metrics import Metrics, watch_loop_lag
+
+    m = Metrics()
+    task = asyncio.create_task(watch_loop_lag(m, interval_s=0.005, warn_s=0.03))
+    try:
+        await asyncio.sleep(0.02)
+        time.sleep(0.06)  # the stall: nothing else runs on the loop meanwhile
+        await asyncio.sleep(0.02)
+    finally:
+        task.cancel()
+    text = m.render().decode()
+    assert sample(text, "tally_event_loop_lag_seconds_count") >= 2
+    assert sample(text, "tally_event_loop_lag_seconds_bucket", le="0.05") < sample(
+        text, "tally_event_loop_lag_seconds_bucket", le="+Inf")
+    stalls = [r for r in caplog.records if r.getMessage() == "event loop stalled"]
+    assert stalls and stalls[0].__dict__["stall_ms"] >= 30
