@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -205,7 +206,12 @@ def run_suite(out: Path, plan: SuitePlan, show_progress: bool = True) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tally-bench-"))
     os.chmod(work, 0o755)  # PostgreSQL runs as an unprivileged user and must reach its directory
-    result = Suite(plan, work, show_progress).run()
+    try:
+        result = Suite(plan, work, show_progress).run()
+    except BaseException:
+        print(f"suite failed; its servers' data and logs are kept in {work}", file=sys.stderr)
+        raise
+    shutil.rmtree(work, ignore_errors=True)  # hundreds of MB of databases after a full suite
     (out / "result.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     result["plots"] = plot_all(result, out)
     write_markdown(result, out / "results.md")
