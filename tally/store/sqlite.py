@@ -196,10 +196,13 @@ class SqliteStore:
     # -- ChangeLog --------------------------------------------------------------------------
 
     async def read(self, after_seq: int, limit: int) -> list[Event]:
-        rows = await self._read("SELECT seq, counter, item, user, delta, ts, region FROM changelog "
+        def run(conn: sqlite3.Connection) -> list[Event]:  # in a read thread, objects and all
+            rows = conn.execute("SELECT seq, counter, item, user, delta, ts, region FROM changelog "
                                 "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
-        return [Event(seq, counter, item, user, delta, ts, region, SOURCE)
-                for seq, counter, item, user, delta, ts, region in rows]
+            return [Event(seq, counter, item, user, delta, ts, region, SOURCE)
+                    for seq, counter, item, user, delta, ts, region in rows]
+
+        return await self._run_read(run)
 
     async def head(self) -> int:
         rows = await self._read("SELECT seq FROM sqlite_sequence WHERE name='changelog'", ())

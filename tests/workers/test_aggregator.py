@@ -117,3 +117,16 @@ async def test_stop_right_after_a_write_returns(settings: Settings) -> None:
         with anyio.fail_after(10):
             await rt.stop()
     assert recount(settings.sqlite_path) == {("like", "post:1"): 5}
+
+
+async def test_a_large_round_is_summed_off_the_loop_with_the_same_result(
+        store: SqliteStore, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tally.workers.aggregator as aggregator_module
+
+    monkeypatch.setattr(aggregator_module, "INLINE_EVENTS", 5)
+    await store.write([like(u, f"post:{u % 3}") for u in range(40)])
+    await store.write([like(u, f"post:{u % 3}", on=False) for u in range(0, 40, 4)])
+    agg = Aggregator(store, store, window_s=0.001, max_events=1000)
+    assert await agg.step() == 50  # one round, past the inline bound
+    assert stored(db) == recount(db) == {("like", "post:0"): 10, ("like", "post:1"): 10,
+                                         ("like", "post:2"): 10}
