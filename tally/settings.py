@@ -54,6 +54,9 @@ class Settings:
     counters: list[dict[str, Any]] = _s(DEFAULT_COUNTERS, "Counter definitions (name, kind)")
     group_commit_ms: float = _s(0.0, "Extra wait for more writes before a commit; 0: writes that "
                                 "arrive during a commit (and each event-loop turn's) share the next")
+    sqlite_wal_autocheckpoint: int = _s(
+        10_000, "WAL pages after which a commit copies them into the database (SQLite's default: "
+                "1000); fewer, larger checkpoints write a page changed many times once")
     group_commit_max: int = _s(2000, "Most operations committed in one transaction")
     aggregate_window_ms: float = _s(100.0, "Longest time a delta waits before it is applied")
     aggregate_max_events: int = _s(20_000, "Most change-log events applied in one transaction")
@@ -192,7 +195,7 @@ def validate(s: Settings) -> Settings:
                  "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k", "hot_sample",
                  "logical_shards",
                  "log_partitions", "postgres_pool_max", "outbox_slots", "relay_batch",
-                 "redis_ttl_s"):
+                 "redis_ttl_s", "sqlite_wal_autocheckpoint"):
         if getattr(s, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
     if s.backend not in ("sqlite", "cluster"):
