@@ -111,7 +111,7 @@ class Suite:
         self.measure("tally", port, "bulk", connections=bulk_conns)
         if self.plan.bulk_sweep:
             self.sweep("tally", port, "bulk", self.plan.bulk_sweep, connections=bulk_conns)
-        for preset in ("mixed", "incr"):
+        for preset in ("mixed", "incr", "counts"):
             self.measure("tally", port, preset)
         feed_max = self.max_of("tally", "feed")
         if feed_max:

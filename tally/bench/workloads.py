@@ -111,6 +111,11 @@ class Generator:
                         http_request("/v1/has", {"user_id": user, "counter": "like",
                                                  "items": items}))
 
+    def _counts(self) -> Op:
+        """The counts half of a feed alone: one batch read of feed_size Zipf-drawn items."""
+        items = [{"item_type": "post", "item_id": self.zipf.draw()} for _ in range(self.p.feed_size)]
+        return "counts", (http_request("/v1/counts", {"items": items, "counters": ["like"]}),)
+
     def _mixed(self) -> Op:
         if self.rng.random() < self.p.read_share:
             items = [{"item_type": "post", "item_id": self.zipf.draw()} for _ in range(10)]
@@ -147,6 +152,7 @@ PRESETS: dict[str, str] = {
     "zipf": "likes by new users on items drawn by Zipf popularity (s=1.0) over the item space",
     "viral": "likes where one item receives viral_share (40%) of all likes, the rest uniform",
     "feed": "feed reads: counts of 50 Zipf-drawn items, then has-liked for the same 50",
+    "counts": "batch count reads: counts of 50 Zipf-drawn items in one request",
     "mixed": "80% reads (counts of 10 items), 20% likes of which 5% repeat an earlier like",
     "incr": "event counter increments (views), 20% with an idempotency key",
     "bulk": "viral likes, bulk_size (500) per /v1/bulk request, as a batching client sends them",

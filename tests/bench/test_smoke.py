@@ -35,7 +35,7 @@ def test_quick_suite_writes_results(tmp_path: Path) -> None:
     stored = orjson.loads((tmp_path / "out" / "result.json").read_bytes())
     assert {r["name"] for r in stored["runs"]} == {r["name"] for r in result["runs"]}
     presets = {r["preset"] for r in result["runs"] if r["target"] == "tally"}
-    assert presets >= {"noop", "uniform", "zipf", "viral", "bulk", "feed", "mixed", "incr"}
+    assert presets >= {"noop", "uniform", "zipf", "viral", "bulk", "feed", "mixed", "incr", "counts"}
     assert any(r["mode"] == "open" for r in result["runs"])
     for run in result["runs"]:
         _well_formed(run)
