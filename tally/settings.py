@@ -55,8 +55,8 @@ class Settings:
     group_commit_ms: float = _s(0.0, "Extra wait for more writes before a commit; 0: writes that "
                                 "arrive during a commit (and each event-loop turn's) share the next")
     sqlite_wal_autocheckpoint: int = _s(
-        10_000, "WAL pages after which a commit copies them into the database (SQLite's default: "
-                "1000); fewer, larger checkpoints write a page changed many times once")
+        1000, "WAL pages after which a commit copies them into the database (SQLite's default); "
+              "more: fewer, larger checkpoints, each one a longer pause of the writer")
     group_commit_max: int = _s(2000, "Most operations committed in one transaction")
     aggregate_window_ms: float = _s(100.0, "Longest time a delta waits before it is applied")
     aggregate_max_events: int = _s(20_000, "Most change-log events applied in one transaction")
