@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +12,7 @@ import pytest
 
 from tally import engines
 from tally.api.app import create_app
+from tally.bench.targets import HttpServer
 from tally.bootstrap import Runtime, build
 from tally.engines import free_port
 from tally.settings import Settings
@@ -51,48 +49,27 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-class ServerProcess:
-    """``tally serve`` as a child process on a free loopback port."""
+class ServerProcess(HttpServer):
+    """``tally serve`` as a child process on a free loopback port, ready once /readyz answers."""
 
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        port = free_port()
+        super().__init__(f"server-{port}", [sys.executable, "-m", "tally.cli", "serve"],
+                         data_dir.parent, ready_path="/readyz", port=port,
+                         env={"TALLY_DATA_DIR": str(data_dir), "TALLY_PORT": str(port),
+                              "TALLY_LOG_LEVEL": "WARNING", **(env or {})})
         self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "TALLY_DATA_DIR": str(data_dir), "TALLY_PORT": str(self.port),
-                    "TALLY_LOG_LEVEL": "WARNING", **(env or {})}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = data_dir.parent / f"server-{self.port}.log"
 
-    def start(self, timeout_s: float = 20.0) -> None:
+    def start(self, timeout_s: float = 20.0) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "tally.cli", "serve"],
-                                         env=self.env, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"server did not become ready: {self.log.read_text()[-2000:]}")
+        super().start(timeout_s)
+        return self
 
     def kill(self) -> None:
+        """SIGKILL: a crash, for the recovery tests."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 class ServerFactory(Protocol):
