@@ -15,6 +15,9 @@ from tally.bootstrap import AppRuntime
 from tally.core.errors import BadJson, InvalidInput
 from tally.core.model import OpResult, split_item
 
+NOT_A_JSON_OBJECT = "request body must be a JSON object sent as Content-Type: application/json"
+_BULK_FIELDS = frozenset(s.BulkRequest.model_fields)
+
 
 def _json(body: object) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
@@ -44,10 +47,6 @@ def _documented(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI for a body the handler parses itself: the model still documents it."""
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": model.model_json_schema()}}}}
-
-
-NOT_A_JSON_OBJECT = "request body must be a JSON object sent as Content-Type: application/json"
-_BULK_FIELDS = frozenset(s.BulkRequest.model_fields)
 
 
 def build_router(rt: AppRuntime) -> APIRouter:  # noqa: C901 (one small closure per endpoint)

@@ -41,7 +41,8 @@ class _Combined:
 
     def deliver(self, done: asyncio.Future[list[OpResult]]) -> None:
         if done.cancelled():
-            self.fail(asyncio.CancelledError())
+            for _start, _n, waiter in self.waiters:
+                waiter.cancel()
             return
         exc = done.exception()
         if exc is not None:
@@ -146,13 +147,14 @@ class SqliteStore:
     async def write(self, ops: Sequence[Op]) -> list[OpResult]:
         """Joins the operations of every request that writes in the same event-loop turn into
         one writer job (see ``tally.store.sqlite_ops``); each request gets its own slice back."""
+        loop = asyncio.get_running_loop()
         batch = self._combining
         if batch is None or len(batch.ops) + len(ops) > self.writer.max_ops:
             if batch is not None:
                 self._flush()
             batch = self._combining = _Combined()
-            asyncio.get_running_loop().call_soon(self._flush)
-        waiter: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
+            loop.call_soon(self._flush)
+        waiter: asyncio.Future[list[OpResult]] = loop.create_future()
         batch.waiters.append((len(batch.ops), len(ops), waiter))
         batch.ops.extend(ops)
         return await waiter
