@@ -162,7 +162,7 @@ def build(settings: Settings) -> Runtime:
                          sample=settings.hot_sample)
     aggregator = Aggregator(store, store, window_s=settings.aggregate_window_ms / 1000,
                             max_events=settings.aggregate_max_events, rollups=settings.rollups,
-                            on_applied=reader.applied)
+                            on_applied=reader.applied, in_place=store)
     service = CounterService(schema_of(settings), store, store, reader, store, settings.region,
                              Limits(settings.max_batch_items, settings.max_bulk_ops),
                              on_write=aggregator.notify)

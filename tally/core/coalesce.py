@@ -34,8 +34,10 @@ def _day(days_since_epoch: int) -> str:
 
 
 def day_of(ts: float) -> str:
-    """UTC day of a timestamp; formatted once per day, not once per event."""
-    return _day(int(ts // 86_400))
+    """UTC day of a timestamp; formatted once per day, not once per event. ``int(ts / 86400)``
+    is the float division SQLite's in-place aggregation does too, so both name the same day for
+    a timestamp a rounding error away from midnight."""
+    return _day(int(ts / 86_400))
 
 
 def coalesce(events: Iterable[Event], rollups: Collection[str] = ("day", "region"),

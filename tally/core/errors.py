@@ -12,6 +12,11 @@ class TallyError(Exception):
         self.message = message
         self.field = field
 
+    def within(self, prefix: str) -> None:
+        """Names the field inside an entry of a list (``ops[3].``): the prefix is formatted only
+        when something fails, not for each of the 500 entries of a valid request."""
+        self.field = prefix + self.field if self.field else prefix.rstrip(".")
+
     def to_dict(self) -> dict[str, object]:
         body: dict[str, object] = {"code": self.code, "message": self.message}
         if self.field is not None:

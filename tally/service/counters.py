@@ -25,6 +25,9 @@ from tally.core.model import (
 from tally.service.reads import CountReader
 from tally.store.ports import CountStore, Drift, LikeStore, Recounter
 
+# Bulk operation names of toggle counters, and the state each sets.
+_TOGGLE_KINDS = {"set": True, "like": True, "clear": False, "unlike": False}
+
 ItemRef = tuple[Any, Any]  # (item_type, item_id) as they arrived
 
 
@@ -57,30 +60,29 @@ class CounterService:
     # -- building operations ------------------------------------------------------------------
 
     def toggle_op(self, counter: Any, item_type: Any, item_id: Any, user: Any, on: bool,
-                  region: Any = None, prefix: str = "") -> ToggleOp:
-        c = self.schema.counter(counter, f"{prefix}counter", Kind.TOGGLE)
-        return ToggleOp(counter=c.name, item=self.schema.item(item_type, item_id, prefix),
-                        user=canonical_id(user, f"{prefix}user_id"), on=on,
-                        region=self._region(region, prefix))
+                  region: Any = None) -> ToggleOp:
+        c = self.schema.counter(counter, "counter", Kind.TOGGLE)
+        return ToggleOp(counter=c.name, item=self.schema.item(item_type, item_id),
+                        user=canonical_id(user, "user_id"), on=on, region=self._region(region))
 
     def incr_op(self, counter: Any, item_type: Any, item_id: Any, n: Any = 1, key: Any = None,
-                user: Any = None, region: Any = None, prefix: str = "") -> IncrOp:
-        c = self.schema.counter(counter, f"{prefix}counter", Kind.EVENT)
+                user: Any = None, region: Any = None) -> IncrOp:
+        c = self.schema.counter(counter, "counter", Kind.EVENT)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_INCR:
-            raise InvalidInput(f"n must be an integer from 1 to {MAX_INCR:,}", f"{prefix}n")
+            raise InvalidInput(f"n must be an integer from 1 to {MAX_INCR:,}", "n")
         if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 128):
             raise InvalidInput("idempotency_key must be a string of 1-128 characters",
-                               f"{prefix}idempotency_key")
-        return IncrOp(counter=c.name, item=self.schema.item(item_type, item_id, prefix), n=n,
-                      region=self._region(region, prefix), idempotency_key=key,
-                      user=None if user is None else canonical_id(user, f"{prefix}user_id"),
+                               "idempotency_key")
+        return IncrOp(counter=c.name, item=self.schema.item(item_type, item_id), n=n,
+                      region=self._region(region), idempotency_key=key,
+                      user=None if user is None else canonical_id(user, "user_id"),
                       dedupe_window_s=c.dedupe_window_s)
 
-    def _region(self, region: Any, prefix: str) -> str:
+    def _region(self, region: Any) -> str:
         if region is None:
             return self.region
         if not isinstance(region, str) or not 1 <= len(region) <= 32:
-            raise InvalidInput("region must be a string of 1-32 characters", f"{prefix}region")
+            raise InvalidInput("region must be a string of 1-32 characters", "region")
         return region
 
     def bulk_ops(self, raw: Sequence[Mapping[str, Any]]) -> list[Op]:
@@ -88,26 +90,39 @@ class CounterService:
             raise LimitExceeded(f"at most {self.limits.max_bulk_ops} operations per request", "ops")
         if not raw:
             raise InvalidInput("at least one operation is needed", "ops")
-        return [self._bulk_op(entry, f"ops[{i}].") for i, entry in enumerate(raw)]
+        ops: list[Op] = []
+        for i, entry in enumerate(raw):
+            try:
+                ops.append(self._bulk_op(entry))
+            except InvalidInput as exc:
+                exc.within(f"ops[{i}].")
+                raise
+        return ops
 
-    def _bulk_op(self, e: Mapping[str, Any], prefix: str) -> Op:
-        if not isinstance(e, Mapping):
-            raise InvalidInput("each operation must be a JSON object", prefix.rstrip("."))
+    def _bulk_op(self, e: Mapping[str, Any]) -> Op:
+        if type(e) is not dict and not isinstance(e, Mapping):  # JSON objects are dicts: no ABC
+            raise InvalidInput("each operation must be a JSON object")
         kind = e.get("op")
-        if kind in ("set", "clear", "like", "unlike"):
-            counter = e.get("counter", "like")
-            return self.toggle_op(counter, e.get("item_type"), e.get("item_id"), e.get("user_id"),
-                                  kind in ("set", "like"), e.get("region"), prefix)
+        if kind in _TOGGLE_KINDS:
+            return self.toggle_op(e.get("counter", "like"), e.get("item_type"), e.get("item_id"),
+                                  e.get("user_id"), _TOGGLE_KINDS[kind], e.get("region"))
         if kind == "incr":
             return self.incr_op(e.get("counter"), e.get("item_type"), e.get("item_id"),
                                 e.get("n", 1), e.get("idempotency_key"), e.get("user_id"),
-                                e.get("region"), prefix)
-        raise InvalidInput("op must be one of set, clear, like, unlike, incr", f"{prefix}op")
+                                e.get("region"))
+        raise InvalidInput("op must be one of set, clear, like, unlike, incr", "op")
 
     def items(self, refs: Sequence[ItemRef], field: str = "items") -> list[str]:
         if len(refs) > self.limits.max_batch_items:
             raise LimitExceeded(f"at most {self.limits.max_batch_items} items per request", field)
-        return [self.schema.item(t, i, f"{field}[{n}].") for n, (t, i) in enumerate(refs)]
+        items: list[str] = []
+        for n, (item_type, item_id) in enumerate(refs):
+            try:
+                items.append(self.schema.item(item_type, item_id))
+            except InvalidInput as exc:
+                exc.within(f"{field}[{n}].")
+                raise
+        return items
 
     def counter_names(self, names: Sequence[Any] | None, field: str = "counters") -> list[str]:
         if not names:

@@ -7,7 +7,7 @@ log, Redis) each take one role.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,6 +88,24 @@ class CountStore(Lifecycle, Protocol):
         """
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]: ...
+
+
+@dataclass
+class Applied:
+    """What one in-place aggregation round did."""
+
+    events: int
+    position: int  # the consumer's watermark after the round
+    counts: dict[CountKey, int]  # new absolute counts of the keys written
+    oldest_ts: float | None  # of the events applied
+
+
+class InPlaceAggregation(Protocol):
+    """A store whose change log and counts are one database can aggregate without shipping each
+    event out and back: it reads after the consumer's watermark, sums, adds and moves the
+    watermark in one transaction, with the semantics of ``tally.core.coalesce``."""
+
+    async def aggregate(self, consumer: str, limit: int, rollups: Collection[str]) -> Applied: ...
 
 
 @dataclass

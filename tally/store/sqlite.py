@@ -12,7 +12,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +20,9 @@ from typing import Any, TypeVar
 
 from tally.core.coalesce import Batch
 from tally.core.model import CountKey, Event, Op, OpResult
-from tally.store.ports import ReconcileChunk
-from tally.store.sqlite_ops import apply_ops, stored_counts
+from tally.store.ports import Applied, ReconcileChunk
+from tally.store.sqlite_aggregate import apply_range, log_range, range_sums
+from tally.store.sqlite_ops import apply_ops, log_head, stored_counts
 from tally.store.sqlite_reconcile import reconcile_chunk
 from tally.store.sqlite_schema import connect, migrate
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
@@ -214,8 +215,7 @@ class SqliteStore:
         return await self._run_read(run)
 
     async def head(self) -> int:
-        rows = await self._read("SELECT seq FROM sqlite_sequence WHERE name='changelog'", ())
-        return int(rows[0][0]) if rows else 0
+        return await self._run_read(log_head)
 
     async def oldest_unapplied_ts(self, after_seq: int) -> float | None:
         rows = await self._read("SELECT ts FROM changelog WHERE seq > ? ORDER BY seq LIMIT 1",
@@ -260,6 +260,36 @@ class SqliteStore:
         self._add_pending({k: -d for k, d in batch.deltas.items()})
         tx.on_rollback.append(lambda: self._add_pending(batch.deltas))
         return new
+
+    # -- InPlaceAggregation -----------------------------------------------------------------
+
+    async def aggregate(self, consumer: str, limit: int, rollups: Collection[str]) -> Applied:
+        applied: Applied = await self.writer.run(
+            lambda c, tx: self._aggregate(c, tx, consumer, limit, rollups))
+        return applied
+
+    def _aggregate(self, conn: sqlite3.Connection, tx: Tx, consumer: str, limit: int,
+                   rollups: Collection[str]) -> Applied:
+        """One round in the writer's transaction: the watermark read here cannot move under it."""
+        row = conn.execute("SELECT seq FROM watermarks WHERE consumer=? AND source=?",
+                           (consumer, SOURCE)).fetchone()
+        after = int(row[0]) if row else 0
+        events, upto, oldest = log_range(conn, after, limit)
+        if not events:
+            return Applied(0, after, {}, None)
+        if upto == log_head(conn):  # the round takes the whole log: nothing stays pending
+            before = self._pending
+            self._pending = {}
+            tx.on_rollback.append(lambda: setattr(self, "_pending", before))
+        else:
+            sums = range_sums(conn, after, upto)
+            self._add_pending({k: -d for k, d in sums.items()})
+            tx.on_rollback.append(lambda: self._add_pending(sums))
+        new = apply_range(conn, after, upto, rollups)
+        conn.execute("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
+                     "DO UPDATE SET seq=excluded.seq", (consumer, SOURCE, upto))
+        conn.execute("DELETE FROM changelog WHERE seq <= ?", (upto,))
+        return Applied(events, upto, new, oldest)
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
         rows = await self._read("SELECT bucket, value FROM rollups WHERE counter=? AND item_type=? "

@@ -40,6 +40,12 @@ def _chunks(rows: Sequence[tuple[str, ...]]) -> Iterable[Sequence[tuple[str, ...
         yield rows[start:start + _CHUNK]
 
 
+def log_head(conn: sqlite3.Connection) -> int:
+    """The newest change-log sequence number handed out (AUTOINCREMENT keeps it after a trim)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='changelog'").fetchone()
+    return int(row[0]) if row else 0
+
+
 def toggle_states(conn: sqlite3.Connection, keys: Sequence[ToggleKey]) -> dict[ToggleKey,
                                                                                 tuple[int, int]]:
     """(state, version) of each toggle that has a record; one indexed lookup per key."""
@@ -83,8 +89,7 @@ def apply_ops(conn: sqlite3.Connection, ops: Sequence[Op], pending: Mapping[Coun
     states = toggle_states(conn, touched) if touched else {}
     count_keys = list(dict.fromkeys((op.counter, op.item) for op in ops))
     stored = stored_counts(conn, count_keys)
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='changelog'").fetchone()
-    seq = row[0] if row else 0
+    seq = log_head(conn)
 
     finals: dict[ToggleKey, tuple[int, int]] = {}  # toggles whose record changes
     log: list[tuple[Any, ...]] = []

@@ -2,7 +2,8 @@
 
 Each round reads up to ``max_events`` events, sums them per (counter, item) and rollup bucket, and
 hands the batch to the count store, which adds the deltas and moves the watermark in one
-transaction, on the condition that the watermark is still where this aggregator read it. A crash
+transaction, on the condition that the watermark is still where this aggregator read it. Where
+the log and the counts are one database (``in_place``), the store runs the same round itself. A crash
 before the commit loses nothing (the events are still after the watermark); a crash after it
 double-applies nothing (the watermark has moved past them).
 """
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from tally.core.coalesce import coalesce
 from tally.core.model import CountKey
-from tally.store.ports import ChangeLog, CountStore
+from tally.store.ports import ChangeLog, CountStore, InPlaceAggregation
 
 log = logging.getLogger("tally.aggregator")
 
@@ -44,9 +45,11 @@ class Aggregator:
     def __init__(self, changelog: ChangeLog, counts: CountStore, consumer: str = "aggregator",
                  window_s: float = 0.1, max_events: int = 20_000,
                  rollups: Sequence[str] = ("day", "region"),
-                 on_applied: Callable[[dict[CountKey, int]], None] | None = None) -> None:
+                 on_applied: Callable[[dict[CountKey, int]], None] | None = None,
+                 in_place: InPlaceAggregation | None = None) -> None:
         self.log = changelog
         self.counts = counts
+        self.in_place = in_place
         self.consumer = consumer
         self.window_s = window_s
         self.max_events = max_events
@@ -75,6 +78,8 @@ class Aggregator:
     async def step(self) -> int:
         """One round: apply up to max_events events. Returns how many were applied."""
         async with self._lock:
+            if self.in_place is not None:
+                return await self._step_in_place(self.in_place)
             marks = await self.counts.watermarks(self.consumer)
             wm = marks.get(self.log.source, 0)
             events = await self.log.read(wm, self.max_events)
@@ -98,6 +103,19 @@ class Aggregator:
             self.stats.keys_written += len(new)
             self.on_applied(new)
             return batch.events
+
+    async def _step_in_place(self, store: InPlaceAggregation) -> int:
+        """The same round inside the store: no event leaves the database."""
+        applied = await store.aggregate(self.consumer, self.max_events, self.rollups)
+        self.stats.watermark = applied.position
+        if not applied.events:
+            self.stats.lag_seconds = 0.0
+            return 0
+        self.stats.batches += 1
+        self.stats.events += applied.events
+        self.stats.keys_written += len(applied.counts)
+        self.on_applied(applied.counts)
+        return applied.events
 
     async def drain(self, timeout_s: float = 30.0) -> None:
         """Apply everything logged so far (tests, reconcile and shutdown use this)."""
