@@ -93,3 +93,20 @@ async def test_the_writer_checkpoints_at_the_configured_wal_size(db: Path) -> No
         assert got == 1234
     finally:
         await s.close()
+
+
+async def test_a_batch_of_distinct_toggles_writes_only_changes(store: SqliteStore,
+                                                               db: Path) -> None:
+    """The one-statement path for distinct toggles: a like of a toggle already on and an unlike
+    of one never set change nothing and write no record; versions move as one by one."""
+    await store.write([like(1, ITEM), like(2, ITEM), like(5, ITEM)])
+    await store.write([like(2, ITEM, on=False)])
+    res = await store.write([like(1, ITEM), like(2, ITEM), like(3, ITEM), like(4, ITEM, on=False),
+                             like(5, ITEM, on=False)])
+    assert [r.changed for r in res] == [False, True, True, False, True]
+    assert [r.count for r in res] == [2, 3, 4, 4, 3]
+    assert db_rows(db, "SELECT user, state, version FROM toggles ORDER BY user") == [
+        ("1", 1, 1), ("2", 1, 3), ("3", 1, 1), ("5", 0, 2)]
+    assert db_rows(db, "SELECT user, delta FROM changelog ORDER BY seq")[-3:] == [
+        ("2", 1), ("3", 1), ("5", -1)]
+    assert recount(db) == {("like", ITEM): 3}
