@@ -17,14 +17,23 @@ from fastapi import FastAPI
 from tally.bootstrap import Runtime
 from tally.core.model import ToggleOp
 from tally.store.sqlite import SqliteStore
+from tally.store.sqlite_schema import counts_path
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
 
 CountMap = dict[tuple[str, str], int]
 
 
+def _open(db: Path, **kwargs: Any) -> sqlite3.Connection:
+    """The like records' file with the counts' file attached, as the service opens them."""
+    conn: sqlite3.Connection = sqlite3.connect(str(db), timeout=30, **kwargs)
+    if counts_path(db).exists():
+        conn.execute("ATTACH DATABASE ? AS counts", (str(counts_path(db)),))
+    return conn
+
+
 def db_rows(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
     """Rows read over a fresh connection (WAL lets it read while the service writes)."""
-    conn = sqlite3.connect(str(db), timeout=30)
+    conn = _open(db)
     try:
         return conn.execute(sql, params).fetchall()
     finally:
@@ -46,7 +55,7 @@ def stored(db: Path) -> CountMap:
 
 def db_exec(db: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
     """Write behind the service's back, to inject drift."""
-    conn = sqlite3.connect(str(db), timeout=30, isolation_level=None)
+    conn = _open(db, isolation_level=None)
     try:
         conn.execute(sql, params)
     finally:

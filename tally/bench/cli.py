@@ -29,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     r.add_argument("--mode", choices=["open", "closed"], default="closed")
     r.add_argument("--rate", type=float, default=0.0, help="operations/s offered (open loop)")
     r.add_argument("--items", type=int, default=Params.items, help="item space")
+    r.add_argument("--bulk-size", type=int, default=Params.bulk_size,
+                   help="likes per /v1/bulk request (bulk preset)")
     _common(r)
     r.set_defaults(fn=cmd_run)
     s = bsub.add_parser("suite", help="Tally and its peers side by side (starts its own servers)")
@@ -57,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                            port=url.port or 80, preset=args.preset, mode=args.mode, rate=args.rate,
                            duration_s=args.duration or 10.0, connections=args.connections or 32,
                            workers=args.workers or 1, seed=args.seed,
-                           params=Params(items=args.items),
+                           params=Params(items=args.items, bulk_size=args.bulk_size),
                            run_id=int(time.time()) % 3_000_000)  # fresh users run after run
     result = loadgen.run(spec).as_dict()
     result["target"] = args.url

@@ -16,6 +16,7 @@ from typing import Any
 
 from tally.core.lru import LRU
 from tally.core.model import CountKey
+from tally.store.sqlite_schema import counts_path
 
 ITEMS_PROJECTED = 50_000_000_000
 LIKES_PROJECTED = 1_000_000_000_000
@@ -37,13 +38,15 @@ def bytes_per_cached_counter(n: int = 100_000) -> float:
 
 
 def sqlite_bytes_per_like(db: Path) -> dict[str, float]:
-    """File size (database + WAL) over live like records; every other table counts against it."""
+    """File sizes (both files, with their WALs) over live like records; every other table
+    counts against it."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         likes = conn.execute("SELECT count(*) FROM toggles WHERE state=1").fetchone()[0]
     finally:
         conn.close()
-    size = db.stat().st_size + sum(p.stat().st_size for p in db.parent.glob(db.name + "-wal"))
+    files = [f for path in (db, counts_path(db)) for f in (path, path.with_name(path.name + "-wal"))]
+    size = sum(f.stat().st_size for f in files if f.exists())
     return {"records": float(likes), "bytes": float(size),
             "bytes_per_record": size / likes if likes else 0.0}
 

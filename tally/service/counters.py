@@ -103,7 +103,7 @@ class CounterService:
         if type(e) is not dict and not isinstance(e, Mapping):  # JSON objects are dicts: no ABC
             raise InvalidInput("each operation must be a JSON object")
         kind = e.get("op")
-        if kind in _TOGGLE_KINDS:
+        if isinstance(kind, str) and kind in _TOGGLE_KINDS:
             return self.toggle_op(e.get("counter", "like"), e.get("item_type"), e.get("item_id"),
                                   e.get("user_id"), _TOGGLE_KINDS[kind], e.get("region"))
         if kind == "incr":

@@ -1,9 +1,12 @@
-"""The embedded backend: every storage role on one SQLite database in WAL mode.
+"""The embedded backend: every storage role on SQLite in WAL mode, in two files with a writer each.
 
-Writes go through the group-commit writer thread; reads use their own connections in a small
-thread pool, so a read never waits for a commit. The writer keeps ``_pending``, the sum of change-log
-deltas per key not yet applied to the count table, so a write can answer with the exact count
-(count table + pending + this change) without waiting for the aggregator.
+The like records and their change log are one file (``tally.db``), written by the likes writer's
+group commits; the counts, watermarks and rollups are another (``tally-counts.db``), written by the
+counts writer, which aggregates the log in place. So aggregation never queues in front of likes,
+and its SQL runs beside them on the other core. Reads use their own connections in a small thread
+pool (or inline), so a read never waits for a commit. ``Unapplied`` holds the change-log deltas
+not yet in the counts, so a write answers with the exact count (count table + unapplied + this
+change) without waiting for the aggregator.
 """
 
 from __future__ import annotations
@@ -23,12 +26,23 @@ from tally.core.model import CountKey, Event, Op, OpResult
 from tally.store.ports import Applied, ReconcileChunk
 from tally.store.sqlite_aggregate import apply_range, log_range, range_sums
 from tally.store.sqlite_ops import apply_ops, log_head, stored_counts
+from tally.store.sqlite_pending import Unapplied
 from tally.store.sqlite_reconcile import reconcile_chunk
 from tally.store.sqlite_schema import connect, migrate
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
 
 T = TypeVar("T")
 SOURCE = "local"  # the one change log of the embedded store
+
+
+def _watermark(conn: sqlite3.Connection, consumer: str | None) -> int:
+    """How far the counts hold the log: ``consumer``'s position, or the furthest of any."""
+    if consumer is None:
+        row = conn.execute("SELECT max(seq) FROM watermarks WHERE source=?", (SOURCE,)).fetchone()
+    else:
+        row = conn.execute("SELECT seq FROM watermarks WHERE consumer=? AND source=?",
+                           (consumer, SOURCE)).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
 
 
 
@@ -68,16 +82,19 @@ class SqliteStore:
                  inline_reads: bool = True, wal_autocheckpoint: int = 1000) -> None:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
-        self.writer = GroupCommitWriter(self._open_writer, group_commit_ms / 1000, group_commit_max)
+        self.writer = GroupCommitWriter(self._open_writer, group_commit_ms / 1000, group_commit_max,
+                                        begin="BEGIN")
+        self.counts_writer = GroupCommitWriter(self._open_counts_writer, 0.0, group_commit_max,
+                                               name="tally-sqlite-counts", begin="BEGIN")
         self._read_threads = read_threads
         self.inline_reads = inline_reads
         self.wal_autocheckpoint = wal_autocheckpoint
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        # Writer thread only. Includes the jobs of the open transaction (undone if they roll
-        # back), so a later job in the same group commit sees an earlier job's change.
-        self._pending: dict[CountKey, int] = {}
+        # Includes the jobs of the likes writer's open transaction (undone if they roll back), so
+        # a later job in the same group commit sees an earlier job's change.
+        self.unapplied = Unapplied({})
         self.source = SOURCE
         self._combining: _Combined | None = None  # event loop thread only
 
@@ -85,7 +102,7 @@ class SqliteStore:
 
     def _open_writer(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path, self.synchronous)
+        conn = connect(self.path, self.synchronous, writes="likes")
         # Checkpoints run in the committing connection: this one, so each is a pause of the
         # writer. At 10,000 pages instead of SQLite's 1,000 they cost less in total (bulk max
         # +16%, viral p99 at 4,500/s 13-24 -> 7-9 ms, side by side on a fresh database) but each
@@ -93,23 +110,28 @@ class SqliteStore:
         # p99 at 19,500 likes/s rose from 50 to 63 ms. The default stays at 1,000.
         conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
         migrate(conn)
-        self._pending = self._load_pending(conn)
+        self.unapplied = Unapplied(self._load_pending(conn))
+        return conn
+
+    def _open_counts_writer(self) -> sqlite3.Connection:
+        conn = connect(self.path, self.synchronous, writes="counts")
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
         return conn
 
     @staticmethod
     def _load_pending(conn: sqlite3.Connection) -> dict[CountKey, int]:
         """After a restart: the deltas logged but not yet applied, so write answers stay exact."""
-        wm = conn.execute("SELECT coalesce(max(seq), 0) FROM watermarks WHERE source=?",
-                          (SOURCE,)).fetchone()[0]
         rows = conn.execute("SELECT counter, item, sum(delta) FROM changelog WHERE seq > ? "
-                            "GROUP BY counter, item", (wm,))
+                            "GROUP BY counter, item", (_watermark(conn, None),))
         return {(c, i): d for c, i, d in rows if d}
 
     async def start(self) -> None:
-        self.writer.start()
+        self.writer.start()  # first: it creates or migrates the schema
+        self.counts_writer.start()
         self._pool = ThreadPoolExecutor(self._read_threads, thread_name_prefix="tally-sqlite-read")
 
     async def close(self) -> None:
+        await self.counts_writer.stop()
         await self.writer.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -173,19 +195,21 @@ class SqliteStore:
         done.add_done_callback(batch.deliver)
 
     def _apply_ops(self, conn: sqlite3.Connection, tx: Tx, ops: list[Op]) -> list[OpResult]:
-        results, overlay = apply_ops(conn, ops, self._pending, time.time())
+        results, overlay = apply_ops(conn, ops, self._exact_counts, time.time())
         if overlay:
-            self._add_pending(overlay)
-            tx.on_rollback.append(lambda: self._add_pending({k: -d for k, d in overlay.items()}))
+            self.unapplied.add(overlay)
+            tx.on_rollback.append(lambda: self.unapplied.add(overlay, -1))
         return results
 
-    def _add_pending(self, deltas: dict[CountKey, int]) -> None:
-        for key, d in deltas.items():
-            total = self._pending.get(key, 0) + d
-            if total:
-                self._pending[key] = total
-            else:
-                self._pending.pop(key, None)
+    def _exact_counts(self, conn: sqlite3.Connection, keys: Sequence[CountKey]
+                      ) -> dict[CountKey, int]:
+        """Count table + every delta logged after the watermark this transaction's snapshot of
+        the counts file holds (the snapshot is taken by the first read and kept to the end)."""
+        stored = stored_counts(conn, keys)
+        extra = self.unapplied.since(keys, _watermark(conn, None))
+        for key, d in extra.items():
+            stored[key] = stored.get(key, 0) + d
+        return stored
 
     async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
         marks = ",".join("?" * len(items))
@@ -235,8 +259,10 @@ class SqliteStore:
 
     async def apply_batch(self, batch: Batch, consumer: str,
                           expect: Mapping[str, int]) -> dict[CountKey, int] | None:
-        result: dict[CountKey, int] | None = await self.writer.run(
+        result: dict[CountKey, int] | None = await self.counts_writer.run(
             lambda c, tx: self._apply_batch(c, tx, batch, consumer, expect), weight=1)
+        if result is not None and SOURCE in batch.positions:
+            await self._trim(batch.positions[SOURCE])
         return result
 
     def _apply_batch(self, conn: sqlite3.Connection, tx: Tx, batch: Batch, consumer: str,
@@ -255,40 +281,42 @@ class SqliteStore:
         conn.executemany("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
                          "DO UPDATE SET seq=excluded.seq",
                          [(consumer, src, seq) for src, seq in batch.positions.items()])
-        if SOURCE in batch.positions:  # applied events are in the counts now: trim them
-            conn.execute("DELETE FROM changelog WHERE seq <= ?", (batch.positions[SOURCE],))
-        self._add_pending({k: -d for k, d in batch.deltas.items()})
-        tx.on_rollback.append(lambda: self._add_pending(batch.deltas))
+        if SOURCE in batch.positions:
+            self._take(tx, batch.positions[SOURCE], batch.deltas)
         return new
+
+    def _take(self, tx: Tx, position: int, deltas: Mapping[CountKey, int]) -> None:
+        """The deltas of a round leave ``unapplied`` with its commit (see ``sqlite_pending``)."""
+        self.unapplied.take(position, deltas)
+        tx.on_rollback.append(lambda: self.unapplied.give_back(position))
+
+    async def _trim(self, through_seq: int) -> None:
+        """Applied events leave the log; the likes writer owns that file. A crash before the
+        trim leaves them below the watermark, where nothing reads them, until the next one."""
+        await self.writer.run(lambda c, tx: c.execute("DELETE FROM changelog WHERE seq <= ?",
+                                                      (through_seq,)))
 
     # -- InPlaceAggregation -----------------------------------------------------------------
 
     async def aggregate(self, consumer: str, limit: int, rollups: Collection[str]) -> Applied:
-        applied: Applied = await self.writer.run(
+        applied: Applied = await self.counts_writer.run(
             lambda c, tx: self._aggregate(c, tx, consumer, limit, rollups))
+        if applied.events:
+            await self._trim(applied.position)
         return applied
 
     def _aggregate(self, conn: sqlite3.Connection, tx: Tx, consumer: str, limit: int,
                    rollups: Collection[str]) -> Applied:
-        """One round in the writer's transaction: the watermark read here cannot move under it."""
-        row = conn.execute("SELECT seq FROM watermarks WHERE consumer=? AND source=?",
-                           (consumer, SOURCE)).fetchone()
-        after = int(row[0]) if row else 0
+        """One round in the counts writer's transaction, over its snapshot of the log: the
+        watermark read here cannot move under it (this writer is the only one that moves it)."""
+        after = _watermark(conn, consumer)
         events, upto, oldest = log_range(conn, after, limit)
         if not events:
             return Applied(0, after, {}, None)
-        if upto == log_head(conn):  # the round takes the whole log: nothing stays pending
-            before = self._pending
-            self._pending = {}
-            tx.on_rollback.append(lambda: setattr(self, "_pending", before))
-        else:
-            sums = range_sums(conn, after, upto)
-            self._add_pending({k: -d for k, d in sums.items()})
-            tx.on_rollback.append(lambda: self._add_pending(sums))
+        self._take(tx, upto, range_sums(conn, after, upto))
         new = apply_range(conn, after, upto, rollups)
         conn.execute("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
                      "DO UPDATE SET seq=excluded.seq", (consumer, SOURCE, upto))
-        conn.execute("DELETE FROM changelog WHERE seq <= ?", (upto,))
         return Applied(events, upto, new, oldest)
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
@@ -302,8 +330,8 @@ class SqliteStore:
                               after: tuple[str, str] | None, limit: int,
                               repair: bool) -> ReconcileChunk:
         def job(conn: sqlite3.Connection, tx: Tx) -> ReconcileChunk:
-            return reconcile_chunk(conn, self._pending, list(counters), items, after, limit,
-                                   repair)
+            return reconcile_chunk(conn, _watermark(conn, None), list(counters), items, after,
+                                   limit, repair)
 
-        chunk: ReconcileChunk = await self.writer.run(job)
+        chunk: ReconcileChunk = await self.counts_writer.run(job)
         return chunk

@@ -1,8 +1,10 @@
-"""Recount toggle counters from the toggle records, in chunks, inside the writer's transaction.
+"""Recount toggle counters from the toggle records, in chunks, inside the counts writer's transaction.
 
-Running in the writer makes the check exact while writes continue: within one transaction the
-invariant is ``count table + unapplied log deltas == recount``; a key that breaks it has drifted, and
-repair sets the table so that it holds again (the aggregator then applies the log on top).
+The check is exact while writes continue: the transaction reads the toggle records and the change
+log from one snapshot of the likes file, and the counts file is written by this writer alone, so
+within it ``count table + log deltas after the watermark == recount``. A key that breaks it has
+drifted, and repair sets the table so that it holds again (the aggregator then applies the log on
+top).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _scan(conn: sqlite3.Connection, counters: list[str], after: tuple[str, str],
     return actual, stored, upper
 
 
-def reconcile_chunk(conn: sqlite3.Connection, pending: dict[CountKey, int],
+def reconcile_chunk(conn: sqlite3.Connection, watermark: int,
                     counters: list[str], items: Sequence[str] | None,
                     after: tuple[str, str] | None, limit: int, repair: bool) -> ReconcileChunk:
     if not counters:
@@ -63,6 +65,8 @@ def reconcile_chunk(conn: sqlite3.Connection, pending: dict[CountKey, int],
     else:
         actual, stored, upper = _scan(conn, counters, after or ("", ""), limit)
         keys = set(actual) | set(stored)
+    pending = _rows(conn, "SELECT counter, item, sum(delta) FROM changelog WHERE seq > ? "
+                          "GROUP BY counter, item", (watermark,))
     drifts = []
     for counter, item in sorted(keys):
         key = (counter, item)

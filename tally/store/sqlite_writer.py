@@ -54,8 +54,14 @@ _STOP = object()
 
 class GroupCommitWriter:
     def __init__(self, connect: Callable[[], sqlite3.Connection], window_s: float,
-                 max_ops: int) -> None:
+                 max_ops: int, name: str = "tally-sqlite-writer", begin: str = "BEGIN IMMEDIATE"
+                 ) -> None:
         self._connect = connect
+        self.name = name
+        # A connection with another file attached takes "BEGIN": IMMEDIATE would lock every
+        # attached file for writing, and so the other file's writer; a deferred transaction locks
+        # only the file it writes. Each file has one writer, so the upgrade never meets another.
+        self._begin = begin
         self.window_s = window_s
         self.max_ops = max_ops
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -70,7 +76,7 @@ class GroupCommitWriter:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
         ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="tally-sqlite-writer",
+        self._thread = threading.Thread(target=self._run, args=(ready,), name=self.name,
                                         daemon=True)
         self._thread.start()
         err = ready.get()
@@ -145,14 +151,14 @@ class GroupCommitWriter:
         re-runnable: they read the database and the writer's state, both back where they were."""
         tx = Tx()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(self._begin)
             results = self._run_all(conn, tx, batch, isolated=False)
             if len(results) < len(batch) or not all(ok for ok, _value in results):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 tx.undo()
                 tx = Tx()
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(self._begin)
                 results = self._run_all(conn, tx, batch, isolated=True)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:

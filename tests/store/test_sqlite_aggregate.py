@@ -69,14 +69,14 @@ async def test_rounds_apply_exactly_once_and_answers_stay_exact(store: SqliteSto
     first = await store.aggregate("aggregator", 4, ("day", "region"))
     assert (first.events, first.position, first.counts) == (4, 4, {("like", "post:1"): 4})
     assert stored(db) == {("like", "post:1"): 4}
-    assert store._pending == {("like", "post:1"): 2, ("like", "post:2"): 1}
+    assert store.unapplied.snapshot() == {("like", "post:1"): 2, ("like", "post:2"): 1}
     (res,) = await store.write([like(9, "post:1")])
     assert res.count == 7
 
     rest = await store.aggregate("aggregator", 100, ("day", "region"))
     assert (rest.events, rest.position) == (4, 8)
     assert rest.counts == {("like", "post:1"): 7, ("like", "post:2"): 1}
-    assert store._pending == {}
+    assert store.unapplied.snapshot() == {}
     assert stored(db) == recount(db)
     assert db_rows(db, "SELECT count(*) FROM changelog") == [(0,)]
     assert await store.watermarks("aggregator") == {SOURCE: 8}
@@ -96,7 +96,7 @@ async def test_a_failed_round_changes_nothing(store: SqliteStore, db: Path,
         monkeypatch.setattr(sqlite_module, "apply_range", broken)
         with pytest.raises(Exception, match="disk I/O error"):
             await store.aggregate("aggregator", limit, ("day",))
-        assert store._pending == {("like", "post:1"): 3}
+        assert store.unapplied.snapshot() == {("like", "post:1"): 3}
         assert stored(db) == {} and await store.watermarks("aggregator") == {}
         monkeypatch.undo()
     (res,) = await store.write([like(7, "post:1")])
