@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from tally.core.coalesce import Batch
 from tally.core.model import CountKey, Event, Op, OpResult
 from tally.store.ports import Applied, ReconcileChunk
-from tally.store.sqlite_aggregate import apply_range, log_range, range_sums
+from tally.store.sqlite_aggregate import apply_range, log_range
 from tally.store.sqlite_ops import apply_ops, log_head, stored_counts
 from tally.store.sqlite_pending import Unapplied
 from tally.store.sqlite_reconcile import reconcile_chunk
@@ -313,8 +313,8 @@ class SqliteStore:
         events, upto, oldest = log_range(conn, after, limit)
         if not events:
             return Applied(0, after, {}, None)
-        self._take(tx, upto, range_sums(conn, after, upto))
-        new = apply_range(conn, after, upto, rollups)
+        deltas, new = apply_range(conn, after, upto, rollups)
+        self._take(tx, upto, deltas)
         conn.execute("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
                      "DO UPDATE SET seq=excluded.seq", (consumer, SOURCE, upto))
         return Applied(events, upto, new, oldest)

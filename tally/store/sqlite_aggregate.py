@@ -14,18 +14,26 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Collection
 
+import orjson
+
 from tally.core.model import CountKey
 
 # Events of one round, as a range of the log: (after, upto]. The subquery stops at ``limit`` rows.
 _RANGE = ("SELECT count(*), max(seq), min(ts) FROM "
           "(SELECT seq, ts FROM changelog WHERE seq > ? ORDER BY seq LIMIT ?)")
 
-_SUMS = ("SELECT counter, item, sum(delta) AS d FROM changelog WHERE seq > ? AND seq <= ? "
-         "GROUP BY counter, item HAVING d != 0")
-
-_ADD_COUNTS = ("INSERT INTO counts (counter, item, count) " + _SUMS + " "
-               "ON CONFLICT (counter, item) DO UPDATE SET count = count + excluded.count "
-               "RETURNING counter, item, count")
+# A round's sums go to a temporary table once; the counts are added from it, and its deltas and
+# the new counts come back as one JSON row: a row per key would hand the GIL over and back for
+# each, and the likes writer waits in that queue.
+_ROUND_TABLE = ("CREATE TEMP TABLE IF NOT EXISTS round_sums (counter TEXT NOT NULL, "
+                "item TEXT NOT NULL, d INTEGER NOT NULL, PRIMARY KEY (counter, item)) WITHOUT ROWID")
+_SUMS = ("INSERT INTO temp.round_sums SELECT counter, item, sum(delta) AS d FROM changelog "
+         "WHERE seq > ? AND seq <= ? GROUP BY counter, item HAVING d != 0")
+_ADD_COUNTS = ("INSERT INTO counts (counter, item, count) SELECT counter, item, d "
+               "FROM temp.round_sums WHERE true "
+               "ON CONFLICT (counter, item) DO UPDATE SET count = count + excluded.count")
+_RESULT = ("SELECT json_group_array(json_array(r.counter, r.item, r.d, c.count)) "
+           "FROM temp.round_sums r JOIN counts c ON c.counter = r.counter AND c.item = r.item")
 
 # split_item(): the type is what comes before the first ':', or the whole id when there is none.
 _ITEM_TYPE = ("CASE WHEN instr(item, ':') > 0 THEN substr(item, 1, instr(item, ':') - 1) "
@@ -54,18 +62,21 @@ def log_range(conn: sqlite3.Connection, after: int, limit: int) -> tuple[int, in
     return int(events), int(upto or after), oldest
 
 
-def range_sums(conn: sqlite3.Connection, after: int, upto: int) -> dict[CountKey, int]:
-    """The summed deltas per key of the events in (after, upto]."""
-    return {(c, i): d for c, i, d in conn.execute(_SUMS, (after, upto))}
-
-
-def apply_range(conn: sqlite3.Connection, after: int, upto: int,
-                rollups: Collection[str]) -> dict[CountKey, int]:
+def apply_range(conn: sqlite3.Connection, after: int, upto: int, rollups: Collection[str]
+                ) -> tuple[dict[CountKey, int], dict[CountKey, int]]:
     """Adds the events in (after, upto] to the counts and to the rollups named (as ``coalesce``
-    does, dimensions it does not know are ignored); returns the new absolute counts of the keys
-    written. The caller moves the watermark and trims in the same transaction."""
-    new = {(c, i): n for c, i, n in conn.execute(_ADD_COUNTS, (after, upto))}
+    does, dimensions it does not know are ignored). Returns the summed deltas and the new
+    absolute counts of the keys written. The caller moves the watermark in the same transaction."""
+    conn.execute(_ROUND_TABLE)
+    conn.execute("DELETE FROM temp.round_sums")
+    conn.execute(_SUMS, (after, upto))
+    conn.execute(_ADD_COUNTS)
     for dimension in _BUCKETS:
         if dimension in rollups:
             conn.execute(_ROLLUP_SQL[dimension], (after, upto))
-    return new
+    deltas: dict[CountKey, int] = {}
+    new: dict[CountKey, int] = {}
+    for counter, item, d, count in orjson.loads(conn.execute(_RESULT).fetchone()[0]):
+        deltas[(counter, item)] = d
+        new[(counter, item)] = count
+    return deltas, new

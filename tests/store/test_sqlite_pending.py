@@ -48,7 +48,7 @@ async def test_answers_stay_exact_while_rounds_commit_beside_them(
     """Likes of one item, one after another, while aggregation rounds commit in the other writer
     (each held open a moment between taking its deltas and committing, so that writes read the
     counts inside that window): the answers are 1..n in order."""
-    def slow_apply(*args: Any) -> dict[tuple[str, str], int]:
+    def slow_apply(*args: Any) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
         time.sleep(0.002)
         return apply_range(*args)
 
