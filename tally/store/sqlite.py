@@ -203,10 +203,20 @@ class SqliteStore:
 
     def _exact_counts(self, conn: sqlite3.Connection, keys: Sequence[CountKey]
                       ) -> dict[CountKey, int]:
-        """Count table + every delta logged after the watermark this transaction's snapshot of
-        the counts file holds (the snapshot is taken by the first read and kept to the end)."""
-        stored = stored_counts(conn, keys)
-        extra = self.unapplied.since(keys, _watermark(conn, None))
+        """Count table + every delta logged after the watermark the table was read at.
+
+        Read on a reader connection, in a transaction of its own: on the writer's connection the
+        snapshot of the counts file would last until the like commit, and with like transactions
+        back to back some reader always held an old one, so the counts file's WAL never restarted
+        (it grew to 20 times the file under bulk likes, and every read of it slowed down)."""
+        reader = self._reader()
+        reader.execute("BEGIN")
+        try:
+            position = _watermark(reader, None)
+            stored = stored_counts(reader, keys)
+        finally:
+            reader.execute("COMMIT")
+        extra = self.unapplied.since(keys, position)
         for key, d in extra.items():
             stored[key] = stored.get(key, 0) + d
         return stored
