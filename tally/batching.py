@@ -23,7 +23,12 @@ if TYPE_CHECKING:
     from tally.client import AsyncTally
 
 _Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]]"]
-BATCHER_IN_FLIGHT = 4  # bulk requests a batcher keeps in flight by default
+# Defaults: 250 operations per request, 8 requests in flight. A bulk request is answered when its
+# transaction commits, so its size sets a floor under every caller's latency: at 11,500 likes/s
+# (viral, a grown database) 500 per request with 4 in flight gave p50 31 ms and p99 62 ms, 250
+# with 8 gave 17 ms and 37-40 ms, and 100 with 16 paid for its requests (p99 61-83 ms).
+BATCHER_MAX_OPS = 250
+BATCHER_IN_FLIGHT = 8
 _OP_FIELD = re.compile(r"ops\[(\d+)\]")
 
 
@@ -43,7 +48,7 @@ def _fail(batch: list[_Pending], exc: BaseException) -> None:
 
 
 class Batcher:
-    def __init__(self, client: AsyncTally, max_ops: int = 500, window_s: float = 0.002,
+    def __init__(self, client: AsyncTally, max_ops: int = BATCHER_MAX_OPS, window_s: float = 0.002,
                  max_in_flight: int = BATCHER_IN_FLIGHT) -> None:
         """``max_ops`` must not exceed the server's ``max_bulk_ops`` (1000 by default)."""
         self.client = client

@@ -113,11 +113,14 @@ class AsyncTally:
         self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits,
                                       transport=transport)
 
-    def batcher(self, max_ops: int = 500, window_ms: float = 2.0, max_in_flight: int = 4) -> Batcher:
-        """Gathers concurrent like/unlike/incr calls into /v1/bulk requests (see tally.batching)."""
-        from tally.batching import Batcher
+    def batcher(self, max_ops: int | None = None, window_ms: float = 2.0,
+                max_in_flight: int | None = None) -> Batcher:
+        """Gathers concurrent like/unlike/incr calls into /v1/bulk requests (see tally.batching;
+        ``None`` takes its defaults)."""
+        from tally.batching import BATCHER_IN_FLIGHT, BATCHER_MAX_OPS, Batcher
 
-        return Batcher(self, max_ops, window_ms / 1000, max_in_flight)
+        return Batcher(self, max_ops or BATCHER_MAX_OPS, window_ms / 1000,
+                       max_in_flight or BATCHER_IN_FLIGHT)
 
     async def __aenter__(self) -> AsyncTally:
         return self

@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from tally.batching import BATCHER_MAX_OPS
+
 Request = bytes  # a complete HTTP/1.1 request, head and body
 Op = tuple[str, tuple[Request, ...]]  # (kind, requests sent in sequence on one connection)
 
@@ -40,7 +42,7 @@ class Params:
     read_share: float = 0.8  # mixed: reads / all operations
     retry_share: float = 0.05  # mixed: writes that repeat an earlier write
     keyed_share: float = 0.2  # incr: increments that carry an idempotency key
-    bulk_size: int = 500  # bulk: likes per /v1/bulk request (AsyncTally.batcher's max_ops)
+    bulk_size: int = BATCHER_MAX_OPS  # bulk: likes per /v1/bulk request, as the batcher sends
     like_path: str = "/v1/like"  # "/bench/noop" measures the framework ceiling
 
 
@@ -155,7 +157,8 @@ PRESETS: dict[str, str] = {
     "counts": "batch count reads: counts of 50 Zipf-drawn items in one request",
     "mixed": "80% reads (counts of 10 items), 20% likes of which 5% repeat an earlier like",
     "incr": "event counter increments (views), 20% with an idempotency key",
-    "bulk": "viral likes, bulk_size (500) per /v1/bulk request, as a batching client sends them",
+    "bulk": f"viral likes, bulk_size ({BATCHER_MAX_OPS}) per /v1/bulk request, as a batching client "
+            "sends them",
     "noop": "uniform likes sent to /bench/noop: parsing and serialising only, no storage",
 }
 
