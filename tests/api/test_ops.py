@@ -124,10 +124,23 @@ def test_tune_gc_freezes_start_up_objects_and_spaces_young_collections() -> None
         assert gc.get_threshold() == before
         tune_gc(12_345)
         assert gc.get_threshold() == (12_345, before[1], before[2])
-        assert gc.get_freeze_count() > 0
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        later = [[n] for n in range(1000)]  # built after start-up, alive through a full collection
+        gc.collect(1)
+        assert gc.get_freeze_count() == frozen  # a partial collection freezes nothing
+        gc.collect()
+        assert gc.get_freeze_count() >= frozen + len(later)  # the first full one freezes survivors
+        after_first = gc.get_freeze_count()
+        gc.collect()
+        assert gc.get_freeze_count() == after_first  # and only the first
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+        from tally.api import app
+
+        if app._freeze_after_first_full_collection in gc.callbacks:
+            gc.callbacks.remove(app._freeze_after_first_full_collection)
 
 
 async def test_loop_lag_is_measured_and_a_stall_is_logged(caplog: pytest.LogCaptureFixture) -> None:
