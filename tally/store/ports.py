@@ -101,9 +101,10 @@ class Applied:
 
 
 class InPlaceAggregation(Protocol):
-    """A store whose change log and counts are one database can aggregate without shipping each
-    event out and back: it reads after the consumer's watermark, sums, adds and moves the
-    watermark in one transaction, with the semantics of ``tally.core.coalesce``."""
+    """A store whose change log and counts one connection can reach (SQLite, its two files
+    attached) can aggregate without shipping each event out and back: it reads after the
+    consumer's watermark, sums, adds and moves the watermark in one transaction, with the
+    semantics of ``tally.core.coalesce``."""
 
     async def aggregate(self, consumer: str, limit: int, rollups: Collection[str]) -> Applied: ...
 

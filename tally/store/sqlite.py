@@ -201,8 +201,7 @@ class SqliteStore:
             tx.on_rollback.append(lambda: self.unapplied.add(overlay, -1))
         return results
 
-    def _exact_counts(self, conn: sqlite3.Connection, keys: Sequence[CountKey]
-                      ) -> dict[CountKey, int]:
+    def _exact_counts(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
         """Count table + every delta logged after the watermark the table was read at.
 
         Read on a reader connection, in a transaction of its own: on the writer's connection the

@@ -1,12 +1,13 @@
-"""Aggregation inside the embedded database: the change log and the counts share one SQLite file,
-so a round is a few set-wise statements in one writer transaction instead of a Python object per
-event read, summed and written back.
+"""Aggregation inside the embedded database: the counts writer's connection sees the change log
+(the likes file, attached) and the counts (its own file), so a round is a few set-wise statements
+in one transaction instead of a Python object per event read, summed and written back.
 
 It is the same aggregator (``tally.core.coalesce`` defines the semantics; a test holds the two to
 the same counts and rollups): read after the watermark, sum per (counter, item) and per rollup
-bucket, drop zero sums, add, move the watermark, trim, all in one transaction. Under bulk likes the
-per-event Python of the generic path (build an Event, sum it, bind it again) held the GIL for as
-long as the writer's own work, and the GIL is what one process's writes are bounded by.
+bucket, drop zero sums, add and move the watermark in one transaction of the counts file; the
+likes writer trims the applied events afterwards. Under bulk likes the per-event Python of the
+generic path (build an Event, sum it, bind it again) held the GIL for as long as the writer's own
+work, and the GIL is what one process's writes are bounded by.
 """
 
 from __future__ import annotations

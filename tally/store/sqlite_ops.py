@@ -3,13 +3,14 @@
 One statement per operation (read the toggle, write it, append to the log, read the count) held
 the writer, and with it the GIL, for most of the cost of a like. Here a batch of any size takes
 two lookups (the toggles it touches, the counts it answers with), the state changes are worked out
-in Python in arrival order, and the writes go in two ``executemany`` calls. The outcome is the
+in Python in arrival order, and the writes go in a few multi-row inserts. The outcome is the
 same as running the operations one by one: a later operation on the same toggle sees the earlier
 one's result, and change-log sequence numbers follow the operations' order.
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
 
 ToggleKey = tuple[str, str, str]  # (counter, user, item)
-CountsOf = Callable[[sqlite3.Connection, Sequence[CountKey]], dict[CountKey, int]]
+CountsOf = Callable[[Sequence[CountKey]], dict[CountKey, int]]
 
 _UPSERT = ("INSERT INTO toggles (counter, user, item, state, version, updated_at) VALUES {rows} "
            "ON CONFLICT (counter, item, user) DO UPDATE SET "
@@ -50,14 +51,18 @@ def insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ..
     likes writer's time. One statement per chunk of rows steps once."""
     if not rows:
         return
-    one = "(" + ",".join("?" * len(rows[0])) + ")"
-    start = 0
+    width, start = len(rows[0]), 0
     for size in _ROW_CHUNKS:
-        statement = sql.format(rows=",".join([one] * size))
         while len(rows) - start >= size:
             part = rows[start:start + size]
-            conn.execute(statement, [x for row in part for x in row])
+            conn.execute(_statement(sql, width, size), [x for row in part for x in row])
             start += size
+
+
+@functools.lru_cache(maxsize=64)
+def _statement(sql: str, width: int, rows: int) -> str:
+    """``sql`` with ``rows`` placeholder tuples of ``width``: built once per shape, not per job."""
+    return sql.format(rows=",".join(["(" + ",".join("?" * width) + ")"] * rows))
 
 
 def log_head(conn: sqlite3.Connection) -> int:
@@ -109,7 +114,7 @@ def apply_ops(conn: sqlite3.Connection, ops: Sequence[Op], counts_of: CountsOf,
                                  if isinstance(op, ToggleOp)))
     states = toggle_states(conn, touched) if touched else {}
     count_keys = list(dict.fromkeys((op.counter, op.item) for op in ops))
-    before = counts_of(conn, count_keys)
+    before = counts_of(count_keys)
     seq = log_head(conn)
 
     finals: dict[ToggleKey, tuple[int, int]] = {}  # toggles whose record changes
