@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             os.environ["TALLY_CONFIG"] = args.config
         uvicorn.run("tally.api.app:create_app_from_env", factory=True, workers=s.workers, **common)
     else:
-        uvicorn.run(create_app(s), **common)
+        uvicorn.run(create_app(s, owns_process=True), **common)
     return 0
 
 

@@ -153,16 +153,21 @@ def create_app_from_env() -> FastAPI:
     """For uvicorn's worker processes: settings from $TALLY_CONFIG and TALLY_* variables."""
     from tally.settings import load
 
-    return create_app(load())
+    return create_app(load(), owns_process=True)
 
 
-def create_app(settings: Settings | None = None, runtime: AppRuntime | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, runtime: AppRuntime | None = None, *,
+               owns_process: bool = False) -> FastAPI:
+    """`owns_process` is for `tally serve`: only then is the garbage collector tuned, since
+    freezing is process-wide (an app embedded in a test run or another service must leave the
+    host's collector, and what relies on `gc.get_referrers`, as it found them)."""
     rt = runtime or build_for(settings or Settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await rt.start()
-        tune_gc(rt.settings.gc_threshold)
+        if owns_process:
+            tune_gc(rt.settings.gc_threshold)
         lag = asyncio.create_task(watch_loop_lag(rt.metrics), name="tally-loop-lag")
         try:
             yield

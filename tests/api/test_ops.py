@@ -7,7 +7,8 @@ import re
 import httpx
 import pytest
 
-from tests.helpers import runtime_of
+from tally.settings import Settings
+from tests.helpers import app_client, runtime_of
 
 pytestmark = pytest.mark.anyio
 
@@ -163,3 +164,18 @@ async def test_loop_lag_is_measured_and_a_stall_is_logged(caplog: pytest.LogCapt
         text, "tally_event_loop_lag_seconds_bucket", le="+Inf")
     stalls = [r for r in caplog.records if r.getMessage() == "event loop stalled"]
     assert stalls and stalls[0].__dict__["stall_ms"] >= 30
+
+
+async def test_an_embedded_app_leaves_the_host_collector_alone(settings: Settings) -> None:
+    """Freezing is process-wide: only `tally serve` (owns_process) tunes it. An app run inside a
+    test or another service froze the host's objects, and `gc.get_referrers` stopped seeing
+    them (Hypothesis' register_random check then failed in CI)."""
+    import gc
+
+    from tally.api import app as app_module
+
+    before = (gc.get_threshold(), gc.get_freeze_count())
+    async with app_client(app_module.create_app(settings)) as c:
+        assert (await c.get("/healthz")).status_code == 200
+        assert (gc.get_threshold(), gc.get_freeze_count()) == before
+        assert app_module._freeze_after_first_full_collection not in gc.callbacks
