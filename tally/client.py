@@ -39,6 +39,13 @@ class IncrResult:
     count: int
 
 
+@dataclass(frozen=True)
+class FeedItem:
+    """An item as a feed shows it: its counts, and which toggles the viewer has set."""
+    counts: dict[str, int]
+    has: dict[str, bool]
+
+
 def _toggle_body(user: Id, item_type: str, item_id: Id, region: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"user_id": user, "item_type": item_type, "item_id": item_id}
     if region is not None:
@@ -92,12 +99,21 @@ class _Requests:
                                       "counters": list(counters) if counters else None}
 
     @staticmethod
+    def feed(user: Id, items: Sequence[Item], counters: Sequence[str] | None) -> tuple[str, str, Any]:
+        method, path, body = _Requests.counts(items, counters)
+        return method, path, {**body, "user_id": user}
+
+    @staticmethod
     def has(user: Id, items: Sequence[Item], counter: str) -> tuple[str, str, Any]:
         return "POST", "/v1/has", {"user_id": user, "counter": counter, "items": _items(items)}
 
 
 def _parse_counts(data: dict[str, Any]) -> list[dict[str, int]]:
     return [r["counts"] for r in data["results"]]
+
+
+def _parse_feed(data: dict[str, Any]) -> list[FeedItem]:
+    return [FeedItem(r["counts"], r["has"]) for r in data["results"]]
 
 
 def _parse_has(data: dict[str, Any]) -> list[bool]:
@@ -164,6 +180,11 @@ class AsyncTally:
     async def has(self, user: Id, items: Sequence[Item], counter: str = "like") -> list[bool]:
         return _parse_has(await self._call(_Requests.has(user, items, counter)))
 
+    async def feed(self, user: Id, items: Sequence[Item],
+                   counters: Sequence[str] | None = None) -> list[FeedItem]:
+        """Counts and the viewer's toggles in one request: what a feed page waits for."""
+        return _parse_feed(await self._call(_Requests.feed(user, items, counters)))
+
     async def bulk(self, ops: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         data = await self._call(("POST", "/v1/bulk", {"ops": list(ops)}))
         results: list[dict[str, Any]] = data["results"]
@@ -227,6 +248,11 @@ class Tally:
 
     def has(self, user: Id, items: Sequence[Item], counter: str = "like") -> list[bool]:
         return _parse_has(self._call(_Requests.has(user, items, counter)))
+
+    def feed(self, user: Id, items: Sequence[Item],
+             counters: Sequence[str] | None = None) -> list[FeedItem]:
+        """Counts and the viewer's toggles in one request: what a feed page waits for."""
+        return _parse_feed(self._call(_Requests.feed(user, items, counters)))
 
     def bulk(self, ops: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = self._call(("POST", "/v1/bulk", {"ops": list(ops)}))[

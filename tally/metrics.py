@@ -7,7 +7,9 @@ scraped, by a collector, so the hot path pays nothing for them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -47,6 +49,9 @@ class Metrics:
         self.loop_lag = Histogram("tally_event_loop_lag_seconds",
                                   "How late the event loop woke a 10 ms sleeper",
                                   buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.gc_pause = Histogram("tally_gc_pause_seconds",
+                                  "Garbage collections by generation: each stops every thread",
+                                  ["generation"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
     def add_state(self, sample: Callable[[], list[Sample]]) -> None:
         self.registry.register(_StateCollector(sample))
@@ -67,3 +72,19 @@ async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.01, warn_s: flo
         metrics.loop_lag.observe(lag)
         if lag > warn_s:
             log.warning("event loop stalled", extra={"stall_ms": round(lag * 1000, 1)})
+
+
+def watch_gc(metrics: Metrics) -> Callable[[], None]:
+    """Times every garbage collection (a pause of the whole process: a full one walks every
+    tracked object) into ``tally_gc_pause_seconds``; returns the function that stops it."""
+    started = [0.0]
+    by_gen = [metrics.gc_pause.labels(generation=str(g)) for g in range(3)]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            by_gen[info["generation"]].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(callback)
+    return lambda: gc.callbacks.remove(callback)

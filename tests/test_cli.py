@@ -182,3 +182,14 @@ def test_every_help_page_renders(argv: list[str], capsys: pytest.CaptureFixture[
         main([*argv, "--help"])
     assert exit_.value.code == 0
     assert "usage: tally" in capsys.readouterr().out
+
+
+def test_blocking_client_reads_a_feed(server: ServerProcess) -> None:
+    """The CLI's client, by the call it has and the CLI does not use: one request per feed."""
+    from tally.client import FeedItem, Tally
+
+    with Tally(server.url) as t:
+        t.like("feed-user", "post", "feed-1")
+        want = [FeedItem({"like": 1}, {"like": True}), FeedItem({"like": 0}, {"like": False})]
+        poll_sync(lambda: t.feed("feed-user", [("post", "feed-1"), ("post", "feed-2")],
+                                 ["like"]) == want)

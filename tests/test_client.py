@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from tally.client import AsyncTally, IncrResult, TallyAPIError, ToggleResult
+from tally.client import AsyncTally, FeedItem, IncrResult, TallyAPIError, ToggleResult
 from tests.helpers import runtime_of
 
 pytestmark = pytest.mark.anyio
@@ -36,6 +36,9 @@ async def test_round_trip(tally: AsyncTally, client: httpx.AsyncClient) -> None:
         {"save": 1, "view": 2}, {"save": 0, "view": 0}]
     assert await tally.has(9, [("post", 5), ("post", 6)]) == [True, False]
     assert await tally.has(2, [("post", 5)], "save") == [True]
+    assert await tally.feed(9, [("post", 5), ("post", 6)], ["like", "view"]) == [
+        FeedItem({"like": 1, "view": 2}, {"like": True}),
+        FeedItem({"like": 0, "view": 0}, {"like": False})]
     lines = await tally.reconcile([("post", 5)], repair=False)
     assert lines == [{"checked": 2, "done": True, "drifts": []}]
 

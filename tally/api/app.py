@@ -22,7 +22,7 @@ from tally.api import schemas as s
 from tally.api.routes import NOT_A_JSON_OBJECT, build_router, ops_router
 from tally.bootstrap import AppRuntime, build_for, cancel_all
 from tally.core.errors import TallyError
-from tally.metrics import Metrics, watch_loop_lag
+from tally.metrics import Metrics, watch_gc, watch_loop_lag
 from tally.settings import Settings
 
 
@@ -169,9 +169,11 @@ def create_app(settings: Settings | None = None, runtime: AppRuntime | None = No
         if owns_process:
             tune_gc(rt.settings.gc_threshold)
         lag = asyncio.create_task(watch_loop_lag(rt.metrics), name="tally-loop-lag")
+        unwatch_gc = watch_gc(rt.metrics)
         try:
             yield
         finally:
+            unwatch_gc()
             await cancel_all([lag])
             await rt.stop()
 

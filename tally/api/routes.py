@@ -125,18 +125,27 @@ def build_router(rt: AppRuntime) -> APIRouter:  # noqa: C901 (one small closure 
 
     # The batch reads build their answers as plain dicts serialised by orjson: validating 50 response
     # models per request cost more CPU than the read itself. The models still document the answer.
-    @r.post("/v1/counts", tags=["read"], summary="Counts of a batch of items (a feed)",
+    @r.post("/v1/counts", tags=["read"],
+            summary="Counts of a batch of items (a feed), and the viewer's likes if named",
             response_model=s.CountsResponse, openapi_extra=_documented(s.CountsRequest))
     async def batch_counts(request: Request) -> Response:
         body = await _json_object(request, _COUNTS_FIELDS)
         names = body.get("counters")
         if names is not None and not isinstance(names, list):
             raise InvalidInput("counters must be a list of counter names", "counters")
+        viewer = body.get("user_id")
+        if viewer is not None:
+            viewer = canonical_id(viewer, "user_id")
         items = svc.items(_item_refs(body.get("items")))
-        counts = await svc.counts(items, svc.counter_names(names))
-        return _json({"results": [
-            {"item_type": t, "item_id": i, "counts": c}
-            for (t, i), c in zip(map(split_item, items), counts, strict=True)]})
+        counters = svc.counter_names(names)
+        counts = await svc.counts(items, counters)
+        results = [{"item_type": t, "item_id": i, "counts": c}
+                   for (t, i), c in zip(map(split_item, items), counts, strict=True)]
+        if viewer is not None:
+            states = await svc.states(viewer, items, counters)
+            for n, result in enumerate(results):
+                result["has"] = {name: flags[n] for name, flags in states.items()}
+        return _json({"results": results})
 
     @r.post("/v1/has", tags=["read"], summary="Has the user set this toggle, for many items",
             response_model=s.HasResponse, openapi_extra=_documented(s.HasRequest))

@@ -63,13 +63,22 @@ class ItemCounts(BaseModel):
     counts: dict[str, int]
 
 
+class BatchItemCounts(ItemCounts):
+    has: dict[str, bool] | None = Field(
+        None, description="Only when the request names a user_id: whether that user has set "
+                          "each requested toggle counter (liked, saved) on this item")
+
+
 class CountsRequest(_Body):
     items: list[ItemRef]
     counters: list[StrictStr] | None = Field(None, description="Default: every counter")
+    user_id: Id | None = Field(None, description="The viewer: each result then also says which "
+                                                 "of the toggle counters this user has set, so a "
+                                                 "feed needs one request, not two")
 
 
 class CountsResponse(BaseModel):
-    results: list[ItemCounts]
+    results: list[BatchItemCounts]
 
 
 class HasRequest(_Body):

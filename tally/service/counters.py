@@ -146,6 +146,13 @@ class CounterService:
         c = self.schema.counter(counter, "counter", Kind.TOGGLE)
         return await self.likes.has(c.name, canonical_id(user, "user_id"), items)
 
+    async def states(self, user: str, items: Sequence[str],
+                     counters: Sequence[str]) -> dict[str, list[bool]]:
+        """Whether ``user`` (a canonical id) has set each toggle among ``counters`` (known
+        names), per item: what a feed shows beside the counts (liked, saved)."""
+        return {name: await self.likes.has(name, user, items)
+                for name in counters if self.schema.counters[name].kind is Kind.TOGGLE}
+
     async def rollups(self, counter: Any, item_type: Any, dimension: Any) -> dict[str, int]:
         c = self.schema.counter(counter)
         if item_type not in self.schema.item_types:

@@ -48,7 +48,8 @@ requests = st.one_of(
     st.tuples(st.sampled_from(["/v1/counters/view/incr", "/v1/counters/like/incr"]), incr_body),
     st.tuples(st.just("/v1/bulk"), st.fixed_dictionaries({"ops": st.lists(bulk_op, max_size=4)})),
     st.tuples(st.just("/v1/counts"), st.fixed_dictionaries(
-        {"items": st.lists(item_ref, max_size=3)}, optional={"counters": json_value})),
+        {"items": st.lists(item_ref, max_size=3)}, optional={"counters": json_value,
+                                                             "user_id": id_like})),
     st.tuples(st.just("/v1/has"), st.fixed_dictionaries(
         {"items": st.lists(item_ref, max_size=3)}, optional={"user_id": id_like,
                                                              "counter": json_value})),

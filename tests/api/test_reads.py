@@ -71,6 +71,33 @@ async def test_batch_counts(client: httpx.AsyncClient) -> None:
     assert r.json() == {"results": []}
 
 
+async def test_batch_counts_with_the_viewers_states(client: httpx.AsyncClient) -> None:
+    """A feed in one request: counts plus, for the named user, each requested toggle's state."""
+    await seed(client)
+    r = await client.post("/v1/counts", json={"items": items(1, 2, 3), "user_id": 1})
+    assert r.status_code == 200
+    assert r.json()["results"] == [
+        {"item_type": "post", "item_id": "1", "counts": {**ALL_ZERO, "like": 3, "save": 1},
+         "has": {"like": True, "save": True}},
+        {"item_type": "post", "item_id": "2", "counts": {**ALL_ZERO, "like": 1, "view": 2},
+         "has": {"like": True, "save": False}},
+        {"item_type": "post", "item_id": "3", "counts": ALL_ZERO,
+         "has": {"like": False, "save": False}}]
+    r = await client.post("/v1/counts", json={"items": items(1, 2), "counters": ["like", "view"],
+                                              "user_id": "2"})
+    assert [(x["counts"], x["has"]) for x in r.json()["results"]] == [
+        ({"like": 3, "view": 0}, {"like": True}), ({"like": 1, "view": 2}, {"like": False})]
+    r = await client.post("/v1/counts", json={"items": items(1), "counters": ["view"],
+                                              "user_id": 1})
+    assert r.json()["results"][0]["has"] == {}  # no toggle asked for: nothing to say
+    for bad in (None, "a/b", 2**63, True, [1]):
+        r = await client.post("/v1/counts", json={"items": items(1), "user_id": bad})
+        if bad is None:  # JSON null is the same as leaving it out
+            assert r.status_code == 200 and "has" not in r.json()["results"][0]
+            continue
+        assert (r.status_code, r.json()["error"]["field"]) == (422, "user_id"), bad
+
+
 async def test_batch_counts_limits_and_errors(client: httpx.AsyncClient) -> None:
     r = await client.post("/v1/counts", json={"items": items(*range(500))})
     assert r.status_code == 200 and len(r.json()["results"]) == 500

@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
 from tally.bench.hist import PERCENTILES
 from tally.bench.suite import PEER_PRESETS, QUICK, Suite, peer_target, run_suite
+from tally.engines import HOST
 from tests.engines import require
 
 pytestmark = pytest.mark.slow
@@ -48,6 +50,20 @@ def test_quick_suite_writes_results(tmp_path: Path) -> None:
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def _feed_answers_counts_and_likes(url: str) -> None:
+    """The one-request feed of a peer: its counts and the viewer's likes, as Tally answers."""
+    with httpx.Client(base_url=url) as c:
+        for user in ("feed-a", "feed-a", "feed-b"):
+            c.post("/v1/like", json={"user_id": user, "item_type": "post", "item_id": "f1"})
+        refs = [{"item_type": "post", "item_id": i} for i in ("f1", "f2")]
+        got = c.post("/v1/counts", json={"items": refs, "user_id": "feed-a"}).json()["results"]
+        assert [(r["counts"], r["has"]) for r in got] == [({"like": 2}, {"like": True}),
+                                                           ({"like": 0}, {"like": False})]
+        plain = c.post("/v1/counts", json={"items": refs}).json()["results"]
+        assert [r["counts"] for r in plain] == [{"like": 2}, {"like": 0}]
+        assert "has" not in plain[0]
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("peer", ["pg", "redis-aof", "redis"])
 def test_peer_serves_the_workloads(engines_dir: Path, peer: str) -> None:
@@ -60,6 +76,7 @@ def test_peer_serves_the_workloads(engines_dir: Path, peer: str) -> None:
         for preset in PEER_PRESETS:
             suite.measure(peer, srv.port, preset)
         storage = probe()
+        _feed_answers_counts_and_likes(f"http://{HOST}:{srv.port}")
     assert [r["preset"] for r in suite.runs] == list(PEER_PRESETS)
     for run in suite.runs:
         _well_formed(run)

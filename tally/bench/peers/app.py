@@ -38,6 +38,10 @@ class PeerStore(Protocol):
 
     async def has(self, user: str, items: Sequence[str]) -> list[bool]: ...
 
+    async def feed(self, user: str, items: Sequence[str]) -> list[tuple[int, bool]]:
+        """(count, has the user liked it) per item, in one round trip to the engine."""
+        ...
+
 
 def peer_app(store: PeerStore, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -74,12 +78,17 @@ def peer_app(store: PeerStore, settings: Settings | None = None) -> FastAPI:
             raise LimitExceeded(f"at most {settings.max_batch_items} items per request", "items")
         return [schema.item(r.item_type, r.item_id, f"items[{n}].") for n, r in enumerate(refs)]
 
-    @app.post("/v1/counts")
+    @app.post("/v1/counts", response_model_exclude_none=True)  # "has" only when asked, as Tally
     async def counts(body: s.CountsRequest) -> s.CountsResponse:
         items = items_of(body.items)
+        if body.user_id is not None:
+            rows = await store.feed(canonical_id(body.user_id, "user_id"), items)
+            return s.CountsResponse(results=[
+                s.BatchItemCounts(item_type=t, item_id=i, counts={"like": n}, has={"like": on})
+                for (t, i), (n, on) in zip(map(split_item, items), rows, strict=True)])
         found = await store.counts(items)
         return s.CountsResponse(results=[
-            s.ItemCounts(item_type=t, item_id=i, counts={"like": n})
+            s.BatchItemCounts(item_type=t, item_id=i, counts={"like": n}, has=None)
             for (t, i), n in zip(map(split_item, items), found, strict=True)])
 
     @app.post("/v1/has")

@@ -26,6 +26,12 @@ CREATE TABLE IF NOT EXISTS like_counts (
 );
 """
 
+_FEED = """
+SELECT i.item, coalesce(c.n, 0),
+       EXISTS (SELECT 1 FROM likes l WHERE l.item = i.item AND l.user_id = $2)
+FROM unnest($1::text[]) AS i(item) LEFT JOIN like_counts c ON c.item = i.item
+"""
+
 _LIKE = """
 WITH ins AS (
     INSERT INTO likes (item, user_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING item
@@ -81,6 +87,11 @@ class PostgresPeer:
                                      list(items))
         found = {r[0]: r[1] for r in rows}
         return [found.get(i, 0) for i in items]
+
+    async def feed(self, user: str, items: Sequence[str]) -> list[tuple[int, bool]]:
+        rows = await self.pool.fetch(_FEED, list(items), user)
+        found = {r[0]: (int(r[1]), bool(r[2])) for r in rows}
+        return [found[i] for i in items]
 
     async def has(self, user: str, items: Sequence[str]) -> list[bool]:
         rows = await self.pool.fetch("SELECT item FROM likes WHERE user_id = $1 "

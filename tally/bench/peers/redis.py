@@ -35,6 +35,16 @@ return out
 """
 
 
+_FEED = """
+local out = {}
+for i = 1, #KEYS, 2 do
+    out[#out + 1] = tonumber(redis.call('GET', KEYS[i + 1]) or '0')
+    out[#out + 1] = redis.call('SISMEMBER', KEYS[i], ARGV[1])
+end
+return out
+"""
+
+
 def _keys(item: str) -> list[str]:
     # One hash tag per item keeps both keys of an item in one slot (the like script runs on a
     # cluster); the has-liked script touches many items, so it needs a single node.
@@ -49,6 +59,7 @@ class RedisPeer:
         self._like: Any = None
         self._unlike: Any = None
         self._has: Any = None
+        self._feed: Any = None
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -64,6 +75,7 @@ class RedisPeer:
         self._like = self.redis.register_script(_LIKE)
         self._unlike = self.redis.register_script(_UNLIKE)
         self._has = self.redis.register_script(_HAS)
+        self._feed = self.redis.register_script(_FEED)
         await self.redis.ping()
 
     async def close(self) -> None:
@@ -79,6 +91,10 @@ class RedisPeer:
     async def counts(self, items: Sequence[str]) -> list[int]:
         values = await self.redis.mget([_keys(i)[1] for i in items])
         return [int(v) if v is not None else 0 for v in values]
+
+    async def feed(self, user: str, items: Sequence[str]) -> list[tuple[int, bool]]:
+        out = await self._feed(keys=[k for i in items for k in _keys(i)], args=[user])
+        return [(int(out[k]), bool(out[k + 1])) for k in range(0, len(out), 2)]
 
     async def has(self, user: str, items: Sequence[str]) -> list[bool]:
         # One script call instead of a pipeline of SISMEMBERs: one command to build and parse.
