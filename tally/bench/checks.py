@@ -17,8 +17,12 @@ def _closed(runs: list[dict[str, Any]], target: str, preset: str) -> dict[str, A
 
 
 def median_max(runs: list[dict[str, Any]], target: str, preset: str) -> float:
-    xs = [r["throughput_per_s"] for r in runs
-          if r["target"] == target and r["preset"] == preset and r["mode"] == "closed"]
+    """The median closed-loop maximum over the interleaved rounds (a lone run where there are
+    none: the bulk, the cluster), so an extra run outside the rounds changes no ratio."""
+    closed = [r for r in runs
+              if r["target"] == target and r["preset"] == preset and r["mode"] == "closed"]
+    rounds = [r for r in closed if r.get("round") is not None]
+    xs = [r["throughput_per_s"] for r in rounds or closed]
     return float(statistics.median(xs)) if xs else 0.0
 
 
@@ -76,8 +80,13 @@ def checks(runs: list[dict[str, Any]], extra: dict[str, Any]) -> list[dict[str, 
     feed = _open(runs, "tally", "feed")
     if feed:
         p99 = feed[-1]["latency"].get("p99_ms", 1e9)
+        closed = [r for r in runs if r["target"] == "tally" and r["preset"] == "feed"
+                  and r["mode"] == "closed" and r.get("round") is None]
+        top = f" (70% of {closed[-1]['throughput_per_s']:,.0f}/s, the maximum just before)" \
+            if closed else ""
         out.append({"target": "feed reads: p99 <= 10 ms at 70% of max throughput",
-                    "measured": f"p99 {p99:.1f} ms at {feed[-1]['offered_per_s']:,.0f}/s offered",
+                    "measured": f"p99 {p99:.1f} ms at {feed[-1]['offered_per_s']:,.0f}/s offered"
+                                + top,
                     "met": p99 <= P99_FEED_MS and not feed[-1]["errors"], "ratio": p99})
     mem = extra.get("memory")
     if mem:

@@ -15,6 +15,9 @@ COUNTERS = ("tally_write_commits_total", "tally_write_ops_committed_total",
             "tally_aggregator_events_total", "tally_aggregator_keys_written_total",
             "tally_aggregator_batches_total", "tally_cache_coalesced_misses_total")
 GAUGES = ("tally_aggregator_lag_events", "tally_aggregator_lag_seconds")
+# Full garbage collections stop the whole process: how many a run saw, and for how long in all.
+LABELLED = {'tally_gc_pause_seconds_count{generation="2"}': "gc_full_collections",
+            'tally_gc_pause_seconds_sum{generation="2"}': "gc_full_pause_s"}
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -26,7 +29,7 @@ def scrape(url: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in COUNTERS or name in GAUGES:
+        if name in COUNTERS or name in GAUGES or name in LABELLED:
             out[name] = float(value)
     return out
 
@@ -43,6 +46,9 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     """Per-run figures: the counters' growth and the two ratios the hot-key machinery promises."""
     d = {k.removeprefix("tally_").removesuffix("_total"): after[k] - before.get(k, 0.0)
          for k in after if k in COUNTERS}
+    for k, name in LABELLED.items():
+        if k in after:
+            d[name] = round(after[k] - before.get(k, 0.0), 4)
     for k in GAUGES:  # levels, not growth: how far behind the aggregator was at each end
         if k in after:
             name = k.removeprefix("tally_")

@@ -113,7 +113,11 @@ class Suite:
             self.sweep("tally", port, "bulk", self.plan.bulk_sweep, connections=bulk_conns)
         for preset in ("mixed", "incr", "counts"):
             self.measure("tally", port, preset)
-        feed_max = self.max_of("tally", "feed")
+        # The feed's maximum again, just before its open-loop run, on the data the runs above
+        # have grown (millions of likes, the count cache refilled by other items): a feed costs
+        # more here than in the side-by-side rounds on a nearly empty database, and 70% of that
+        # early maximum was more than the server could serve at this point (p50 200 ms).
+        feed_max = self.measure("tally", port, "feed")["throughput_per_s"]
         if feed_max:
             self.measure("tally", port, "feed", "open", round(0.7 * feed_max))
 

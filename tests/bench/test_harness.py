@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 import pytest
@@ -84,3 +85,34 @@ def test_runs_like_with_fresh_users() -> None:
 
     assert not users(1) & users(2)
     assert len(users(1)) == 100
+
+
+def test_server_stats_keep_full_collections_per_run() -> None:
+    from tally.bench.server_stats import delta
+
+    full = 'tally_gc_pause_seconds_count{generation="2"}'
+    paused = 'tally_gc_pause_seconds_sum{generation="2"}'
+    before = {"tally_write_commits_total": 10.0, "tally_write_ops_committed_total": 100.0,
+              full: 1.0, paused: 0.25}
+    after = {"tally_write_commits_total": 14.0, "tally_write_ops_committed_total": 300.0,
+             full: 3.0, paused: 0.65}
+    d = delta(before, after)
+    assert d["write_commits"] == 4 and d["ops_per_commit"] == 50.0
+    assert d["gc_full_collections"] == 2 and d["gc_full_pause_s"] == 0.4
+
+
+def test_maxima_are_medians_of_the_rounds_and_the_feed_check_names_its_own_maximum() -> None:
+    from tally.bench.checks import checks, median_max
+
+    def run(preset: str, per_s: float, mode: str = "closed", round_: int | None = None,
+            p99: float = 1.0) -> dict[str, Any]:
+        return {"target": "tally", "preset": preset, "mode": mode, "round": round_,
+                "throughput_per_s": per_s, "offered_per_s": per_s if mode == "open" else None,
+                "errors": 0, "latency": {"p99_ms": p99}}
+
+    runs = [run("feed", 900, round_=0), run("feed", 1000, round_=1), run("feed", 1100, round_=2),
+            run("feed", 600), run("feed", 420, "open", p99=4.0), run("bulk", 80)]
+    assert median_max(runs, "tally", "feed") == 1000  # the lone run outside the rounds: not in it
+    assert median_max(runs, "tally", "bulk") == 80  # no rounds at all: the lone run
+    (feed,) = [c for c in checks(runs, {}) if c["target"].startswith("feed")]
+    assert feed["met"] and "at 420/s offered (70% of 600/s, the maximum just before)" in feed["measured"]
