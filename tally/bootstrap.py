@@ -155,7 +155,8 @@ def build_for(settings: Settings) -> AppRuntime:
 def build(settings: Settings) -> Runtime:
     store = SqliteStore(settings.sqlite_path, settings.sqlite_synchronous,
                         settings.group_commit_ms, settings.group_commit_max, settings.read_threads,
-                        settings.inline_reads, settings.sqlite_wal_autocheckpoint)
+                        settings.inline_reads, settings.sqlite_wal_autocheckpoint,
+                        settings.sqlite_mmap_mb)
     hot = SpaceSaving(settings.hot_top_k)
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,

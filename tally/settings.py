@@ -57,6 +57,8 @@ class Settings:
     sqlite_wal_autocheckpoint: int = _s(
         1000, "WAL pages after which a commit copies them into the database (SQLite's default); "
               "more: fewer, larger checkpoints, each one a longer pause of the writer")
+    sqlite_mmap_mb: int = _s(1024, "MiB of each SQLite file read through a memory map (address "
+                                   "space, not memory: the pages are the OS file cache); 0: off")
     group_commit_max: int = _s(2000, "Most operations committed in one transaction")
     aggregate_window_ms: float = _s(100.0, "Longest time a delta waits before it is applied")
     aggregate_max_events: int = _s(20_000, "Most change-log events applied in one transaction")
@@ -187,17 +189,21 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     return validate(Settings(**typed))
 
 
+_MINIMA = {**dict.fromkeys(("group_commit_max", "aggregate_max_events", "cache_size",
+                             "max_batch_items", "max_bulk_ops", "max_body_bytes", "read_threads",
+                             "hot_top_k", "hot_sample", "logical_shards", "log_partitions",
+                             "postgres_pool_max", "outbox_slots", "relay_batch", "redis_ttl_s",
+                             "sqlite_wal_autocheckpoint"), 1),
+           "sqlite_mmap_mb": 0}
+
+
 def validate(s: Settings) -> Settings:
     """Reject settings that cannot run, with the reason, before anything starts."""
     if s.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
-    for name in ("group_commit_max", "aggregate_max_events", "cache_size", "max_batch_items",
-                 "max_bulk_ops", "max_body_bytes", "read_threads", "hot_top_k", "hot_sample",
-                 "logical_shards",
-                 "log_partitions", "postgres_pool_max", "outbox_slots", "relay_batch",
-                 "redis_ttl_s", "sqlite_wal_autocheckpoint"):
-        if getattr(s, name) < 1:
-            raise ConfigError(f"{name} must be at least 1")
+    for name, least in _MINIMA.items():
+        if getattr(s, name) < least:
+            raise ConfigError(f"{name} must be at least {least}")
     if s.backend not in ("sqlite", "cluster"):
         raise ConfigError("backend must be 'sqlite' or 'cluster'")
     if s.role not in ("api", "relay", "aggregator", "all"):

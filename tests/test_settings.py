@@ -61,6 +61,7 @@ def test_toml_file_then_env(tmp_path: Path) -> None:
     ("", {"TALLY_ACCESS_LOG": "maybe"}, "access_log: expected a boolean"),
     ("", {"TALLY_CACHE_SIZE": "0"}, "cache_size must be at least 1"),
     ("", {"TALLY_SQLITE_SYNCHRONOUS": "OFF"}, "sqlite_synchronous"),
+    ("", {"TALLY_SQLITE_MMAP_MB": "-1"}, "sqlite_mmap_mb"),
     ("", {"TALLY_BACKEND": "mongo"}, "backend"),
     ("", {"TALLY_BACKEND": "cluster"}, "postgres_dsns"),
     ("", {"TALLY_ROLLUPS": "day,week"}, "unknown rollups"),

@@ -79,7 +79,8 @@ class SqliteStore:
 
     def __init__(self, path: Path, synchronous: str = "FULL", group_commit_ms: float = 0.0,
                  group_commit_max: int = 2000, read_threads: int = 4,
-                 inline_reads: bool = True, wal_autocheckpoint: int = 1000) -> None:
+                 inline_reads: bool = True, wal_autocheckpoint: int = 1000,
+                 mmap_mb: int = 1024) -> None:
         self.path = Path(path)
         self.synchronous = synchronous.upper()
         self.writer = GroupCommitWriter(self._open_writer, group_commit_ms / 1000, group_commit_max,
@@ -89,6 +90,7 @@ class SqliteStore:
         self._read_threads = read_threads
         self.inline_reads = inline_reads
         self.wal_autocheckpoint = wal_autocheckpoint
+        self.mmap_bytes = mmap_mb * 1024 * 1024
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -102,7 +104,7 @@ class SqliteStore:
 
     def _open_writer(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path, self.synchronous, writes="likes")
+        conn = connect(self.path, self.synchronous, writes="likes", mmap_bytes=self.mmap_bytes)
         # Checkpoints run in the committing connection: this one, so each is a pause of the
         # writer. At 10,000 pages instead of SQLite's 1,000 they cost less in total (bulk max
         # +16%, viral p99 at 4,500/s 13-24 -> 7-9 ms, side by side on a fresh database) but each
@@ -114,7 +116,7 @@ class SqliteStore:
         return conn
 
     def _open_counts_writer(self) -> sqlite3.Connection:
-        conn = connect(self.path, self.synchronous, writes="counts")
+        conn = connect(self.path, self.synchronous, writes="counts", mmap_bytes=self.mmap_bytes)
         conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
         return conn
 
@@ -143,7 +145,7 @@ class SqliteStore:
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self.path, self.synchronous, readonly=True)
+            conn = connect(self.path, self.synchronous, readonly=True, mmap_bytes=self.mmap_bytes)
             self._local.conn = conn
             self._readers.append(conn)
         return conn

@@ -68,9 +68,15 @@ def counts_path(path: Path) -> Path:
 
 
 def connect(path: Path, synchronous: str, readonly: bool = False,
-            writes: str = "likes") -> sqlite3.Connection:
+            writes: str = "likes", mmap_bytes: int = 0) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, with busy waiting, to
-    the file it ``writes`` (``likes`` or ``counts``), with the other file attached."""
+    the file it ``writes`` (``likes`` or ``counts``), with the other file attached.
+
+    ``mmap_bytes`` of each file are read through a memory map: every connection then reads the
+    operating system's cached pages in place. Without it each connection copies pages into its
+    own cache with a read call apiece, and once the like records outgrow that cache (64 MiB,
+    about a million likes) a feed's 50 has-liked lookups paid for it on every request: at 700
+    feeds/s after two million likes, p99 3.8 ms mapped against 35-254 ms unmapped."""
     likes, counts = Path(path), counts_path(Path(path))
     main, other, other_name = (likes, counts, "counts") if writes == "likes" else \
         (counts, likes, "likes")
@@ -81,6 +87,7 @@ def connect(path: Path, synchronous: str, readonly: bool = False,
         conn.execute(f"PRAGMA {schema}.journal_mode=WAL")
         conn.execute(f"PRAGMA {schema}.synchronous={synchronous}")
         conn.execute(f"PRAGMA {schema}.cache_size=-65536")  # 64 MiB page cache per file
+        conn.execute(f"PRAGMA {schema}.mmap_size={int(mmap_bytes)}")
     conn.execute("PRAGMA temp_store=MEMORY")
     if readonly:
         conn.execute("PRAGMA query_only=1")

@@ -124,3 +124,22 @@ async def test_get_is_one_batch(store: SqliteStore) -> None:
     got = await store.get([("like", "post:a"), ("save", "post:b"), ("like", "post:zzz")])
     assert got == {("like", "post:a"): 1, ("save", "post:b"): 1}
     assert await store.get([]) == {}
+
+
+@pytest.mark.parametrize("mmap_mb", [0, 64])
+async def test_every_connection_reads_through_the_memory_map_it_is_given(db: Path,
+                                                                         mmap_mb: int) -> None:
+    s = SqliteStore(db, mmap_mb=mmap_mb)
+    await s.start()
+    try:
+        await s.write([like(1, ITEM)])
+        sizes = [s._reader().execute(f"PRAGMA {schema}.mmap_size").fetchone()[0]
+                 for schema in ("main", "counts")]
+        sizes += await s.writer.run(lambda c, tx: [c.execute(f"PRAGMA {schema}.mmap_size")
+                                                   .fetchone()[0] for schema in ("main", "counts")])
+        sizes += await s.counts_writer.run(lambda c, tx: [c.execute(f"PRAGMA {schema}.mmap_size")
+                                                          .fetchone()[0] for schema in ("main", "likes")])
+        assert sizes == [mmap_mb * 1024 * 1024] * 6
+        assert await s.has("like", "1", [ITEM, "post:2"]) == [True, False]
+    finally:
+        await s.close()
