@@ -137,6 +137,15 @@ class Runtime:
             ("counter", "tally_write_commit_failures", "Failed group commits",
              writer.failed_commits, {}),
         ]
+        if (ckpt := self.store.checkpointer) is not None:
+            rows.append(("counter", "tally_sqlite_checkpoints", "Background WAL checkpoints",
+                         float(ckpt.checkpoints), {}))
+            rows.append(("counter", "tally_sqlite_checkpoint_failures",
+                         "Background WAL checkpoints that failed", float(ckpt.failures), {}))
+            for schema, frames in ckpt.wal_frames.items():
+                rows.append(("gauge", "tally_sqlite_wal_frames", "WAL frames at the last "
+                             "background checkpoint", float(frames),
+                             {"file": "likes" if schema == "main" else schema}))
         for item, est, err in self.hot.top(10):
             rows.append(("gauge", "tally_hot_item_hits", "Heavy-hitter estimate per hot item",
                          float(est - err), {"item": item}))
@@ -156,7 +165,7 @@ def build(settings: Settings) -> Runtime:
     store = SqliteStore(settings.sqlite_path, settings.sqlite_synchronous,
                         settings.group_commit_ms, settings.group_commit_max, settings.read_threads,
                         settings.inline_reads, settings.sqlite_wal_autocheckpoint,
-                        settings.sqlite_mmap_mb)
+                        settings.sqlite_mmap_mb, settings.sqlite_checkpoint_ms)
     hot = SpaceSaving(settings.hot_top_k)
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,

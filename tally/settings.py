@@ -56,7 +56,12 @@ class Settings:
                                 "arrive during a commit (and each event-loop turn's) share the next")
     sqlite_wal_autocheckpoint: int = _s(
         1000, "WAL pages after which a commit copies them into the database (SQLite's default); "
-              "more: fewer, larger checkpoints, each one a longer pause of the writer")
+              "more: fewer, larger checkpoints, each one a longer pause of the writer. With "
+              "sqlite_checkpoint_ms on, the writers do so only at ten times this, as a backstop")
+    sqlite_checkpoint_ms: float = _s(
+        50.0, "How often a thread of its own copies the WAL into both database files (passive "
+              "checkpoints, which block no one), so commits do not pause for it; 0: the "
+              "committing writer checkpoints, as SQLite does by default")
     sqlite_mmap_mb: int = _s(1024, "MiB of each SQLite file read through a memory map (address "
                                    "space, not memory: the pages are the OS file cache); 0: off")
     group_commit_max: int = _s(250, "Most operations committed in one transaction: a commit "
@@ -196,7 +201,7 @@ _MINIMA = {**dict.fromkeys(("group_commit_max", "aggregate_max_events", "cache_s
                              "hot_top_k", "hot_sample", "logical_shards", "log_partitions",
                              "postgres_pool_max", "outbox_slots", "relay_batch", "redis_ttl_s",
                              "sqlite_wal_autocheckpoint"), 1),
-           "sqlite_mmap_mb": 0}
+           "sqlite_mmap_mb": 0, "sqlite_checkpoint_ms": 0}
 
 
 def validate(s: Settings) -> Settings:

@@ -84,17 +84,6 @@ async def test_reads_answer_the_same_inline_or_in_threads(db: Path, inline: bool
         await s.close()
 
 
-async def test_the_writer_checkpoints_at_the_configured_wal_size(db: Path) -> None:
-    s = SqliteStore(db, wal_autocheckpoint=1234)
-    await s.start()
-    try:
-        got = await s.writer.run(lambda conn, tx: conn.execute("PRAGMA wal_autocheckpoint")
-                                 .fetchone()[0])
-        assert got == 1234
-    finally:
-        await s.close()
-
-
 async def test_a_batch_of_distinct_toggles_writes_only_changes(store: SqliteStore,
                                                                db: Path) -> None:
     """The one-statement path for distinct toggles: a like of a toggle already on and an unlike

@@ -1,0 +1,88 @@
+"""The background checkpointer: commits append to the WAL, another thread copies it over."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tally.store.sqlite import SqliteStore
+from tally.store.sqlite_checkpoint import BACKSTOP_FACTOR, Checkpointer
+from tally.store.sqlite_schema import counts_path
+from tally.workers.aggregator import Aggregator
+from tests.helpers import like, poll, recount, stored
+
+pytestmark = pytest.mark.anyio
+
+
+def _wal_left(path: Path) -> tuple[int, int]:
+    """(frames in the WAL, frames of it already copied into the database), read by a fresh
+    connection that copies nothing itself."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        return conn.execute("PRAGMA wal_checkpoint(NOOP)").fetchone()[1:]  # type: ignore[no-any-return]
+    except sqlite3.OperationalError:  # NOOP needs SQLite 3.37+: fall back to PASSIVE's answer
+        return conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1:]  # type: ignore[no-any-return]
+    finally:
+        conn.close()
+
+
+async def test_the_thread_copies_both_files_and_the_writers_only_back_it_up(db: Path) -> None:
+    s = SqliteStore(db, wal_autocheckpoint=100, checkpoint_ms=10)
+    await s.start()
+    try:
+        assert s.checkpointer is not None
+        backstop = await s.writer.run(lambda c, tx: c.execute("PRAGMA wal_autocheckpoint")
+                                      .fetchone()[0])
+        assert backstop == 100 * BACKSTOP_FACTOR
+        for n in range(20):
+            await s.write([like(u, f"post:{n}") for u in range(50)])
+        await Aggregator(s, s, window_s=0.001).drain()
+        ckpt, start = s.checkpointer, s.checkpointer.checkpoints
+
+        async def two_more() -> bool:
+            return ckpt.checkpoints >= start + 2
+
+        await poll(two_more)
+        for path in (db, counts_path(db)):
+            frames, copied = _wal_left(path)
+            assert frames > 0 and copied == frames, path  # everything committed is in the file
+        assert ckpt.failures == 0
+        assert stored(db) == recount(db)
+    finally:
+        await s.close()
+
+
+async def test_off_leaves_checkpoints_to_the_committing_writer(db: Path) -> None:
+    s = SqliteStore(db, wal_autocheckpoint=100, checkpoint_ms=0)
+    await s.start()
+    try:
+        assert s.checkpointer is None
+        assert await s.writer.run(lambda c, tx: c.execute("PRAGMA wal_autocheckpoint")
+                                  .fetchone()[0]) == 100
+    finally:
+        await s.close()
+
+
+def test_a_failing_checkpoint_is_counted_and_the_thread_goes_on(tmp_path: Path) -> None:
+    conns: list[sqlite3.Connection] = []
+
+    def open_conn() -> sqlite3.Connection:
+        conns.append(sqlite3.connect(tmp_path / "x.db", check_same_thread=False))
+        return conns[-1]
+
+    c = Checkpointer(open_conn, ("main", "nope"), interval_s=0.001)
+    c.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while c.failures < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert c.failures >= 2 and c.checkpoints == 0  # "nope" is no schema: each round fails
+    finally:
+        c.stop()
+    with pytest.raises(RuntimeError):
+        c.run_once()
