@@ -72,6 +72,11 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
     assert 0 < ratio < 1  # the first read missed, the later ones hit
     assert sample(text, "tally_write_commits_total") >= 1
     assert sample(text, "tally_hot_item_hits", item="post:1") >= 1
+    assert sample(text, "tally_sqlite_checkpoint_failures_total") == 0
+    assert sample(text, "tally_sqlite_wal_frames", file="likes") >= 0
+    assert sample(text, "tally_sqlite_wal_frames", file="counts") >= 0
+    for gen in "012":  # every generation is there from the start, collected or not yet
+        assert sample(text, "tally_gc_pause_seconds_count", generation=gen) >= 0
 
 
 async def test_lag_is_visible_before_aggregation(client: httpx.AsyncClient) -> None:
