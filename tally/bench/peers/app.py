@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from tally.api import schemas as s
-from tally.api.app import GuardMiddleware
+from tally.api.app import NO_TELEMETRY, GuardMiddleware
 from tally.bootstrap import schema_of
 from tally.core.errors import LimitExceeded, TallyError
 from tally.core.model import canonical_id, split_item
@@ -55,7 +55,7 @@ def peer_app(store: PeerStore, settings: Settings | None = None) -> FastAPI:
         finally:
             await store.close()
 
-    app = FastAPI(lifespan=lifespan, strict_content_type=False)
+    app = FastAPI(lifespan=lifespan, strict_content_type=False, telemetry=NO_TELEMETRY)
 
     async def toggle(body: s.ToggleRequest, on: bool) -> s.ToggleResponse:
         item = schema.item(body.item_type, body.item_id)
