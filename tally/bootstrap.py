@@ -142,10 +142,9 @@ class Runtime:
                          float(ckpt.checkpoints), {}))
             rows.append(("counter", "tally_sqlite_checkpoint_failures",
                          "Background WAL checkpoints that failed", float(ckpt.failures), {}))
-            for schema, frames in ckpt.wal_frames.items():
+            for name, frames in ckpt.wal_frames.items():
                 rows.append(("gauge", "tally_sqlite_wal_frames", "WAL frames at the last "
-                             "background checkpoint", float(frames),
-                             {"file": "likes" if schema == "main" else schema}))
+                             "background checkpoint", float(frames), {"file": name}))
         for item, est, err in self.hot.top(10):
             rows.append(("gauge", "tally_hot_item_hits", "Heavy-hitter estimate per hot item",
                          float(est - err), {"item": item}))

@@ -95,7 +95,7 @@ class SqliteStore:
         if checkpoint_ms > 0:
             self.checkpointer = Checkpointer(
                 lambda: connect(self.path, self.synchronous, mmap_bytes=self.mmap_bytes),
-                ("main", "counts"), checkpoint_ms / 1000)
+                {"likes": "main", "counts": "counts"}, checkpoint_ms / 1000)
             wal_autocheckpoint *= BACKSTOP_FACTOR
         self.wal_autocheckpoint = wal_autocheckpoint
         self._pool: ThreadPoolExecutor | None = None

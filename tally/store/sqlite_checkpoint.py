@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger("tally.sqlite")
 
@@ -23,14 +23,15 @@ BACKSTOP_FACTOR = 10  # the writers' own autocheckpoint, in units of the usual o
 
 
 class Checkpointer:
-    def __init__(self, open_conn: Callable[[], sqlite3.Connection], schemas: Sequence[str],
+    def __init__(self, open_conn: Callable[[], sqlite3.Connection], files: Mapping[str, str],
                  interval_s: float) -> None:
+        """``files``: each file's name (for metrics) and its schema on the opened connection."""
         self._open = open_conn
-        self.schemas = tuple(schemas)
+        self.files = dict(files)
         self.interval_s = interval_s
         self.checkpoints = 0
         self.failures = 0
-        self.wal_frames: dict[str, int] = dict.fromkeys(self.schemas, 0)  # at the last checkpoint
+        self.wal_frames: dict[str, int] = dict.fromkeys(self.files, 0)  # at the last checkpoint
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -55,10 +56,10 @@ class Checkpointer:
         """One PASSIVE checkpoint of each file: copies what no reader still needs, blocks no one."""
         if self._conn is None:
             raise RuntimeError("checkpointer is not started")
-        for schema in self.schemas:
+        for name, schema in self.files.items():
             _busy, frames, _copied = self._conn.execute(
                 f"PRAGMA {schema}.wal_checkpoint(PASSIVE)").fetchone()
-            self.wal_frames[schema] = max(int(frames), 0)
+            self.wal_frames[name] = max(int(frames), 0)
         self.checkpoints += 1
 
     def _run(self) -> None:

@@ -73,7 +73,7 @@ def test_a_failing_checkpoint_is_counted_and_the_thread_goes_on(tmp_path: Path) 
         conns.append(sqlite3.connect(tmp_path / "x.db", check_same_thread=False))
         return conns[-1]
 
-    c = Checkpointer(open_conn, ("main", "nope"), interval_s=0.001)
+    c = Checkpointer(open_conn, {"x": "main", "nope": "nope"}, interval_s=0.001)
     c.start()
     try:
         import time
