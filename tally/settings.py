@@ -64,9 +64,9 @@ class Settings:
               "committing writer checkpoints, as SQLite does by default")
     sqlite_mmap_mb: int = _s(1024, "MiB of each SQLite file read through a memory map (address "
                                    "space, not memory: the pages are the OS file cache); 0: off")
-    group_commit_max: int = _s(250, "Most operations committed in one transaction: a commit "
-                                    "answers all its requests at once, so its size is a floor "
-                                    "under their latency")
+    group_commit_max: int = _s(1000, "Most operations committed in one transaction: a commit "
+                                     "answers all its requests at once, so its size is a floor "
+                                     "under their latency")
     aggregate_window_ms: float = _s(100.0, "Longest time a delta waits before it is applied")
     aggregate_max_events: int = _s(20_000, "Most change-log events applied in one transaction")
     rollups: list[str] = _s(["day", "region"], "Rollup dimensions kept per counter and item type")

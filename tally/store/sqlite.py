@@ -79,7 +79,7 @@ class SqliteStore:
     """Implements LikeStore, ChangeLog, CountStore and Recounter (see ``tally.store.ports``)."""
 
     def __init__(self, path: Path, synchronous: str = "FULL", group_commit_ms: float = 0.0,
-                 group_commit_max: int = 250, read_threads: int = 4,
+                 group_commit_max: int = 1000, read_threads: int = 4,
                  inline_reads: bool = True, wal_autocheckpoint: int = 1000,
                  mmap_mb: int = 1024, checkpoint_ms: float = 50.0) -> None:
         self.path = Path(path)
