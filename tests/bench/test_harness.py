@@ -116,3 +116,17 @@ def test_maxima_are_medians_of_the_rounds_and_the_feed_check_names_its_own_maxim
     assert median_max(runs, "tally", "bulk") == 80  # no rounds at all: the lone run
     (feed,) = [c for c in checks(runs, {}) if c["target"].startswith("feed")]
     assert feed["met"] and "at 420/s offered (70% of 600/s, the maximum just before)" in feed["measured"]
+
+
+def test_a_rate_is_sustained_only_if_every_lower_step_held_too() -> None:
+    from tally.bench.checks import sustained
+
+    def step(rate: float, p99: float, served: float = 1.0, errors: int = 0) -> dict[str, Any]:
+        return {"target": "tally", "preset": "bulk", "mode": "open", "offered_per_s": rate,
+                "throughput_per_s": rate * served, "errors": errors, "latency": {"p99_ms": p99}}
+
+    steps = [step(90, 30.0), step(70, 20.0), step(80, 49.0), step(100, 51.0), step(110, 45.0)]
+    assert sustained(steps, "tally", "bulk", 50.0) == 90  # 110 passed, above 100 that failed
+    assert sustained([step(70, 20.0), step(80, 30.0, served=0.9)], "tally", "bulk", 50.0) == 70
+    assert sustained([step(70, 20.0, errors=1), step(80, 30.0)], "tally", "bulk", 50.0) == 0
+    assert sustained([], "tally", "bulk", 50.0) == 0
