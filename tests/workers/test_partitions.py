@@ -99,6 +99,11 @@ async def test_two_workers_on_one_partition_never_double_apply(store: SqliteStor
         for start in range(0, len(evs), 40):  # many small messages, applied while both race
             await log.publish("s0", evs[start:start + 40])
         await settled(store, log)
+        # A commit is visible to readers before the worker that made it is told: let the
+        # workers count their last round before they are cancelled.
+        deadline = time.monotonic() + 10
+        while sum(w.stats.events for w in workers) < len(evs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
     finally:
         for t in tasks:
             t.cancel()
