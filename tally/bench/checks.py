@@ -9,26 +9,29 @@ P99_LIKE_MS = 50.0
 P99_FEED_MS = 10.0
 
 
+def _runs(runs: list[dict[str, Any]], target: str, preset: str, mode: str
+          ) -> list[dict[str, Any]]:
+    return [r for r in runs if r["target"] == target and r["preset"] == preset
+            and r["mode"] == mode]
+
+
+def _open(runs: list[dict[str, Any]], target: str, preset: str) -> list[dict[str, Any]]:
+    return _runs(runs, target, preset, "open")
+
+
 def _closed(runs: list[dict[str, Any]], target: str, preset: str) -> dict[str, Any] | None:
     """The closed-loop run of the median throughput (over the interleaved rounds)."""
-    found = sorted((r for r in runs if r["target"] == target and r["preset"] == preset
-                    and r["mode"] == "closed"), key=lambda r: r["throughput_per_s"])
+    found = sorted(_runs(runs, target, preset, "closed"), key=lambda r: r["throughput_per_s"])
     return found[(len(found) - 1) // 2] if found else None
 
 
 def median_max(runs: list[dict[str, Any]], target: str, preset: str) -> float:
     """The median closed-loop maximum over the interleaved rounds (a lone run where there are
     none: the bulk, the cluster), so an extra run outside the rounds changes no ratio."""
-    closed = [r for r in runs
-              if r["target"] == target and r["preset"] == preset and r["mode"] == "closed"]
+    closed = _runs(runs, target, preset, "closed")
     rounds = [r for r in closed if r.get("round") is not None]
     xs = [r["throughput_per_s"] for r in rounds or closed]
     return float(statistics.median(xs)) if xs else 0.0
-
-
-def _open(runs: list[dict[str, Any]], target: str, preset: str) -> list[dict[str, Any]]:
-    return [r for r in runs if r["target"] == target and r["preset"] == preset
-            and r["mode"] == "open"]
 
 
 def sustained(runs: list[dict[str, Any]], target: str, preset: str, p99_ms: float) -> float:
@@ -85,8 +88,7 @@ def checks(runs: list[dict[str, Any]], extra: dict[str, Any]) -> list[dict[str, 
     feed = _open(runs, "tally", "feed")
     if feed:
         p99 = feed[-1]["latency"].get("p99_ms", 1e9)
-        closed = [r for r in runs if r["target"] == "tally" and r["preset"] == "feed"
-                  and r["mode"] == "closed" and r.get("round") is None]
+        closed = [r for r in _runs(runs, "tally", "feed", "closed") if r.get("round") is None]
         top = f" (70% of {closed[-1]['throughput_per_s']:,.0f}/s, the maximum just before)" \
             if closed else ""
         out.append({"target": "feed reads: p99 <= 10 ms at 70% of max throughput",

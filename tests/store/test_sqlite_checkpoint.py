@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,6 @@ def test_a_failing_checkpoint_is_counted_and_the_thread_goes_on(tmp_path: Path) 
     c = Checkpointer(open_conn, {"x": "main", "nope": "nope"}, interval_s=0.001)
     c.start()
     try:
-        import time
-
         deadline = time.monotonic() + 10
         while c.failures < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
