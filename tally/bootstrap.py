@@ -114,7 +114,8 @@ class Runtime:
 
     def state(self) -> list[Sample]:
         """Gauges read at scrape time."""
-        agg, cache, writer = self.aggregator.stats, self.service.reader.cache, self.store.writer
+        agg, cache = self.aggregator.stats, self.service.reader.cache
+        commits, committed_ops, failed_commits = self.store.write_stats()
         lookups = cache.hits + cache.misses
         rows: list[Sample] = [
             ("gauge", "tally_aggregator_lag_events", "Change-log events not yet applied",
@@ -131,11 +132,10 @@ class Runtime:
              float(len(cache)), {}),
             ("counter", "tally_cache_coalesced_misses", "Misses served by another request's fetch",
              self.service.reader.coalesced, {}),
-            ("counter", "tally_write_commits", "Group commits", writer.commits, {}),
-            ("counter", "tally_write_ops_committed", "Operations committed", writer.committed_ops,
-             {}),
+            ("counter", "tally_write_commits", "Group commits", commits, {}),
+            ("counter", "tally_write_ops_committed", "Operations committed", committed_ops, {}),
             ("counter", "tally_write_commit_failures", "Failed group commits",
-             writer.failed_commits, {}),
+             failed_commits, {}),
         ]
         if (ckpt := self.store.checkpointer) is not None:
             rows.append(("counter", "tally_sqlite_checkpoints", "Background WAL checkpoints",
@@ -164,7 +164,8 @@ def build(settings: Settings) -> Runtime:
     store = SqliteStore(settings.sqlite_path, settings.sqlite_synchronous,
                         settings.group_commit_ms, settings.group_commit_max, settings.read_threads,
                         settings.inline_reads, settings.sqlite_wal_autocheckpoint,
-                        settings.sqlite_mmap_mb, settings.sqlite_checkpoint_ms)
+                        settings.sqlite_mmap_mb, settings.sqlite_checkpoint_ms,
+                        settings.sqlite_writer_process)
     hot = SpaceSaving(settings.hot_top_k)
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,

@@ -64,6 +64,9 @@ class Settings:
               "committing writer checkpoints, as SQLite does by default")
     sqlite_mmap_mb: int = _s(1024, "MiB of each SQLite file read through a memory map (address "
                                    "space, not memory: the pages are the OS file cache); 0: off")
+    sqlite_writer_process: bool = _s(
+        True, "Run the likes writer in a child process of its own, so its commits do not share "
+              "the server's interpreter lock with HTTP; false: a thread of the server")
     group_commit_max: int = _s(1000, "Most operations committed in one transaction: a commit "
                                      "answers all its requests at once, so its size is a floor "
                                      "under their latency")

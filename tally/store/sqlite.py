@@ -26,25 +26,15 @@ from tally.core.model import CountKey, Event, Op, OpResult
 from tally.store.ports import Applied, ReconcileChunk
 from tally.store.sqlite_aggregate import apply_range, log_range
 from tally.store.sqlite_checkpoint import BACKSTOP_FACTOR, Checkpointer
-from tally.store.sqlite_ops import apply_ops, log_head, stored_counts
+from tally.store.sqlite_ops import SOURCE, apply_ops, log_head, stored_counts
+from tally.store.sqlite_ops import watermark as _watermark
 from tally.store.sqlite_pending import Unapplied
 from tally.store.sqlite_reconcile import reconcile_chunk
 from tally.store.sqlite_schema import connect, migrate
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
+from tally.store.sqlite_writer_process import WriterConfig, WriterProcess
 
 T = TypeVar("T")
-SOURCE = "local"  # the one change log of the embedded store
-
-
-def _watermark(conn: sqlite3.Connection, consumer: str | None) -> int:
-    """How far the counts hold the log: ``consumer``'s position, or the furthest of any."""
-    if consumer is None:
-        row = conn.execute("SELECT max(seq) FROM watermarks WHERE source=?", (SOURCE,)).fetchone()
-    else:
-        row = conn.execute("SELECT seq FROM watermarks WHERE consumer=? AND source=?",
-                           (consumer, SOURCE)).fetchone()
-    return int(row[0]) if row and row[0] is not None else 0
-
 
 
 @dataclass(slots=True)
@@ -81,8 +71,10 @@ class SqliteStore:
     def __init__(self, path: Path, synchronous: str = "FULL", group_commit_ms: float = 0.0,
                  group_commit_max: int = 1000, read_threads: int = 4,
                  inline_reads: bool = True, wal_autocheckpoint: int = 1000,
-                 mmap_mb: int = 1024, checkpoint_ms: float = 50.0) -> None:
+                 mmap_mb: int = 1024, checkpoint_ms: float = 50.0,
+                 writer_process: bool = False) -> None:
         self.path = Path(path)
+        self.group_commit_max = group_commit_max
         self.synchronous = synchronous.upper()
         self.writer = GroupCommitWriter(self._open_writer, group_commit_ms / 1000, group_commit_max,
                                         begin="BEGIN")
@@ -98,6 +90,13 @@ class SqliteStore:
                 {"likes": "main", "counts": "counts"}, checkpoint_ms / 1000)
             wal_autocheckpoint *= BACKSTOP_FACTOR
         self.wal_autocheckpoint = wal_autocheckpoint
+        # The likes writer in a child process (``sqlite_writer_process``): ``self.writer`` then
+        # stays unstarted, and the child keeps its own account of unapplied deltas.
+        self.writer_process: WriterProcess | None = None
+        if writer_process:
+            self.writer_process = WriterProcess(WriterConfig(
+                self.path, self.synchronous, group_commit_max, wal_autocheckpoint,
+                self.mmap_bytes))
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -132,7 +131,10 @@ class SqliteStore:
         return {(c, i): d for c, i, d in rows if d}
 
     async def start(self) -> None:
-        self.writer.start()  # first: it creates or migrates the schema
+        if self.writer_process is not None:  # first: it creates or migrates the schema
+            await self.writer_process.start()
+        else:
+            self.writer.start()
         self.counts_writer.start()
         self._pool = ThreadPoolExecutor(self._read_threads, thread_name_prefix="tally-sqlite-read")
         if self.checkpointer is not None:
@@ -142,7 +144,10 @@ class SqliteStore:
         if self.checkpointer is not None:
             await asyncio.to_thread(self.checkpointer.stop)
         await self.counts_writer.stop()
-        await self.writer.stop()
+        if self.writer_process is not None:
+            await self.writer_process.stop()
+        else:
+            await self.writer.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -182,7 +187,7 @@ class SqliteStore:
         one writer job (see ``tally.store.sqlite_ops``); each request gets its own slice back."""
         loop = asyncio.get_running_loop()
         batch = self._combining
-        if batch is None or len(batch.ops) + len(ops) > self.writer.max_ops:
+        if batch is None or len(batch.ops) + len(ops) > self.group_commit_max:
             if batch is not None:
                 self._flush()
             batch = self._combining = _Combined()
@@ -198,7 +203,11 @@ class SqliteStore:
             return
         ops = batch.ops
         try:
-            done = self.writer.submit(lambda c, tx: self._apply_ops(c, tx, ops), weight=len(ops))
+            if self.writer_process is not None:
+                done = self.writer_process.write(ops)
+            else:
+                done = self.writer.submit(lambda c, tx: self._apply_ops(c, tx, ops),
+                                          weight=len(ops))
         except Exception as exc:
             batch.fail(exc)
             return
@@ -243,6 +252,8 @@ class SqliteStore:
             return conn.execute("DELETE FROM idempotency WHERE expires_at < ?",
                                 (time.time(),)).rowcount
 
+        if self.writer_process is not None:
+            return await self.writer_process.purge()
         removed: int = await self.writer.run(job)
         return removed
 
@@ -305,13 +316,19 @@ class SqliteStore:
         return new
 
     def _take(self, tx: Tx, position: int, deltas: Mapping[CountKey, int]) -> None:
-        """The deltas of a round leave ``unapplied`` with its commit (see ``sqlite_pending``)."""
+        """The deltas of a round leave ``unapplied`` with its commit (see ``sqlite_pending``).
+        A writer process follows the watermark itself (``LoggedSince``)."""
+        if self.writer_process is not None:
+            return
         self.unapplied.take(position, deltas)
         tx.on_rollback.append(lambda: self.unapplied.give_back(position))
 
     async def _trim(self, through_seq: int) -> None:
         """Applied events leave the log; the likes writer owns that file. A crash before the
         trim leaves them below the watermark, where nothing reads them, until the next one."""
+        if self.writer_process is not None:
+            await self.writer_process.trim(through_seq)
+            return
         await self.writer.run(lambda c, tx: c.execute("DELETE FROM changelog WHERE seq <= ?",
                                                       (through_seq,)))
 
@@ -354,3 +371,10 @@ class SqliteStore:
 
         chunk: ReconcileChunk = await self.counts_writer.run(job)
         return chunk
+
+    # -- metrics ----------------------------------------------------------------------------
+
+    def write_stats(self) -> tuple[int, int, int]:
+        """(group commits, operations committed, failed commits) of the likes writer."""
+        w: GroupCommitWriter | WriterProcess = self.writer_process or self.writer
+        return w.commits, w.committed_ops, w.failed_commits

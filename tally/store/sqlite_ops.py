@@ -17,6 +17,7 @@ from typing import Any
 
 from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
 
+SOURCE = "local"  # the one change log of the embedded store
 ToggleKey = tuple[str, str, str]  # (counter, user, item)
 CountsOf = Callable[[Sequence[CountKey]], dict[CountKey, int]]
 
@@ -63,6 +64,16 @@ def insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ..
 def _statement(sql: str, width: int, rows: int) -> str:
     """``sql`` with ``rows`` placeholder tuples of ``width``: built once per shape, not per job."""
     return sql.format(rows=",".join(["(" + ",".join("?" * width) + ")"] * rows))
+
+
+def watermark(conn: sqlite3.Connection, consumer: str | None) -> int:
+    """How far the counts hold the log: ``consumer``'s position, or the furthest of any."""
+    if consumer is None:
+        row = conn.execute("SELECT max(seq) FROM watermarks WHERE source=?", (SOURCE,)).fetchone()
+    else:
+        row = conn.execute("SELECT seq FROM watermarks WHERE consumer=? AND source=?",
+                           (consumer, SOURCE)).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
 
 
 def log_head(conn: sqlite3.Connection) -> int:

@@ -14,6 +14,7 @@ puts its deltas back. One lock makes each step atomic; both threads hold it for 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable, Mapping
 
 from tally.core.model import CountKey
@@ -70,3 +71,54 @@ class Unapplied:
         """Every delta not yet in a committed round (tests and metrics)."""
         with self._lock:
             return dict(self._pending)
+
+
+class LoggedSince:
+    """The deltas one likes writer logged after the counts' watermark, kept by that writer alone.
+
+    The writer in a process of its own (``sqlite_writer_process``) shares no memory with the
+    counts writer, so it cannot be told which deltas a round took. It does not need to be: it
+    logged every event itself, in sequence order, and each answer reads the count table together
+    with the watermark ``W`` it holds; the deltas to add are exactly its events after ``W``.
+    Events at or below a watermark it has seen leave here for good (watermarks only move on).
+    One thread uses it (the writer's), so it takes no lock."""
+
+    def __init__(self, events: Iterable[tuple[int, CountKey, int]] = ()) -> None:
+        self._events: deque[tuple[int, CountKey, int]] = deque()
+        self._sums: dict[CountKey, int] = {}
+        self.add(events)
+
+    def add(self, events: Iterable[tuple[int, CountKey, int]]) -> None:
+        """Events just logged, in sequence order."""
+        sums = self._sums
+        for event in events:
+            self._events.append(event)
+            _seq, key, d = event
+            total = sums.get(key, 0) + d
+            if total:
+                sums[key] = total
+            else:
+                sums.pop(key, None)
+
+    def drop_after(self, seq: int) -> None:
+        """Forget the events after ``seq``: their transaction rolled back."""
+        while self._events and self._events[-1][0] > seq:
+            self._subtract(self._events.pop())
+
+    def since(self, keys: Iterable[CountKey], position: int) -> dict[CountKey, int]:
+        """The deltas after ``position`` per key (0 left out)."""
+        while self._events and self._events[0][0] <= position:
+            self._subtract(self._events.popleft())
+        sums = self._sums
+        return {key: sums[key] for key in keys if sums.get(key)}
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def _subtract(self, event: tuple[int, CountKey, int]) -> None:
+        _seq, key, d = event
+        total = self._sums.get(key, 0) - d
+        if total:
+            self._sums[key] = total
+        else:
+            self._sums.pop(key, None)

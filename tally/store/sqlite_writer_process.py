@@ -1,0 +1,339 @@
+"""The likes writer in a process of its own, so its commits do not share a GIL with HTTP.
+
+In one process the likes writer, the event loop, the counts writer and the checkpointer take
+turns at one interpreter lock: under bulk likes the writer was never idle yet ran on a core only
+two thirds of the time, and the server as a whole used 1.1 of the 2 cores. Here the same
+``GroupCommitWriter`` and ``apply_ops`` run in a child process that owns the likes file's write
+connection; the server sends each event-loop turn's operations over a socket pair and gets the
+results back once they are committed (durability unchanged: the child commits with the same
+``synchronous`` setting before it answers).
+
+Each answer is still exact: the child reads the count table with the watermark it holds and adds
+its own events after that watermark (``LoggedSince``); it needs nothing from the counts writer.
+The server keeps everything else: reads, the counts writer and its aggregation rounds, the
+checkpoints. If the child dies, the writes in flight fail with 503 (like any write whose commit
+fails, safe to retry) and the server starts a new child.
+
+Messages are length-prefixed pickles between two processes of one program: (request id, kind,
+payload) one way, (request id, ok, payload, counters) the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import pickle
+import socket
+import sqlite3
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tally.core.errors import Unavailable
+from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
+from tally.store.sqlite_ops import apply_ops, stored_counts, watermark
+from tally.store.sqlite_pending import LoggedSince
+from tally.store.sqlite_schema import connect, migrate
+from tally.store.sqlite_writer import GroupCommitWriter, Tx
+
+log = logging.getLogger("tally.sqlite.writer")
+
+_HEADER = struct.Struct("!I")
+WRITE, TRIM, PURGE, STOP = range(4)
+READY = -1  # the request id of the child's first message
+RESTART_DELAY_S = 0.5
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    path: Path
+    synchronous: str
+    max_ops: int
+    wal_autocheckpoint: int
+    mmap_bytes: int
+
+
+def _to_wire(op: Op) -> tuple[Any, ...]:
+    if isinstance(op, ToggleOp):
+        return (op.counter, op.item, op.user, op.on, op.region)
+    return (op.counter, op.item, op.n, op.region, op.idempotency_key, op.user, op.dedupe_window_s)
+
+
+def _from_wire(row: tuple[Any, ...]) -> Op:
+    return ToggleOp(*row) if len(row) == 5 else IncrOp(*row)
+
+
+def _delta(op: Op) -> int:
+    if isinstance(op, ToggleOp):
+        return 1 if op.on else -1
+    return op.n
+
+
+async def _send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
+    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(_HEADER.pack(len(body)) + body)
+    await writer.drain()
+
+
+async def _receive(reader: asyncio.StreamReader) -> tuple[Any, ...]:
+    (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    message: tuple[Any, ...] = pickle.loads(await reader.readexactly(size))
+    return message
+
+
+# -- the child ------------------------------------------------------------------------------------
+
+class _Child:
+    def __init__(self, config: WriterConfig) -> None:
+        self.config = config
+        self.writer = GroupCommitWriter(self._open, 0.0, config.max_ops, begin="BEGIN")
+        self.logged = LoggedSince()
+        self._reader: sqlite3.Connection | None = None
+
+    def _open(self) -> sqlite3.Connection:
+        c = self.config
+        c.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(c.path, c.synchronous, writes="likes", mmap_bytes=c.mmap_bytes)
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(c.wal_autocheckpoint)}")
+        migrate(conn)
+        rows = conn.execute("SELECT seq, counter, item, delta FROM changelog WHERE seq > ? "
+                            "ORDER BY seq", (watermark(conn, None),))
+        self.logged = LoggedSince((seq, (counter, item), d) for seq, counter, item, d in rows)
+        return conn
+
+    def _exact_counts(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
+        """Count table + this writer's events after the watermark the table was read at."""
+        if self._reader is None:
+            c = self.config
+            self._reader = connect(c.path, c.synchronous, readonly=True, mmap_bytes=c.mmap_bytes)
+        reader = self._reader
+        reader.execute("BEGIN")
+        try:
+            position = watermark(reader, None)
+            stored = stored_counts(reader, keys)
+        finally:
+            reader.execute("COMMIT")
+        for key, d in self.logged.since(keys, position).items():
+            stored[key] = stored.get(key, 0) + d
+        return stored
+
+    def apply(self, conn: sqlite3.Connection, tx: Tx, ops: list[Op]) -> list[OpResult]:
+        results, _overlay = apply_ops(conn, ops, self._exact_counts, time.time())
+        events = [(r.seq, (op.counter, op.item), _delta(op))
+                  for op, r in zip(ops, results, strict=True) if r.seq is not None]
+        if events:
+            self.logged.add(events)
+            first = events[0][0] - 1
+            tx.on_rollback.append(lambda: self.logged.drop_after(first))
+        return results
+
+    @staticmethod
+    def trim(conn: sqlite3.Connection, tx: Tx, through_seq: int) -> int:
+        return conn.execute("DELETE FROM changelog WHERE seq <= ?", (through_seq,)).rowcount
+
+    @staticmethod
+    def purge(conn: sqlite3.Connection, tx: Tx) -> int:
+        return conn.execute("DELETE FROM idempotency WHERE expires_at < ?",
+                            (time.time(),)).rowcount
+
+    def counters(self) -> tuple[int, int, int]:
+        w = self.writer
+        return (w.commits, w.committed_ops, w.failed_commits)
+
+    async def serve(self, sock: socket.socket) -> None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        self.writer.start()
+        await _send(writer, (READY, True, os.getpid(), self.counters()))
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                try:
+                    req_id, kind, payload = await _receive(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the server is gone: nothing can be acknowledged any more
+                if kind == STOP:
+                    return
+                task = asyncio.create_task(self._answer(writer, req_id, kind, payload))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        finally:
+            await self.writer.stop()  # commits what is queued, then closes the connection
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            if self._reader is not None:
+                self._reader.close()
+            writer.close()
+
+    async def _answer(self, writer: asyncio.StreamWriter, req_id: int, kind: int,
+                      payload: Any) -> None:
+        try:
+            if kind == WRITE:
+                ops = [_from_wire(row) for row in payload]
+                results = await self.writer.submit(lambda c, tx: self.apply(c, tx, ops),
+                                                   weight=len(ops))
+                value: Any = [(r.changed, r.count, r.state, r.seq) for r in results]
+            elif kind == TRIM:
+                value = await self.writer.run(lambda c, tx: self.trim(c, tx, payload))
+            else:
+                value = await self.writer.run(self.purge)
+            message: tuple[Any, ...] = (req_id, True, value, self.counters())
+        except Exception as exc:
+            message = (req_id, False, str(exc), self.counters())
+        with contextlib.suppress(ConnectionError):
+            await _send(writer, message)
+
+
+def child_main(sock: socket.socket, config: WriterConfig) -> None:
+    """The child process: serve the server's writes until it says stop or goes away."""
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(_Child(config).serve(sock))
+
+
+# -- the server's side ----------------------------------------------------------------------------
+
+class WriterProcess:
+    """The server's handle on the child: sends requests, matches answers, restarts a dead child."""
+
+    def __init__(self, config: WriterConfig) -> None:
+        self.config = config
+        self.max_ops = config.max_ops
+        self.commits = self.committed_ops = self.failed_commits = 0  # the child's, as last told
+        self.restarts = 0
+        self.pid: int | None = None
+        self._process: Any = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._next_id = 0
+        self._stopping = False
+        self._restarting: asyncio.Task[None] | None = None
+        self._base = (0, 0, 0)  # counters of children before the current one
+
+    async def start(self) -> None:
+        self._stopping = False
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = socket.socketpair()
+        process = ctx.Process(target=child_main, args=(theirs, self.config), daemon=True,
+                              name="tally-likes-writer")
+        await asyncio.to_thread(process.start)
+        theirs.close()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        try:
+            req_id, ok, pid, _counters = await asyncio.wait_for(_receive(reader), 60)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+            writer.close()
+            await asyncio.to_thread(process.join, 5)
+            raise RuntimeError(f"the likes writer process did not start (exit code "
+                               f"{process.exitcode}); its error is above") from exc
+        assert req_id == READY and ok
+        self._process, self._writer, self.pid = process, writer, pid
+        self._receiver = asyncio.create_task(self._receive_loop(reader),
+                                             name="tally-writer-answers")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._restarting is not None:
+            self._restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restarting
+        if self._writer is not None and self._process is not None:
+            with contextlib.suppress(ConnectionError):
+                await _send(self._writer, (0, STOP, None))
+            await asyncio.to_thread(self._process.join, 60)
+            if self._process.is_alive():
+                self._process.kill()
+        if self._receiver is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._receiver
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = self._process = self._receiver = None
+
+    def submit(self, kind: int, payload: Any) -> asyncio.Future[Any]:
+        """Send a request; the future resolves with the child's answer once committed."""
+        if self._writer is None or self._writer.is_closing():
+            raise Unavailable("the likes writer process is not running")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._next_id += 1
+        self._waiting[self._next_id] = fut
+        body = pickle.dumps((self._next_id, kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.write(_HEADER.pack(len(body)) + body)
+        return fut
+
+    def write(self, ops: Sequence[Op]) -> asyncio.Future[list[OpResult]]:
+        rows = [_to_wire(op) for op in ops]
+        answer = self.submit(WRITE, rows)
+        out: asyncio.Future[list[OpResult]] = asyncio.get_running_loop().create_future()
+
+        def convert(done: asyncio.Future[Any]) -> None:
+            if out.done():
+                return
+            if (exc := done.exception()) is not None:
+                out.set_exception(exc)
+            else:
+                out.set_result([OpResult(*r) for r in done.result()])
+
+        answer.add_done_callback(convert)
+        return out
+
+    async def trim(self, through_seq: int) -> int:
+        removed: int = await self.submit(TRIM, through_seq)
+        return removed
+
+    async def purge(self) -> int:
+        removed: int = await self.submit(PURGE, None)
+        return removed
+
+    async def _receive_loop(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                req_id, ok, value, counters = await _receive(reader)
+                self.commits, self.committed_ops, self.failed_commits = (
+                    b + c for b, c in zip(self._base, counters, strict=True))
+                fut = self._waiting.pop(req_id, None)
+                if fut is None or fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(Unavailable(f"storage write failed: {value}"))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._lost()
+
+    def _lost(self) -> None:
+        """The child's answers ended: fail what waits, and start a new child unless stopping."""
+        waiting, self._waiting = self._waiting, {}
+        for fut in waiting.values():
+            if not fut.done():
+                fut.set_exception(Unavailable("the likes writer process exited; the write may "
+                                              "or may not have committed: retry it"))
+        if self._writer is not None:
+            self._writer.close()
+        if not self._stopping:
+            log.error("likes writer process exited", extra={
+                "pid": self.pid, "exitcode": getattr(self._process, "exitcode", None)})
+            self._writer = None
+            self._restarting = asyncio.create_task(self._restart(), name="tally-writer-restart")
+
+    async def _restart(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(RESTART_DELAY_S)
+            if self._process is not None:
+                await asyncio.to_thread(self._process.join, 5)
+            self._base = (self.commits, self.committed_ops, self.failed_commits)
+            try:
+                await self.start()
+            except Exception:
+                log.exception("likes writer process failed to start again")
+                continue
+            self.restarts += 1
+            log.warning("likes writer process restarted", extra={"pid": self.pid})
+            return
