@@ -137,6 +137,10 @@ class Runtime:
             ("counter", "tally_write_commit_failures", "Failed group commits",
              failed_commits, {}),
         ]
+        if (proc := self.store.writer_process) is not None:
+            rows.append(("counter", "tally_write_process_restarts",
+                         "Times the likes writer process died and was started again",
+                         float(proc.restarts), {}))
         if (ckpt := self.store.checkpointer) is not None:
             rows.append(("counter", "tally_sqlite_checkpoints", "Background WAL checkpoints",
                          float(ckpt.checkpoints), {}))

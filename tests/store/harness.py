@@ -8,6 +8,7 @@ To put another adapter under the same suites, write a ``make_*`` async context m
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,12 +68,13 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def make_sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Harness]:
+async def make_sqlite(request: pytest.FixtureRequest, tmp_path: Path,
+                      writer_process: bool = False) -> AsyncIterator[Harness]:
     path = tmp_path / "contract.db"
     box: dict[str, SqliteStore] = {}
 
     async def open_() -> None:
-        box["s"] = SqliteStore(path, "FULL", group_commit_ms=0.5)
+        box["s"] = SqliteStore(path, "FULL", group_commit_ms=0.5, writer_process=writer_process)
         await box["s"].start()
 
     async def pump() -> int:
@@ -95,7 +97,7 @@ async def make_sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
             conn.execute("INSERT INTO counts (counter, item, count) VALUES (?,?,?) ON CONFLICT "
                          "(counter, item) DO UPDATE SET count=excluded.count", (*key, value))
 
-        await box["s"].writer.run(job)
+        await box["s"].counts_writer.run(job)  # the counts file's own writer
 
     def port(name: str) -> Any:
         # The embedded log is consumed in-process and trimmed by the aggregator's own commit:
@@ -104,7 +106,8 @@ async def make_sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
 
     await open_()
     try:
-        yield Harness("sqlite", port, pump, reopen, corrupt)
+        yield Harness("sqlite-process" if writer_process else "sqlite", port, pump, reopen,
+                      corrupt)
     finally:
         await box["s"].close()
 
@@ -164,7 +167,11 @@ async def make_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> Async
 
 
 HarnessFactory = Callable[[pytest.FixtureRequest, Path], contextlib.AbstractAsyncContextManager[Harness]]
-HARNESSES: dict[str, HarnessFactory] = {"sqlite": make_sqlite, "postgres": make_postgres}
+HARNESSES: dict[str, HarnessFactory] = {
+    "sqlite": make_sqlite,
+    "sqlite-process": functools.partial(make_sqlite, writer_process=True),  # the likes writer
+    "postgres": make_postgres,
+}
 
 from tests.store.harness_cluster import make_cluster  # noqa: E402 (needs Harness, defined above)
 

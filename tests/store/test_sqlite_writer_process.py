@@ -1,0 +1,93 @@
+"""The likes writer in a child process: exact answers without shared memory, and a child that dies.
+
+The contract suites run against this mode too (the ``sqlite-process`` harness); these tests cover
+what only it has: the child's own account of unapplied deltas, and its restart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tally.core.errors import Unavailable
+from tally.store.sqlite import SqliteStore
+from tally.store.sqlite_pending import LoggedSince
+from tests.helpers import like, poll, recount
+
+K, L = ("like", "post:1"), ("like", "post:2")
+
+
+def test_logged_since_keeps_the_events_after_a_watermark() -> None:
+    logged = LoggedSince([(1, K, 1), (2, L, 1), (3, K, 1)])
+    assert logged.since([K, L], 0) == {K: 2, L: 1}
+    assert logged.since([K, L], 2) == {K: 1}  # events 1 and 2 are in the counts now
+    assert logged.since([K, L], 1) == {K: 1}  # a watermark never goes back: they stay gone
+    assert len(logged) == 1
+
+
+def test_logged_since_nets_a_like_and_its_unlike_to_nothing() -> None:
+    logged = LoggedSince([(1, K, 1), (2, K, -1)])
+    assert logged.since([K], 0) == {}
+    assert logged.since([K], 1) == {K: -1}  # the like is counted, the unlike not yet
+    assert logged.since([K], 2) == {}
+
+
+def test_logged_since_forgets_events_rolled_back() -> None:
+    logged = LoggedSince([(1, K, 1)])
+    logged.add([(2, K, 1), (3, L, 1)])
+    logged.drop_after(1)
+    assert logged.since([K, L], 0) == {K: 1} and len(logged) == 1
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "tally.db", "FULL", writer_process=True)
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.mark.anyio
+async def test_answers_stay_exact_across_aggregation_rounds(store: SqliteStore) -> None:
+    for n in range(1, 61):
+        (result,) = await store.write([like(n, "post:1")])
+        assert result.changed and result.count == n
+        if n % 7 == 0:
+            await store.aggregate("agg", 1_000, ["day"])
+    (result,) = await store.write([like(3, "post:1", on=False)])
+    assert result.count == 59
+    await store.aggregate("agg", 1_000, ["day"])
+    assert await store.get([K]) == {K: 59} == recount(store.path)
+
+
+@pytest.mark.anyio
+async def test_a_killed_writer_fails_writes_in_flight_and_comes_back(store: SqliteStore) -> None:
+    proc = store.writer_process
+    assert proc is not None and proc.pid is not None
+    first = await store.write([like(n, "post:1") for n in range(50)])
+    assert first[-1].count == 50
+    os.kill(proc.pid, signal.SIGKILL)
+
+    async def refused_then_served() -> bool:
+        try:
+            await store.write([like("late", "post:2")])
+        except Unavailable:
+            return False
+        return True
+
+    await poll(refused_then_served, timeout_s=30)
+    assert proc.restarts == 1
+    # Every acknowledged like survived the kill; the child that replaced it answers exactly.
+    (again,) = await store.write([like(7, "post:1")])
+    assert not again.changed and again.count == 50
+    (new,) = await store.write([like(50, "post:1")])
+    assert new.changed and new.count == 51
+    await store.aggregate("agg", 1_000, [])
+    assert await store.get([K, L]) == {K: 51, L: 1}
+    assert store.write_stats()[1] >= 52  # committed operations, counted across both children
