@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from tally.core.coalesce import coalesce
 from tally.core.model import Event
 from tally.store import sqlite as sqlite_module
-from tally.store.sqlite import SOURCE, SqliteStore
+from tally.store.sqlite import SqliteStore
 from tally.store.sqlite_aggregate import apply_range, log_range
+from tally.store.sqlite_ops import SOURCE
 from tally.store.sqlite_schema import connect, migrate
 from tests.helpers import db_rows, like, recount, stored
 
