@@ -137,10 +137,10 @@ class Runtime:
             ("counter", "tally_write_commit_failures", "Failed group commits",
              failed_commits, {}),
         ]
-        if (proc := self.store.writer_process) is not None:
+        for shard, proc in enumerate(self.store.writer_processes):
             rows.append(("counter", "tally_write_process_restarts",
-                         "Times the likes writer process died and was started again",
-                         float(proc.restarts), {}))
+                         "Times a likes writer process died and was started again",
+                         float(proc.restarts), {"shard": str(shard)}))
         if (ckpt := self.store.checkpointer) is not None:
             rows.append(("counter", "tally_sqlite_checkpoints", "Background WAL checkpoints",
                          float(ckpt.checkpoints), {}))
@@ -169,7 +169,7 @@ def build(settings: Settings) -> Runtime:
                         settings.group_commit_ms, settings.group_commit_max, settings.read_threads,
                         settings.inline_reads, settings.sqlite_wal_autocheckpoint,
                         settings.sqlite_mmap_mb, settings.sqlite_checkpoint_ms,
-                        settings.sqlite_writer_process)
+                        settings.sqlite_writer_process, settings.sqlite_likes_shards)
     hot = SpaceSaving(settings.hot_top_k)
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,

@@ -67,6 +67,9 @@ class Settings:
     sqlite_writer_process: bool = _s(
         True, "Run the likes writer in a child process of its own, so its commits do not share "
               "the server's interpreter lock with HTTP; false: a thread of the server")
+    sqlite_likes_shards: int = _s(
+        1, "Files the like records are split over, by user, each with a writer process of its "
+           "own (needs sqlite_writer_process); fixed for the life of the data")
     group_commit_max: int = _s(1000, "Most operations committed in one transaction: a commit "
                                      "answers all its requests at once, so its size is a floor "
                                      "under their latency")
@@ -203,7 +206,7 @@ _MINIMA = {**dict.fromkeys(("group_commit_max", "aggregate_max_events", "cache_s
                              "max_batch_items", "max_bulk_ops", "max_body_bytes", "read_threads",
                              "hot_top_k", "hot_sample", "logical_shards", "log_partitions",
                              "postgres_pool_max", "outbox_slots", "relay_batch", "redis_ttl_s",
-                             "sqlite_wal_autocheckpoint"), 1),
+                             "sqlite_wal_autocheckpoint", "sqlite_likes_shards"), 1),
            "sqlite_mmap_mb": 0, "sqlite_checkpoint_ms": 0}
 
 

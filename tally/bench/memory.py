@@ -38,14 +38,18 @@ def bytes_per_cached_counter(n: int = 100_000) -> float:
 
 
 def sqlite_bytes_per_like(db: Path) -> dict[str, float]:
-    """File sizes (both files, with their WALs) over live like records; every other table
-    counts against it."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        likes = conn.execute("SELECT count(*) FROM toggles WHERE state=1").fetchone()[0]
-    finally:
-        conn.close()
-    files = [f for path in (db, counts_path(db)) for f in (path, path.with_name(path.name + "-wal"))]
+    """File sizes (the counts file and every shard of the like records, with their WALs) over
+    live like records; every other table counts against it."""
+    shards = [db, *sorted(db.parent.glob(f"{db.stem}-likes*{db.suffix}"))]
+    likes = 0
+    for path in shards:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            likes += conn.execute("SELECT count(*) FROM toggles WHERE state=1").fetchone()[0]
+        finally:
+            conn.close()
+    files = [f for path in (*shards, counts_path(db))
+             for f in (path, path.with_name(path.name + "-wal"))]
     size = sum(f.stat().st_size for f in files if f.exists())
     return {"records": float(likes), "bytes": float(size),
             "bytes_per_record": size / likes if likes else 0.0}

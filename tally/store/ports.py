@@ -108,6 +108,10 @@ class InPlaceAggregation(Protocol):
 
     async def aggregate(self, consumer: str, limit: int, rollups: Collection[str]) -> Applied: ...
 
+    async def lag(self, consumer: str) -> tuple[int, int, float | None]:
+        """(events logged, events ``consumer`` applied, oldest unapplied event's time): the
+        store may hold several logs (one per shard of the like records); these sum them."""
+
 
 @dataclass
 class Drift:

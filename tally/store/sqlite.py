@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tally.core.coalesce import Batch
-from tally.core.model import CountKey, Event, Op, OpResult
+from tally.core.errors import ConfigError
+from tally.core.model import CountKey, Event, Op, OpResult, ToggleOp
 from tally.store.ports import Applied, ReconcileChunk
+from tally.store.shards import logical_shard
 from tally.store.sqlite_aggregate import apply_range, log_range
 from tally.store.sqlite_checkpoint import BACKSTOP_FACTOR, Checkpointer
-from tally.store.sqlite_ops import SOURCE, apply_ops, log_head, stored_counts
+from tally.store.sqlite_ops import SOURCE, apply_ops, log_head, source_of, stored_counts
 from tally.store.sqlite_ops import watermark as _watermark
 from tally.store.sqlite_pending import Unapplied
 from tally.store.sqlite_reconcile import reconcile_chunk
-from tally.store.sqlite_schema import connect, migrate
+from tally.store.sqlite_schema import connect, likes_path, likes_schema, migrate
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
 from tally.store.sqlite_writer_process import WriterConfig, WriterProcess
 
@@ -72,8 +74,12 @@ class SqliteStore:
                  group_commit_max: int = 1000, read_threads: int = 4,
                  inline_reads: bool = True, wal_autocheckpoint: int = 1000,
                  mmap_mb: int = 1024, checkpoint_ms: float = 50.0,
-                 writer_process: bool = False) -> None:
+                 writer_process: bool = False, likes_shards: int = 1) -> None:
+        if likes_shards < 1 or (likes_shards > 1 and not writer_process):
+            raise ConfigError("sqlite_likes_shards must be at least 1, and above 1 only with "
+                              "sqlite_writer_process (a writer process per shard)")
         self.path = Path(path)
+        self.shards = likes_shards
         self.group_commit_max = group_commit_max
         self.synchronous = synchronous.upper()
         self.writer = GroupCommitWriter(self._open_writer, group_commit_ms / 1000, group_commit_max,
@@ -85,18 +91,21 @@ class SqliteStore:
         self.mmap_bytes = mmap_mb * 1024 * 1024
         self.checkpointer: Checkpointer | None = None
         if checkpoint_ms > 0:
+            files = {"counts": "main", **{likes_schema(k): likes_schema(k)
+                                          for k in range(likes_shards)}}
             self.checkpointer = Checkpointer(
-                lambda: connect(self.path, self.synchronous, mmap_bytes=self.mmap_bytes),
-                {"likes": "main", "counts": "counts"}, checkpoint_ms / 1000)
+                lambda: self._connect(writes="counts"), files, checkpoint_ms / 1000)
             wal_autocheckpoint *= BACKSTOP_FACTOR
         self.wal_autocheckpoint = wal_autocheckpoint
         # The likes writer in a child process (``sqlite_writer_process``): ``self.writer`` then
         # stays unstarted, and the child keeps its own account of unapplied deltas.
-        self.writer_process: WriterProcess | None = None
-        if writer_process:
-            self.writer_process = WriterProcess(WriterConfig(
-                self.path, self.synchronous, group_commit_max, wal_autocheckpoint,
-                self.mmap_bytes))
+        # One per shard of the like records, each owning its file (``tally.store.shards`` places
+        # a toggle by its user, as the PostgreSQL backend does).
+        self.writer_processes = [
+            WriterProcess(WriterConfig(self.path, self.synchronous, group_commit_max,
+                                       wal_autocheckpoint, self.mmap_bytes, shard,
+                                       source_of(shard)))
+            for shard in range(likes_shards)] if writer_process else []
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
@@ -118,8 +127,12 @@ class SqliteStore:
         self.unapplied = Unapplied(self._load_pending(conn))
         return conn
 
+    def _connect(self, writes: str, readonly: bool = False) -> sqlite3.Connection:
+        return connect(self.path, self.synchronous, readonly=readonly, writes=writes,
+                       mmap_bytes=self.mmap_bytes, shards=self.shards)
+
     def _open_counts_writer(self) -> sqlite3.Connection:
-        conn = connect(self.path, self.synchronous, writes="counts", mmap_bytes=self.mmap_bytes)
+        conn = self._connect(writes="counts")
         conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
         return conn
 
@@ -131,8 +144,11 @@ class SqliteStore:
         return {(c, i): d for c, i, d in rows if d}
 
     async def start(self) -> None:
-        if self.writer_process is not None:  # first: it creates or migrates the schema
-            await self.writer_process.start()
+        if self.writer_processes:  # shard 0 first: it creates or migrates the schema
+            await self.writer_processes[0].start()
+            await asyncio.to_thread(self._check_shards)
+            for proc in self.writer_processes[1:]:
+                await proc.start()
         else:
             self.writer.start()
         self.counts_writer.start()
@@ -144,8 +160,9 @@ class SqliteStore:
         if self.checkpointer is not None:
             await asyncio.to_thread(self.checkpointer.stop)
         await self.counts_writer.stop()
-        if self.writer_process is not None:
-            await self.writer_process.stop()
+        if self.writer_processes:
+            for proc in self.writer_processes:
+                await proc.stop()
         else:
             await self.writer.stop()
         if self._pool is not None:
@@ -155,10 +172,36 @@ class SqliteStore:
             conn.close()
         self._readers.clear()
 
+    def _check_shards(self) -> None:
+        """The like records stay split the way they were first split: a user's toggles must be
+        found where ``logical_shard`` puts them. Before shards there was one file: a database
+        with records and no setting was split in one."""
+        conn = connect(self.path, self.synchronous)
+        try:
+            row = conn.execute("SELECT value FROM counts_meta WHERE key='likes_shards'").fetchone()
+            if row is None:
+                used = conn.execute("SELECT 1 FROM toggles LIMIT 1").fetchone() is not None
+                stored = 1 if used else self.shards
+                conn.execute("INSERT INTO counts_meta VALUES ('likes_shards', ?)", (str(stored),))
+            else:
+                stored = int(row[0])
+        finally:
+            conn.close()
+        if stored != self.shards:
+            raise ConfigError(f"the like records in {self.path.parent} are split over {stored} "
+                              f"shard(s): sqlite_likes_shards must stay {stored}")
+
+    def _shard_of(self, op: Op) -> int:
+        """A toggle goes to its user's shard (has-liked for a feed is one query; a viral
+        item's likes spread over every writer). An increment goes to its item's: one writer
+        holds all of an item's increments, so their answers are exact, and a retry, which
+        repeats the item, meets its idempotency key there."""
+        return logical_shard(op.user if isinstance(op, ToggleOp) else op.item, self.shards)
+
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = connect(self.path, self.synchronous, readonly=True, mmap_bytes=self.mmap_bytes)
+            conn = self._connect(writes="counts", readonly=True)
             self._local.conn = conn
             self._readers.append(conn)
         return conn
@@ -203,8 +246,10 @@ class SqliteStore:
             return
         ops = batch.ops
         try:
-            if self.writer_process is not None:
-                done = self.writer_process.write(ops)
+            if len(self.writer_processes) == 1:
+                done = self.writer_processes[0].write(ops)
+            elif self.writer_processes:
+                done = self._write_sharded(ops)
             else:
                 done = self.writer.submit(lambda c, tx: self._apply_ops(c, tx, ops),
                                           weight=len(ops))
@@ -212,6 +257,36 @@ class SqliteStore:
             batch.fail(exc)
             return
         done.add_done_callback(batch.deliver)
+
+    def _write_sharded(self, ops: list[Op]) -> asyncio.Future[list[OpResult]]:
+        """Each shard's operations to its writer, the answers back in the operations' order.
+        Each shard commits on its own: a failure can leave a request written on some shards,
+        and it then fails as a whole (safe to retry, as across PostgreSQL shards)."""
+        parts: dict[int, list[int]] = {}
+        for i, op in enumerate(ops):
+            parts.setdefault(self._shard_of(op), []).append(i)
+        loop = asyncio.get_running_loop()
+        futures = [(idx, self.writer_processes[shard].write([ops[i] for i in idx]))
+                   for shard, idx in parts.items()]
+        gathered = asyncio.gather(*(fut for _idx, fut in futures))
+        out: asyncio.Future[list[OpResult]] = loop.create_future()
+
+        def merge(done: asyncio.Future[list[list[OpResult]]]) -> None:
+            if out.done():
+                return
+            if done.cancelled():
+                out.cancel()
+            elif (exc := done.exception()) is not None:
+                out.set_exception(exc)
+            else:
+                results: list[OpResult | None] = [None] * len(ops)
+                for (idx, _fut), part in zip(futures, done.result(), strict=True):
+                    for i, result in zip(idx, part, strict=True):
+                        results[i] = result
+                out.set_result([r for r in results if r is not None])
+
+        gathered.add_done_callback(merge)
+        return out
 
     def _apply_ops(self, conn: sqlite3.Connection, tx: Tx, ops: list[Op]) -> list[OpResult]:
         results, overlay = apply_ops(conn, ops, self._exact_counts, time.time())
@@ -241,7 +316,9 @@ class SqliteStore:
 
     async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
         marks = ",".join("?" * len(items))
-        rows = await self._read(f"SELECT item FROM toggles WHERE counter=? AND user=? AND state=1 "
+        schema = likes_schema(logical_shard(user, self.shards))
+        rows = await self._read(f"SELECT item FROM {schema}.toggles WHERE counter=? AND user=? "
+                                f"AND state=1 "
                                 f"AND item IN ({marks})", [counter, user, *items], small=True)
         on = {r[0] for r in rows}
         return [item in on for item in items]
@@ -252,29 +329,51 @@ class SqliteStore:
             return conn.execute("DELETE FROM idempotency WHERE expires_at < ?",
                                 (time.time(),)).rowcount
 
-        if self.writer_process is not None:
-            return await self.writer_process.purge()
+        if self.writer_processes:
+            return sum([await proc.purge() for proc in self.writer_processes])
         removed: int = await self.writer.run(job)
         return removed
 
     # -- ChangeLog --------------------------------------------------------------------------
 
     async def read(self, after_seq: int, limit: int) -> list[Event]:
+        """Shard 0's log. With more shards the logs are aggregated in place (``aggregate``):
+        there is no one log to read in order."""
+        if self.shards > 1:
+            raise ConfigError("a store with several like-record shards has one log per shard; "
+                              "it is aggregated in place")
+
         def run(conn: sqlite3.Connection) -> list[Event]:  # in a read thread, objects and all
-            rows = conn.execute("SELECT seq, counter, item, user, delta, ts, region FROM changelog "
-                                "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
+            rows = conn.execute("SELECT seq, counter, item, user, delta, ts, region FROM "
+                                "likes.changelog WHERE seq > ? ORDER BY seq LIMIT ?",
+                                (after_seq, limit))
             return [Event(seq, counter, item, user, delta, ts, region, SOURCE)
                     for seq, counter, item, user, delta, ts, region in rows]
 
         return await self._run_read(run)
 
     async def head(self) -> int:
-        return await self._run_read(log_head)
+        """The newest sequence number of each shard's log, summed (each numbers its own)."""
+        return await self._run_read(
+            lambda conn: sum(log_head(conn, likes_schema(k)) for k in range(self.shards)))
 
-    async def oldest_unapplied_ts(self, after_seq: int) -> float | None:
-        rows = await self._read("SELECT ts FROM changelog WHERE seq > ? ORDER BY seq LIMIT 1",
-                                (after_seq,))
-        return float(rows[0][0]) if rows else None
+    async def lag(self, consumer: str) -> tuple[int, int, float | None]:
+        """(events logged, events the consumer applied, oldest unapplied event's time), over
+        every shard's log."""
+        def run(conn: sqlite3.Connection) -> tuple[int, int, float | None]:
+            head = applied = 0
+            oldest: float | None = None
+            for k in range(self.shards):
+                schema, mark = likes_schema(k), _watermark(conn, consumer, source_of(k))
+                head += log_head(conn, schema)
+                applied += mark
+                row = conn.execute(f"SELECT ts FROM {schema}.changelog WHERE seq > ? "
+                                   f"ORDER BY seq LIMIT 1", (mark,)).fetchone()
+                if row is not None and (oldest is None or row[0] < oldest):
+                    oldest = float(row[0])
+            return head, applied, oldest
+
+        return await self._run_read(run)
 
     # -- CountStore -------------------------------------------------------------------------
 
@@ -291,8 +390,9 @@ class SqliteStore:
                           expect: Mapping[str, int]) -> dict[CountKey, int] | None:
         result: dict[CountKey, int] | None = await self.counts_writer.run(
             lambda c, tx: self._apply_batch(c, tx, batch, consumer, expect), weight=1)
-        if result is not None and SOURCE in batch.positions:
-            await self._trim(batch.positions[SOURCE])
+        if result is not None:
+            await self._trim({k: batch.positions[source_of(k)] for k in range(self.shards)
+                              if source_of(k) in batch.positions})
         return result
 
     def _apply_batch(self, conn: sqlite3.Connection, tx: Tx, batch: Batch, consumer: str,
@@ -318,42 +418,60 @@ class SqliteStore:
     def _take(self, tx: Tx, position: int, deltas: Mapping[CountKey, int]) -> None:
         """The deltas of a round leave ``unapplied`` with its commit (see ``sqlite_pending``).
         A writer process follows the watermark itself (``LoggedSince``)."""
-        if self.writer_process is not None:
+        if self.writer_processes:
             return
         self.unapplied.take(position, deltas)
         tx.on_rollback.append(lambda: self.unapplied.give_back(position))
 
-    async def _trim(self, through_seq: int) -> None:
-        """Applied events leave the log; the likes writer owns that file. A crash before the
-        trim leaves them below the watermark, where nothing reads them, until the next one."""
-        if self.writer_process is not None:
-            await self.writer_process.trim(through_seq)
-            return
-        await self.writer.run(lambda c, tx: c.execute("DELETE FROM changelog WHERE seq <= ?",
-                                                      (through_seq,)))
+    async def _trim(self, positions: Mapping[int, int]) -> None:
+        """Applied events leave each shard's log (through the position applied); the likes
+        writer owns that file. A crash before the trim leaves them below the watermark, where
+        nothing reads them, until the next one."""
+        for shard, through_seq in positions.items():
+            if self.writer_processes:
+                await self.writer_processes[shard].trim(through_seq)
+                continue
+
+            def job(conn: sqlite3.Connection, tx: Tx, seq: int = through_seq) -> None:
+                conn.execute("DELETE FROM changelog WHERE seq <= ?", (seq,))
+
+            await self.writer.run(job)
 
     # -- InPlaceAggregation -----------------------------------------------------------------
 
     async def aggregate(self, consumer: str, limit: int, rollups: Collection[str]) -> Applied:
-        applied: Applied = await self.counts_writer.run(
+        """One round over every shard's log; ``Applied.position`` is the positions' sum."""
+        applied, positions = await self.counts_writer.run(
             lambda c, tx: self._aggregate(c, tx, consumer, limit, rollups))
         if applied.events:
-            await self._trim(applied.position)
-        return applied
+            await self._trim(positions)
+        return applied  # type: ignore[no-any-return]
 
     def _aggregate(self, conn: sqlite3.Connection, tx: Tx, consumer: str, limit: int,
-                   rollups: Collection[str]) -> Applied:
-        """One round in the counts writer's transaction, over its snapshot of the log: the
-        watermark read here cannot move under it (this writer is the only one that moves it)."""
-        after = _watermark(conn, consumer)
-        events, upto, oldest = log_range(conn, after, limit)
-        if not events:
-            return Applied(0, after, {}, None)
-        deltas, new = apply_range(conn, after, upto, rollups)
-        self._take(tx, upto, deltas)
-        conn.execute("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
-                     "DO UPDATE SET seq=excluded.seq", (consumer, SOURCE, upto))
-        return Applied(events, upto, new, oldest)
+                   rollups: Collection[str]) -> tuple[Applied, dict[int, int]]:
+        """One round in the counts writer's transaction, over its snapshot of the logs: the
+        watermarks read here cannot move under it (this writer is the only one that moves
+        them). Each shard's log in turn, ``limit`` events at most from each."""
+        total = Applied(0, 0, {}, None)
+        moved: dict[int, int] = {}
+        for shard in range(self.shards):
+            schema, source = likes_schema(shard), source_of(shard)
+            after = _watermark(conn, consumer, source)
+            events, upto, oldest = log_range(conn, after, limit, schema)
+            total.position += upto
+            if not events:
+                continue
+            deltas, new = apply_range(conn, after, upto, rollups, schema)
+            if shard == 0:
+                self._take(tx, upto, deltas)
+            conn.execute("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
+                         "DO UPDATE SET seq=excluded.seq", (consumer, source, upto))
+            moved[shard] = upto
+            total.events += events
+            total.counts.update(new)  # later shards' rounds read the earlier ones' counts
+            if oldest is not None and (total.oldest_ts is None or oldest < total.oldest_ts):
+                total.oldest_ts = oldest
+        return total, moved
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
         rows = await self._read("SELECT bucket, value FROM rollups WHERE counter=? AND item_type=? "
@@ -366,8 +484,9 @@ class SqliteStore:
                               after: tuple[str, str] | None, limit: int,
                               repair: bool) -> ReconcileChunk:
         def job(conn: sqlite3.Connection, tx: Tx) -> ReconcileChunk:
-            return reconcile_chunk(conn, _watermark(conn, None), list(counters), items, after,
-                                   limit, repair)
+            logs = [(likes_schema(k), _watermark(conn, None, source_of(k)))
+                    for k in range(self.shards)]
+            return reconcile_chunk(conn, logs, list(counters), items, after, limit, repair)
 
         chunk: ReconcileChunk = await self.counts_writer.run(job)
         return chunk
@@ -376,5 +495,7 @@ class SqliteStore:
 
     def write_stats(self) -> tuple[int, int, int]:
         """(group commits, operations committed, failed commits) of the likes writer."""
-        w: GroupCommitWriter | WriterProcess = self.writer_process or self.writer
-        return w.commits, w.committed_ops, w.failed_commits
+        writers: list[GroupCommitWriter] | list[WriterProcess] = (self.writer_processes
+                                                                  or [self.writer])
+        return (sum(w.commits for w in writers), sum(w.committed_ops for w in writers),
+                sum(w.failed_commits for w in writers))

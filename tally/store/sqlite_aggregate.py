@@ -21,14 +21,14 @@ from tally.core.model import CountKey
 
 # Events of one round, as a range of the log: (after, upto]. The subquery stops at ``limit`` rows.
 _RANGE = ("SELECT count(*), max(seq), min(ts) FROM "
-          "(SELECT seq, ts FROM changelog WHERE seq > ? ORDER BY seq LIMIT ?)")
+          "(SELECT seq, ts FROM {log} WHERE seq > ? ORDER BY seq LIMIT ?)")
 
 # A round's sums go to a temporary table once; the counts are added from it, and its deltas and
 # the new counts come back as one JSON row: a row per key would hand the GIL over and back for
 # each, and the likes writer waits in that queue.
 _ROUND_TABLE = ("CREATE TEMP TABLE IF NOT EXISTS round_sums (counter TEXT NOT NULL, "
                 "item TEXT NOT NULL, d INTEGER NOT NULL, PRIMARY KEY (counter, item)) WITHOUT ROWID")
-_SUMS = ("INSERT INTO temp.round_sums SELECT counter, item, sum(delta) AS d FROM changelog "
+_SUMS = ("INSERT INTO temp.round_sums SELECT counter, item, sum(delta) AS d FROM {log} "
          "WHERE seq > ? AND seq <= ? GROUP BY counter, item HAVING d != 0")
 _ADD_COUNTS = ("INSERT INTO counts (counter, item, count) SELECT counter, item, d "
                "FROM temp.round_sums WHERE true "
@@ -47,7 +47,7 @@ _ITEM_TYPE = ("CASE WHEN instr(item, ':') > 0 THEN substr(item, 1, instr(item, '
 _ROLLUP_TABLE = ("CREATE TEMP TABLE IF NOT EXISTS round_rollups (counter TEXT NOT NULL, "
                  "t TEXT NOT NULL, dn INTEGER NOT NULL, region TEXT NOT NULL, d INTEGER NOT NULL)")
 _ROLLUP_SUMS = (f"INSERT INTO temp.round_rollups SELECT counter, {_ITEM_TYPE} AS t, "
-                f"CAST(ts / 86400 AS INTEGER) AS dn, region, sum(delta) FROM changelog "
+                f"CAST(ts / 86400 AS INTEGER) AS dn, region, sum(delta) FROM {{log}} "
                 f"WHERE seq > ? AND seq <= ? GROUP BY counter, t, dn, region")
 _BUCKETS = {
     "day": ("date(dn * 86400, 'unixepoch')", "dn"),
@@ -66,26 +66,32 @@ def _add_rollup(dimension: str) -> str:
 _ROLLUP_SQL = {dimension: _add_rollup(dimension) for dimension in _BUCKETS}
 
 
-def log_range(conn: sqlite3.Connection, after: int, limit: int) -> tuple[int, int, float | None]:
-    """(events, newest seq, oldest ts) of the next ``limit`` events after ``after``."""
-    events, upto, oldest = conn.execute(_RANGE, (after, limit)).fetchone()
+def _in(sql: str, schema: str) -> str:
+    return sql.replace("{log}", f"{schema}.changelog")
+
+
+def log_range(conn: sqlite3.Connection, after: int, limit: int, schema: str = "likes"
+              ) -> tuple[int, int, float | None]:
+    """(events, newest seq, oldest ts) of the next ``limit`` events after ``after`` in the log
+    of the like records attached as ``schema``."""
+    events, upto, oldest = conn.execute(_in(_RANGE, schema), (after, limit)).fetchone()
     return int(events), int(upto or after), oldest
 
 
-def apply_range(conn: sqlite3.Connection, after: int, upto: int, rollups: Collection[str]
-                ) -> tuple[dict[CountKey, int], dict[CountKey, int]]:
+def apply_range(conn: sqlite3.Connection, after: int, upto: int, rollups: Collection[str],
+                schema: str = "likes") -> tuple[dict[CountKey, int], dict[CountKey, int]]:
     """Adds the events in (after, upto] to the counts and to the rollups named (as ``coalesce``
     does, dimensions it does not know are ignored). Returns the summed deltas and the new
     absolute counts of the keys written. The caller moves the watermark in the same transaction."""
     conn.execute(_ROUND_TABLE)
     conn.execute("DELETE FROM temp.round_sums")
-    conn.execute(_SUMS, (after, upto))
+    conn.execute(_in(_SUMS, schema), (after, upto))
     conn.execute(_ADD_COUNTS)
     wanted = [dimension for dimension in _BUCKETS if dimension in rollups]
     if wanted:
         conn.execute(_ROLLUP_TABLE)
         conn.execute("DELETE FROM temp.round_rollups")
-        conn.execute(_ROLLUP_SUMS, (after, upto))
+        conn.execute(_in(_ROLLUP_SUMS, schema), (after, upto))
         for dimension in wanted:
             conn.execute(_ROLLUP_SQL[dimension])
     deltas: dict[CountKey, int] = {}

@@ -17,7 +17,7 @@ from typing import Any
 
 from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
 
-SOURCE = "local"  # the one change log of the embedded store
+SOURCE = "local"  # the change log of the embedded store (of its shard 0 of the like records)
 ToggleKey = tuple[str, str, str]  # (counter, user, item)
 CountsOf = Callable[[Sequence[CountKey]], dict[CountKey, int]]
 
@@ -66,19 +66,25 @@ def _statement(sql: str, width: int, rows: int) -> str:
     return sql.format(rows=",".join(["(" + ",".join("?" * width) + ")"] * rows))
 
 
-def watermark(conn: sqlite3.Connection, consumer: str | None) -> int:
-    """How far the counts hold the log: ``consumer``'s position, or the furthest of any."""
+def source_of(shard: int) -> str:
+    """The change-log source of a shard of the like records, as watermarks name it."""
+    return SOURCE if shard == 0 else f"{SOURCE}{shard}"
+
+
+def watermark(conn: sqlite3.Connection, consumer: str | None, source: str = SOURCE) -> int:
+    """How far the counts hold a log: ``consumer``'s position, or the furthest of any."""
     if consumer is None:
-        row = conn.execute("SELECT max(seq) FROM watermarks WHERE source=?", (SOURCE,)).fetchone()
+        row = conn.execute("SELECT max(seq) FROM watermarks WHERE source=?", (source,)).fetchone()
     else:
         row = conn.execute("SELECT seq FROM watermarks WHERE consumer=? AND source=?",
-                           (consumer, SOURCE)).fetchone()
+                           (consumer, source)).fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def log_head(conn: sqlite3.Connection) -> int:
+def log_head(conn: sqlite3.Connection, schema: str = "main") -> int:
     """The newest change-log sequence number handed out (AUTOINCREMENT keeps it after a trim)."""
-    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='changelog'").fetchone()
+    row = conn.execute(f"SELECT seq FROM {schema}.sqlite_sequence "
+                       f"WHERE name='changelog'").fetchone()
     return int(row[0]) if row else 0
 
 

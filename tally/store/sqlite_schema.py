@@ -67,23 +67,40 @@ def counts_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}-counts{path.suffix}")
 
 
+def likes_path(path: Path, shard: int) -> Path:
+    """The file of one shard of the like records: shard 0 is ``tally.db`` itself (the only one
+    before shards), shard k ``tally-likes{k}.db``."""
+    return path if shard == 0 else path.with_name(f"{path.stem}-likes{shard}{path.suffix}")
+
+
+def likes_schema(shard: int) -> str:
+    """The schema a shard's file is attached as, on connections that open the counts file."""
+    return "likes" if shard == 0 else f"likes{shard}"
+
+
 def connect(path: Path, synchronous: str, readonly: bool = False,
-            writes: str = "likes", mmap_bytes: int = 0) -> sqlite3.Connection:
+            writes: str = "likes", mmap_bytes: int = 0, shard: int = 0,
+            shards: int = 1) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, with busy waiting, to
-    the file it ``writes`` (``likes`` or ``counts``), with the other file attached.
+    the file it ``writes``: ``likes`` (shard ``shard`` of the like records, with the counts file
+    attached as ``counts``) or ``counts`` (with each of the ``shards`` like files attached as
+    ``likes_schema(k)``). Readers open it as ``counts`` too, so they see every shard.
 
     ``mmap_bytes`` of each file are read through a memory map: every connection then reads the
     operating system's cached pages in place. Without it each connection copies pages into its
     own cache with a read call apiece, and once the like records outgrow that cache (64 MiB,
     about a million likes) a feed's 50 has-liked lookups paid for it on every request: at 700
     feeds/s after two million likes, p99 3.8 ms mapped against 35-254 ms unmapped."""
-    likes, counts = Path(path), counts_path(Path(path))
-    main, other, other_name = (likes, counts, "counts") if writes == "likes" else \
-        (counts, likes, "likes")
+    counts = counts_path(Path(path))
+    if writes == "likes":
+        main, others = likes_path(Path(path), shard), {"counts": counts}
+    else:
+        main, others = counts, {likes_schema(k): likes_path(Path(path), k) for k in range(shards)}
     conn = sqlite3.connect(str(main), isolation_level=None, check_same_thread=False,
                            timeout=30.0, cached_statements=256)
-    conn.execute("ATTACH DATABASE ? AS " + other_name, (str(other),))
-    for schema in ("main", other_name):
+    for name, file in others.items():
+        conn.execute("ATTACH DATABASE ? AS " + name, (str(file),))
+    for schema in ("main", *others):
         conn.execute(f"PRAGMA {schema}.journal_mode=WAL")
         conn.execute(f"PRAGMA {schema}.synchronous={synchronous}")
         conn.execute(f"PRAGMA {schema}.cache_size=-65536")  # 64 MiB page cache per file
@@ -137,9 +154,9 @@ def _v2_to_v3(conn: sqlite3.Connection) -> None:
         raise
 
 
-def migrate(conn: sqlite3.Connection) -> None:
+def migrate(conn: sqlite3.Connection, shard: int = 0) -> None:
     """Creates the schema, or brings an older database to this version. ``conn`` is a likes
-    connection (``connect(writes="likes")``)."""
+    connection (``connect(writes="likes")``) of shard ``shard``; shard 0 is set up first."""
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     version = int(row[0]) if row else None
@@ -162,14 +179,18 @@ def migrate(conn: sqlite3.Connection) -> None:
     conn.executescript(COUNTS_SCHEMA)
     if version is None:
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-    _pair(conn, created=version is None or version < SCHEMA_VERSION)
+    _pair(conn, created=version is None or version < SCHEMA_VERSION, adopt=shard > 0)
 
 
-def _pair(conn: sqlite3.Connection, created: bool) -> None:
+def _pair(conn: sqlite3.Connection, created: bool, adopt: bool = False) -> None:
     """Both files carry one database id. Counts of another database, or none beside like records
     that have a history, would be wrong for good (the applied log is trimmed, and event counters
     live only in the counts), so that refuses to start instead of counting from zero."""
     row = conn.execute("SELECT value FROM meta WHERE key='db_id'").fetchone()
+    if row is None and created and adopt:  # a new shard joins the database shard 0 paired
+        row = conn.execute("SELECT value FROM counts_meta WHERE key='db_id'").fetchone()
+        if row is not None:
+            conn.execute("INSERT INTO meta VALUES ('db_id', ?)", (row[0],))
     db_id = row[0] if row else uuid.uuid4().hex
     if row is None:
         conn.execute("INSERT INTO meta VALUES ('db_id', ?)", (db_id,))

@@ -57,6 +57,8 @@ class WriterConfig:
     max_ops: int
     wal_autocheckpoint: int
     mmap_bytes: int
+    shard: int = 0  # of the like records: this writer's file is likes_path(path, shard)
+    source: str = "local"  # its change log's name in the watermarks
 
 
 def _to_wire(op: Op) -> tuple[Any, ...]:
@@ -99,11 +101,12 @@ class _Child:
     def _open(self) -> sqlite3.Connection:
         c = self.config
         c.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(c.path, c.synchronous, writes="likes", mmap_bytes=c.mmap_bytes)
+        conn = connect(c.path, c.synchronous, writes="likes", mmap_bytes=c.mmap_bytes,
+                       shard=c.shard)
         conn.execute(f"PRAGMA wal_autocheckpoint={int(c.wal_autocheckpoint)}")
-        migrate(conn)
+        migrate(conn, c.shard)
         rows = conn.execute("SELECT seq, counter, item, delta FROM changelog WHERE seq > ? "
-                            "ORDER BY seq", (watermark(conn, None),))
+                            "ORDER BY seq", (watermark(conn, None, c.source),))
         self.logged = LoggedSince((seq, (counter, item), d) for seq, counter, item, d in rows)
         return conn
 
@@ -111,11 +114,12 @@ class _Child:
         """Count table + this writer's events after the watermark the table was read at."""
         if self._reader is None:
             c = self.config
-            self._reader = connect(c.path, c.synchronous, readonly=True, mmap_bytes=c.mmap_bytes)
+            self._reader = connect(c.path, c.synchronous, readonly=True, mmap_bytes=c.mmap_bytes,
+                                   shard=c.shard)
         reader = self._reader
         reader.execute("BEGIN")
         try:
-            position = watermark(reader, None)
+            position = watermark(reader, None, self.config.source)
             stored = stored_counts(reader, keys)
         finally:
             reader.execute("COMMIT")

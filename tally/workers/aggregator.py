@@ -125,8 +125,11 @@ class Aggregator:
                 raise TimeoutError("change log did not drain in time")
 
     async def refresh_lag(self) -> None:
-        self.stats.head = await self.log.head()
-        oldest = await self._oldest_unapplied()
+        if self.in_place is not None:  # its logs may be several (shards): the store sums them
+            self.stats.head, _applied, oldest = await self.in_place.lag(self.consumer)
+        else:
+            self.stats.head = await self.log.head()
+            oldest = await self._oldest_unapplied()
         self.stats.lag_seconds = 0.0 if oldest is None else max(time.time() - oldest, 0.0)
 
     async def _oldest_unapplied(self) -> float | None:

@@ -69,16 +69,22 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def make_sqlite(request: pytest.FixtureRequest, tmp_path: Path,
-                      writer_process: bool = False) -> AsyncIterator[Harness]:
+                      writer_process: bool = False, shards: int = 1) -> AsyncIterator[Harness]:
     path = tmp_path / "contract.db"
     box: dict[str, SqliteStore] = {}
 
     async def open_() -> None:
-        box["s"] = SqliteStore(path, "FULL", group_commit_ms=0.5, writer_process=writer_process)
+        box["s"] = SqliteStore(path, "FULL", group_commit_ms=0.5, writer_process=writer_process,
+                               likes_shards=shards)
         await box["s"].start()
 
     async def pump() -> int:
         store, total = box["s"], 0
+        while shards > 1:  # one log per shard: only the in-place round reads them all
+            applied = await store.aggregate(CONSUMER, 10_000, ["day", "region"])
+            if not applied.events:
+                return total
+            total += applied.events
         while True:
             marks = await store.watermarks(CONSUMER)
             events = await store.read(marks.get(store.source, 0), 10_000)
@@ -106,8 +112,8 @@ async def make_sqlite(request: pytest.FixtureRequest, tmp_path: Path,
 
     await open_()
     try:
-        yield Harness("sqlite-process" if writer_process else "sqlite", port, pump, reopen,
-                      corrupt)
+        name = "sqlite-shards" if shards > 1 else "sqlite-process" if writer_process else "sqlite"
+        yield Harness(name, port, pump, reopen, corrupt)
     finally:
         await box["s"].close()
 
@@ -170,6 +176,7 @@ HarnessFactory = Callable[[pytest.FixtureRequest, Path], contextlib.AbstractAsyn
 HARNESSES: dict[str, HarnessFactory] = {
     "sqlite": make_sqlite,
     "sqlite-process": functools.partial(make_sqlite, writer_process=True),  # the likes writer
+    "sqlite-shards": functools.partial(make_sqlite, writer_process=True, shards=3),
     "postgres": make_postgres,
 }
 

@@ -40,9 +40,9 @@ def test_in_place_sums_match_coalesce(tmp_path_factory: pytest.TempPathFactory,
     expected = coalesce([Event(n, c, i, "u", d, ts, r, SOURCE)
                          for n, (c, i, d, ts, r) in enumerate(events, 1)], rollups)
 
-    count, upto, oldest = log_range(conn, 0, 1000)
+    count, upto, oldest = log_range(conn, 0, 1000, "main")
     assert (count, upto, oldest) == (len(events), len(events), expected.oldest_ts)
-    deltas, new = apply_range(conn, 0, upto, rollups)
+    deltas, new = apply_range(conn, 0, upto, rollups, "main")
 
     assert deltas == new == expected.deltas  # from zero, the new counts are the deltas
     assert dict(((c, i), n) for c, i, n in conn.execute("SELECT * FROM counts")) == expected.deltas
@@ -56,9 +56,9 @@ def test_a_range_stops_at_its_limit(tmp_path: Path) -> None:
     migrate(conn)
     conn.executemany("INSERT INTO changelog (counter, item, user, delta, ts, region) VALUES "
                      "('like', 'post:1', 'u', 1, ?, 'eu')", [(float(n),) for n in range(10)])
-    assert log_range(conn, 0, 4) == (4, 4, 0.0)
-    assert log_range(conn, 4, 100) == (6, 10, 4.0)
-    assert log_range(conn, 10, 100) == (0, 10, None)
+    assert log_range(conn, 0, 4, "main") == (4, 4, 0.0)
+    assert log_range(conn, 4, 100, "main") == (6, 10, 4.0)
+    assert log_range(conn, 10, 100, "main") == (0, 10, None)
 
 
 @pytest.mark.anyio

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tally.core.errors import Unavailable
+from tally.core.errors import ConfigError, Unavailable
 from tally.store.sqlite import SqliteStore
 from tally.store.sqlite_pending import LoggedSince
 from tests.helpers import like, poll, recount
@@ -68,8 +68,8 @@ async def test_answers_stay_exact_across_aggregation_rounds(store: SqliteStore) 
 
 @pytest.mark.anyio
 async def test_a_killed_writer_fails_writes_in_flight_and_comes_back(store: SqliteStore) -> None:
-    proc = store.writer_process
-    assert proc is not None and proc.pid is not None
+    (proc,) = store.writer_processes
+    assert proc.pid is not None
     first = await store.write([like(n, "post:1") for n in range(50)])
     assert first[-1].count == 50
     os.kill(proc.pid, signal.SIGKILL)
@@ -91,3 +91,43 @@ async def test_a_killed_writer_fails_writes_in_flight_and_comes_back(store: Sqli
     await store.aggregate("agg", 1_000, [])
     assert await store.get([K, L]) == {K: 51, L: 1}
     assert store.write_stats()[1] >= 52  # committed operations, counted across both children
+
+
+@pytest.mark.anyio
+async def test_likes_spread_over_shard_files_and_count_once(tmp_path: Path) -> None:
+    db = tmp_path / "tally.db"
+    s = SqliteStore(db, "FULL", writer_process=True, likes_shards=3)
+    await s.start()
+    try:
+        results = await s.write([like(u, "post:1") for u in range(90)] + [like(5, "post:2")])
+        assert all(r.changed for r in results)
+        # Each answer holds its own like and those before it in its shard; never more.
+        assert all(1 <= r.count <= n for n, r in enumerate(results[:90], 1))
+        assert results[-1].count == 1
+        assert await s.has("like", "5", ["post:1", "post:2", "post:3"]) == [True, True, False]
+        assert await s.has("like", "90", ["post:1"]) == [False]
+        await s.aggregate("agg", 1_000, ["day"])
+        assert await s.get([K, L]) == {K: 90, L: 1}
+        assert (await s.lag("agg"))[:2] == (91, 91)
+        (again,) = await s.write([like(7, "post:1")])
+        assert not again.changed and again.count == 90  # the table now holds every shard
+    finally:
+        await s.close()
+    per_shard = [recount(p).get(K, 0) for p in
+                 (db, tmp_path / "tally-likes1.db", tmp_path / "tally-likes2.db")]
+    assert sum(per_shard) == 90 and all(n > 0 for n in per_shard)
+
+
+@pytest.mark.anyio
+async def test_the_number_of_shards_stays_what_the_data_was_split_into(tmp_path: Path) -> None:
+    db = tmp_path / "tally.db"
+    one = SqliteStore(db, "FULL", writer_process=True)
+    await one.start()
+    await one.write([like(1, "post:1")])
+    await one.close()
+    two = SqliteStore(db, "FULL", writer_process=True, likes_shards=2)
+    with pytest.raises(ConfigError, match="split over 1 shard"):
+        await two.start()
+    await two.close()
+    with pytest.raises(ConfigError, match="only with sqlite_writer_process"):
+        SqliteStore(db, "FULL", likes_shards=2)
