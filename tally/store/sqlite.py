@@ -32,7 +32,7 @@ from tally.store.sqlite_ops import SOURCE, apply_ops, log_head, source_of, store
 from tally.store.sqlite_ops import watermark as _watermark
 from tally.store.sqlite_pending import Unapplied
 from tally.store.sqlite_reconcile import reconcile_chunk
-from tally.store.sqlite_schema import connect, likes_path, likes_schema, migrate
+from tally.store.sqlite_schema import connect, likes_schema, migrate
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
 from tally.store.sqlite_writer_process import WriterConfig, WriterProcess
 
