@@ -102,6 +102,9 @@ class Runtime:
             await self.store.watermarks(self.aggregator.consumer)
         except Exception as exc:
             return False, {"reason": str(exc)}
+        down = [k for k, proc in enumerate(self.store.writer_processes) if not proc.running]
+        if down:
+            return False, {"reason": f"likes writer process of shard(s) {down} is restarting"}
         lag = self.aggregator.stats
         return True, {"aggregator_lag_events": max(lag.head - lag.watermark, 0),
                       "aggregator_lag_seconds": lag.lag_seconds}
@@ -169,7 +172,8 @@ def build(settings: Settings) -> Runtime:
                         settings.group_commit_ms, settings.group_commit_max, settings.read_threads,
                         settings.inline_reads, settings.sqlite_wal_autocheckpoint,
                         settings.sqlite_mmap_mb, settings.sqlite_checkpoint_ms,
-                        settings.sqlite_writer_process, settings.sqlite_likes_shards)
+                        settings.sqlite_writer_process, settings.sqlite_likes_shards,
+                        settings.log_level)
     hot = SpaceSaving(settings.hot_top_k)
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,

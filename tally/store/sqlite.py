@@ -74,7 +74,8 @@ class SqliteStore:
                  group_commit_max: int = 1000, read_threads: int = 4,
                  inline_reads: bool = True, wal_autocheckpoint: int = 1000,
                  mmap_mb: int = 1024, checkpoint_ms: float = 50.0,
-                 writer_process: bool = False, likes_shards: int = 1) -> None:
+                 writer_process: bool = False, likes_shards: int = 1,
+                 log_level: str = "INFO") -> None:
         if likes_shards < 1 or (likes_shards > 1 and not writer_process):
             raise ConfigError("sqlite_likes_shards must be at least 1, and above 1 only with "
                               "sqlite_writer_process (a writer process per shard)")
@@ -103,7 +104,7 @@ class SqliteStore:
         # a toggle by its user, as the PostgreSQL backend does).
         self.writer_processes = [
             WriterProcess(WriterConfig(self.path, self.synchronous, group_commit_max,
-                                       wal_autocheckpoint, self.mmap_bytes, shard,
+                                       wal_autocheckpoint, self.mmap_bytes, log_level, shard,
                                        source_of(shard)))
             for shard in range(likes_shards)] if writer_process else []
         self._pool: ThreadPoolExecutor | None = None

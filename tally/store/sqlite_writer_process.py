@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tally import logs
 from tally.core.errors import Unavailable
 from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
 from tally.store.sqlite_ops import apply_ops, stored_counts, watermark
@@ -57,6 +58,7 @@ class WriterConfig:
     max_ops: int
     wal_autocheckpoint: int
     mmap_bytes: int
+    log_level: str = "INFO"
     shard: int = 0  # of the like records: this writer's file is likes_path(path, shard)
     source: str = "local"  # its change log's name in the watermarks
 
@@ -195,7 +197,7 @@ class _Child:
 
 def child_main(sock: socket.socket, config: WriterConfig) -> None:
     """The child process: serve the server's writes until it says stop or goes away."""
-    logging.basicConfig(level=logging.WARNING)
+    logs.setup(config.log_level)  # the server's structured logs, on the same stderr
     asyncio.run(_Child(config).serve(sock))
 
 
@@ -218,6 +220,11 @@ class WriterProcess:
         self._stopping = False
         self._restarting: asyncio.Task[None] | None = None
         self._base = (0, 0, 0)  # counters of children before the current one
+
+    @property
+    def running(self) -> bool:
+        """A child is up and answering (false between its death and its replacement)."""
+        return self._writer is not None and not self._writer.is_closing()
 
     async def start(self) -> None:
         self._stopping = False

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 
 import httpx
 import pytest
 
 from tally.settings import Settings
-from tests.helpers import app_client, runtime_of
+from tests.helpers import app_client, poll, runtime_of
 
 pytestmark = pytest.mark.anyio
 
@@ -19,6 +21,23 @@ async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200
     assert r.json() == {"status": "ready", "aggregator_lag_events": 0,
                         "aggregator_lag_seconds": 0.0}
+
+
+async def test_not_ready_while_the_likes_writer_process_restarts(client: httpx.AsyncClient
+                                                                  ) -> None:
+    (proc,) = runtime_of(client).store.writer_processes
+    assert proc.pid is not None
+    os.kill(proc.pid, signal.SIGKILL)
+    await poll(lambda: _status(client, 503), timeout_s=10, interval_s=0.005)
+    r = await client.get("/readyz")  # unless the new child is already up
+    assert r.status_code == 200 or "restarting" in r.json()["reason"]
+    await poll(lambda: _status(client, 200), timeout_s=30)
+    r = await client.post("/v1/like", json={"user_id": 1, "item_type": "post", "item_id": 1})
+    assert r.status_code == 200 and r.json()["count"] == 1 and proc.restarts == 1
+
+
+async def _status(client: httpx.AsyncClient, status: int) -> bool:
+    return (await client.get("/readyz")).status_code == status
 
 
 async def test_not_ready_when_the_store_is_down(client: httpx.AsyncClient) -> None:
