@@ -12,6 +12,7 @@ change) without waiting for the aggregator.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import threading
 import time
@@ -28,7 +29,16 @@ from tally.store.ports import Applied, ReconcileChunk
 from tally.store.shards import logical_shard
 from tally.store.sqlite_aggregate import apply_range, log_range
 from tally.store.sqlite_checkpoint import BACKSTOP_FACTOR, Checkpointer
-from tally.store.sqlite_ops import SOURCE, apply_ops, log_head, source_of, stored_counts
+from tally.store.sqlite_ops import (
+    SOURCE,
+    apply_ops,
+    counts_at_watermark,
+    log_head,
+    purge_idempotency,
+    source_of,
+    stored_counts,
+    trim_log,
+)
 from tally.store.sqlite_ops import watermark as _watermark
 from tally.store.sqlite_pending import Unapplied
 from tally.store.sqlite_reconcile import reconcile_chunk
@@ -98,10 +108,9 @@ class SqliteStore:
                 lambda: self._connect(writes="counts"), files, checkpoint_ms / 1000)
             wal_autocheckpoint *= BACKSTOP_FACTOR
         self.wal_autocheckpoint = wal_autocheckpoint
-        # The likes writer in a child process (``sqlite_writer_process``): ``self.writer`` then
-        # stays unstarted, and the child keeps its own account of unapplied deltas.
-        # One per shard of the like records, each owning its file (``tally.store.shards`` places
-        # a toggle by its user, as the PostgreSQL backend does).
+        # With ``writer_process``, the likes writer runs in a child process, one per shard of the
+        # like records, each owning its file (``sqlite_writer_process``); ``self.writer`` then
+        # stays unstarted, and each child keeps its own account of unapplied deltas.
         self.writer_processes = [
             WriterProcess(WriterConfig(self.path, self.synchronous, group_commit_max,
                                        wal_autocheckpoint, self.mmap_bytes, log_level, shard,
@@ -303,13 +312,7 @@ class SqliteStore:
         snapshot of the counts file would last until the like commit, and with like transactions
         back to back some reader always held an old one, so the counts file's WAL never restarted
         (it grew to 20 times the file under bulk likes, and every read of it slowed down)."""
-        reader = self._reader()
-        reader.execute("BEGIN")
-        try:
-            position = _watermark(reader, None)
-            stored = stored_counts(reader, keys)
-        finally:
-            reader.execute("COMMIT")
+        position, stored = counts_at_watermark(self._reader(), keys)
         extra = self.unapplied.since(keys, position)
         for key, d in extra.items():
             stored[key] = stored.get(key, 0) + d
@@ -319,20 +322,16 @@ class SqliteStore:
         marks = ",".join("?" * len(items))
         schema = likes_schema(logical_shard(user, self.shards))
         rows = await self._read(f"SELECT item FROM {schema}.toggles WHERE counter=? AND user=? "
-                                f"AND state=1 "
-                                f"AND item IN ({marks})", [counter, user, *items], small=True)
+                                f"AND state=1 AND item IN ({marks})", [counter, user, *items],
+                                small=True)
         on = {r[0] for r in rows}
         return [item in on for item in items]
 
     async def purge_idempotency(self) -> int:
         """Forget idempotency keys whose window has passed; returns how many."""
-        def job(conn: sqlite3.Connection, tx: Tx) -> int:
-            return conn.execute("DELETE FROM idempotency WHERE expires_at < ?",
-                                (time.time(),)).rowcount
-
         if self.writer_processes:
             return sum([await proc.purge() for proc in self.writer_processes])
-        removed: int = await self.writer.run(job)
+        removed: int = await self.writer.run(purge_idempotency)
         return removed
 
     # -- ChangeLog --------------------------------------------------------------------------
@@ -433,10 +432,7 @@ class SqliteStore:
                 await self.writer_processes[shard].trim(through_seq)
                 continue
 
-            def job(conn: sqlite3.Connection, tx: Tx, seq: int = through_seq) -> None:
-                conn.execute("DELETE FROM changelog WHERE seq <= ?", (seq,))
-
-            await self.writer.run(job)
+            await self.writer.run(functools.partial(trim_log, through_seq=through_seq))
 
     # -- InPlaceAggregation -----------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -79,6 +80,27 @@ def watermark(conn: sqlite3.Connection, consumer: str | None, source: str = SOUR
         row = conn.execute("SELECT seq FROM watermarks WHERE consumer=? AND source=?",
                            (consumer, source)).fetchone()
     return int(row[0]) if row and row[0] is not None else 0
+
+
+def counts_at_watermark(reader: sqlite3.Connection, keys: Sequence[CountKey],
+                        source: str = SOURCE) -> tuple[int, dict[CountKey, int]]:
+    """The count table's values for ``keys`` and the watermark of ``source`` they hold, read in
+    one transaction of ``reader``, so a writer can add exactly the deltas after it."""
+    reader.execute("BEGIN")
+    try:
+        return watermark(reader, None, source), stored_counts(reader, keys)
+    finally:
+        reader.execute("COMMIT")
+
+
+def trim_log(conn: sqlite3.Connection, _tx: object, through_seq: int) -> int:
+    """A likes writer's job: the applied events leave its change log; returns how many."""
+    return conn.execute("DELETE FROM changelog WHERE seq <= ?", (through_seq,)).rowcount
+
+
+def purge_idempotency(conn: sqlite3.Connection, _tx: object) -> int:
+    """A likes writer's job: idempotency keys whose window has passed go; returns how many."""
+    return conn.execute("DELETE FROM idempotency WHERE expires_at < ?", (time.time(),)).rowcount
 
 
 def log_head(conn: sqlite3.Connection, schema: str = "main") -> int:

@@ -38,7 +38,13 @@ from typing import Any
 from tally import logs
 from tally.core.errors import Unavailable
 from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
-from tally.store.sqlite_ops import apply_ops, stored_counts, watermark
+from tally.store.sqlite_ops import (
+    apply_ops,
+    counts_at_watermark,
+    purge_idempotency,
+    trim_log,
+    watermark,
+)
 from tally.store.sqlite_pending import LoggedSince
 from tally.store.sqlite_schema import connect, migrate
 from tally.store.sqlite_writer import GroupCommitWriter, Tx
@@ -79,9 +85,13 @@ def _delta(op: Op) -> int:
     return op.n
 
 
-async def _send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
+def _frame(message: tuple[Any, ...]) -> bytes:
     body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_HEADER.pack(len(body)) + body)
+    return _HEADER.pack(len(body)) + body
+
+
+async def _send(writer: asyncio.StreamWriter, message: tuple[Any, ...]) -> None:
+    writer.write(_frame(message))
     await writer.drain()
 
 
@@ -118,13 +128,7 @@ class _Child:
             c = self.config
             self._reader = connect(c.path, c.synchronous, readonly=True, mmap_bytes=c.mmap_bytes,
                                    shard=c.shard)
-        reader = self._reader
-        reader.execute("BEGIN")
-        try:
-            position = watermark(reader, None, self.config.source)
-            stored = stored_counts(reader, keys)
-        finally:
-            reader.execute("COMMIT")
+        position, stored = counts_at_watermark(self._reader, keys, self.config.source)
         for key, d in self.logged.since(keys, position).items():
             stored[key] = stored.get(key, 0) + d
         return stored
@@ -138,15 +142,6 @@ class _Child:
             first = events[0][0] - 1
             tx.on_rollback.append(lambda: self.logged.drop_after(first))
         return results
-
-    @staticmethod
-    def trim(conn: sqlite3.Connection, tx: Tx, through_seq: int) -> int:
-        return conn.execute("DELETE FROM changelog WHERE seq <= ?", (through_seq,)).rowcount
-
-    @staticmethod
-    def purge(conn: sqlite3.Connection, tx: Tx) -> int:
-        return conn.execute("DELETE FROM idempotency WHERE expires_at < ?",
-                            (time.time(),)).rowcount
 
     def counters(self) -> tuple[int, int, int]:
         w = self.writer
@@ -185,9 +180,9 @@ class _Child:
                                                    weight=len(ops))
                 value: Any = [(r.changed, r.count, r.state, r.seq) for r in results]
             elif kind == TRIM:
-                value = await self.writer.run(lambda c, tx: self.trim(c, tx, payload))
+                value = await self.writer.run(lambda c, tx: trim_log(c, tx, payload))
             else:
-                value = await self.writer.run(self.purge)
+                value = await self.writer.run(purge_idempotency)
             message: tuple[Any, ...] = (req_id, True, value, self.counters())
         except Exception as exc:
             message = (req_id, False, str(exc), self.counters())
@@ -273,8 +268,7 @@ class WriterProcess:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._next_id += 1
         self._waiting[self._next_id] = fut
-        body = pickle.dumps((self._next_id, kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.write(_HEADER.pack(len(body)) + body)
+        self._writer.write(_frame((self._next_id, kind, payload)))
         return fut
 
     def write(self, ops: Sequence[Op]) -> asyncio.Future[list[OpResult]]:
