@@ -57,7 +57,7 @@ class Settings:
     sqlite_wal_autocheckpoint: int = _s(
         1000, "WAL pages after which a commit copies them into the database (SQLite's default); "
               "more: fewer, larger checkpoints, each one a longer pause of the writer. With "
-              "sqlite_checkpoint_ms on, the writers do so only at ten times this, as a backstop")
+              "sqlite_checkpoint_ms on, the writers do so only at a hundred times this, as a backstop")
     sqlite_checkpoint_ms: float = _s(
         50.0, "How often a thread of its own copies the WAL into both database files (passive "
               "checkpoints, which block no one), so commits do not pause for it; 0: the "
