@@ -115,7 +115,8 @@ class Settings:
                                        "(cluster)")
     log_max_age_s: float = _s(7 * 86_400.0, "Seconds the event log keeps a message (cluster)")
     gc_threshold: int = _s(10_000, "Allocations between young garbage collections in a server "
-                           "process (Python's default: 700); 0 leaves the collector alone")
+                           "process and its writer children (Python's default: 700); 0 leaves the "
+                           "collector alone")
     log_level: str = _s("INFO", "Log level (DEBUG, INFO, WARNING, ERROR)")
     access_log: bool = _s(False, "Log every HTTP request (costs throughput)")
 

@@ -85,7 +85,7 @@ class SqliteStore:
                  inline_reads: bool = True, wal_autocheckpoint: int = 1000,
                  mmap_mb: int = 1024, checkpoint_ms: float = 50.0,
                  writer_process: bool = False, likes_shards: int = 1,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", gc_threshold: int = 0) -> None:
         if likes_shards < 1 or (likes_shards > 1 and not writer_process):
             raise ConfigError("sqlite_likes_shards must be at least 1, and above 1 only with "
                               "sqlite_writer_process (a writer process per shard)")
@@ -114,7 +114,7 @@ class SqliteStore:
         self.writer_processes = [
             WriterProcess(WriterConfig(self.path, self.synchronous, group_commit_max,
                                        wal_autocheckpoint, self.mmap_bytes, log_level, shard,
-                                       source_of(shard)))
+                                       source_of(shard), gc_threshold))
             for shard in range(likes_shards)] if writer_process else []
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()

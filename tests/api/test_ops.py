@@ -141,7 +141,7 @@ async def test_refused_bodies_are_counted_under_their_route(client: httpx.AsyncC
 def test_tune_gc_freezes_start_up_objects_and_spaces_young_collections() -> None:
     import gc
 
-    from tally.api.app import tune_gc
+    from tally.gctune import tune_gc
 
     before = gc.get_threshold()
     try:
