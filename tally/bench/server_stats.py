@@ -7,6 +7,7 @@ count write absorbed, measured on the very workload the run drove.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -32,6 +33,19 @@ def scrape(url: str) -> dict[str, float]:
         if name in COUNTERS or name in GAUGES or name in LABELLED:
             out[name] = float(value)
     return out
+
+
+def settle(url: str, timeout_s: float = 20.0, poll_s: float = 0.1) -> float:
+    """Waits until the aggregator has applied every logged event (or ``timeout_s`` passed) and
+    returns the seconds waited. Each run then measures its own workload on a caught-up server,
+    not the backlog of the one before it (a feed run that followed the increments spent its
+    first second behind their counting)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if scrape(url).get("tally_aggregator_lag_events", 0.0) <= 0:
+            break
+        time.sleep(poll_s)
+    return round(time.monotonic() - start, 3)
 
 
 def hot_items(url: str, n: int = 3) -> list[dict[str, Any]]:

@@ -77,12 +77,14 @@ class Suite:
                        workers=p.workers, seed=p.seed, params=p.params, run_id=len(self.runs) + 1)
         spec = replace(spec, **over)
         url = f"http://{HOST}:{port}"
+        settled = server_stats.settle(url) if target == "tally" else None
         before = server_stats.scrape(url) if target == "tally" else {}
         result = loadgen.run(spec, self.show_progress).as_dict()
         result["target"] = target
         result["round"] = round_
         if before:
             result["server"] = server_stats.delta(before, server_stats.scrape(url))
+            result["server"]["settle_s"] = settled
             result["server"]["hot_items"] = server_stats.hot_items(url)
         self.runs.append(result)
         return result

@@ -162,10 +162,10 @@ def test_tune_gc_freezes_start_up_objects_and_spaces_young_collections() -> None
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
-        from tally.api import app
+        from tally import gctune
 
-        if app._freeze_after_first_full_collection in gc.callbacks:
-            gc.callbacks.remove(app._freeze_after_first_full_collection)
+        if gctune._freeze_after_first_full_collection in gc.callbacks:
+            gc.callbacks.remove(gctune._freeze_after_first_full_collection)
 
 
 async def test_loop_lag_is_measured_and_a_stall_is_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -196,10 +196,11 @@ async def test_an_embedded_app_leaves_the_host_collector_alone(settings: Setting
     them (Hypothesis' register_random check then failed in CI)."""
     import gc
 
+    from tally import gctune
     from tally.api import app as app_module
 
     before = (gc.get_threshold(), gc.get_freeze_count())
     async with app_client(app_module.create_app(settings)) as c:
         assert (await c.get("/healthz")).status_code == 200
         assert (gc.get_threshold(), gc.get_freeze_count()) == before
-        assert app_module._freeze_after_first_full_collection not in gc.callbacks
+        assert gctune._freeze_after_first_full_collection not in gc.callbacks

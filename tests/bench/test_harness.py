@@ -131,3 +131,43 @@ def test_the_sustained_rate_is_the_highest_step_served_in_full_within_the_bound(
     assert sustained([step(70, 20.0), step(80, 30.0, served=0.9)], "tally", "bulk", 50.0) == 70
     assert sustained([step(70, 20.0), step(80, 30.0, errors=1)], "tally", "bulk", 50.0) == 70
     assert sustained([], "tally", "bulk", 50.0) == 0
+
+
+def test_settle_waits_for_the_aggregator_to_catch_up() -> None:
+    """A server whose lag falls to zero on the third scrape: settle polls until then; one that
+    never catches up is left after the timeout, and the wait is reported either way."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tally.bench.server_stats import settle
+
+    lags = iter([5000.0, 120.0])
+    scrapes: list[float] = []
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            lag = next(lags, 0.0) if self.server is caught_up else 7.0
+            scrapes.append(lag)
+            body = f"tally_aggregator_lag_events {lag}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    caught_up = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    behind = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    for srv in (caught_up, behind):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        waited = settle(f"http://127.0.0.1:{caught_up.server_port}", timeout_s=10, poll_s=0.01)
+        assert scrapes == [5000.0, 120.0, 0.0] and waited < 10
+        scrapes.clear()
+        waited = settle(f"http://127.0.0.1:{behind.server_port}", timeout_s=0.2, poll_s=0.01)
+        assert waited >= 0.2 and scrapes and set(scrapes) == {7.0}
+    finally:
+        for srv in (caught_up, behind):
+            srv.shutdown()
+            srv.server_close()
