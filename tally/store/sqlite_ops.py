@@ -141,6 +141,12 @@ def stored_counts(conn: sqlite3.Connection, keys: Sequence[CountKey]) -> dict[Co
     return found
 
 
+def count_keys_of(ops: Sequence[Op]) -> list[CountKey]:
+    """The count keys ``ops`` touch, once each, in order: what ``apply_ops`` asks
+    ``counts_of`` for."""
+    return list(dict.fromkeys((op.counter, op.item) for op in ops))
+
+
 def apply_ops(conn: sqlite3.Connection, ops: Sequence[Op], counts_of: CountsOf,
               now: float) -> tuple[list[OpResult], dict[CountKey, int]]:
     """Runs ``ops`` in order inside the open transaction.
@@ -152,7 +158,7 @@ def apply_ops(conn: sqlite3.Connection, ops: Sequence[Op], counts_of: CountsOf,
     touched = list(dict.fromkeys((op.counter, op.user, op.item) for op in ops
                                  if isinstance(op, ToggleOp)))
     states = toggle_states(conn, touched) if touched else {}
-    count_keys = list(dict.fromkeys((op.counter, op.item) for op in ops))
+    count_keys = count_keys_of(ops)
     before = counts_of(count_keys)
     seq = log_head(conn)
 

@@ -86,6 +86,7 @@ class LoggedSince:
     def __init__(self, events: Iterable[tuple[int, CountKey, int]] = ()) -> None:
         self._events: deque[tuple[int, CountKey, int]] = deque()
         self._sums: dict[CountKey, int] = {}
+        self.position = 0  # the newest watermark seen: no event at or below it is kept
         self.add(events)
 
     def add(self, events: Iterable[tuple[int, CountKey, int]]) -> None:
@@ -106,7 +107,9 @@ class LoggedSince:
             self._subtract(self._events.pop())
 
     def since(self, keys: Iterable[CountKey], position: int) -> dict[CountKey, int]:
-        """The deltas after ``position`` per key (0 left out)."""
+        """The deltas after ``position`` per key (0 left out). Asked after a watermark older
+        than ``self.position``, it still answers after ``self.position``: those events are gone."""
+        self.position = max(self.position, position)
         while self._events and self._events[0][0] <= position:
             self._subtract(self._events.popleft())
         sums = self._sums

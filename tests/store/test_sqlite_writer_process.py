@@ -131,3 +131,32 @@ async def test_the_number_of_shards_stays_what_the_data_was_split_into(tmp_path:
     await two.close()
     with pytest.raises(ConfigError, match="only with sqlite_writer_process"):
         SqliteStore(db, "FULL", likes_shards=2)
+
+
+@pytest.mark.anyio
+async def test_a_prefetched_count_older_than_a_round_is_read_again(tmp_path: Path) -> None:
+    """The child reads a batch's counts on its event loop before queueing it. If a round moved
+    the watermark past that read before the batch ran (and the child's log account dropped the
+    events in between), the read is stale and must be done again; otherwise it serves."""
+    from tally.store.sqlite_writer_process import WriterConfig, _Child
+
+    s = SqliteStore(tmp_path / "tally.db", "FULL")  # the thread writer writes the shared files
+    await s.start()
+    child = _Child(WriterConfig(s.path, "FULL", 1_000, 1_000, 0))
+    try:
+        await s.write([like(u, "post:1") for u in (1, 2, 3)])
+        await s.aggregate("agg", 1_000, [])
+        early = child.prefetch([like(4, "post:1")])
+        assert (early.position, early.stored) == (3, {K: 3})
+        await s.write([like(4, "post:1"), like(5, "post:1")])
+        child.logged.add([(4, K, 1), (5, K, 1)])  # as if the child had logged them
+        assert child._exact_counts([K], early) == {K: 5}  # table at 3 + events 4 and 5
+        await s.aggregate("agg", 1_000, [])
+        assert child._exact_counts([K]) == {K: 5}  # a later batch's read: table at 5, events gone
+        assert child.logged.position == 5 and len(child.logged) == 0
+        assert child._exact_counts([K], early) == {K: 5}  # the prefetch (at 3) is read again
+        assert child._exact_counts([L], early) == {}  # and so is one for other keys
+    finally:
+        for conn in child._readers.values():
+            conn.close()
+        await s.close()
