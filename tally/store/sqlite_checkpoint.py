@@ -23,9 +23,9 @@ log = logging.getLogger("tally.sqlite")
 # the passive checkpoints here keep up, but with a commit every few ms and a reader always in the
 # WAL, a writer found it wholly copied (the condition for writing it again from the start) only
 # right after checkpointing itself. At 10 (10,000 pages, about 40 MB) that was three times a
-# second under bulk likes, and each such commit took 20-37 ms (copying the frames since the last
-# pass and syncing the database file): the likes writer's commit p99 22-23 ms, against 5.7 ms at
-# 100 (bulk of 250 at 140 req/s, 20 s). The price is a WAL file of up to ~400 MB under sustained
+# second under bulk likes, and each such commit took 20-37 ms, waiting on the disk (with the files
+# on tmpfs they were gone): the likes writer's commit p99 22-23 ms, against 5.7 ms at 100 (bulk
+# of 250 at 140 req/s, 20 s). The price is a WAL file of up to ~400 MB under sustained
 # writes, reused from its start after each restart.
 BACKSTOP_FACTOR = 100
 

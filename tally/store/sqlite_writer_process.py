@@ -160,6 +160,7 @@ class _Child:
         this writer has already dropped its events through (rounds moved on meanwhile: read
         again)."""
         if early is not None and early.keys == keys and early.position >= self.logged.position:
+            # A copy: the job may run again (isolated, after another job's failure).
             position, stored = early.position, dict(early.stored)
         else:
             position, stored = counts_at_watermark(self._reader("writer"), keys,
