@@ -173,7 +173,8 @@ def build(settings: Settings) -> Runtime:
                         settings.inline_reads, settings.sqlite_wal_autocheckpoint,
                         settings.sqlite_mmap_mb, settings.sqlite_checkpoint_ms,
                         settings.sqlite_writer_process, settings.sqlite_likes_shards,
-                        settings.log_level, settings.gc_threshold)
+                        settings.log_level, settings.gc_threshold,
+                        settings.sqlite_pipelined_sync)
     hot = SpaceSaving(settings.hot_top_k)
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,

@@ -50,6 +50,10 @@ class Settings:
     sqlite_synchronous: str = _s(
         "FULL", "SQLite durability: FULL survives power loss, NORMAL survives process crashes"
     )
+    sqlite_pipelined_sync: bool = _s(
+        True, "With FULL: the likes writer syncs its WAL from a thread of its own and answers a "
+              "commit once that sync has covered it, running the next batch meanwhile (the same "
+              "durability, the fsync off the writer's path); false: SQLite syncs inside COMMIT")
     item_types: list[str] = _s(["post", "reel", "comment", "story"], "Allowed item types")
     counters: list[dict[str, Any]] = _s(DEFAULT_COUNTERS, "Counter definitions (name, kind)")
     group_commit_ms: float = _s(0.0, "Extra wait for more writes before a commit; 0: writes that "

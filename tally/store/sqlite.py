@@ -42,8 +42,14 @@ from tally.store.sqlite_ops import (
 from tally.store.sqlite_ops import watermark as _watermark
 from tally.store.sqlite_pending import Unapplied
 from tally.store.sqlite_reconcile import reconcile_chunk
-from tally.store.sqlite_schema import connect, likes_schema, migrate
-from tally.store.sqlite_writer import GroupCommitWriter, Tx
+from tally.store.sqlite_schema import connect, likes_path, likes_schema, migrate
+from tally.store.sqlite_writer import (
+    GroupCommitWriter,
+    Tx,
+    WalSync,
+    commit_unsynced,
+    pipelines_sync,
+)
 from tally.store.sqlite_writer_process import WriterConfig, WriterProcess
 
 T = TypeVar("T")
@@ -85,7 +91,8 @@ class SqliteStore:
                  inline_reads: bool = True, wal_autocheckpoint: int = 1000,
                  mmap_mb: int = 1024, checkpoint_ms: float = 50.0,
                  writer_process: bool = False, likes_shards: int = 1,
-                 log_level: str = "INFO", gc_threshold: int = 0) -> None:
+                 log_level: str = "INFO", gc_threshold: int = 0,
+                 pipelined_sync: bool = True) -> None:
         if likes_shards < 1 or (likes_shards > 1 and not writer_process):
             raise ConfigError("sqlite_likes_shards must be at least 1, and above 1 only with "
                               "sqlite_writer_process (a writer process per shard)")
@@ -93,10 +100,22 @@ class SqliteStore:
         self.shards = likes_shards
         self.group_commit_max = group_commit_max
         self.synchronous = synchronous.upper()
+        self.pipelined_sync = pipelines_sync(self.synchronous, pipelined_sync)
+        # With the likes writers' syncs pipelined, a commit is visible before it is durable. The
+        # counts derived from it must not be: after a power loss they would hold events the log
+        # lost, and the next events would reuse those sequence numbers below the watermark. So
+        # the counts writer syncs every likes file before each commit of its own (a few a
+        # second): whatever it read had committed, so is then on disk.
+        self.likes_syncs = ([WalSync(likes_path(self.path, k)) for k in range(likes_shards)]
+                            if self.pipelined_sync else [])
+        # Its own descriptor: each thread syncs through one of its own.
+        self._writer_sync = (WalSync(likes_path(self.path, 0))
+                             if self.pipelined_sync and not writer_process else None)
         self.writer = GroupCommitWriter(self._open_writer, group_commit_ms / 1000, group_commit_max,
-                                        begin="BEGIN")
-        self.counts_writer = GroupCommitWriter(self._open_counts_writer, 0.0, group_commit_max,
-                                               name="tally-sqlite-counts", begin="BEGIN")
+                                        begin="BEGIN", durable=self._writer_sync)
+        self.counts_writer = GroupCommitWriter(
+            self._open_counts_writer, 0.0, group_commit_max, name="tally-sqlite-counts",
+            begin="BEGIN", before_commit=self._sync_likes if self.likes_syncs else None)
         self._read_threads = read_threads
         self.inline_reads = inline_reads
         self.mmap_bytes = mmap_mb * 1024 * 1024
@@ -114,7 +133,7 @@ class SqliteStore:
         self.writer_processes = [
             WriterProcess(WriterConfig(self.path, self.synchronous, group_commit_max,
                                        wal_autocheckpoint, self.mmap_bytes, log_level, shard,
-                                       source_of(shard), gc_threshold))
+                                       source_of(shard), gc_threshold, pipelined_sync))
             for shard in range(likes_shards)] if writer_process else []
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
@@ -130,12 +149,18 @@ class SqliteStore:
     def _open_writer(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(self.path, self.synchronous, writes="likes", mmap_bytes=self.mmap_bytes)
+        if self.pipelined_sync:
+            commit_unsynced(conn)
         # SQLite checkpoints in the committing connection: this one, so each is a pause of the
         # writer. The checkpointer thread does them instead; this one is its backstop.
         conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
         migrate(conn)
         self.unapplied = Unapplied(self._load_pending(conn))
         return conn
+
+    def _sync_likes(self) -> None:
+        for sync in self.likes_syncs:
+            sync()
 
     def _connect(self, writes: str, readonly: bool = False) -> sqlite3.Connection:
         return connect(self.path, self.synchronous, readonly=readonly, writes=writes,
@@ -175,6 +200,9 @@ class SqliteStore:
                 await proc.stop()
         else:
             await self.writer.stop()
+        for sync in [*self.likes_syncs, self._writer_sync]:
+            if sync is not None:
+                sync.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

@@ -48,8 +48,14 @@ from tally.store.sqlite_ops import (
     watermark,
 )
 from tally.store.sqlite_pending import LoggedSince
-from tally.store.sqlite_schema import connect, migrate
-from tally.store.sqlite_writer import GroupCommitWriter, Tx
+from tally.store.sqlite_schema import connect, likes_path, migrate
+from tally.store.sqlite_writer import (
+    GroupCommitWriter,
+    Tx,
+    WalSync,
+    commit_unsynced,
+    pipelines_sync,
+)
 
 log = logging.getLogger("tally.sqlite.writer")
 
@@ -70,6 +76,7 @@ class WriterConfig:
     shard: int = 0  # of the like records: this writer's file is likes_path(path, shard)
     source: str = "local"  # its change log's name in the watermarks
     gc_threshold: int = 0  # young-collection threshold (tally.gctune); 0 leaves Python's own
+    pipelined_sync: bool = True  # see sqlite_writer.pipelines_sync
 
 
 def _to_wire(op: Op) -> tuple[Any, ...]:
@@ -119,7 +126,10 @@ async def _receive(reader: asyncio.StreamReader) -> tuple[Any, ...]:
 class _Child:
     def __init__(self, config: WriterConfig) -> None:
         self.config = config
-        self.writer = GroupCommitWriter(self._open, 0.0, config.max_ops, begin="BEGIN")
+        self.wal_sync = (WalSync(likes_path(config.path, config.shard))
+                         if pipelines_sync(config.synchronous, config.pipelined_sync) else None)
+        self.writer = GroupCommitWriter(self._open, 0.0, config.max_ops, begin="BEGIN",
+                                        durable=self.wal_sync)
         self.logged = LoggedSince()
         # A reader each for the writer thread and the event loop (a connection is not shared
         # between threads), opened on first use.
@@ -130,6 +140,8 @@ class _Child:
         c.path.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(c.path, c.synchronous, writes="likes", mmap_bytes=c.mmap_bytes,
                        shard=c.shard)
+        if self.wal_sync is not None:
+            commit_unsynced(conn)
         conn.execute(f"PRAGMA wal_autocheckpoint={int(c.wal_autocheckpoint)}")
         migrate(conn, c.shard)
         rows = conn.execute("SELECT seq, counter, item, delta FROM changelog WHERE seq > ? "
@@ -203,6 +215,8 @@ class _Child:
                 task.add_done_callback(pending.discard)
         finally:
             await self.writer.stop()  # commits what is queued, then closes the connection
+            if self.wal_sync is not None:
+                self.wal_sync.close()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
             for conn in self._readers.values():
