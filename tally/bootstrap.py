@@ -105,6 +105,9 @@ class Runtime:
         down = [k for k, proc in enumerate(self.store.writer_processes) if not proc.running]
         if down:
             return False, {"reason": f"likes writer process of shard(s) {down} is restarting"}
+        if self.store.pipelined_sync and self.store.sync_stats()[1]:
+            return False, {"reason": "a likes writer stopped after a failed WAL fsync: writes "
+                                     "are refused until the server restarts"}
         lag = self.aggregator.stats
         return True, {"aggregator_lag_events": max(lag.head - lag.watermark, 0),
                       "aggregator_lag_seconds": lag.lag_seconds}
@@ -140,6 +143,15 @@ class Runtime:
             ("counter", "tally_write_commit_failures", "Failed group commits",
              failed_commits, {}),
         ]
+        if self.store.pipelined_sync:
+            syncs, stopped = self.store.sync_stats()
+            rows += [
+                ("counter", "tally_write_syncs", "WAL syncs of the likes writers (pipelined: "
+                 "each answers every commit made before it began)", float(syncs), {}),
+                ("gauge", "tally_write_stopped_by_sync_failure", "Likes writers that take no "
+                 "writes after a failed fsync (restart the server once the disk is checked)",
+                 float(stopped), {}),
+            ]
         for shard, proc in enumerate(self.store.writer_processes):
             rows.append(("counter", "tally_write_process_restarts",
                          "Times a likes writer process died and was started again",

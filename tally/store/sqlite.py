@@ -524,3 +524,10 @@ class SqliteStore:
                                                                   or [self.writer])
         return (sum(w.commits for w in writers), sum(w.committed_ops for w in writers),
                 sum(w.failed_commits for w in writers))
+
+    def sync_stats(self) -> tuple[int, int]:
+        """(pipelined WAL syncs, likes writers stopped by a failed sync)."""
+        if self.writer_processes:
+            return (sum(p.syncs for p in self.writer_processes),
+                    sum(p.sync_failed for p in self.writer_processes))
+        return self.writer.syncs, int(self.writer.sync_error is not None)

@@ -193,9 +193,9 @@ class _Child:
             tx.on_rollback.append(lambda: self.logged.drop_after(first))
         return results
 
-    def counters(self) -> tuple[int, int, int]:
+    def counters(self) -> tuple[int, int, int, int, int]:
         w = self.writer
-        return (w.commits, w.committed_ops, w.failed_commits)
+        return (w.commits, w.committed_ops, w.failed_commits, w.syncs, int(w.sync_error is not None))
 
     async def serve(self, sock: socket.socket) -> None:
         reader, writer = await asyncio.open_connection(sock=sock)
@@ -261,6 +261,8 @@ class WriterProcess:
         self.config = config
         self.max_ops = config.max_ops
         self.commits = self.committed_ops = self.failed_commits = 0  # the child's, as last told
+        self.syncs = 0  # its pipelined WAL syncs
+        self.sync_failed = False  # its last sync failed: it takes no writes (see GroupCommitWriter)
         self.restarts = 0
         self.pid: int | None = None
         self._process: Any = None
@@ -270,7 +272,7 @@ class WriterProcess:
         self._next_id = 0
         self._stopping = False
         self._restarting: asyncio.Task[None] | None = None
-        self._base = (0, 0, 0)  # counters of children before the current one
+        self._base = (0, 0, 0, 0)  # counters of children before the current one
 
     @property
     def running(self) -> bool:
@@ -355,8 +357,9 @@ class WriterProcess:
         try:
             while True:
                 req_id, ok, value, counters = await _receive(reader)
-                self.commits, self.committed_ops, self.failed_commits = (
-                    b + c for b, c in zip(self._base, counters, strict=True))
+                self.commits, self.committed_ops, self.failed_commits, self.syncs = (
+                    b + c for b, c in zip(self._base, counters[:4], strict=True))
+                self.sync_failed = bool(counters[4])
                 fut = self._waiting.pop(req_id, None)
                 if fut is None or fut.done():
                     continue
@@ -389,7 +392,7 @@ class WriterProcess:
             await asyncio.sleep(RESTART_DELAY_S)
             if self._process is not None:
                 await asyncio.to_thread(self._process.join, 5)
-            self._base = (self.commits, self.committed_ops, self.failed_commits)
+            self._base = (self.commits, self.committed_ops, self.failed_commits, self.syncs)
             try:
                 await self.start()
             except Exception:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tally.core.coalesce import coalesce
+from tally.core.errors import Unavailable
 from tally.core.model import CountKey
 from tally.store.ports import ChangeLog, CountStore, InPlaceAggregation
 
@@ -73,7 +74,10 @@ class Aggregator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self.drain()
+        try:
+            await self.drain()
+        except Unavailable as exc:  # the next start goes on from the watermark
+            log.warning("aggregator stopped without draining", extra={"error": str(exc)})
 
     async def step(self) -> int:
         """One round: apply up to max_events events. Returns how many were applied."""

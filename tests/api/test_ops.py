@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -9,6 +10,7 @@ import signal
 import httpx
 import pytest
 
+from tally.api.app import create_app
 from tally.settings import Settings
 from tests.helpers import app_client, poll, runtime_of
 
@@ -90,6 +92,8 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
     ratio = sample(text, "tally_cache_hit_ratio")
     assert 0 < ratio < 1  # the first read missed, the later ones hit
     assert sample(text, "tally_write_commits_total") >= 1
+    assert sample(text, "tally_write_syncs_total") >= 1  # FULL: answered after a pipelined sync
+    assert sample(text, "tally_write_stopped_by_sync_failure") == 0
     assert sample(text, "tally_hot_item_hits", item="post:1") >= 1
     assert sample(text, "tally_sqlite_checkpoint_failures_total") == 0
     assert sample(text, "tally_sqlite_wal_frames", file="likes") >= 0
@@ -204,3 +208,25 @@ async def test_an_embedded_app_leaves_the_host_collector_alone(settings: Setting
         assert (await c.get("/healthz")).status_code == 200
         assert (gc.get_threshold(), gc.get_freeze_count()) == before
         assert gctune._freeze_after_first_full_collection not in gc.callbacks
+
+
+async def test_a_failed_wal_sync_stops_writes_and_readiness(settings: Settings) -> None:
+    """In-process writer, its sync made to fail: the write is refused (never acknowledged
+    undurable), later writes too, and the server reports itself not ready."""
+    settings = dataclasses.replace(settings, sqlite_writer_process=False)
+    async with app_client(create_app(settings)) as client:
+        rt = runtime_of(client)
+
+        def failing() -> None:
+            raise OSError(5, "Input/output error")
+
+        rt.store.writer._durable = failing
+        body = {"user_id": 1, "item_type": "post", "item_id": 1}
+        r = await client.post("/v1/like", json=body)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        r = await client.post("/v1/like", json=body)
+        assert r.status_code == 503 and "failed sync" in r.json()["error"]["message"]
+        r = await client.get("/readyz")
+        assert r.status_code == 503 and "fsync" in r.json()["reason"]
+        text = (await client.get("/metrics")).text
+        assert sample(text, "tally_write_stopped_by_sync_failure") == 1
