@@ -149,12 +149,12 @@ class SqliteStore:
     def _open_writer(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = connect(self.path, self.synchronous, writes="likes", mmap_bytes=self.mmap_bytes)
-        if self.pipelined_sync:
-            commit_unsynced(conn)
         # SQLite checkpoints in the committing connection: this one, so each is a pause of the
         # writer. The checkpointer thread does them instead; this one is its backstop.
         conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
-        migrate(conn)
+        migrate(conn)  # synced by SQLite: it is not a job the sync thread answers
+        if self.pipelined_sync:
+            commit_unsynced(conn)
         self.unapplied = Unapplied(self._load_pending(conn))
         return conn
 

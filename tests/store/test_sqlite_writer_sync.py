@@ -189,3 +189,19 @@ async def test_counts_commit_after_the_like_records_are_synced(
 async def test_normal_durability_keeps_sqlite_syncs_off_the_writer(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "tally.db", synchronous="NORMAL")
     assert not store.pipelined_sync and store.likes_syncs == []
+
+
+@pytest.mark.parametrize(("pipelined", "level"), [(True, 1), (False, 2)])
+async def test_the_writer_commits_unsynced_only_when_it_syncs_itself(
+        tmp_path: Path, pipelined: bool, level: int) -> None:
+    """NORMAL (1) on the likes writer's own file when its sync thread syncs; FULL (2) otherwise.
+    The counts file it attaches keeps FULL either way."""
+    store = SqliteStore(tmp_path / "tally.db", writer_process=False, pipelined_sync=pipelined)
+    await store.start()
+    try:
+        main, counts = await store.writer.run(lambda c, tx: (
+            c.execute("PRAGMA main.synchronous").fetchone()[0],
+            c.execute("PRAGMA counts.synchronous").fetchone()[0]))
+        assert (main, counts) == (level, 2)
+    finally:
+        await store.close()
