@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-COUNTERS = ("tally_write_commits_total", "tally_write_ops_committed_total",
+COUNTERS = ("tally_write_commits_total", "tally_write_ops_committed_total", "tally_write_syncs_total",
             "tally_aggregator_events_total", "tally_aggregator_keys_written_total",
             "tally_aggregator_batches_total", "tally_cache_coalesced_misses_total")
 GAUGES = ("tally_aggregator_lag_events", "tally_aggregator_lag_seconds")
@@ -69,6 +69,8 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
             d[f"{name}_before"], d[f"{name}_after"] = before.get(k, 0.0), after[k]
     if d.get("write_commits"):
         d["ops_per_commit"] = round(d["write_ops_committed"] / d["write_commits"], 1)
+    if d.get("write_syncs"):  # the likes writer's pipelined fsyncs: commits each one covered
+        d["commits_per_sync"] = round(d["write_commits"] / d["write_syncs"], 2)
     if d.get("aggregator_keys_written"):
         d["events_per_count_write"] = round(d["aggregator_events"] / d["aggregator_keys_written"], 1)
     return d

@@ -93,11 +93,12 @@ def test_server_stats_keep_full_collections_per_run() -> None:
     full = 'tally_gc_pause_seconds_count{generation="2"}'
     paused = 'tally_gc_pause_seconds_sum{generation="2"}'
     before = {"tally_write_commits_total": 10.0, "tally_write_ops_committed_total": 100.0,
-              full: 1.0, paused: 0.25}
+              "tally_write_syncs_total": 8.0, full: 1.0, paused: 0.25}
     after = {"tally_write_commits_total": 14.0, "tally_write_ops_committed_total": 300.0,
-             full: 3.0, paused: 0.65}
+             "tally_write_syncs_total": 10.0, full: 3.0, paused: 0.65}
     d = delta(before, after)
     assert d["write_commits"] == 4 and d["ops_per_commit"] == 50.0
+    assert d["write_syncs"] == 2 and d["commits_per_sync"] == 2.0
     assert d["gc_full_collections"] == 2 and d["gc_full_pause_s"] == 0.4
 
 
