@@ -47,7 +47,6 @@ from tally.store.sqlite_writer import (
     GroupCommitWriter,
     Tx,
     WalSync,
-    commit_unsynced,
     pipelines_sync,
 )
 from tally.store.sqlite_writer_process import WriterConfig, WriterProcess
@@ -152,9 +151,7 @@ class SqliteStore:
         # SQLite checkpoints in the committing connection: this one, so each is a pause of the
         # writer. The checkpointer thread does them instead; this one is its backstop.
         conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
-        migrate(conn)  # synced by SQLite: it is not a job the sync thread answers
-        if self.pipelined_sync:
-            commit_unsynced(conn)
+        migrate(conn)
         self.unapplied = Unapplied(self._load_pending(conn))
         return conn
 

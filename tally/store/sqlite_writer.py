@@ -65,11 +65,6 @@ def pipelines_sync(synchronous: str, pipelined: bool) -> bool:
     return pipelined and synchronous.upper() == "FULL"
 
 
-def commit_unsynced(conn: sqlite3.Connection) -> None:
-    """The writer's connection to its own file commits without syncing; its ``WalSync`` does."""
-    conn.execute("PRAGMA main.synchronous=NORMAL")
-
-
 class WalSync:
     """Makes every commit written to a database's WAL durable: ``fdatasync`` of its ``-wal`` file.
 
@@ -110,8 +105,9 @@ class GroupCommitWriter:
                  max_ops: int, name: str = "tally-sqlite-writer", begin: str = "BEGIN IMMEDIATE",
                  durable: Callable[[], None] | None = None,
                  before_commit: Callable[[], None] | None = None) -> None:
-        """``durable``: makes the commits so far durable (the connection then commits without
-        syncing); each batch is answered after the first call that starts after its commit.
+        """``durable``: makes the commits so far durable; the connection, once ``connect`` has
+        opened it (and migrated it, synced by SQLite), then commits its own file without syncing,
+        and each batch is answered after the first call that starts after its commit.
         ``before_commit``: runs before each ``COMMIT`` on the writer thread (the counts writer
         makes the like records it derived counts from durable first)."""
         self._connect = connect
@@ -173,6 +169,8 @@ class GroupCommitWriter:
     def _run(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
         try:
             conn = self._connect()
+            if self._durable is not None:
+                conn.execute("PRAGMA main.synchronous=NORMAL")  # the sync thread syncs
         except BaseException as exc:  # reported to start(), which re-raises it
             ready.put(exc)
             return

@@ -53,7 +53,6 @@ from tally.store.sqlite_writer import (
     GroupCommitWriter,
     Tx,
     WalSync,
-    commit_unsynced,
     pipelines_sync,
 )
 
@@ -141,9 +140,7 @@ class _Child:
         conn = connect(c.path, c.synchronous, writes="likes", mmap_bytes=c.mmap_bytes,
                        shard=c.shard)
         conn.execute(f"PRAGMA wal_autocheckpoint={int(c.wal_autocheckpoint)}")
-        migrate(conn, c.shard)  # synced by SQLite: it is not a job the sync thread answers
-        if self.wal_sync is not None:
-            commit_unsynced(conn)
+        migrate(conn, c.shard)
         rows = conn.execute("SELECT seq, counter, item, delta FROM changelog WHERE seq > ? "
                             "ORDER BY seq", (watermark(conn, None, c.source),))
         self.logged = LoggedSince((seq, (counter, item), d) for seq, counter, item, d in rows)

@@ -20,7 +20,6 @@ from tally.store.sqlite_writer import (
     GroupCommitWriter,
     Tx,
     WalSync,
-    commit_unsynced,
     pipelines_sync,
 )
 
@@ -48,7 +47,6 @@ class GatedSync:
 
 def open_db(path: Path) -> sqlite3.Connection:
     conn = connect(path, "FULL")
-    commit_unsynced(conn)
     conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY)")
     return conn
 
