@@ -21,11 +21,11 @@ engines:
 	scripts/ensure-engines.sh
 
 check: $(STAMP)
-	$(BIN)/ruff check tally tests
+	$(BIN)/ruff check tally tally_dev tests
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff check --fix tally tests
+	$(BIN)/ruff check --fix tally tally_dev tests
 
 test: $(STAMP) engines check
 	$(BIN)/pytest -q

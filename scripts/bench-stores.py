@@ -23,10 +23,10 @@ from typing import Any
 
 from tally.core.coalesce import coalesce
 from tally.core.model import ToggleOp
-from tally.engines import PostgresEngine
+from tally_dev.engines import PostgresEngine
 from tally.settings import Settings
-from tally.store.postgres_stores import PostgresStores, build_postgres
-from tally.store.sqlite import SqliteStore
+from tally.store.postgres.build import PostgresStores, build_postgres
+from tally.store.sqlite.store import SqliteStore
 
 
 async def run(name: str, op: Callable[[int], Awaitable[Any]], concurrency: int,

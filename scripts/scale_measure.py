@@ -24,7 +24,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from scale_bench import run
 
-from tally.cluster import DevCluster, log_lag
+from tally_dev.cluster import DevCluster, log_lag
 
 
 async def sample_lag(cluster: DevCluster, stop: asyncio.Event, out: dict[str, float]) -> None:

@@ -16,7 +16,7 @@ from tally.metrics import Metrics, Sample
 from tally.service.counters import CounterService, Limits
 from tally.service.reads import CountReader
 from tally.settings import Settings
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
 
 log = logging.getLogger("tally")

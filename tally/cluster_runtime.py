@@ -24,10 +24,10 @@ from tally.metrics import Metrics, Sample
 from tally.service.counters import CounterService, Limits
 from tally.service.reads import CountReader
 from tally.settings import Settings
-from tally.store.jetstream import EventLog
+from tally.store.jetstream.eventlog import EventLog
 from tally.store.ports import ReconcileChunk, Recounter
-from tally.store.postgres_stores import build_postgres
-from tally.store.redis_counts import RedisCounts, TieredCounts
+from tally.store.postgres.build import build_postgres
+from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.workers.partitions import PartitionPool
 from tally.workers.relay import Relay
 

@@ -10,12 +10,12 @@ from typing import Protocol
 import httpx
 import pytest
 
-from tally import engines
 from tally.api.app import create_app
-from tally.bench.targets import HttpServer
 from tally.bootstrap import Runtime, build
-from tally.engines import free_port
 from tally.settings import Settings
+from tally_dev import engines
+from tally_dev.bench.targets import HttpServer
+from tally_dev.engines import free_port
 from tests.helpers import app_client
 
 

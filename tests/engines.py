@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from tally.engines import Engine, NatsEngine, PostgresEngine, RedisEngine, missing_binaries
+from tally_dev.engines import Engine, NatsEngine, PostgresEngine, RedisEngine, missing_binaries
 
 E = TypeVar("E", bound=Engine)
 _names = itertools.count(1)

@@ -16,9 +16,9 @@ from fastapi import FastAPI
 
 from tally.bootstrap import Runtime
 from tally.core.model import ToggleOp
-from tally.store.sqlite import SqliteStore
-from tally.store.sqlite_schema import counts_path
-from tally.store.sqlite_writer import GroupCommitWriter, Tx
+from tally.store.sqlite.schema import counts_path
+from tally.store.sqlite.store import SqliteStore
+from tally.store.sqlite.writer import GroupCommitWriter, Tx
 
 CountMap = dict[tuple[str, str], int]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tally.engines import HOST, EngineError, RedisEngine
+from tally_dev.engines import HOST, EngineError, RedisEngine
 
 
 class ClusterNode(RedisEngine):

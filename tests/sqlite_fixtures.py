@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 from tests.helpers import open_sqlite
 
 

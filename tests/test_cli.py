@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from tally.cli import main
-from tally.engines import free_port
+from tally_dev.engines import free_port
 from tests.conftest import ServerProcess
 from tests.helpers import db_exec, db_rows, poll_sync
 

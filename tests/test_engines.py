@@ -13,7 +13,7 @@ import nats
 import pytest
 import redis.asyncio as aioredis
 
-from tally.engines import (
+from tally_dev.engines import (
     EngineError,
     Missing,
     NatsEngine,
@@ -146,7 +146,7 @@ def test_port_in_use_is_refused(engine_factory: EngineFactory) -> None:
 def test_engines_die_with_the_process_that_started_them(engines_dir: Path) -> None:
     """A test run killed by a timeout leaves no server behind (die_with_parent, set by fixtures)."""
     code = ("import sys, time\n"
-            "from tally.engines import PostgresEngine, RedisEngine\n"
+            "from tally_dev.engines import PostgresEngine, RedisEngine\n"
             "for e in (PostgresEngine(sys.argv[1] + '/pg'), RedisEngine(sys.argv[1] + '/rd')):\n"
             "    e.die_with_parent = True\n"
             "    e.start()\n"

@@ -30,7 +30,7 @@ class LikeStore(Lifecycle, Protocol):
         A toggle op that repeats the current state changes nothing and appends no event.
         (A store sharded over databases is atomic per database; across them only a failure
         during the commits can split a request, which then fails and is safe to retry: see
-        ``tally.store.postgres``.)
+        ``tally.store.postgres.likes``.)
         """
 
     async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:

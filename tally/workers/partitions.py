@@ -31,9 +31,9 @@ from redis.exceptions import RedisError
 
 from tally.core.coalesce import coalesce
 from tally.core.model import CountKey
-from tally.store.jetstream import EventLog, LogGap, LogMessage, PartitionReader, stream_position
+from tally.store.jetstream.eventlog import EventLog, LogGap, LogMessage, PartitionReader, stream_position
 from tally.store.ports import CountStore
-from tally.store.redis_counts import RedisCounts
+from tally.store.rediscache.counts import RedisCounts
 from tally.workers.leases import LeaseSet, cancelled, stop_task
 
 log = logging.getLogger("tally.partitions")

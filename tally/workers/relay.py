@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from tally.store.jetstream import EventLog
+from tally.store.jetstream.eventlog import EventLog
 from tally.store.ports import Outbox
 from tally.workers.leases import LeaseSet, cancelled, stop_task
 

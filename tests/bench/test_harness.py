@@ -8,9 +8,9 @@ from typing import Any
 import orjson
 import pytest
 
-from tally.bench.hist import Recorder
-from tally.bench.http1 import Http1Connection
-from tally.bench.workloads import PRESETS, Generator, Params, Zipf
+from tally_dev.bench.hist import Recorder
+from tally_dev.bench.http1 import Http1Connection
+from tally_dev.bench.workloads import PRESETS, Generator, Params, Zipf
 
 
 def _bodies(preset: str, seed: int, n: int = 50) -> list[bytes]:
@@ -88,7 +88,7 @@ def test_runs_like_with_fresh_users() -> None:
 
 
 def test_server_stats_keep_full_collections_per_run() -> None:
-    from tally.bench.server_stats import delta
+    from tally_dev.bench.server_stats import delta
 
     full = 'tally_gc_pause_seconds_count{generation="2"}'
     paused = 'tally_gc_pause_seconds_sum{generation="2"}'
@@ -103,7 +103,7 @@ def test_server_stats_keep_full_collections_per_run() -> None:
 
 
 def test_maxima_are_medians_of_the_rounds_and_the_feed_check_names_its_own_maximum() -> None:
-    from tally.bench.checks import checks, median_max
+    from tally_dev.bench.checks import checks, median_max
 
     def run(preset: str, per_s: float, mode: str = "closed", round_: int | None = None,
             p99: float = 1.0) -> dict[str, Any]:
@@ -120,7 +120,7 @@ def test_maxima_are_medians_of_the_rounds_and_the_feed_check_names_its_own_maxim
 
 
 def test_the_sustained_rate_is_the_highest_step_served_in_full_within_the_bound() -> None:
-    from tally.bench.checks import sustained
+    from tally_dev.bench.checks import sustained
 
     def step(rate: float, p99: float, served: float = 1.0, errors: int = 0) -> dict[str, Any]:
         return {"target": "tally", "preset": "bulk", "mode": "open", "offered_per_s": rate,
@@ -140,7 +140,7 @@ def test_settle_waits_for_the_aggregator_to_catch_up() -> None:
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from tally.bench.server_stats import settle
+    from tally_dev.bench.server_stats import settle
 
     lags = iter([5000.0, 120.0])
     scrapes: list[float] = []

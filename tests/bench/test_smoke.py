@@ -13,9 +13,9 @@ import httpx
 import orjson
 import pytest
 
-from tally.bench.hist import PERCENTILES
-from tally.bench.suite import PEER_PRESETS, QUICK, Suite, peer_target, run_suite
-from tally.engines import HOST
+from tally_dev.bench.hist import PERCENTILES
+from tally_dev.bench.suite import PEER_PRESETS, QUICK, Suite, peer_target, run_suite
+from tally_dev.engines import HOST
 from tests.engines import require
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import httpx
 import orjson
 import pytest
 
-from tally.cluster import DevCluster, Layout
+from tally_dev.cluster import DevCluster, Layout
 from tests.engines import require
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow]

@@ -12,7 +12,7 @@ from tally.core.hotkeys import SpaceSaving
 from tally.core.lru import LRU
 from tally.core.model import CountKey
 from tally.service.reads import CountReader
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
 from tests.helpers import like
 

@@ -19,12 +19,12 @@ import pytest
 from tally.core.coalesce import coalesce
 from tally.core.model import CountKey
 from tally.store.ports import CountStore, LikeStore, Outbox, Recounter
-from tally.store.postgres import PostgresLikeStore
-from tally.store.postgres_cluster import PgCluster
-from tally.store.postgres_counts import PostgresCountStore
-from tally.store.postgres_reconcile import PostgresRecounter
+from tally.store.postgres.cluster import PgCluster
+from tally.store.postgres.counts import PostgresCountStore
+from tally.store.postgres.likes import PostgresLikeStore
+from tally.store.postgres.reconcile import PostgresRecounter
 from tally.store.shards import ShardMap
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 
 CONSUMER = "contract"
 

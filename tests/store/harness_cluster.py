@@ -16,12 +16,12 @@ from nats.js.errors import NotFoundError
 
 from tally.cluster_runtime import CacheDroppingRecounter
 from tally.core.model import CountKey
-from tally.store.jetstream import EventLog
-from tally.store.postgres import PostgresLikeStore
-from tally.store.postgres_cluster import PgCluster
-from tally.store.postgres_counts import PostgresCountStore
-from tally.store.postgres_reconcile import PostgresRecounter
-from tally.store.redis_counts import RedisCounts, TieredCounts
+from tally.store.jetstream.eventlog import EventLog
+from tally.store.postgres.cluster import PgCluster
+from tally.store.postgres.counts import PostgresCountStore
+from tally.store.postgres.likes import PostgresLikeStore
+from tally.store.postgres.reconcile import PostgresRecounter
+from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.store.shards import ShardMap
 from tally.workers.partitions import PartitionWorker
 from tally.workers.relay import SourceRelay

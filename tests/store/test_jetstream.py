@@ -10,7 +10,7 @@ import pytest
 
 from tally.core.errors import ConfigError
 from tally.core.model import Event
-from tally.store.jetstream import EventLog, decode_run, encode_run, partition_of
+from tally.store.jetstream.eventlog import EventLog, decode_run, encode_run, partition_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 

@@ -13,8 +13,8 @@ import pytest
 from tally.core.coalesce import Batch, coalesce
 from tally.core.errors import ConfigError, Unavailable
 from tally.core.model import Event
-from tally.store.postgres_cluster import PgCluster
-from tally.store.postgres_counts import PostgresCountStore
+from tally.store.postgres.cluster import PgCluster
+from tally.store.postgres.counts import PostgresCountStore
 from tally.store.shards import ShardMap
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -149,7 +149,7 @@ async def test_reordered_databases_are_refused(pg_shared_dsns: list[str]) -> Non
 async def test_stores_built_from_settings_share_one_cluster(pg_shared_dsns: list[str]) -> None:
     from tally.core.model import ToggleOp
     from tally.settings import Settings
-    from tally.store.postgres_stores import build_postgres
+    from tally.store.postgres.build import build_postgres
 
     settings = Settings().replace(backend="cluster", postgres_dsns=pg_shared_dsns,
                                   logical_shards=128, outbox_slots=2, postgres_pool_max=3)
@@ -171,7 +171,7 @@ async def test_single_write_answer_with_counts_here_or_elsewhere(pg_shared_dsns:
     else it is read just before; either way the answer is the applied count plus this change."""
     from tally.core.model import ToggleOp
     from tally.settings import Settings
-    from tally.store.postgres_stores import build_postgres
+    from tally.store.postgres.build import build_postgres
 
     stores = build_postgres(Settings().replace(backend="cluster", postgres_dsns=pg_shared_dsns,
                                                logical_shards=64))

@@ -13,9 +13,9 @@ import pytest
 from tally.core.coalesce import coalesce
 from tally.core.errors import Unavailable
 from tally.core.model import ToggleOp
-from tally.engines import PostgresEngine
 from tally.settings import Settings
-from tally.store.postgres_stores import build_postgres
+from tally.store.postgres.build import build_postgres
+from tally_dev.engines import PostgresEngine
 from tests.engines import EngineFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.slow]

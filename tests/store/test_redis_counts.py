@@ -9,9 +9,9 @@ import pytest
 
 from tally.core.breaker import Breaker
 from tally.core.coalesce import Batch
-from tally.engines import RedisEngine
-from tally.store.redis_counts import RedisCounts, TieredCounts
-from tally.store.sqlite import SqliteStore
+from tally.store.rediscache.counts import RedisCounts, TieredCounts
+from tally.store.sqlite.store import SqliteStore
+from tally_dev.engines import RedisEngine
 from tests.engines import EngineFactory
 from tests.helpers import open_sqlite
 

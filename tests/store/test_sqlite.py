@@ -9,7 +9,7 @@ import pytest
 
 from tally.core.coalesce import coalesce
 from tally.core.model import IncrOp
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
 from tests.helpers import db_rows, like, recount, stored, writer_held
 

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from tally.core.coalesce import coalesce
 from tally.core.model import Event
 from tally.store import sqlite as sqlite_module
-from tally.store.sqlite import SqliteStore
-from tally.store.sqlite_aggregate import apply_range, log_range
-from tally.store.sqlite_ops import SOURCE
-from tally.store.sqlite_schema import connect, migrate
+from tally.store.sqlite.aggregate import apply_range, log_range
+from tally.store.sqlite.ops import SOURCE
+from tally.store.sqlite.schema import connect, migrate
+from tally.store.sqlite.store import SqliteStore
 from tests.helpers import db_rows, like, recount, stored
 
 MIDNIGHT = 20_000 * 86_400.0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tally.store.sqlite import SqliteStore
-from tally.store.sqlite_checkpoint import BACKSTOP_FACTOR, Checkpointer
-from tally.store.sqlite_schema import counts_path
+from tally.store.sqlite.checkpoint import BACKSTOP_FACTOR, Checkpointer
+from tally.store.sqlite.schema import counts_path
+from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
 from tests.helpers import like, poll, recount, stored
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tally.store.sqlite import SqliteStore
-from tally.store.sqlite_schema import SCHEMA_VERSION, counts_path
+from tally.store.sqlite.schema import SCHEMA_VERSION, counts_path
+from tally.store.sqlite.store import SqliteStore
 from tests.helpers import db_rows, like, recount, stored
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,7 @@ import pytest
 
 from tally.core.errors import Unavailable
 from tally.core.model import IncrOp
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 from tests.helpers import db_rows, like, recount
 
 pytestmark = pytest.mark.anyio

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from tally.store import sqlite as sqlite_module
-from tally.store.sqlite import SqliteStore
-from tally.store.sqlite_aggregate import apply_range
-from tally.store.sqlite_pending import Unapplied
+from tally.store.sqlite.aggregate import apply_range
+from tally.store.sqlite.pending import Unapplied
+from tally.store.sqlite.store import SqliteStore
 from tests.helpers import like, recount, stored
 
 K, L = ("like", "post:1"), ("like", "post:2")

@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from tally.store.ports import Drift, ReconcileChunk
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
 from tests.helpers import db_exec, like, recount, stored, writer_held
 

@@ -14,7 +14,7 @@ import pytest
 
 from tally.core.coalesce import coalesce
 from tally.core.model import ToggleOp
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 
 pytestmark = pytest.mark.anyio
 

@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 from tally.core.errors import Unavailable
-from tally.store.sqlite_schema import connect
-from tally.store.sqlite_writer import GroupCommitWriter, JobFn, Tx
+from tally.store.sqlite.schema import connect
+from tally.store.sqlite.writer import GroupCommitWriter, JobFn, Tx
 from tests.helpers import writer_held
 
 pytestmark = pytest.mark.anyio

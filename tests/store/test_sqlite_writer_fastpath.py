@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tally.store.sqlite_writer import GroupCommitWriter, JobFn, Tx
+from tally.store.sqlite.writer import GroupCommitWriter, JobFn, Tx
 
 pytestmark = pytest.mark.anyio
 

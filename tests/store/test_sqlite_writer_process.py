@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from tally.core.errors import ConfigError, Unavailable
-from tally.store.sqlite import SqliteStore
-from tally.store.sqlite_pending import LoggedSince
+from tally.store.sqlite.pending import LoggedSince
+from tally.store.sqlite.store import SqliteStore
 from tests.helpers import like, poll, recount
 
 K, L = ("like", "post:1"), ("like", "post:2")
@@ -138,7 +138,7 @@ async def test_a_prefetched_count_older_than_a_round_is_read_again(tmp_path: Pat
     """The child reads a batch's counts on its event loop before queueing it. If a round moved
     the watermark past that read before the batch ran (and the child's log account dropped the
     events in between), the read is stale and must be done again; otherwise it serves."""
-    from tally.store.sqlite_writer_process import WriterConfig, _Child
+    from tally.store.sqlite.writer_process import WriterConfig, _Child
 
     s = SqliteStore(tmp_path / "tally.db", "FULL")  # the thread writer writes the shared files
     await s.start()

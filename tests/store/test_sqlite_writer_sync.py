@@ -14,9 +14,9 @@ import pytest
 
 from tally.core.errors import Unavailable
 from tally.core.model import ToggleOp
-from tally.store.sqlite import SqliteStore
-from tally.store.sqlite_schema import connect
-from tally.store.sqlite_writer import (
+from tally.store.sqlite.schema import connect
+from tally.store.sqlite.store import SqliteStore
+from tally.store.sqlite.writer import (
     GroupCommitWriter,
     Tx,
     WalSync,

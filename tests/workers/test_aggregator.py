@@ -10,7 +10,7 @@ import pytest
 from tally.bootstrap import build
 from tally.core.model import Event
 from tally.settings import Settings
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
 from tests.helpers import db_rows, like, poll, recount, stored
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tally.core.model import CountKey, Event
-from tally.store.jetstream import EventLog, partition_of, stream_position
-from tally.store.redis_counts import RedisCounts
-from tally.store.sqlite import SqliteStore
+from tally.store.jetstream.eventlog import EventLog, partition_of, stream_position
+from tally.store.rediscache.counts import RedisCounts
+from tally.store.sqlite.store import SqliteStore
 from tally.workers.partitions import PartitionPool, PartitionWorker, consumer_name
 from tests.helpers import open_sqlite
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from tally.core.model import CountKey, ToggleOp
-from tally.engines import NatsEngine
-from tally.store.jetstream import EventLog
-from tally.store.postgres import PostgresLikeStore
-from tally.store.postgres_cluster import PgCluster
+from tally.store.jetstream.eventlog import EventLog
+from tally.store.postgres.cluster import PgCluster
+from tally.store.postgres.likes import PostgresLikeStore
 from tally.store.shards import ShardMap
-from tally.store.sqlite import SqliteStore
+from tally.store.sqlite.store import SqliteStore
 from tally.workers.partitions import PartitionPool
 from tally.workers.relay import Relay
+from tally_dev.engines import NatsEngine
 from tests.engines import EngineFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]

@@ -36,8 +36,8 @@ import asyncpg
 
 from tally.core.errors import InvalidInput, Unavailable
 from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
-from tally.store.postgres_cluster import PgCluster, read_counts
-from tally.store.postgres_single import Planned, write_one
+from tally.store.postgres.cluster import PgCluster, read_counts
+from tally.store.postgres.single import Planned, write_one
 
 _MATERIALIZE = (
     "INSERT INTO toggles (counter, user_id, item, state, version, updated_at, shard) "

@@ -32,7 +32,7 @@ import orjson
 
 from tally.core.coalesce import Batch
 from tally.core.model import CountKey
-from tally.store.postgres_cluster import PgCluster, read_counts
+from tally.store.postgres.cluster import PgCluster, read_counts
 
 COORDINATOR = 0
 

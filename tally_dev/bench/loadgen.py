@@ -25,9 +25,9 @@ from typing import Any
 
 import uvloop
 
-from tally.bench.hist import Recorder
-from tally.bench.http1 import ConnectionLost, Http1Connection
-from tally.bench.workloads import Generator, Op, Params, params_for
+from tally_dev.bench.hist import Recorder
+from tally_dev.bench.http1 import ConnectionLost, Http1Connection
+from tally_dev.bench.workloads import Generator, Op, Params, params_for
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class RunResult:
     wall_s: float
 
     def as_dict(self) -> dict[str, Any]:
-        from tally.bench.report import run_dict
+        from tally_dev.bench.report import run_dict
 
         return run_dict(self)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tally.settings import Settings
-from tally.store.postgres import PostgresLikeStore
-from tally.store.postgres_cluster import PgCluster
-from tally.store.postgres_counts import PostgresCountStore
-from tally.store.postgres_reconcile import PostgresRecounter
+from tally.store.postgres.cluster import PgCluster
+from tally.store.postgres.counts import PostgresCountStore
+from tally.store.postgres.likes import PostgresLikeStore
+from tally.store.postgres.reconcile import PostgresRecounter
 from tally.store.shards import ShardMap
 
 

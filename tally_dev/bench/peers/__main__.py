@@ -1,4 +1,4 @@
-"""``python -m tally.bench.peers pg|redis --url URL --port PORT``: serve one peer over HTTP.
+"""``python -m tally_dev.bench.peers pg|redis --url URL --port PORT``: serve one peer over HTTP.
 
 Run with the same uvicorn settings as ``tally serve`` (uvloop, httptools, no access log).
 """
@@ -12,11 +12,11 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from tally.bench.peers.app import PeerStore, peer_app
+from tally_dev.bench.peers.app import PeerStore, peer_app
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tally.bench.peers", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m tally_dev.bench.peers", description=__doc__)
     p.add_argument("kind", choices=["pg", "redis"])
     p.add_argument("--url", required=True, help="PostgreSQL DSN or Redis URL")
     p.add_argument("--port", type=int, required=True)
@@ -24,11 +24,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     store: PeerStore
     if args.kind == "pg":
-        from tally.bench.peers.pg import PostgresPeer
+        from tally_dev.bench.peers.pg import PostgresPeer
 
         store = PostgresPeer(args.url, args.pool)
     else:
-        from tally.bench.peers.redis import RedisPeer
+        from tally_dev.bench.peers.redis import RedisPeer
 
         store = RedisPeer(args.url, args.pool)
     logging.basicConfig(level=logging.WARNING)

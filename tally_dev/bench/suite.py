@@ -23,12 +23,12 @@ from urllib.parse import urlsplit
 import orjson
 
 from tally.batching import BATCHER_IN_FLIGHT
-from tally.bench import loadgen, memory, server_stats, targets
-from tally.bench.checks import median_max
-from tally.bench.loadgen import RunSpec
-from tally.bench.report import machine
-from tally.bench.workloads import Params
-from tally.engines import HOST
+from tally_dev.bench import loadgen, memory, server_stats, targets
+from tally_dev.bench.checks import median_max
+from tally_dev.bench.loadgen import RunSpec
+from tally_dev.bench.report import machine
+from tally_dev.bench.workloads import Params
+from tally_dev.engines import HOST
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class SuitePlan:
     rounds: int = 3  # interleaved rounds of the side-by-side maxima; the tables take the median
     compare_s: float = 4.0  # measured seconds of each side-by-side run
     peers: tuple[str, ...] = ("pg", "redis-aof", "redis")
-    cluster: bool = True  # Tally on its scale-out backends (tally.cluster), one process per role
+    cluster: bool = True  # Tally on its scale-out backends (tally_dev.cluster), one process per role
     params: Params = Params()
 
 
@@ -160,7 +160,7 @@ class Suite:
 
         On two cores every extra process competes with the load generator and the API for CPU,
         so this measures the cluster's cost per like on one machine, not its scale-out."""
-        from tally.cluster import DevCluster, Layout
+        from tally_dev.cluster import DevCluster, Layout
 
         layout = Layout(apis=1, relays=1, aggregators=1, partitions=4, databases=1)
         cluster = DevCluster(self.work / "cluster", layout, settings={"log_level": "WARNING"})
@@ -186,7 +186,7 @@ class Suite:
         per_like = {k.removesuffix("_storage"): v["bytes_per_record"]
                     for k, v in self.extra.items() if k.endswith("_storage") and v.get("records")}
         self.extra["memory"] = memory.projection(memory.bytes_per_cached_counter(), per_like)
-        from tally.bench.checks import checks
+        from tally_dev.bench.checks import checks
 
         return {"machine": machine(), "command": " ".join(shlex.quote(a) for a in sys.argv),
                 "started": started, "wall_s": time.time() - started, "plan": _plan_dict(self.plan),
@@ -202,7 +202,7 @@ def _plan_dict(plan: SuitePlan) -> dict[str, Any]:
 def peer_target(work: Path, peer: str) -> Iterator[tuple[targets.HttpServer,
                                                    Callable[[], dict[str, float]]]]:
     """A peer's engine and its HTTP server; yields the server and a storage-size probe."""
-    from tally.bench.peer_engines import peer_engine
+    from tally_dev.bench.peer_engines import peer_engine
 
     with peer_engine(work, peer) as (kind, url, stats), targets.peer_server(work, peer, kind, url) as srv:
         yield srv, stats
@@ -210,8 +210,8 @@ def peer_target(work: Path, peer: str) -> Iterator[tuple[targets.HttpServer,
 
 def run_suite(out: Path, plan: SuitePlan, show_progress: bool = True) -> dict[str, Any]:
     """Runs the suite and writes result.json, results.md and the plots into ``out``."""
-    from tally.bench.plots import plot_all
-    from tally.bench.summary import write_markdown
+    from tally_dev.bench.plots import plot_all
+    from tally_dev.bench.summary import write_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tally-bench-"))

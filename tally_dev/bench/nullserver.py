@@ -1,4 +1,4 @@
-"""``python -m tally.bench.nullserver PORT``: answers every request with a fixed small response.
+"""``python -m tally_dev.bench.nullserver PORT``: answers every request with a fixed small response.
 
 It does almost nothing per request, so driving it in closed loop measures the load generator's
 own ceiling: if that is well above what a real server answers, the generator is not the

@@ -16,7 +16,7 @@ from types import TracebackType
 
 import httpx
 
-from tally.engines import HOST, free_port
+from tally_dev.engines import HOST, free_port
 
 
 class HttpServer:
@@ -94,10 +94,10 @@ def tally_server(work: Path, name: str = "tally", **settings: str) -> HttpServer
 
 
 def peer_server(work: Path, name: str, kind: str, url: str, pool: int = 16) -> HttpServer:
-    return HttpServer(name, [sys.executable, "-m", "tally.bench.peers", kind, "--url", url,
+    return HttpServer(name, [sys.executable, "-m", "tally_dev.bench.peers", kind, "--url", url,
                              "--port", "{port}", "--pool", str(pool)], work / name)
 
 
 def null_server(work: Path) -> HttpServer:
-    return HttpServer("null", [sys.executable, "-m", "tally.bench.nullserver", "{port}"],
+    return HttpServer("null", [sys.executable, "-m", "tally_dev.bench.nullserver", "{port}"],
                       work / "null", ready_path=None)

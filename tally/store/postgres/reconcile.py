@@ -31,8 +31,8 @@ import asyncpg
 
 from tally.core.model import CountKey
 from tally.store.ports import Drift, ReconcileChunk
-from tally.store.postgres_cluster import PgCluster, read_counts
-from tally.store.postgres_counts import PostgresCountStore
+from tally.store.postgres.cluster import PgCluster, read_counts
+from tally.store.postgres.counts import PostgresCountStore
 
 _ON = ("SELECT counter, item, count(*) FROM toggles WHERE state AND counter = ANY($1::text[]) "
        "AND item = ANY($2::text[]) GROUP BY counter, item")

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from tally.bench.workloads import PRESETS, Params
+from tally_dev.bench.workloads import PRESETS, Params
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -50,9 +50,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tally.bench import loadgen
-    from tally.bench.plots import plot_all
-    from tally.bench.report import machine, markdown_runs
+    from tally_dev.bench import loadgen
+    from tally_dev.bench.plots import plot_all
+    from tally_dev.bench.report import machine, markdown_runs
 
     url = urlsplit(args.url)
     spec = loadgen.RunSpec(name=f"{args.preset}-{args.mode}", host=url.hostname or "127.0.0.1",
@@ -74,9 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_suite(args: argparse.Namespace) -> int:
-    from tally.bench.report import markdown_checks
-    from tally.bench.suite import QUICK, SuitePlan, run_suite
-    from tally.bench.summary import ratio_table
+    from tally_dev.bench.report import markdown_checks
+    from tally_dev.bench.suite import QUICK, SuitePlan, run_suite
+    from tally_dev.bench.summary import ratio_table
 
     plan = QUICK if args.quick else SuitePlan()
     peers = tuple(p for p in args.peers.split(",") if p) if not args.quick else ()

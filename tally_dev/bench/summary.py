@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tally.bench.checks import median_max
-from tally.bench.report import markdown_checks, markdown_runs
+from tally_dev.bench.checks import median_max
+from tally_dev.bench.report import markdown_checks, markdown_runs
 
 PEERS = ("pg", "redis-aof", "redis", "cluster")
 PEER_NAMES = {"pg": "PostgreSQL (sync commit)", "redis-aof": "Redis AOF everysec",

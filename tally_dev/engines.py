@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tally.engine_bins import (
+from tally_dev.engine_bins import (
     EngineError,
     Missing,
     missing_binaries,
@@ -411,7 +411,7 @@ class NatsEngine(Engine):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tally.engines``: report the missing binaries (exit 1 when some are missing)."""
+    """``python -m tally_dev.engines``: report the missing binaries (exit 1 when some are missing)."""
     missing = missing_binaries()
     for m in missing:
         print(m, file=sys.stderr)

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from tally.engines import (
+from tally_dev.engines import (
     HOST,
     Engine,
     EngineError,

@@ -27,9 +27,9 @@ from tally.core.errors import ConfigError
 from tally.core.model import CountKey, Event, Op, OpResult, ToggleOp
 from tally.store.ports import Applied, ReconcileChunk
 from tally.store.shards import logical_shard
-from tally.store.sqlite_aggregate import apply_range, log_range
-from tally.store.sqlite_checkpoint import BACKSTOP_FACTOR, Checkpointer
-from tally.store.sqlite_ops import (
+from tally.store.sqlite.aggregate import apply_range, log_range
+from tally.store.sqlite.checkpoint import BACKSTOP_FACTOR, Checkpointer
+from tally.store.sqlite.ops import (
     SOURCE,
     apply_ops,
     counts_at_watermark,
@@ -39,17 +39,17 @@ from tally.store.sqlite_ops import (
     stored_counts,
     trim_log,
 )
-from tally.store.sqlite_ops import watermark as _watermark
-from tally.store.sqlite_pending import Unapplied
-from tally.store.sqlite_reconcile import reconcile_chunk
-from tally.store.sqlite_schema import connect, likes_path, likes_schema, migrate
-from tally.store.sqlite_writer import (
+from tally.store.sqlite.ops import watermark as _watermark
+from tally.store.sqlite.pending import Unapplied
+from tally.store.sqlite.reconcile import reconcile_chunk
+from tally.store.sqlite.schema import connect, likes_path, likes_schema, migrate
+from tally.store.sqlite.writer import (
     GroupCommitWriter,
     Tx,
     WalSync,
     pipelines_sync,
 )
-from tally.store.sqlite_writer_process import WriterConfig, WriterProcess
+from tally.store.sqlite.writer_process import WriterConfig, WriterProcess
 
 T = TypeVar("T")
 
@@ -262,7 +262,7 @@ class SqliteStore:
 
     async def write(self, ops: Sequence[Op]) -> list[OpResult]:
         """Joins the operations of every request that writes in the same event-loop turn into
-        one writer job (see ``tally.store.sqlite_ops``); each request gets its own slice back."""
+        one writer job (see ``tally.store.sqlite.ops``); each request gets its own slice back."""
         loop = asyncio.get_running_loop()
         batch = self._combining
         if batch is None or len(batch.ops) + len(ops) > self.group_commit_max:

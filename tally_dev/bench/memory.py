@@ -16,7 +16,7 @@ from typing import Any
 
 from tally.core.lru import LRU
 from tally.core.model import CountKey
-from tally.store.sqlite_schema import counts_path
+from tally.store.sqlite.schema import counts_path
 
 ITEMS_PROJECTED = 50_000_000_000
 LIKES_PROJECTED = 1_000_000_000_000

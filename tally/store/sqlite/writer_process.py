@@ -39,7 +39,7 @@ from tally import logs
 from tally.core.errors import Unavailable
 from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
 from tally.gctune import tune_gc
-from tally.store.sqlite_ops import (
+from tally.store.sqlite.ops import (
     apply_ops,
     count_keys_of,
     counts_at_watermark,
@@ -47,9 +47,9 @@ from tally.store.sqlite_ops import (
     trim_log,
     watermark,
 )
-from tally.store.sqlite_pending import LoggedSince
-from tally.store.sqlite_schema import connect, likes_path, migrate
-from tally.store.sqlite_writer import (
+from tally.store.sqlite.pending import LoggedSince
+from tally.store.sqlite.schema import connect, likes_path, migrate
+from tally.store.sqlite.writer import (
     GroupCommitWriter,
     Tx,
     WalSync,

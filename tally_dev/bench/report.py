@@ -6,10 +6,10 @@ import platform
 import subprocess
 from typing import TYPE_CHECKING, Any
 
-from tally.bench.hist import summary
+from tally_dev.bench.hist import summary
 
 if TYPE_CHECKING:
-    from tally.bench.loadgen import RunResult
+    from tally_dev.bench.loadgen import RunResult
 
 
 def run_dict(r: RunResult) -> dict[str, Any]:

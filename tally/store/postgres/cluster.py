@@ -16,7 +16,7 @@ import asyncpg
 
 from tally.core.errors import ConfigError, Unavailable
 from tally.core.model import CountKey
-from tally.store.postgres_schema import migrate
+from tally.store.postgres.schema import migrate
 from tally.store.shards import ShardMap
 
 log = logging.getLogger("tally.postgres")

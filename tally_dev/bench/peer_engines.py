@@ -1,4 +1,4 @@
-"""The engines behind the peers, started from their binaries by ``tally.engines``.
+"""The engines behind the peers, started from their binaries by ``tally_dev.engines``.
 
 PostgreSQL runs its durable profile (``fsync=on``, ``synchronous_commit=on``). Redis runs twice:
 with AOF and ``appendfsync everysec`` (acknowledges before the fsync: may lose the last second on
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from tally.engines import PostgresEngine, RedisEngine
+from tally_dev.engines import PostgresEngine, RedisEngine
 
 Stats = Callable[[], dict[str, float]]
 

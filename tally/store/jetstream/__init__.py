@@ -1,0 +1,1 @@
+"""The cluster's event log: NATS JetStream streams partitioned by item."""

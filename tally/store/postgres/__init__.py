@@ -1,0 +1,2 @@
+"""The cluster's record store: PostgreSQL databases holding logical shards of like records,
+counts and the outbox."""

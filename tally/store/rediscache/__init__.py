@@ -1,0 +1,1 @@
+"""The cluster's hot-count cache: Redis in front of PostgreSQL counts."""
