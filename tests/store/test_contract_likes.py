@@ -8,6 +8,7 @@ import random
 import pytest
 
 from tally.core.model import IncrOp, ToggleOp
+from tally.core.toggle import replay
 from tests.store.harness import Harness
 
 pytestmark = pytest.mark.anyio
@@ -116,29 +117,44 @@ async def test_restart_keeps_toggles_keys_and_unapplied_changes(harness: Harness
         ("like", "post:1"): 2, ("share", "post:1"): 1}
 
 
-async def test_random_requests_match_a_model(harness: Harness) -> None:
-    """Seeded random requests (singles and bulks, repeated keys, several users and items): every
-    changed flag and every final count and state equal a plain in-memory model's."""
+@pytest.mark.parametrize("seed", [20261128, 7, 1999])
+async def test_every_backend_follows_the_core_toggle_rule(harness: Harness, seed: int) -> None:
+    """Seeded random requests (singles and bulks, repeats and reversals of one toggle within a
+    request, two counters, a restart midway): each op's changed flag, the final states and the
+    counts are what ``tally.core.toggle.replay`` says, per (counter, user, item)."""
     harness.need("likes", "counts")
-    rng = random.Random(20261128)
-    users, items = [f"m{i}" for i in range(12)], [f"post:{i}" for i in range(6)]
-    state: dict[tuple[str, str], bool] = {}
-    for _ in range(60):
-        ops = [like(rng.choice(users), rng.choice(items), rng.random() < 0.6)
+    rng = random.Random(seed)
+    users, items = [f"m{i}" for i in range(8)], [f"post:{i}" for i in range(5)]
+    state: dict[tuple[str, str, str], bool] = {}
+    deltas: dict[tuple[str, str], int] = {}
+    for n in range(50):
+        ops = [like(rng.choice(users), rng.choice(items), rng.random() < 0.6,
+                    counter=rng.choice(("like", "like", "save")))
                for _ in range(rng.choice((1, 1, 2, 5, 9)))]
-        expected = []
-        for op in ops:
-            key = (op.user, op.item)
-            expected.append(state.get(key, False) != op.on)
-            state[key] = op.on
+        by_key: dict[tuple[str, str, str], list[int]] = {}
+        for idx, op in enumerate(ops):
+            by_key.setdefault((op.counter, op.user, op.item), []).append(idx)
+        expected = [False] * len(ops)
+        for key, idxs in by_key.items():
+            r = replay(state.get(key, False), [ops[i].on for i in idxs])
+            for i, changed in zip(idxs, r.changed, strict=True):
+                expected[i] = changed
+            state[key] = r.state
+            deltas[(key[0], key[2])] = deltas.get((key[0], key[2]), 0) + r.delta
         got = await harness.likes.write(ops)
         assert [r.changed for r in got] == expected
+        assert [r.state for r in got] == [op.on for op in ops]
         if rng.random() < 0.2:
             await harness.pump()
+        if n == 25:
+            await harness.reopen()
     await harness.pump()
-    counts = await harness.counts.get([("like", i) for i in items])
-    for item in items:
-        assert counts.get(("like", item), 0) == sum(on for (u, i), on in state.items() if i == item)
-    for user in users:
-        assert await harness.likes.has("like", user, items) == [state.get((user, i), False)
-                                                               for i in items]
+    keys = [(c, i) for c in ("like", "save") for i in items]
+    counts = await harness.counts.get(keys)
+    assert {k: counts.get(k, 0) for k in keys} == {k: deltas.get(k, 0) for k in keys}
+    for ckey in keys:  # the rule's deltas sum to the number of toggles on
+        assert deltas.get(ckey, 0) == sum(on for (c, _, i), on in state.items() if (c, i) == ckey)
+    for counter in ("like", "save"):
+        for user in users:
+            assert await harness.likes.has(counter, user, items) == [
+                state.get((counter, user, i), False) for i in items]

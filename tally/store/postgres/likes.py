@@ -36,6 +36,7 @@ import asyncpg
 
 from tally.core.errors import InvalidInput, Unavailable
 from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
+from tally.core.toggle import step
 from tally.store.postgres.cluster import PgCluster, read_counts
 from tally.store.postgres.single import Planned, write_one
 
@@ -210,12 +211,12 @@ class PostgresLikeStore:
         flips: dict[ToggleKey, int] = defaultdict(int)
         for idx, op in toggles:
             key = (op.counter, op.user, op.item)
-            if state.get(key, False) == op.on:
+            delta = step(state.get(key, False), op.on)
+            if not delta:
                 planned[idx] = Planned(False, 0, op.on)
                 continue
             state[key] = op.on
             flips[key] += 1
-            delta = 1 if op.on else -1
             planned[idx] = Planned(True, delta, op.on)
             events.append((idx, op, delta))
         if flips:

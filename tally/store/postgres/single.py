@@ -25,6 +25,9 @@ _OUTBOX = ("o AS (INSERT INTO outbox (source, seq, shard, counter, item, user_id
            # The count as of the statement's start: without this change, whatever it is.
            "SELECT (SELECT seq FROM o), (SELECT count FROM counts WHERE item = $3 AND counter = $1)")
 
+# SET and CLEAR are tally.core.toggle.step in SQL, since one statement must decide and write:
+# the row changes (and an outbox row is appended, delta +1 or -1) only when the state differs
+# from the one asked for; a repeat matches no row and so logs nothing.
 SET = f"""WITH changed AS (
     INSERT INTO toggles AS t (counter, user_id, item, state, version, updated_at, shard)
     VALUES ($1, $2, $3, true, 1, $4, $5)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
+from tally.core.toggle import step
 
 SOURCE = "local"  # the change log of the embedded store (of its shard 0 of the like records)
 ToggleKey = tuple[str, str, str]  # (counter, user, item)
@@ -171,8 +172,8 @@ def apply_ops(conn: sqlite3.Connection, ops: Sequence[Op], counts_of: CountsOf,
         if isinstance(op, ToggleOp):
             key = (op.counter, op.user, op.item)
             state, version = states.get(key, (0, 0))
-            if bool(state) != op.on:
-                delta = 1 if op.on else -1
+            delta = step(bool(state), op.on)
+            if delta:
                 states[key] = finals[key] = (int(op.on), version + 1)
         elif _accept(conn, op, now):
             delta = op.n
