@@ -1,7 +1,7 @@
 """``tally bench``: one measurement against a running server, or the whole suite.
 
     tally bench run --preset viral --mode open --rate 2000 --duration 20 --out bench-results
-    tally bench suite --out bench-results          (what ``make bench`` runs, about 6-10 minutes)
+    tally bench suite --out bench-results          (what ``make bench`` runs, about 15-20 minutes)
     tally bench suite --quick --out /tmp/b         (seconds: only proves the harness works)
 """
 
@@ -35,7 +35,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     r.set_defaults(fn=cmd_run)
     s = bsub.add_parser("suite", help="Tally and its peers side by side (starts its own servers)")
     s.add_argument("--quick", action="store_true", help="seconds-long smoke version, no peers")
-    s.add_argument("--peers", default="pg,redis-aof,redis", help="comma list; empty for none")
+    s.add_argument("--peers", default="bare,redis-always,redis-everysec,pg",
+                   help="comma list of lean peers; empty for none")
+    s.add_argument("--rounds", type=int, help="interleaved rounds of the side-by-side maxima")
+    s.add_argument("--no-wrk", action="store_true", help="no second generator (wrk)")
     s.add_argument("--no-cluster", action="store_true", help="skip Tally on its scale-out backends")
     _common(s)
     s.set_defaults(fn=cmd_suite)
@@ -76,16 +79,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_suite(args: argparse.Namespace) -> int:
     from tally_dev.bench.report import markdown_checks
     from tally_dev.bench.suite import QUICK, SuitePlan, run_suite
-    from tally_dev.bench.summary import ratio_table
+    from tally_dev.bench.summary import side_by_side_table
 
     plan = QUICK if args.quick else SuitePlan()
     peers = tuple(p for p in args.peers.split(",") if p) if not args.quick else ()
     plan = replace(plan, peers=peers, seed=args.seed, cluster=plan.cluster and not args.no_cluster,
-                   **{k: v for k, v in (("duration_s", args.duration),
+                   wrk=plan.wrk and not args.no_wrk,
+                   **{k: v for k, v in (("duration_s", args.duration), ("rounds", args.rounds),
                                         ("connections", args.connections),
                                         ("workers", args.workers)) if v})
     result = run_suite(args.out, plan)
     print(markdown_checks(result["checks"]))
-    print(ratio_table(result["runs"]))
+    print(side_by_side_table(result["runs"]))
     print(f"results: {args.out / 'results.md'}, {args.out / 'result.json'}")
     return 0

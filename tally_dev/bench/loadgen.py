@@ -27,7 +27,7 @@ import uvloop
 
 from tally_dev.bench.hist import Recorder
 from tally_dev.bench.http1 import ConnectionLost, Http1Connection
-from tally_dev.bench.workloads import Generator, Op, Params, params_for
+from tally_dev.bench.workloads import Generator, Op, Params
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class _Worker:
         self.spec = spec
         self.index = index
         self.progress = progress  # shared array: [completed, errors] per worker
-        self.gen = Generator(spec.preset, params_for(spec.preset, spec.params), spec.seed, index,
+        self.gen = Generator(spec.preset, spec.params, spec.seed, index,
                              spec.run_id)
         self.rec = Recorder()
         self.slots: list[_Slot] = []

@@ -1,8 +1,8 @@
 """The engines behind the peers, started from their binaries by ``tally_dev.engines``.
 
 PostgreSQL runs its durable profile (``fsync=on``, ``synchronous_commit=on``). Redis runs twice:
-with AOF and ``appendfsync everysec`` (acknowledges before the fsync: may lose the last second on
-a machine crash) and with no persistence at all, the ceiling of an in-memory design.
+AOF with ``appendfsync always`` (fsynced before it answers, Tally's durability) and ``everysec``
+(answers before the fsync: may lose the last second on a machine crash). ``bare`` has no engine.
 """
 
 from __future__ import annotations
@@ -16,15 +16,7 @@ import redis
 from tally_dev.engines import PostgresEngine, RedisEngine
 
 Stats = Callable[[], dict[str, float]]
-
-
-class _VolatileRedis(RedisEngine):
-    """Redis with no AOF and no snapshots: nothing survives a restart."""
-
-    def _command(self) -> list[str]:
-        cmd = super()._command()
-        cmd[cmd.index("--appendonly") + 1] = "no"
-        return cmd
+PEERS = ("bare", "redis-always", "redis-everysec", "pg")
 
 
 def _pg_stats(engine: PostgresEngine) -> Stats:
@@ -50,7 +42,7 @@ def _used_memory(url: str) -> float:
 
 
 def _redis_stats(url: str, baseline: float) -> Stats:
-    """Memory growth over the like records held (sets and counts together)."""
+    """Memory growth over the like records held (both sets and the counts together)."""
     def stats() -> dict[str, float]:
         with redis.Redis.from_url(url) as r:
             likes = float(r.eval(_COUNT_LIKES, 0))
@@ -60,16 +52,18 @@ def _redis_stats(url: str, baseline: float) -> Stats:
 
 
 @contextlib.contextmanager
-def peer_engine(work: Path, peer: str) -> Iterator[tuple[str, str, Stats]]:
-    """Yields (peer kind, engine URL, storage probe) for 'pg', 'redis-aof' or 'redis'."""
+def peer_engine(work: Path, peer: str) -> Iterator[tuple[str, str, Stats | None]]:
+    """Yields (store kind, engine URL, storage probe) for one of ``PEERS``."""
+    if peer == "bare":
+        yield "bare", "", None
+        return
     if peer == "pg":
         pg = PostgresEngine(work / "engine-pg")
         with pg:
             yield "pg", pg.dsn(), _pg_stats(pg)
         return
-    if peer not in ("redis-aof", "redis"):
-        raise ValueError(f"unknown peer {peer!r}")
-    engine = RedisEngine(work / f"engine-{peer}", appendfsync="everysec") if peer == "redis-aof" \
-        else _VolatileRedis(work / f"engine-{peer}")
+    if peer not in ("redis-always", "redis-everysec"):
+        raise ValueError(f"unknown peer {peer!r} (known: {', '.join(PEERS)})")
+    engine = RedisEngine(work / f"engine-{peer}", appendfsync=peer.removeprefix("redis-"))
     with engine:
         yield "redis", engine.url, _redis_stats(engine.url, _used_memory(engine.url))

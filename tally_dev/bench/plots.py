@@ -66,7 +66,8 @@ def plot_all(result: dict[str, Any], out: Path) -> list[str]:
     made = []
     by_preset: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        if r["mode"] == "closed" and not r.get("round"):  # the first round stands for the others
+        # the first round stands for the others; wrk's runs have no per-second series
+        if r["mode"] == "closed" and not r.get("round") and r.get("tool", "loadgen") == "loadgen":
             by_preset.setdefault(r["preset"], []).append(r)
     for preset, rs in by_preset.items():
         name = f"timeseries-{preset}.png"

@@ -68,6 +68,10 @@ def _ms(lat: dict[str, float], key: str) -> str:
     return f"{lat[key]:.1f}" if key in lat else "-"
 
 
+def _cores(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"  # wrk's runs: not measured
+
+
 def markdown_runs(runs: list[dict[str, Any]]) -> str:
     head = ("| run | mode | offered/s | ok/s | errors | p50 ms | p99 ms | p99.9 ms | max ms | gen CPU |\n"
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
@@ -77,7 +81,7 @@ def markdown_runs(runs: list[dict[str, Any]]) -> str:
         offered = f"{r['offered_per_s']:,.0f}" if r["offered_per_s"] else "max"
         rows.append(f"| {r['name']} | {r['mode']} | {offered} | {r['throughput_per_s']:,.0f} | "
                     f"{r['errors']:,} | {_ms(lat, 'p50_ms')} | {_ms(lat, 'p99_ms')} | "
-                    f"{_ms(lat, 'p99.9_ms')} | {_ms(lat, 'max_ms')} | {r['generator_cpu_cores']:.2f} |")
+                    f"{_ms(lat, 'p99.9_ms')} | {_ms(lat, 'max_ms')} | {_cores(r['generator_cpu_cores'])} |")
     return head + "\n".join(rows) + "\n"
 
 

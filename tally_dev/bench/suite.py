@@ -1,8 +1,9 @@
-"""The benchmark suite behind ``make bench``: Tally and its peers, side by side, in one run.
+"""The benchmark suite behind ``make bench``: Tally, lean peers and a bare server, in one run.
 
-Order: the generator's own ceiling (null server); Tally (noop ceiling, each workload at maximum
-throughput, open-loop sweeps for the viral and feed targets); then each peer on the same likes.
-Every ratio in the result compares figures measured in this run on this machine.
+Order: both generators' ceilings (the null server); then Tally embedded, the bare lean server and
+the lean peers all up at once, measured in interleaved rounds by the suite's generator and by wrk;
+Tally's open-loop runs and its other workloads; the cluster last. Every ratio in the result
+compares figures measured in this run on this machine.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from urllib.parse import urlsplit
 import orjson
 
 from tally.batching import BATCHER_IN_FLIGHT
-from tally_dev.bench import loadgen, memory, server_stats, targets
+from tally_dev.bench import loadgen, memory, server_stats, targets, wrk
 from tally_dev.bench.checks import median_max
 from tally_dev.bench.loadgen import RunSpec
+from tally_dev.bench.peer_engines import PEERS
 from tally_dev.bench.report import machine
 from tally_dev.bench.workloads import Params
 from tally_dev.engines import HOST
@@ -38,24 +40,21 @@ class SuitePlan:
     connections: int = 32
     workers: int = 1
     seed: int = 1
-    sweep: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)  # open-loop rates as fractions of the maximum
-    # Finer where the bulk target's line falls (60-70% of the closed-loop maximum in sessions 7
-    # and 8): with 10% steps the figure quoted was up to a tenth of the maximum below the highest
-    # rate served within the bound. 40% so that a slow run still reports a figure; none above
-    # 80%, which never held and left a backlog that the runs after it (the feed's) paid for.
-    bulk_sweep: tuple[float, ...] = (0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8)
+    # Open-loop rates as fractions of the closed-loop maximum; 0.7 is the targets' load.
+    sweep: tuple[float, ...] = (0.4, 0.7, 0.9)
+    bulk_sweep: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)
     rounds: int = 3  # interleaved rounds of the side-by-side maxima; the tables take the median
     compare_s: float = 4.0  # measured seconds of each side-by-side run
-    peers: tuple[str, ...] = ("pg", "redis-aof", "redis")
+    peers: tuple[str, ...] = PEERS
+    wrk: bool = True  # each closed-loop maximum measured again by wrk
     cluster: bool = True  # Tally on its scale-out backends (tally_dev.cluster), one process per role
     params: Params = Params()
 
 
 QUICK = SuitePlan(duration_s=1.0, warmup_s=0.3, connections=4, sweep=(0.5,), bulk_sweep=(),
-                  rounds=1, compare_s=1.0, peers=(),
-                  cluster=False, params=Params(items=10_000))
-COMPARED = ("noop", "uniform", "zipf", "viral", "feed")  # Tally's side-by-side presets
-PEER_PRESETS = ("uniform", "viral", "feed")  # what the peers serve
+                  rounds=1, compare_s=1.0, peers=(), wrk=False, cluster=False,
+                  params=Params(items=10_000))
+COMPARED = ("uniform", "viral", "feed", "counts")  # every server of the side-by-side serves these
 
 
 class Suite:
@@ -80,8 +79,7 @@ class Suite:
         settled = server_stats.settle(url) if target == "tally" else None
         before = server_stats.scrape(url) if target == "tally" else {}
         result = loadgen.run(spec, self.show_progress).as_dict()
-        result["target"] = target
-        result["round"] = round_
+        result.update(target=target, round=round_, tool="loadgen")
         if before:
             result["server"] = server_stats.delta(before, server_stats.scrape(url))
             result["server"]["settle_s"] = settled
@@ -89,40 +87,62 @@ class Suite:
         self.runs.append(result)
         return result
 
+    def confirm(self, target: str, port: int, preset: str, round_: int | None = None,
+                duration_s: float | None = None) -> None:
+        """The same closed-loop maximum by wrk, right after the suite's own generator."""
+        if not self.plan.wrk:
+            return
+        name = f"{target}/{preset} wrk" + (f" r{round_ + 1}" if round_ is not None
+                                           and self.plan.rounds > 1 else "")
+        try:
+            result = wrk.run(name, f"http://{HOST}:{port}", preset,
+                             duration_s or self.plan.duration_s, self.plan.connections,
+                             self.plan.params)
+        except (RuntimeError, OSError) as exc:
+            self.notes.append(f"{name}: {exc}")
+            return
+        if self.show_progress:
+            print(f"  {name:<40} wrk: {result['throughput_per_s']:>9,.0f}/s  p99 "
+                  f"{result['latency']['p99_ms']:.1f} ms", file=sys.stderr)
+        result.update(target=target, round=round_)
+        self.runs.append(result)
+
     def max_of(self, target: str, preset: str) -> float:
         return median_max(self.runs, target, preset)
 
     # -- the parts --------------------------------------------------------------------------
 
     def generator_ceiling(self) -> None:
+        """Both generators against a server that does nothing: each one's own ceiling."""
         with targets.null_server(self.work) as null:
-            self.measure("null", null.port, "noop")
+            for preset in ("uniform", "feed"):
+                self.measure("null", null.port, preset)
+                self.confirm("null", null.port, preset)
 
     def compare(self, servers: dict[str, int]) -> None:
-        """Closed-loop maxima of every target, interleaved: each round runs every (target,
-        preset) once, so a change in the machine's background load falls on all targets alike
-        instead of on whichever ran last; the tables quote the median over the rounds."""
+        """Closed-loop maxima of every server, interleaved: each round runs every (server, preset)
+        once, so a change in the machine's background load falls on all of them alike instead of
+        on whichever ran last; the tables quote the median over the rounds."""
         for rnd in range(self.plan.rounds):
             for preset in COMPARED:
                 for target, port in servers.items():
-                    if target == "tally" or preset in PEER_PRESETS:
-                        self.measure(target, port, preset, round_=rnd, duration_s=self.plan.compare_s)
+                    self.measure(target, port, preset, round_=rnd, duration_s=self.plan.compare_s)
+                    self.confirm(target, port, preset, rnd, self.plan.compare_s)
 
     def tally_only(self, port: int) -> None:
-        """Open-loop sweeps and the workloads the peers do not serve."""
-        self.sweep("tally", port, "viral")
+        """Open-loop sweeps (latency at 70% of the maximum) and the workloads peers do not serve."""
+        for preset in ("uniform", "viral"):
+            self.sweep("tally", port, preset)
         # A batching client keeps few requests in flight, each carrying many likes: as many
         # connections as AsyncTally.batcher's default max_in_flight.
         bulk_conns = max(self.plan.workers, BATCHER_IN_FLIGHT)
         self.measure("tally", port, "bulk", connections=bulk_conns)
         if self.plan.bulk_sweep:
             self.sweep("tally", port, "bulk", self.plan.bulk_sweep, connections=bulk_conns)
-        for preset in ("mixed", "incr", "counts"):
+        for preset in ("zipf", "mixed", "incr"):
             self.measure("tally", port, preset)
         # The feed's maximum again, just before its open-loop run, on the data the runs above
-        # have grown (millions of likes, the count cache refilled by other items): a feed costs
-        # more here than in the side-by-side rounds on a nearly empty database, and 70% of that
-        # early maximum was more than the server could serve at this point (p50 200 ms).
+        # have grown: a feed costs more here than in the rounds on a nearly empty database.
         feed_max = self.measure("tally", port, "feed")["throughput_per_s"]
         if feed_max:
             self.measure("tally", port, "feed", "open", round(0.7 * feed_max))
@@ -135,8 +155,10 @@ class Suite:
             servers = {"tally": tally.port}
             for peer in self.plan.peers:
                 try:
-                    srv, probes[peer] = stack.enter_context(peer_target(self.work, peer))
+                    srv, probe = stack.enter_context(peer_target(self.work, peer))
                     servers[peer] = srv.port
+                    if probe is not None:
+                        probes[peer] = probe
                 except Exception as exc:  # a missing engine must not hide the other results
                     self.notes.append(f"peer {peer} not measured: {exc}")
                     print(f"\n  peer {peer} not measured: {exc}", file=sys.stderr)
@@ -169,6 +191,10 @@ class Suite:
             port = urlsplit(cluster.urls("api")[0]).port or 80
             for preset in ("uniform", "viral", "feed"):
                 self.measure("cluster", port, preset)
+                self.confirm("cluster", port, preset)
+            top = self.max_of("cluster", "uniform")
+            if top:
+                self.measure("cluster", port, "uniform", "open", round(0.7 * top, 1))
         except Exception as exc:  # a missing engine must not hide the other results
             self.notes.append(f"cluster not measured: {exc}")
             print(f"\n  cluster not measured: {exc}", file=sys.stderr)
@@ -178,6 +204,9 @@ class Suite:
     def run(self) -> dict[str, Any]:
         started = time.time()
         load_before = os.getloadavg()
+        if self.plan.wrk and not wrk.available():
+            self.notes.append("wrk not installed (apt-get install wrk): no second generator")
+            self.plan = replace(self.plan, wrk=False)
         self.generator_ceiling()
         self.side_by_side()
         if self.plan.cluster:
@@ -200,8 +229,9 @@ def _plan_dict(plan: SuitePlan) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def peer_target(work: Path, peer: str) -> Iterator[tuple[targets.HttpServer,
-                                                   Callable[[], dict[str, float]]]]:
-    """A peer's engine and its HTTP server; yields the server and a storage-size probe."""
+                                                   Callable[[], dict[str, float]] | None]]:
+    """A peer's engine and its lean server; yields the server and a storage-size probe (None
+    for the bare server, which stores nothing)."""
     from tally_dev.bench.peer_engines import peer_engine
 
     with peer_engine(work, peer) as (kind, url, stats), targets.peer_server(work, peer, kind, url) as srv:

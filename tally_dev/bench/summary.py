@@ -5,35 +5,44 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tally_dev.bench.checks import median_max
+from tally_dev.bench.checks import median_max, median_p99
 from tally_dev.bench.report import markdown_checks, markdown_runs
 
-PEERS = ("pg", "redis-aof", "redis", "cluster")
-PEER_NAMES = {"pg": "PostgreSQL (sync commit)", "redis-aof": "Redis AOF everysec",
-              "redis": "Redis no persistence", "cluster": "Tally cluster (1 of each role)"}
+TARGETS = ("null", "bare", "tally", "redis-always", "redis-everysec", "pg", "cluster")
+NAMES = {"null": "null server (the generators' ceiling)",
+         "bare": "bare lean server (granian RSGI + orjson, no storage)",
+         "tally": "**Tally embedded, durable**",
+         "redis-always": "lean + Redis Lua, AOF always", "redis-everysec": "lean + Redis Lua, AOF everysec",
+         "pg": "lean + naive PostgreSQL (a transaction per like)",
+         "cluster": "**Tally cluster, one API**"}
+COLUMNS = (("uniform", "uniform likes/s"), ("viral", "viral likes/s"),
+           ("feed", "feed: counts + has-liked of 50, req/s"), ("counts", "counts of 50, req/s"))
 
 
-def _max(runs: list[dict[str, Any]], target: str, preset: str) -> float:
-    return median_max(runs, target, preset)
+def _cell(runs: list[dict[str, Any]], target: str, preset: str) -> str:
+    mine = median_max(runs, target, preset)
+    if not mine:
+        return ""
+    by_wrk = median_max(runs, target, preset, "wrk")
+    p99 = median_p99(runs, target, preset)
+    cell = f"{mine:,.0f} ({p99:.1f} ms)"
+    if by_wrk:
+        cell += f" / wrk {by_wrk:,.0f} ({median_p99(runs, target, preset, 'wrk'):.1f} ms)"
+    return cell
 
 
-def ratio_table(runs: list[dict[str, Any]]) -> str:
-    """Tally's maximum throughput over each peer's, per workload: medians of interleaved rounds."""
-    peers = [p for p in PEERS if any(r["target"] == p for r in runs)]
-    if not peers:
-        return "No peers ran.\n"
-    head = ("| workload | Tally ops/s | " + " | ".join(f"{PEER_NAMES[p]} ops/s | Tally / it"
-                                                   for p in peers) + " |\n")
-    head += "|---|---:|" + "---:|---:|" * len(peers) + "\n"
+def side_by_side_table(runs: list[dict[str, Any]]) -> str:
+    """Every server's closed-loop maximum per workload, the suite's generator then wrk: medians of
+    the interleaved rounds, p99 of the same runs in brackets."""
     rows = []
-    for preset in ("uniform", "viral", "feed"):
-        mine = _max(runs, "tally", preset)
-        cells = []
-        for p in peers:
-            theirs = _max(runs, p, preset)
-            cells.append(f"{theirs:,.0f} | {mine / theirs:.2f}x" if theirs else "- | -")
-        rows.append(f"| {preset} | {mine:,.0f} | " + " | ".join(cells) + " |")
-    return head + "\n".join(rows) + "\n"
+    for target in TARGETS:
+        cells = [_cell(runs, target, preset) for preset, _ in COLUMNS]
+        if any(cells):
+            rows.append(f"| {NAMES[target]} | " + " | ".join(cells) + " |")
+    if not rows:
+        return "Nothing measured.\n"
+    return ("| server | " + " | ".join(title for _, title in COLUMNS) + " |\n|---|"
+            + "---:|" * len(COLUMNS) + "\n" + "\n".join(rows) + "\n")
 
 
 def server_table(runs: list[dict[str, Any]]) -> str:
@@ -87,9 +96,11 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         _load(result),
         f"Command: `{result['command']}`\n",
         "## Targets\n", markdown_checks(result["checks"]),
-        "## Tally against the peers (maximum throughput, same run)\n",
-        "Medians over interleaved rounds: every round runs each target once per workload, so drift "
-        "in the machine's background load falls on all of them alike.\n", ratio_table(result["runs"]),
+        "## Side by side (maximum throughput, same run)\n",
+        "Closed loop, medians over interleaved rounds (every round runs each server once per "
+        "workload, so drift in the machine's background load falls on all of them alike); the "
+        "suite's generator first, wrk on the same server right after; p99 in brackets.\n",
+        side_by_side_table(result["runs"]),
         "## Every run\n",
         "Open-loop latencies count from each request's intended send time. Closed-loop latencies "
         "are service times at maximum throughput. `gen CPU` is the load generator's CPU use in "

@@ -94,6 +94,7 @@ def tally_server(work: Path, name: str = "tally", **settings: str) -> HttpServer
 
 
 def peer_server(work: Path, name: str, kind: str, url: str, pool: int = 16) -> HttpServer:
+    """A lean peer (granian RSGI) in front of the store ``kind`` at ``url``."""
     return HttpServer(name, [sys.executable, "-m", "tally_dev.bench.peers", kind, "--url", url,
                              "--port", "{port}", "--pool", str(pool)], work / name)
 

@@ -12,7 +12,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -43,7 +43,6 @@ class Params:
     retry_share: float = 0.05  # mixed: writes that repeat an earlier write
     keyed_share: float = 0.2  # incr: increments that carry an idempotency key
     bulk_size: int = BATCHER_MAX_OPS  # bulk: likes per /v1/bulk request, as the batcher sends
-    like_path: str = "/v1/like"  # "/bench/noop" measures the framework ceiling
 
 
 class Zipf:
@@ -93,7 +92,7 @@ class Generator:
 
     def _like(self, item: int) -> Op:
         body = {"user_id": self._fresh_user(), "item_type": "post", "item_id": item}
-        return "like", (http_request(self.p.like_path, body),)
+        return "like", (http_request("/v1/like", body),)
 
     def _uniform(self) -> Op:
         return self._like(self.rng.randint(1, self.p.items))
@@ -144,9 +143,6 @@ class Generator:
                         "item_id": item})
         return "bulk", (http_request("/v1/bulk", {"ops": ops}),)
 
-    def _noop(self) -> Op:
-        return self._uniform()
-
 
 PRESETS: dict[str, str] = {
     "uniform": "likes by new users on items drawn uniformly from the item space",
@@ -158,10 +154,5 @@ PRESETS: dict[str, str] = {
     "incr": "event counter increments (views), 20% with an idempotency key",
     "bulk": f"viral likes, bulk_size ({BATCHER_MAX_OPS}) per /v1/bulk request, as a batching client "
             "sends them",
-    "noop": "uniform likes sent to /bench/noop: parsing and serialising only, no storage",
 }
 
-
-def params_for(preset: str, base: Params) -> Params:
-    """The noop preset is uniform sent to the no-storage route."""
-    return replace(base, like_path="/bench/noop") if preset == "noop" else base

@@ -1,6 +1,6 @@
-"""The designs a team would otherwise build, served by Tally's own HTTP stack.
+"""The designs a team would otherwise hand-roll, each behind a lean server (``peers.lean``).
 
-Each peer is a storage backend behind the same FastAPI app, middleware, request schemas and
-validation as Tally (``peers.app``), run by the same uvicorn settings, so a comparison measures
-storage against storage and not one framework against another.
+The server is granian's RSGI interface with orjson and hand-written checks, not Tally's stack:
+a comparison then shows what Tally costs against what a capable engineer would build, framework
+overhead included. ``bare`` is that server with no storage at all: its ceiling.
 """

@@ -1,39 +1,32 @@
-"""``python -m tally_dev.bench.peers pg|redis --url URL --port PORT``: serve one peer over HTTP.
+"""``python -m tally_dev.bench.peers pg|redis|bare --url URL --port PORT``: serve one lean peer.
 
-Run with the same uvicorn settings as ``tally serve`` (uvloop, httptools, no access log).
+granian with its RSGI interface, one worker process on uvloop, no access log: the lean server of
+``peers.lean`` in front of the named store (``bare``: none).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 from collections.abc import Sequence
 
-import uvicorn
-
-from tally_dev.bench.peers.app import PeerStore, peer_app
+from granian import Granian
+from granian.constants import Interfaces, Loops
+from granian.log import LogLevels
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tally_dev.bench.peers", description=__doc__)
-    p.add_argument("kind", choices=["pg", "redis"])
-    p.add_argument("--url", required=True, help="PostgreSQL DSN or Redis URL")
+    p.add_argument("kind", choices=["pg", "redis", "bare"])
+    p.add_argument("--url", default="", help="PostgreSQL DSN or Redis URL")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--pool", type=int, default=16, help="connections to the engine")
     args = p.parse_args(argv)
-    store: PeerStore
-    if args.kind == "pg":
-        from tally_dev.bench.peers.pg import PostgresPeer
-
-        store = PostgresPeer(args.url, args.pool)
-    else:
-        from tally_dev.bench.peers.redis import RedisPeer
-
-        store = RedisPeer(args.url, args.pool)
-    logging.basicConfig(level=logging.WARNING)
-    uvicorn.run(peer_app(store), host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
-                log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    os.environ.update(PEER_KIND=args.kind, PEER_URL=args.url, PEER_POOL=str(args.pool))
+    Granian("tally_dev.bench.peers.lean:app_from_env", factory=True, address="127.0.0.1",
+            port=args.port, interface=Interfaces.RSGI, workers=1, loop=Loops.uvloop,
+            log_level=LogLevels.warning, log_access=False).serve()
     return 0
 
 

@@ -92,9 +92,3 @@ class PostgresPeer:
         rows = await self.pool.fetch(_FEED, list(items), user)
         found = {r[0]: (int(r[1]), bool(r[2])) for r in rows}
         return [found[i] for i in items]
-
-    async def has(self, user: str, items: Sequence[str]) -> list[bool]:
-        rows = await self.pool.fetch("SELECT item FROM likes WHERE user_id = $1 "
-                                     "AND item = ANY($2::text[])", user, list(items))
-        on = {r[0] for r in rows}
-        return [i in on for i in items]
