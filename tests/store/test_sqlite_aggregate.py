@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tally.core.coalesce import coalesce
 from tally.core.model import Event
-from tally.store import sqlite as sqlite_module
+from tally.store.sqlite import store as sqlite_module
 from tally.store.sqlite.aggregate import apply_range, log_range
 from tally.store.sqlite.ops import SOURCE
 from tally.store.sqlite.schema import connect, migrate

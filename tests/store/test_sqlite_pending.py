@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tally.store import sqlite as sqlite_module
+from tally.store.sqlite import store as sqlite_module
 from tally.store.sqlite.aggregate import apply_range
 from tally.store.sqlite.pending import Unapplied
 from tally.store.sqlite.store import SqliteStore
