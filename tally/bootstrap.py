@@ -1,75 +1,35 @@
-"""The one place that wires settings, stores, the service and the workers together."""
+"""The composition root: the one place that wires settings, stores, the service and the workers
+together, for the embedded runtime (SQLite, defined here) and for each cluster role
+(``tally.cluster_runtime``). Only this module names a backend."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
+from tally.cluster_runtime import ROLES, ClusterRuntime
+from tally.core.breaker import Breaker
 from tally.core.hotkeys import SpaceSaving
 from tally.core.lru import LRU
-from tally.core.model import Counter, CountKey, Kind, Schema
+from tally.core.model import CountKey
 from tally.metrics import Metrics, Sample
+from tally.runtime import AppRuntime, cancel_all, periodic, schema_of
 from tally.service.counters import CounterService, Limits
 from tally.service.reads import CountReader
 from tally.settings import Settings
+from tally.store.jetstream.eventlog import EventLog
+from tally.store.ports import ReconcileChunk, Recounter
+from tally.store.postgres.build import PostgresConfig, build_postgres
+from tally.store.postgres.leases import PgLeases
+from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
+from tally.workers.partitions import PartitionPool
+from tally.workers.relay import Relay
 
 log = logging.getLogger("tally")
-
-
-def schema_of(settings: Settings) -> Schema:
-    counters = [Counter(c.name, Kind(c.kind), c.dedupe_window_s)
-                for c in settings.counter_defs().values()]
-    return Schema(counters, settings.item_types)
-
-
-def periodic(period_s: float, job: Callable[[], Awaitable[object]]) -> asyncio.Task[None]:
-    """Run ``job`` every ``period_s`` until cancelled; a failing run is logged, not fatal."""
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(period_s)
-            try:
-                await job()
-            except Exception:
-                log.exception("periodic job failed", extra={"job": job.__name__})
-
-    return asyncio.create_task(loop(), name=f"tally-{job.__name__}")
-
-
-async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel the ``periodic`` tasks and wait for each to end, so stop() closes no store under a
-    running job; empties the list so a second stop() is a no-op."""
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    tasks.clear()
-
-
-class AppRuntime(Protocol):
-    """What the HTTP app needs from a runtime, embedded or cluster (any role)."""
-
-    settings: Settings
-    metrics: Metrics
-    hot: SpaceSaving
-
-    @property
-    def service(self) -> CounterService | None:
-        """None in roles that serve no API (relay, aggregator)."""
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def readiness(self) -> tuple[bool, dict[str, object]]:
-        """(ready, details such as lag) for /readyz."""
 
 
 @dataclass
@@ -173,8 +133,6 @@ class Runtime:
 def build_for(settings: Settings) -> AppRuntime:
     """The runtime the settings ask for: embedded SQLite, or one cluster role."""
     if settings.backend == "cluster":
-        from tally.cluster_runtime import build_cluster
-
         return build_cluster(settings)
     return build(settings)
 
@@ -201,3 +159,58 @@ def build(settings: Settings) -> Runtime:
     runtime = Runtime(settings, store, service, aggregator, metrics, hot)
     metrics.add_state(runtime.state)
     return runtime
+
+
+def postgres_config(settings: Settings) -> PostgresConfig:
+    return PostgresConfig(
+        dsns=list(settings.postgres_dsns), logical_shards=settings.logical_shards,
+        shard_map=list(settings.shard_map), pool_max=settings.postgres_pool_max,
+        synchronous_commit=settings.postgres_synchronous_commit,
+        outbox_slots=settings.outbox_slots, reconcile_settle_s=settings.reconcile_settle_s)
+
+
+class CacheDroppingRecounter:
+    """A repair changes counts without a new log version: drop those keys from Redis too."""
+
+    def __init__(self, inner: Recounter, redis: RedisCounts) -> None:
+        self.inner = inner
+        self.redis = redis
+
+    async def reconcile_chunk(self, counters: Sequence[str], items: Sequence[str] | None,
+                              after: tuple[str, str] | None, limit: int,
+                              repair: bool) -> ReconcileChunk:
+        chunk = await self.inner.reconcile_chunk(counters, items, after, limit, repair)
+        if repair and chunk.drifts:
+            await self.redis.delete([(d.counter, d.item) for d in chunk.drifts])
+        return chunk
+
+
+def build_cluster(settings: Settings) -> ClusterRuntime:
+    """Only the parts of the process's role (``settings.role``; ``all`` runs every part)."""
+    s = settings
+    roles = set(ROLES) if s.role == "all" else {s.role}
+    pg = build_postgres(postgres_config(s))
+    rt = ClusterRuntime(s, roles, Metrics(), SpaceSaving(s.hot_top_k), pg.likes, pg.counts)
+    if roles & {"relay", "aggregator"}:
+        rt.events = EventLog(s.nats_url, s.nats_stream, s.log_partitions,
+                             max_age_s=s.log_max_age_s)
+    if roles & {"api", "aggregator"}:
+        rt.redis = RedisCounts(s.redis_url, s.redis_cluster, s.redis_ttl_s,
+                               s.redis_timeout_ms / 1000)
+    leases = PgLeases(s.postgres_dsns[0])  # the coordination database
+    lease_period_s = s.lease_period_ms / 1000
+    if "api" in roles and rt.redis is not None:
+        rt.tiered = TieredCounts(rt.redis, pg.counts, Breaker(threshold=1, cooldown_s=2.0))
+        cache: LRU[CountKey, int] = LRU(s.cache_size, s.cache_ttl_s)
+        reader = CountReader(rt.tiered, cache, rt.hot, cache_all=False, hot_ttl_s=s.hot_ttl_s,
+                             sample=s.hot_sample)
+        recounter = CacheDroppingRecounter(pg.recounter, rt.redis)
+        rt.service = CounterService(schema_of(s), pg.likes, pg.counts, reader, recounter,
+                                    s.region, Limits(s.max_batch_items, s.max_bulk_ops))
+    if "relay" in roles and rt.events is not None:
+        rt.relay = Relay(leases, pg.likes, rt.events, s.relay_batch, lease_period_s)
+    if "aggregator" in roles and rt.events is not None:
+        rt.pool = PartitionPool(leases, rt.events, pg.counts, rt.redis,
+                                s.aggregate_window_ms / 1000, s.rollups, lease_period_s)
+    rt.metrics.add_state(rt.state)
+    return rt

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
-from tally.core.breaker import Breaker
 from tally.core.hotkeys import SpaceSaving
-from tally.core.lru import LRU
-from tally.core.model import CountKey
 from tally.metrics import Metrics, Sample
-from tally.service.counters import CounterService, Limits
-from tally.service.reads import CountReader
+from tally.runtime import cancel_all, periodic
+from tally.service.counters import CounterService
 from tally.settings import Settings
 from tally.store.jetstream.eventlog import EventLog
-from tally.store.ports import ReconcileChunk, Recounter
-from tally.store.postgres.build import build_postgres
+from tally.store.postgres.counts import PostgresCountStore
+from tally.store.postgres.likes import PostgresLikeStore
 from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.workers.partitions import PartitionPool
 from tally.workers.relay import Relay
@@ -36,72 +34,24 @@ log = logging.getLogger("tally")
 ROLES = ("api", "relay", "aggregator")
 
 
-class CacheDroppingRecounter:
-    """A repair changes counts without a new log version: drop those keys from Redis too."""
-
-    def __init__(self, inner: Recounter, redis: RedisCounts) -> None:
-        self.inner = inner
-        self.redis = redis
-
-    async def reconcile_chunk(self, counters: Sequence[str], items: Sequence[str] | None,
-                              after: tuple[str, str] | None, limit: int,
-                              repair: bool) -> ReconcileChunk:
-        chunk = await self.inner.reconcile_chunk(counters, items, after, limit, repair)
-        if repair and chunk.drifts:
-            await self.redis.delete([(d.counter, d.item) for d in chunk.drifts])
-        return chunk
-
-
+@dataclass
 class ClusterRuntime:
-    """Builds only the parts of the process's role; each part starts and stops with the runtime."""
+    """The parts of the process's role (built by ``tally.bootstrap.build_cluster``; absent parts
+    are None); each part starts and stops with the runtime."""
 
-    def __init__(self, settings: Settings) -> None:
-        from tally.bootstrap import schema_of
-
-        self.settings = s = settings
-        self.roles = set(ROLES) if s.role == "all" else {s.role}
-        self.metrics = Metrics()
-        self.hot = SpaceSaving(s.hot_top_k)
-        self.pg = build_postgres(s)
-        self.likes = self.pg.likes  # the like store and the outboxes
-        self.counts = self.pg.counts
-        self.events: EventLog | None = None
-        self.redis: RedisCounts | None = None
-        self.tiered: TieredCounts | None = None
-        self._service: CounterService | None = None
-        self.relay: Relay | None = None
-        self.pool: PartitionPool | None = None
-        if self.roles & {"relay", "aggregator"}:
-            self.events = EventLog(s.nats_url, s.nats_stream, s.log_partitions,
-                                   max_age_s=s.log_max_age_s)
-        if self.roles & {"api", "aggregator"}:
-            self.redis = RedisCounts(s.redis_url, s.redis_cluster, s.redis_ttl_s,
-                                     s.redis_timeout_ms / 1000)
-        lease_period_s = s.lease_period_ms / 1000
-        if "api" in self.roles and self.redis is not None:
-            self.tiered = TieredCounts(self.redis, self.counts, Breaker(threshold=1, cooldown_s=2.0))
-            cache: LRU[CountKey, int] = LRU(s.cache_size, s.cache_ttl_s)
-            reader = CountReader(self.tiered, cache, self.hot, cache_all=False,
-                                 hot_ttl_s=s.hot_ttl_s, sample=s.hot_sample)
-            self._service = CounterService(
-                schema_of(s), self.likes, self.counts, reader, self._recounter(), s.region,
-                Limits(s.max_batch_items, s.max_bulk_ops))
-        if "relay" in self.roles and self.events is not None:
-            self.relay = Relay(s.postgres_dsns[0], self.likes, self.events, s.relay_batch,
-                               lease_period_s)
-        if "aggregator" in self.roles and self.events is not None:
-            self.pool = PartitionPool(s.postgres_dsns[0], self.events, self.counts, self.redis,
-                                      s.aggregate_window_ms / 1000, s.rollups, lease_period_s)
-        self._tasks: list[asyncio.Task[None]] = []
-        self.metrics.add_state(self.state)
-
-    def _recounter(self) -> Recounter:
-        recounter = self.pg.recounter
-        return CacheDroppingRecounter(recounter, self.redis) if self.redis is not None else recounter
-
-    @property
-    def service(self) -> CounterService | None:
-        return self._service
+    settings: Settings
+    roles: set[str]
+    metrics: Metrics
+    hot: SpaceSaving
+    likes: PostgresLikeStore  # the like store and the outboxes
+    counts: PostgresCountStore
+    events: EventLog | None = None
+    redis: RedisCounts | None = None
+    tiered: TieredCounts | None = None
+    service: CounterService | None = None  # None in roles that serve no API
+    relay: Relay | None = None
+    pool: PartitionPool | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         await self.likes.start()
@@ -122,8 +72,6 @@ class ClusterRuntime:
                                          "partitions": self.settings.log_partitions})
 
     async def stop(self) -> None:
-        from tally.bootstrap import cancel_all
-
         await cancel_all(self._tasks)
         if self.pool is not None:
             await self.pool.stop()
@@ -143,8 +91,6 @@ class ClusterRuntime:
         self.hot.decay()
 
     def _every(self, period_s: float, job: Callable[[], Awaitable[object]]) -> None:
-        from tally.bootstrap import periodic
-
         self._tasks.append(periodic(period_s, job))
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
@@ -208,6 +154,3 @@ class ClusterRuntime:
                           w.stats.lag_seconds, labels)]
         return rows
 
-
-def build_cluster(settings: Settings) -> ClusterRuntime:
-    return ClusterRuntime(settings)

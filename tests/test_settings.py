@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tally.bootstrap import schema_of
 from tally.core.errors import ConfigError
+from tally.runtime import schema_of
 from tally.settings import Settings, describe, load, validate
 
 

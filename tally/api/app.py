@@ -20,10 +20,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import tally
 from tally.api import schemas as s
 from tally.api.routes import NOT_A_JSON_OBJECT, build_router, ops_router
-from tally.bootstrap import AppRuntime, build_for, cancel_all
+from tally.bootstrap import build_for
 from tally.core.errors import TallyError
 from tally.gctune import tune_gc
 from tally.metrics import Metrics, watch_gc, watch_loop_lag
+from tally.runtime import AppRuntime, cancel_all
 from tally.settings import Settings
 
 # Metrics are Prometheus, our own (tally.metrics). FastAPI's native OpenTelemetry hooks looked up

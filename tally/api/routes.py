@@ -11,9 +11,9 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 
 from tally.api import schemas as s
-from tally.bootstrap import AppRuntime
 from tally.core.errors import BadJson, InvalidInput
 from tally.core.model import OpResult, canonical_id, split_item
+from tally.runtime import AppRuntime
 
 NOT_A_JSON_OBJECT = "request body must be a JSON object sent as Content-Type: application/json"
 _BULK_FIELDS = frozenset(s.BulkRequest.model_fields)

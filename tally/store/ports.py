@@ -1,8 +1,12 @@
-"""The storage roles the service needs, as Protocols. Each backend module implements them.
+"""The storage roles the service and the workers need, as Protocols. Each backend implements them.
 
 The service core and the workers depend on these only, never on a driver: the embedded SQLite
-adapter implements all of them in one file; the scale-out backends (PostgreSQL shards, a JetStream
-log, Redis) each take one role.
+adapter implements the record roles in one package; the scale-out backends (PostgreSQL shards,
+a JetStream log, Redis, PostgreSQL advisory locks for leases) each take one role. Only the
+composition root (``tally.bootstrap``) names a backend.
+
+An adapter turns its driver's errors into ``tally.core.errors.Unavailable`` where a caller must
+tell "the backend failed, retry" from a bug: workers catch that, never a driver's exception.
 """
 
 from __future__ import annotations
@@ -134,3 +138,84 @@ class Recounter(Protocol):
     async def reconcile_chunk(self, counters: Sequence[str], items: Sequence[str] | None,
                               after: tuple[str, str] | None, limit: int,
                               repair: bool) -> ReconcileChunk: ...
+
+
+@dataclass(frozen=True)
+class LogMessage:
+    """One message of a partitioned event log: a run of one source's events."""
+
+    stream_seq: int  # the log's own position of this message, increasing within a partition
+    events: list[Event]
+    pending: int  # messages after this one in the partition
+    stored_at: float  # when the log stored it, epoch seconds
+
+
+class LogGap(Exception):
+    """Delivery skipped messages; the reader must be reopened from the committed position."""
+
+
+class LogReader(Protocol):
+    """Reads one partition in order from a log position."""
+
+    position: int  # the newest log position returned so far
+
+    async def fetch(self, max_msgs: int, timeout_s: float) -> list[LogMessage]:
+        """Up to ``max_msgs`` messages after the position; [] when none arrive in time.
+        Raises ``LogGap`` when delivery skipped some."""
+
+    async def close(self) -> None: ...
+
+
+class PartitionedLog(Lifecycle, Protocol):
+    """The durable event log between the outboxes and the aggregators, partitioned by
+    (counter, item) so one count's events pass through one partition, in order."""
+
+    partitions: int
+
+    async def publish(self, source: str, events: Sequence[Event]) -> int:
+        """Store one source's events (in seq order); returns once every one is stored.
+        Within a partition, a source's events are stored in the order given."""
+
+    async def last_seqs(self) -> dict[int, int]:
+        """The newest log position stored in each partition (absent when empty)."""
+
+    async def reader(self, partition: int, after_stream_seq: int) -> LogReader:
+        """A reader of ``partition`` after that log position."""
+
+
+class CountCache(Lifecycle, Protocol):
+    """Absolute counts in a shared cache, versioned so an older write never replaces a newer one.
+
+    A lost write is healed by the next one or by the entry's expiry; raises ``Unavailable`` when
+    the cache cannot be reached."""
+
+    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]: ...
+
+    async def put(self, counts: Mapping[CountKey, int], version: int) -> None:
+        """Set absolute counts at ``version``; a key holding a newer version is left alone."""
+
+    async def delete(self, keys: Sequence[CountKey]) -> None: ...
+
+
+class LeaseSession(Protocol):
+    """One member's hold on a family of leases; when the session ends (its process dies), every
+    lease it holds is released at once. Methods raise ``Unavailable`` when the session is lost."""
+
+    slot: int  # this member's slot, unique among the live members of the family
+
+    async def members(self) -> int:
+        """How many members of the family are alive now."""
+
+    async def try_take(self, index: int) -> bool:
+        """Take lease ``index`` if no member holds it."""
+
+    async def give_back(self, index: int) -> None: ...
+
+    async def close(self) -> None:
+        """End the session (releasing its leases), bounded in time."""
+
+
+class Leases(Protocol):
+    """Where leases are kept; ``session`` joins a family (``kind``) as one more live member."""
+
+    async def session(self, kind: str) -> LeaseSession: ...

@@ -1,7 +1,7 @@
 """Partitioned aggregators: each partition of the event log is applied by one process at a time.
 
-A ``PartitionPool`` takes partition leases (``LeaseSet``, PostgreSQL advisory locks) and runs a
-``PartitionWorker`` for each partition it holds. A worker:
+A ``PartitionPool`` takes partition leases (``LeaseSet``) and runs a ``PartitionWorker`` for
+each partition it holds. A worker:
 
 1. reads the partition consumer's watermarks (``agg-p<n>``): one per source shard, plus the
    stream position (``js:p<n>``) it has applied up to;
@@ -10,7 +10,7 @@ A ``PartitionPool`` takes partition leases (``LeaseSet``, PostgreSQL advisory lo
    redeliveries and relay retries) and calls ``CountStore.apply_batch`` with the new positions
    and ``expect`` = the positions it started from. The store moves the watermarks and adds the
    deltas in one transaction, only if the watermarks are still where this worker left them;
-4. writes the new absolute counts to Redis, versioned by stream sequence.
+4. writes the new absolute counts to the count cache (Redis), versioned by log position.
 
 The conditional watermark update is the fence: a worker that lost its lease but has not noticed
 yet (a zombie) finds the watermarks moved by its successor, writes nothing, and stops. A crash
@@ -27,13 +27,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from tally.core.coalesce import coalesce
+from tally.core.errors import Unavailable
 from tally.core.model import CountKey
-from tally.store.jetstream.eventlog import EventLog, LogGap, LogMessage, PartitionReader, stream_position
-from tally.store.ports import CountStore
-from tally.store.rediscache.counts import RedisCounts
+from tally.store.ports import (
+    CountCache,
+    CountStore,
+    Leases,
+    LogGap,
+    LogMessage,
+    LogReader,
+    PartitionedLog,
+)
 from tally.workers.leases import LeaseSet, cancelled, stop_task
 
 log = logging.getLogger("tally.partitions")
@@ -58,15 +63,21 @@ class PartitionStats:
     reading_at: float | None = None  # reader open at the committed position after taking it
     first_apply_at: float | None = None  # first batch applied after taking it
     last_error: str | None = None
+    cache_write_failures: int = 0
 
 
 def consumer_name(partition: int) -> str:
     return f"agg-p{partition}"
 
 
+def stream_position(partition: int) -> str:
+    """The watermark name under which a partition's log position is kept with the counts."""
+    return f"js:p{partition}"
+
+
 class PartitionWorker:
-    def __init__(self, partition: int, events: EventLog, counts: CountStore,
-                 cache: RedisCounts | None, window_s: float, rollups: Sequence[str]) -> None:
+    def __init__(self, partition: int, events: PartitionedLog, counts: CountStore,
+                 cache: CountCache | None, window_s: float, rollups: Sequence[str]) -> None:
         self.partition = partition
         self.events = events
         self.counts = counts
@@ -77,13 +88,13 @@ class PartitionWorker:
         self.stats = PartitionStats(gained_at=time.time())
         self._dirty: dict[CountKey, tuple[int, int]] = {}  # cache writes to retry
         # Keys of a batch whose apply raised: it may have committed (and been rolled forward
-        # since), so their Redis values are rewritten from PostgreSQL before going on.
+        # since), so their cached values are rewritten from the count store before going on.
         self._unsure: tuple[list[CountKey], int] | None = None
 
     async def run(self) -> None:
         """Apply the partition until cancelled; restarts from the committed position on errors."""
         while True:
-            reader: PartitionReader | None = None
+            reader: LogReader | None = None
             try:
                 marks = await self.counts.watermarks(self.consumer)  # rolls forward intents
                 await self._settle_unsure()
@@ -111,7 +122,7 @@ class PartitionWorker:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(reader.close())
 
-    async def _apply_loop(self, reader: PartitionReader, marks: dict[str, int]) -> None:
+    async def _apply_loop(self, reader: LogReader, marks: dict[str, int]) -> None:
         while True:
             started = time.monotonic()
             msgs = await reader.fetch(FETCH_MSGS, timeout_s=max(self.window_s, 0.5))
@@ -126,7 +137,7 @@ class PartitionWorker:
                 await asyncio.sleep(rest)  # let the window gather more deltas per key
 
     async def _apply(self, msgs: list[LogMessage], marks: dict[str, int]) -> int:
-        """One window's messages: coalesce, apply with the watermarks, then set Redis."""
+        """One window's messages: coalesce, apply with the watermarks, then set the cache."""
         self.stats.pending_msgs = msgs[-1].pending
         self.stats.lag_seconds = max(time.time() - msgs[0].stored_at, 0.0)
         events = [ev for m in msgs for ev in m.events]
@@ -197,19 +208,20 @@ class PartitionWorker:
             for version, counts in by_version.items():
                 await self.cache.put(counts, version)
             self._dirty.clear()
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.cache.write_failures += 1
+        except (Unavailable, OSError, TimeoutError) as exc:
+            self.stats.cache_write_failures += 1
             if len(self._dirty) > MAX_DIRTY:
                 self._dirty.clear()  # the TTL heals what is dropped here
-            log.warning("redis write failed; will retry", extra={"error": repr(exc),
+            log.warning("count cache write failed; will retry", extra={"error": repr(exc),
                                                                  "partition": self.partition})
 
 
 class PartitionPool:
     """The aggregator role: leases partitions and runs a worker per partition held."""
 
-    def __init__(self, dsn: str, events: EventLog, counts: CountStore, cache: RedisCounts | None,
-                 window_s: float, rollups: Sequence[str], lease_period_s: float = 0.5) -> None:
+    def __init__(self, leases: Leases, events: PartitionedLog, counts: CountStore,
+                 cache: CountCache | None, window_s: float, rollups: Sequence[str],
+                 lease_period_s: float = 0.5) -> None:
         self.events = events
         self.counts = counts
         self.cache = cache
@@ -218,7 +230,7 @@ class PartitionPool:
         self.workers: dict[int, PartitionWorker] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         keys = [f"p{n}" for n in range(events.partitions)]
-        self.leases = LeaseSet(dsn, "aggregator", keys, self._gain, self._lose, lease_period_s)
+        self.leases = LeaseSet(leases, "aggregator", keys, self._gain, self._lose, lease_period_s)
 
     def start(self) -> None:
         self.leases.start()

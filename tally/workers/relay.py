@@ -1,14 +1,15 @@
 """The relay: copies each source shard's outbox to the event log, at least once, then trims it.
 
 Per source the relay is strictly sequential: read the oldest untrimmed rows (in sequence order),
-publish them (``EventLog.publish`` returns only when every message is stored), trim them, read
+publish them (``PartitionedLog.publish`` returns only when every message is stored), trim them, read
 the next. A failed publish is retried with the same rows from the first unacknowledged one, so
 within a partition no event of a source is ever stored for the first time after a later event
-of the same source (the rule the consumers' sequence watermarks rely on; see jetstream.py).
+of the same source (the rule the consumers' sequence watermarks rely on; see
+``tally.store.jetstream.eventlog``).
 A row is trimmed only after its publish is acknowledged, so a crash at any point re-publishes,
 never loses; duplicates are dropped by the consumers' watermarks, whatever the outage length.
 
-Several relays may run: sources are shared by ``LeaseSet`` (PostgreSQL advisory locks), so each
+Several relays may run: sources are shared by ``LeaseSet``, so each
 source has one relay at a time. A relay that lost its lease without noticing can only publish
 copies of rows the new owner also publishes, in the same order: harmless duplicates.
 """
@@ -20,8 +21,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from tally.store.jetstream.eventlog import EventLog
-from tally.store.ports import Outbox
+from tally.store.ports import Leases, Outbox, PartitionedLog
 from tally.workers.leases import LeaseSet, cancelled, stop_task
 
 log = logging.getLogger("tally.relay")
@@ -40,7 +40,7 @@ class SourceStats:
 class SourceRelay:
     """Publishes one source shard while this process holds its lease."""
 
-    def __init__(self, source: str, outbox: Outbox, events: EventLog, batch: int = 1000,
+    def __init__(self, source: str, outbox: Outbox, events: PartitionedLog, batch: int = 1000,
                  idle_min_s: float = 0.005, idle_max_s: float = 0.1) -> None:
         self.source = source
         self.outbox = outbox
@@ -94,14 +94,14 @@ class SourceRelay:
 class Relay:
     """The relay role: leases source shards and runs a ``SourceRelay`` for each one held."""
 
-    def __init__(self, dsn: str, outbox: Outbox, events: EventLog, batch: int = 1000,
+    def __init__(self, leases: Leases, outbox: Outbox, events: PartitionedLog, batch: int = 1000,
                  lease_period_s: float = 0.5) -> None:
         self.outbox = outbox
         self.events = events
         self.batch = batch
         self.sources: dict[str, SourceRelay] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.leases = LeaseSet(dsn, "relay", sorted(outbox.sources()), self._gain, self._lose,
+        self.leases = LeaseSet(leases, "relay", sorted(outbox.sources()), self._gain, self._lose,
                                lease_period_s)
 
     def start(self) -> None:

@@ -14,7 +14,7 @@ import nats
 import pytest
 from nats.js.errors import NotFoundError
 
-from tally.cluster_runtime import CacheDroppingRecounter
+from tally.bootstrap import CacheDroppingRecounter
 from tally.core.model import CountKey
 from tally.store.jetstream.eventlog import EventLog
 from tally.store.postgres.cluster import PgCluster

@@ -147,13 +147,14 @@ async def test_reordered_databases_are_refused(pg_shared_dsns: list[str]) -> Non
 
 
 async def test_stores_built_from_settings_share_one_cluster(pg_shared_dsns: list[str]) -> None:
+    from tally.bootstrap import postgres_config
     from tally.core.model import ToggleOp
     from tally.settings import Settings
     from tally.store.postgres.build import build_postgres
 
     settings = Settings().replace(backend="cluster", postgres_dsns=pg_shared_dsns,
                                   logical_shards=128, outbox_slots=2, postgres_pool_max=3)
-    stores = build_postgres(settings)
+    stores = build_postgres(postgres_config(settings))
     assert stores.likes.cluster is stores.counts.cluster is stores.recounter.cluster
     await stores.start()
     try:
@@ -170,11 +171,9 @@ async def test_single_write_answer_with_counts_here_or_elsewhere(pg_shared_dsns:
     """The one-statement write reads the count itself when the item lives in the user's database,
     else it is read just before; either way the answer is the applied count plus this change."""
     from tally.core.model import ToggleOp
-    from tally.settings import Settings
-    from tally.store.postgres.build import build_postgres
+    from tally.store.postgres.build import PostgresConfig, build_postgres
 
-    stores = build_postgres(Settings().replace(backend="cluster", postgres_dsns=pg_shared_dsns,
-                                               logical_shards=64))
+    stores = build_postgres(PostgresConfig(pg_shared_dsns, logical_shards=64))
     await stores.start()
     try:
         item, sm = "post:7", stores.cluster.map

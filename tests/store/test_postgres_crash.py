@@ -13,8 +13,7 @@ import pytest
 from tally.core.coalesce import coalesce
 from tally.core.errors import Unavailable
 from tally.core.model import ToggleOp
-from tally.settings import Settings
-from tally.store.postgres.build import build_postgres
+from tally.store.postgres.build import PostgresConfig, build_postgres
 from tally_dev.engines import PostgresEngine
 from tests.engines import EngineFactory
 
@@ -38,8 +37,7 @@ async def test_acknowledged_writes_survive_a_server_kill(engine_factory: EngineF
     pg = engine_factory(PostgresEngine)
     pg.start()
     dsns = [pg.create_database("crash0"), pg.create_database("crash1")]
-    stores = build_postgres(Settings().replace(backend="cluster", postgres_dsns=dsns,
-                                               logical_shards=64, postgres_pool_max=6))
+    stores = build_postgres(PostgresConfig(dsns, logical_shards=64, pool_max=6))
     await stores.start()
     acked: list[ToggleOp] = []
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
+from tally.store.postgres.leases import PgLeases, PgLeaseSession
 from tally.workers.leases import LeaseSet
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -34,7 +35,7 @@ class Owners:
             else:
                 assert name in self.crashed
 
-        return LeaseSet(dsn, "test", KEYS, gain, lose, period_s=0.05)
+        return LeaseSet(PgLeases(dsn), "test", KEYS, gain, lose, period_s=0.05)
 
     def held(self, name: str) -> int:
         return sum(1 for v in self.owner.values() if v == name)
@@ -58,10 +59,10 @@ async def test_members_share_keys_and_a_dead_members_keys_are_taken_over(pg_data
     b.start()
     await until(lambda: owners.held("a") == 4 and owners.held("b") == 4)
     assert a.stats.members == 2 and b.stats.members == 2
-    conn = a._conn  # the process dies: its connection goes, and with it its locks
-    assert conn is not None
+    session = a.session  # the process dies: its connection goes, and with it its locks
+    assert isinstance(session, PgLeaseSession)
     owners.crashed.add("a")
-    conn.terminate()
+    session.terminate()
     await until(lambda: owners.held("b") == 8 and a.stats.lost == 1)
     owners.crashed.clear()
     await until(lambda: owners.held("a") == 4 and owners.held("b") == 4)  # a reconnects

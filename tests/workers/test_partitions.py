@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from tally.core.model import CountKey, Event
-from tally.store.jetstream.eventlog import EventLog, partition_of, stream_position
+from tally.store.jetstream.eventlog import EventLog, partition_of
+from tally.store.postgres.leases import PgLeases
 from tally.store.rediscache.counts import RedisCounts
 from tally.store.sqlite.store import SqliteStore
-from tally.workers.partitions import PartitionPool, PartitionWorker, consumer_name
+from tally.workers.partitions import PartitionPool, PartitionWorker, consumer_name, stream_position
 from tests.helpers import open_sqlite
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
@@ -72,7 +73,7 @@ async def test_redelivered_and_overlapping_runs_are_applied_once(
     await log.publish("s1", s1[100:])  # a zombie relay republishing an old batch
     cache = RedisCounts(redis_url)
     await cache.start()
-    pool = PartitionPool(pg_database(), log, store, cache, window_s=0.01, rollups=["day"])
+    pool = PartitionPool(PgLeases(pg_database()), log, store, cache, window_s=0.01, rollups=["day"])
     pool.start()
     try:
         await settled(store, log)

@@ -13,6 +13,7 @@ import pytest
 from tally.core.model import CountKey, ToggleOp
 from tally.store.jetstream.eventlog import EventLog
 from tally.store.postgres.cluster import PgCluster
+from tally.store.postgres.leases import PgLeases
 from tally.store.postgres.likes import PostgresLikeStore
 from tally.store.shards import ShardMap
 from tally.store.sqlite.store import SqliteStore
@@ -54,7 +55,7 @@ async def test_rows_are_published_in_source_order_then_trimmed(
         likes: PostgresLikeStore, nats_url: str, pg_database: Callable[[], str]) -> None:
     log = EventLog(nats_url, "T_RELAY", 3)
     await log.start()
-    lease_db = pg_database()
+    lease_db = PgLeases(pg_database())
     relays = [Relay(lease_db, likes, log, batch=50, lease_period_s=0.05) for _ in range(2)]
     for relay in relays:
         relay.start()
@@ -94,7 +95,7 @@ async def test_a_nats_crash_mid_relay_loses_and_doubles_nothing(
     await log.start()
     counts = SqliteStore(tmp_path / "counts.db", "FULL", 0.5, 500, 2)
     await counts.start()
-    lease_db = pg_database()
+    lease_db = PgLeases(pg_database())
     relay = Relay(lease_db, likes, log, batch=20, lease_period_s=0.05)
     pool = PartitionPool(lease_db, log, counts, None, window_s=0.01, rollups=())
     relay.start()

@@ -31,7 +31,7 @@ acknowledged. Later copies (retries, a zombie relay republishing) are skipped by
 ``Nats-Msg-Id`` (source, first and last seq, partition) lets the broker drop most of them early.
 
 Reading. An aggregator that owns a partition reads it with an ephemeral pull consumer starting
-at a stream sequence it keeps with its watermarks (``stream_position``), with no acks: the
+at a stream sequence it keeps with its watermarks (``workers.partitions.stream_position``), with no acks: the
 position it committed together with the counts is where a successor resumes. Consumer sequence
 numbers are contiguous, so a message lost in delivery shows as a gap (``LogGap``) and the reader
 is reopened from the committed position.
@@ -43,7 +43,6 @@ import asyncio
 import logging
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -55,6 +54,7 @@ from nats.js.errors import NotFoundError
 
 from tally.core.errors import ConfigError, Unavailable
 from tally.core.model import Event
+from tally.store.ports import LogGap, LogMessage
 
 log = logging.getLogger("tally.jetstream")
 
@@ -64,11 +64,6 @@ MAX_RUN = 500  # events per message: well under the server's 1 MB message limit
 def partition_of(counter: str, item: str, partitions: int) -> int:
     """Stable across processes and versions (crc32, not Python's salted hash)."""
     return zlib.crc32(f"{counter}\x00{item}".encode()) % partitions
-
-
-def stream_position(partition: int) -> str:
-    """The watermark name under which a partition's stream sequence is kept with the counts."""
-    return f"js:p{partition}"
 
 
 def encode_run(source: str, events: Sequence[Event]) -> bytes:
@@ -81,18 +76,6 @@ def decode_run(data: bytes) -> list[Event]:
     source = body["source"]
     return [Event(seq=r[0], counter=r[1], item=r[2], user=r[3], delta=r[4], ts=r[5], region=r[6],
                   source=source) for r in body["events"]]
-
-
-@dataclass(frozen=True)
-class LogMessage:
-    stream_seq: int
-    events: list[Event]
-    pending: int  # messages after this one in the partition
-    stored_at: float  # server timestamp, epoch seconds
-
-
-class LogGap(Exception):
-    """Delivery skipped messages; the reader must be reopened from the committed position."""
 
 
 class EventLog:

@@ -1,15 +1,27 @@
-"""The PostgreSQL roles built from settings, sharing one set of pools: what bootstrap wires."""
+"""The PostgreSQL roles built from plain configuration, sharing one set of pools."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tally.settings import Settings
 from tally.store.postgres.cluster import PgCluster
 from tally.store.postgres.counts import PostgresCountStore
 from tally.store.postgres.likes import PostgresLikeStore
 from tally.store.postgres.reconcile import PostgresRecounter
 from tally.store.shards import ShardMap
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """What the PostgreSQL backend needs (the composition root fills it from the settings)."""
+
+    dsns: list[str]
+    logical_shards: int
+    shard_map: list[str] = field(default_factory=list)  # 'FIRST-LAST=DB_INDEX' ranges
+    pool_max: int = 10
+    synchronous_commit: str = "on"
+    outbox_slots: int = 4
+    reconcile_settle_s: float = 2.0
 
 
 @dataclass
@@ -26,11 +38,9 @@ class PostgresStores:
         await self.cluster.close()
 
 
-def build_postgres(settings: Settings) -> PostgresStores:
-    shard_map = ShardMap.build(settings.logical_shards, len(settings.postgres_dsns),
-                               settings.shard_map)
-    cluster = PgCluster(settings.postgres_dsns, shard_map, settings.postgres_pool_max,
-                        settings.postgres_synchronous_commit)
+def build_postgres(config: PostgresConfig) -> PostgresStores:
+    shard_map = ShardMap.build(config.logical_shards, len(config.dsns), config.shard_map)
+    cluster = PgCluster(config.dsns, shard_map, config.pool_max, config.synchronous_commit)
     counts = PostgresCountStore(cluster)
-    return PostgresStores(cluster, PostgresLikeStore(cluster, settings.outbox_slots), counts,
-                          PostgresRecounter(cluster, counts, settings.reconcile_settle_s))
+    return PostgresStores(cluster, PostgresLikeStore(cluster, config.outbox_slots), counts,
+                          PostgresRecounter(cluster, counts, config.reconcile_settle_s))

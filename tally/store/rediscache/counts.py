@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 
 from tally.core.breaker import Breaker
 from tally.core.coalesce import Batch
+from tally.core.errors import Unavailable
 from tally.core.model import CountKey
 from tally.store.ports import CountStore
 
@@ -69,7 +70,6 @@ class RedisCounts:
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self._r: Any = None
-        self.write_failures = 0
 
     async def start(self) -> None:
         opts: dict[str, Any] = {"socket_timeout": self.timeout_s,
@@ -106,13 +106,18 @@ class RedisCounts:
         return out
 
     async def put(self, counts: Mapping[CountKey, int], version: int) -> None:
-        """Absolute counts from an aggregator; a key holding a newer version is left alone."""
+        """Absolute counts from an aggregator; a key holding a newer version is left alone.
+
+        Raises ``Unavailable`` when Redis fails: the aggregator keeps the values and retries."""
         if not counts:
             return
         pipe = self._r.pipeline(transaction=False)
         for key, value in counts.items():
             pipe.eval(_CAS, 1, count_key(key), version, value, self.ttl_s)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            raise Unavailable(f"redis: {exc!r}") from exc
 
     async def fill(self, counts: Mapping[CountKey, int]) -> None:
         """Read-path fill from PostgreSQL: version 0, only where no value exists."""
