@@ -9,6 +9,8 @@ command -v wrk >/dev/null 2>&1 || need+=(wrk)  # the bench's second load generat
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need+=(postgresql)
 fi
+# FUSE (fusermount3, libfuse3) for the storage-fault tests' filesystem (tally_dev/faultfs).
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
