@@ -49,7 +49,13 @@ async def test_power_loss_loses_no_acknowledged_like(faultfs: FaultFS, tmp_path:
             stop = anyio.Event()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(load, server.url, ledger, seed + rounds, stop)
-                await anyio.sleep(rng.uniform(0.05, 1.5))  # the moment of the cut
+                # The moment of the cut: after a random number of acknowledgements (a time
+                # would depend on the machine's load), then a random fraction of one more.
+                target = ledger.acks + rng.randint(1, 150)
+                with anyio.fail_after(120):
+                    while ledger.acks < target:
+                        await anyio.sleep(0.002)
+                await anyio.sleep(rng.uniform(0, 0.03))
                 await anyio.to_thread.run_sync(server.kill_all)
                 stop.set()
             undone += await anyio.to_thread.run_sync(faultfs.cut)
