@@ -23,6 +23,7 @@ engines:
 check: $(STAMP)
 	$(BIN)/ruff check tally tally_dev tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix tally tally_dev tests
@@ -34,4 +35,4 @@ bench: $(STAMP) engines
 	$(BIN)/tally bench suite --out bench-results
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

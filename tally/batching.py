@@ -15,21 +15,24 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from tally.client import Id, IncrResult, TallyAPIError, ToggleResult, _toggle_body
-
-if TYPE_CHECKING:
-    from tally.client import AsyncTally
+from tally.wire import Id, IncrResult, TallyAPIError, ToggleResult, toggle_body
 
 _Pending = tuple[dict[str, Any], "asyncio.Future[dict[str, Any]]"]
-# Defaults: 250 operations per request, 8 requests in flight. A bulk request is answered when its
-# transaction commits, so its size sets a floor under every caller's latency: at 11,500 likes/s
-# (viral, a grown database) 500 per request with 4 in flight gave p50 31 ms and p99 62 ms, 250
-# with 8 gave 17 ms and 37-40 ms, and 100 with 16 paid for its requests (p99 61-83 ms).
+# Defaults. A bulk request is answered when its transaction commits, so its size sets a floor
+# under every caller's latency: larger requests raise it, smaller ones pay for more requests.
+# These two sat between the two in the client-batching runs of docs/performance.md.
 BATCHER_MAX_OPS = 250
 BATCHER_IN_FLIGHT = 8
 _OP_FIELD = re.compile(r"ops\[(\d+)\]")
+
+
+class BulkClient(Protocol):
+    """What the batcher sends through (``AsyncTally``)."""
+
+    async def bulk(self, ops: Sequence[dict[str, Any]]) -> list[dict[str, Any]]: ...
 
 
 def _failed_index(exc: TallyAPIError, size: int) -> int | None:
@@ -48,7 +51,7 @@ def _fail(batch: list[_Pending], exc: BaseException) -> None:
 
 
 class Batcher:
-    def __init__(self, client: AsyncTally, max_ops: int = BATCHER_MAX_OPS, window_s: float = 0.002,
+    def __init__(self, client: BulkClient, max_ops: int = BATCHER_MAX_OPS, window_s: float = 0.002,
                  max_in_flight: int = BATCHER_IN_FLIGHT) -> None:
         """``max_ops`` must not exceed the server's ``max_bulk_ops`` (1000 by default)."""
         self.client = client
@@ -77,7 +80,7 @@ class Batcher:
     async def set(self, user: Id, item_type: str, item_id: Id, counter: str = "like",
                   on: bool = True, region: str | None = None) -> ToggleResult:
         op = {"op": "set" if on else "clear", "counter": counter,
-              **_toggle_body(user, item_type, item_id, region)}
+              **toggle_body(user, item_type, item_id, region)}
         res = await self._submit(op)
         return ToggleResult(state=on, changed=res["changed"], count=res["count"])
 

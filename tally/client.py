@@ -7,51 +7,16 @@ Errors come back as ``TallyAPIError`` with the server's code, message and field.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import orjson
 
-if TYPE_CHECKING:
-    from tally.batching import Batcher
+from tally.batching import BATCHER_IN_FLIGHT, BATCHER_MAX_OPS, Batcher
+from tally.wire import FeedItem, Id, IncrResult, Item, TallyAPIError, ToggleResult, toggle_body
 
-Id = int | str
-Item = tuple[str, Id]  # (item_type, item_id)
-
-
-class TallyAPIError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None) -> None:
-        super().__init__(f"{status} {code}: {message}" + (f" (field {field})" if field else ""))
-        self.status, self.code, self.message, self.field = status, code, message, field
-
-
-@dataclass(frozen=True)
-class ToggleResult:
-    state: bool
-    changed: bool
-    count: int
-
-
-@dataclass(frozen=True)
-class IncrResult:
-    applied: bool
-    count: int
-
-
-@dataclass(frozen=True)
-class FeedItem:
-    """An item as a feed shows it: its counts, and which toggles the viewer has set."""
-    counts: dict[str, int]
-    has: dict[str, bool]
-
-
-def _toggle_body(user: Id, item_type: str, item_id: Id, region: str | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"user_id": user, "item_type": item_type, "item_id": item_id}
-    if region is not None:
-        body["region"] = region
-    return body
-
+__all__ = ["AsyncTally", "FeedItem", "Id", "IncrResult", "Item", "Tally", "TallyAPIError",
+           "ToggleResult"]
 
 def _items(items: Sequence[Item]) -> list[dict[str, Any]]:
     return [{"item_type": t, "item_id": i} for t, i in items]
@@ -81,7 +46,7 @@ class _Requests:
             path = "/v1/like" if on else "/v1/unlike"
         else:
             path = f"/v1/counters/{counter}/{'set' if on else 'clear'}"
-        return "POST", path, _toggle_body(user, item_type, item_id, region)
+        return "POST", path, toggle_body(user, item_type, item_id, region)
 
     @staticmethod
     def incr(counter: str, item_type: str, item_id: Id, n: int, key: str | None,
@@ -133,8 +98,6 @@ class AsyncTally:
                 max_in_flight: int | None = None) -> Batcher:
         """Gathers concurrent like/unlike/incr calls into /v1/bulk requests (see tally.batching;
         ``None`` takes its defaults)."""
-        from tally.batching import BATCHER_IN_FLIGHT, BATCHER_MAX_OPS, Batcher
-
         return Batcher(self, max_ops or BATCHER_MAX_OPS, window_ms / 1000,
                        max_in_flight or BATCHER_IN_FLIGHT)
 

@@ -55,7 +55,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from tally_dev.bench import loadgen
     from tally_dev.bench.plots import plot_all
-    from tally_dev.bench.report import machine, markdown_runs
+    from tally_dev.bench.report import machine, markdown_runs, run_dict
 
     url = urlsplit(args.url)
     spec = loadgen.RunSpec(name=f"{args.preset}-{args.mode}", host=url.hostname or "127.0.0.1",
@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                            workers=args.workers or 1, seed=args.seed,
                            params=Params(items=args.items, bulk_size=args.bulk_size),
                            run_id=int(time.time()) % 3_000_000)  # fresh users run after run
-    result = loadgen.run(spec).as_dict()
+    result = run_dict(loadgen.run(spec))
     result["target"] = args.url
     args.out.mkdir(parents=True, exist_ok=True)
     doc = {"machine": machine(), "command": " ".join(sys.argv), "runs": [result]}

@@ -64,12 +64,7 @@ class RunResult:
     spec: RunSpec
     recorder: Recorder
     cpu_s: list[float]  # CPU seconds used by each worker process
-    wall_s: float
-
-    def as_dict(self) -> dict[str, Any]:
-        from tally_dev.bench.report import run_dict
-
-        return run_dict(self)
+    wall_s: float  # as data: ``report.run_dict``
 
 
 _now = time.monotonic  # nanosecond clock; uvloop's loop.time() has millisecond resolution

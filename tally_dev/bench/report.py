@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import platform
 import subprocess
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tally_dev.bench.hist import summary
-
-if TYPE_CHECKING:
-    from tally_dev.bench.loadgen import RunResult
+from tally_dev.bench.loadgen import RunResult
 
 
 def run_dict(r: RunResult) -> dict[str, Any]:

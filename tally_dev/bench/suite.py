@@ -28,7 +28,7 @@ from tally_dev.bench import loadgen, memory, server_stats, targets, wrk
 from tally_dev.bench.checks import median_max
 from tally_dev.bench.loadgen import RunSpec
 from tally_dev.bench.peer_engines import PEERS
-from tally_dev.bench.report import machine
+from tally_dev.bench.report import machine, run_dict
 from tally_dev.bench.workloads import Params
 from tally_dev.engines import HOST
 
@@ -78,7 +78,7 @@ class Suite:
         url = f"http://{HOST}:{port}"
         settled = server_stats.settle(url) if target == "tally" else None
         before = server_stats.scrape(url) if target == "tally" else {}
-        result = loadgen.run(spec, self.show_progress).as_dict()
+        result = run_dict(loadgen.run(spec, self.show_progress))
         result.update(target=target, round=round_, tool="loadgen")
         if before:
             result["server"] = server_stats.delta(before, server_stats.scrape(url))
