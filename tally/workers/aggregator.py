@@ -25,8 +25,8 @@ from tally.store.ports import ChangeLog, CountStore, InPlaceAggregation
 log = logging.getLogger("tally.aggregator")
 
 # Rounds of up to this many events are summed on the event loop; larger ones (the backlog after a
-# burst) in a thread: 20,000 events took the loop for tens of ms (a 104 ms stall was logged under
-# bulk likes), and requests waited behind it.
+# burst) in a thread: summing a large backlog holds the loop long enough for every request to
+# wait behind it, while a small round costs less inline than the hand-off to a thread.
 INLINE_EVENTS = 2000
 
 
