@@ -9,6 +9,7 @@ import pytest
 
 from tally.core.breaker import Breaker
 from tally.core.coalesce import Batch
+from tally.core.errors import Unavailable
 from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.store.sqlite.store import SqliteStore
 from tally_dev.engines import RedisEngine
@@ -82,3 +83,18 @@ async def test_reads_fall_back_to_the_durable_store_while_redis_is_down(
         assert tiered.fallbacks == 2
     finally:
         await tiered.close()
+
+
+async def test_a_put_to_a_redis_that_is_down_raises_unavailable(engine_factory: EngineFactory) -> None:
+    """The aggregator keeps the values and retries on the port's error, not on a driver's."""
+    redis = engine_factory(RedisEngine)
+    redis.start()
+    rc = RedisCounts(redis.url, timeout_s=0.1)
+    await rc.start()
+    try:
+        await rc.put({KEYS[0]: 1}, version=1)
+        redis.kill()
+        with pytest.raises(Unavailable):
+            await rc.put({KEYS[0]: 2}, version=2)
+    finally:
+        await rc.close()
