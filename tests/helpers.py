@@ -12,8 +12,8 @@ from typing import Any
 
 import anyio
 import httpx
-from fastapi import FastAPI
 
+from tally.api.app import TallyApp
 from tally.bootstrap import Runtime
 from tally.core.model import ToggleOp
 from tally.store.sqlite.schema import counts_path
@@ -117,10 +117,10 @@ async def writer_held(writer: GroupCommitWriter) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def app_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+async def app_client(app: TallyApp) -> AsyncIterator[httpx.AsyncClient]:
     """The app in this process, lifespan included, over httpx's ASGI transport. The client keeps
     the app as ``client.app``, where ``runtime_of`` finds it."""
-    async with app.router.lifespan_context(app):
+    async with app.lifespan():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://tally") as c:
             c.app = app  # type: ignore[attr-defined]
@@ -129,8 +129,8 @@ async def app_client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 def runtime_of(client: httpx.AsyncClient) -> Runtime:
     """The runtime behind the in-process app of the ``client`` fixture."""
-    app: FastAPI = vars(client)["app"]
-    rt: Runtime = app.state.runtime
+    app: TallyApp = vars(client)["app"]
+    rt: Runtime = app.runtime  # type: ignore[assignment]
     return rt
 
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 async def tally(settings: Settings) -> AsyncIterator[AsyncTally]:
     app = create_app(settings)
-    async with app.router.lifespan_context(app), \
+    async with app.lifespan(), \
             AsyncTally("http://tally", transport=httpx.ASGITransport(app=app)) as c:
         yield c
 

@@ -1,139 +1,179 @@
-"""Request and response bodies of the HTTP API (they also make the OpenAPI document).
+"""Request and response bodies of the HTTP API, as msgspec structs (they also make the OpenAPI
+document, so what is decoded and what is documented cannot drift apart).
 
-Ids are ``int | str`` with strict typing (no coercion of booleans or floats); the service checks
-their range and character set, so both the API and the CLI share one validation.
+Requests are decoded straight from the body bytes, one validation pass: types are strict (no
+booleans or floats as ids, no strings as numbers) and unknown fields are refused. The service then
+checks what a type cannot say (id range and characters, known item types and counters, limits),
+so the API and the CLI share one validation.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+import msgspec
+from msgspec import Meta, Struct
 
-Id = Annotated[StrictInt | StrictStr, Field(examples=[42, "u_123"])]
+Id = Annotated[int | str, Meta(description="An int64 or a string id of 1-64 characters "
+                                           "[A-Za-z0-9_.:-]", examples=[42, "u_123"])]
+Region = Annotated[str | None, Meta(description="Region for rollups; defaults to the server's")]
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Request(Struct, forbid_unknown_fields=True):
+    pass
 
 
-class ToggleRequest(_Body):
+class ToggleRequest(_Request):
     user_id: Id
-    item_type: StrictStr = Field(examples=["post"])
+    item_type: Annotated[str, Meta(examples=["post"])]
     item_id: Id
-    region: StrictStr | None = Field(None, description="Region for rollups; defaults to the server's")
+    region: Region = None
 
 
-class ToggleResponse(BaseModel):
+class ToggleResponse(Struct):
     counter: str
     item_type: str
     item_id: str
     user_id: str
-    state: bool = Field(description="The user's state after this request")
-    changed: bool = Field(description="False when the request repeated the current state")
-    count: int = Field(description="The item's count, including this change")
+    state: Annotated[bool, Meta(description="The user's state after this request")]
+    changed: Annotated[bool, Meta(description="False when the request repeated the current state")]
+    count: Annotated[int, Meta(description="The item's count, including this change")]
 
 
-class IncrRequest(_Body):
-    item_type: StrictStr
+class IncrRequest(_Request):
+    item_type: str
     item_id: Id
-    n: StrictInt = Field(1, ge=1)
-    idempotency_key: StrictStr | None = Field(
-        None, max_length=128, description="A repeat within the counter's window adds nothing")
+    n: Annotated[int, Meta(ge=1)] = 1
+    idempotency_key: Annotated[str | None, Meta(
+        description="A repeat within the counter's window adds nothing (at most 128 characters)")
+    ] = None
     user_id: Id | None = None
-    region: StrictStr | None = None
+    region: Region = None
 
 
-class IncrResponse(BaseModel):
+class IncrResponse(Struct):
     counter: str
     item_type: str
     item_id: str
-    applied: bool = Field(description="False when the idempotency key was seen before")
+    applied: Annotated[bool, Meta(description="False when the idempotency key was seen before")]
     count: int
 
 
-class ItemRef(_Body):
-    item_type: StrictStr
+class ItemRef(_Request):
+    item_type: str
     item_id: Id
 
 
-class ItemCounts(BaseModel):
+class ItemCounts(Struct):
     item_type: str
     item_id: str
     counts: dict[str, int]
 
 
-class BatchItemCounts(ItemCounts):
-    has: dict[str, bool] | None = Field(
-        None, description="Only when the request names a user_id: whether that user has set "
-                          "each requested toggle counter (liked, saved) on this item")
+class BatchItemCounts(Struct, omit_defaults=True):
+    item_type: str
+    item_id: str
+    counts: dict[str, int]
+    has: Annotated[dict[str, bool] | None, Meta(
+        description="Only when the request names a user_id: whether that user has set each "
+                    "requested toggle counter (liked, saved) on this item")] = None
 
 
-class CountsRequest(_Body):
+class CountsRequest(_Request):
     items: list[ItemRef]
-    counters: list[StrictStr] | None = Field(None, description="Default: every counter")
-    user_id: Id | None = Field(None, description="The viewer: each result then also says which "
-                                                 "of the toggle counters this user has set, so a "
-                                                 "feed needs one request, not two")
+    counters: Annotated[list[str] | None, Meta(description="Default: every counter")] = None
+    user_id: Annotated[Id | None, Meta(description="The viewer: each result then also says which "
+                                                   "of the toggle counters this user has set, so "
+                                                   "a feed needs one request, not two")] = None
 
 
-class CountsResponse(BaseModel):
+class CountsResponse(Struct):
     results: list[BatchItemCounts]
 
 
-class HasRequest(_Body):
+class HasRequest(_Request):
     user_id: Id
-    counter: StrictStr = "like"
     items: list[ItemRef]
+    counter: str = "like"
 
 
-class HasItem(BaseModel):
+class HasItem(Struct):
     item_type: str
     item_id: str
     on: bool
 
 
-class HasResponse(BaseModel):
+class HasResponse(Struct):
     counter: str
     user_id: str
     results: list[HasItem]
 
 
-class BulkRequest(_Body):
-    ops: list[dict[str, Any]] = Field(
+class BulkRequest(_Request):
+    ops: Annotated[list[dict[str, Any]], Meta(
         description="Each: {op: set|clear|like|unlike|incr, counter, item_type, item_id, user_id, "
-                    "n, idempotency_key, region}",
-        examples=[[{"op": "like", "user_id": 1, "item_type": "post", "item_id": 7}]])
+                    "n, idempotency_key, region}; the service checks every one before any is "
+                    "written",
+        examples=[[{"op": "like", "user_id": 1, "item_type": "post", "item_id": 7}]])]
 
 
-class BulkResult(BaseModel):
+class BulkResult(Struct):
     changed: bool
     count: int
     state: bool | None = None
 
 
-class BulkResponse(BaseModel):
+class BulkResponse(Struct):
     results: list[BulkResult]
 
 
-class ReconcileRequest(_Body):
-    items: list[ItemRef] | None = Field(None, description="Default: every item")
-    repair: StrictBool = True
+class ReconcileRequest(_Request):
+    items: Annotated[list[ItemRef] | None, Meta(description="Default: every item")] = None
+    repair: bool = True
 
 
-class RollupResponse(BaseModel):
+class ReconcileProgress(Struct):
+    """One line of the NDJSON stream."""
+
+    checked: int
+    done: bool
+    drifts: list[dict[str, Any]]
+
+
+class RollupResponse(Struct):
     counter: str
     item_type: str
     dimension: Literal["day", "region"]
     buckets: dict[str, int]
 
 
-class HotItem(BaseModel):
+class HotItem(Struct):
     item: str
     estimate: int
     error: int
 
 
-class HotResponse(BaseModel):
+class HotResponse(Struct):
     total: int
     items: list[HotItem]
+
+
+class Readiness(Struct):
+    status: Literal["ready", "unavailable"]
+
+
+class Health(Struct):
+    status: Literal["ok"]
+
+
+class ErrorDetail(Struct, omit_defaults=True):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(Struct):
+    error: ErrorDetail
+
+
+ENCODER = msgspec.json.Encoder()

@@ -88,7 +88,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppClient]:
     app = create_app(s)
     with ExitStack() as stack:
         portal = stack.enter_context(anyio.from_thread.start_blocking_portal())
-        stack.enter_context(portal.wrap_async_context_manager(app.router.lifespan_context(app)))
+        stack.enter_context(portal.wrap_async_context_manager(app.lifespan()))
         # No background aggregation: the tables then change only by the requests themselves.
         aggregator = app.state.runtime.aggregator
         portal.call(aggregator.stop)

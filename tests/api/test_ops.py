@@ -8,6 +8,7 @@ import re
 import signal
 
 import httpx
+import orjson
 import pytest
 
 from tally.api.app import create_app
@@ -126,6 +127,17 @@ async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:
                      "/v1/admin/reconcile", "/healthz", "/readyz", "/metrics"}
     assert "/bench/noop" not in paths
     assert spec["info"]["title"] == "Tally"
+    schemas = spec["components"]["schemas"]
+    refs = re.findall(r'"\$ref": ?"([^"]+)"', orjson.dumps(spec).decode())
+    assert refs and all(r.startswith("#/components/schemas/") for r in refs)  # no dangling $defs
+    assert {r.rsplit("/", 1)[1] for r in refs} <= set(schemas)
+    like = spec["paths"]["/v1/like"]["post"]
+    assert like["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ToggleRequest")
+    assert schemas["ToggleRequest"]["required"] == ["user_id", "item_type", "item_id"]
+    assert schemas["ToggleRequest"]["additionalProperties"] is False
+    bulk = spec["paths"]["/v1/bulk"]["post"]["requestBody"]["content"]["application/json"]
+    assert bulk["schema"]["$ref"].endswith("/BulkRequest")
     docs = await client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
