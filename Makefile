@@ -4,13 +4,19 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test check fmt bench engines clean
+.PHONY: run test check fmt bench chaos engines clean
 
 $(STAMP): pyproject.toml
 	PYTHON=$(PYTHON) scripts/ensure-python.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[scale,bench,dev]'
+	$(BIN)/pip install -q -e '.[scale,bench,dev,ha]'
+	# Patroni runs as the unprivileged PostgreSQL user, which cannot reach an interpreter under
+	# /root: a second virtualenv on the system Python holds the `ha` extra for it.
+	if [ "$$(id -u)" = 0 ] && [ -x /usr/bin/python3 ]; then \
+	  test -x .venv-ha/bin/python || /usr/bin/python3 -m venv .venv-ha; \
+	  $(BIN)/python scripts/extra-pins.py ha | xargs .venv-ha/bin/pip install -q; \
+	fi
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -31,8 +37,12 @@ fmt: $(STAMP)
 test: $(STAMP) engines check
 	$(BIN)/pytest -q
 
+# The chaos scenarios on the HA dev cluster, each under a client ledger (docs/reliability.md).
+chaos: $(STAMP) engines
+	timeout 1200 $(BIN)/tally chaos --out chaos-results.json
+
 bench: $(STAMP) engines
 	$(BIN)/tally bench suite --out bench-results
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) .venv-ha data .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

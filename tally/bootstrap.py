@@ -166,7 +166,8 @@ def postgres_config(settings: Settings) -> PostgresConfig:
         dsns=list(settings.postgres_dsns), logical_shards=settings.logical_shards,
         shard_map=list(settings.shard_map), pool_max=settings.postgres_pool_max,
         synchronous_commit=settings.postgres_synchronous_commit,
-        outbox_slots=settings.outbox_slots, reconcile_settle_s=settings.reconcile_settle_s)
+        outbox_slots=settings.outbox_slots, reconcile_settle_s=settings.reconcile_settle_s,
+        failover_s=settings.postgres_failover_s)
 
 
 class CacheDroppingRecounter:
@@ -193,7 +194,7 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
     rt = ClusterRuntime(s, roles, Metrics(), SpaceSaving(s.hot_top_k), pg.likes, pg.counts)
     if roles & {"relay", "aggregator"}:
         rt.events = EventLog(s.nats_url, s.nats_stream, s.log_partitions,
-                             max_age_s=s.log_max_age_s)
+                             replicas=s.nats_replicas, max_age_s=s.log_max_age_s)
     if roles & {"api", "aggregator"}:
         rt.redis = RedisCounts(s.redis_url, s.redis_cluster, s.redis_ttl_s,
                                s.redis_timeout_ms / 1000)

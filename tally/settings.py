@@ -107,7 +107,8 @@ class Settings:
                               "numbers concurrently; only ever increase it (cluster)")
     reconcile_settle_s: float = _s(2.0, "Seconds a drift must hold still before it is reported or "
                                         "repaired; above the event-log lag (cluster)")
-    nats_url: str = _s("nats://127.0.0.1:4222", "NATS server with JetStream (cluster)")
+    nats_url: str = _s("nats://127.0.0.1:4222", "NATS servers with JetStream, comma-separated: "
+                            "the client connects to any and fails over to the others (cluster)")
     nats_stream: str = _s("TALLY_EVENTS", "JetStream stream holding the change events (cluster)")
     log_partitions: int = _s(16, "Event-log partitions, by (counter, item) hash (cluster)")
     redis_url: str = _s("redis://127.0.0.1:6379/0", "Redis for hot counts (cluster)")
@@ -117,6 +118,14 @@ class Settings:
     relay_batch: int = _s(1000, "Most outbox rows a relay publishes per round and source (cluster)")
     lease_period_ms: float = _s(500.0, "How often relays and aggregators rebalance their leases "
                                        "(cluster)")
+    # High availability (issue 13): how Tally rides out a failover of the engines under it.
+    postgres_failover_s: float = _s(
+        30.0, "How long an operation keeps retrying a PostgreSQL database that lost its primary "
+              "(a multi-host DSN with target_session_attrs=read-write finds the new one) before it "
+              "fails with 503; only retry-safe operations are retried (cluster)")
+    nats_replicas: int = _s(1, "Replicas of the event-log stream: 3 on a three-node JetStream "
+                               "cluster, so a publish is acknowledged once a quorum stored it "
+                               "(cluster)")
     log_max_age_s: float = _s(7 * 86_400.0, "Seconds the event log keeps a message (cluster)")
     gc_threshold: int = _s(10_000, "Allocations between young garbage collections in a server "
                            "process and its writer children (Python's default: 700); 0 leaves the "

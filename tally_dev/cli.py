@@ -24,10 +24,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tally_dev.cluster import DevCluster, Layout, log_lag
+    from tally_dev.cluster import DevCluster, Layout
     from tally_dev.engines import EngineError
 
-    cluster = DevCluster(Path(args.dir), Layout(partitions=args.partitions))
+    cluster = DevCluster(Path(args.dir), Layout(partitions=args.partitions, ha=args.ha,
+                                                synchronous=not args.async_replication))
     try:
         if args.action == "up":
             cluster.up()
@@ -36,20 +37,40 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             stopped = cluster.down()
             print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
             return 0
+        elif args.action in ("kill", "restart", "wipe"):
+            if not args.name:
+                print(f"tally cluster {args.action} needs a NAME (see status)", file=sys.stderr)
+                return 2
+            getattr(cluster, args.action)(args.name)
+            print(f"{args.action}: {args.name}")
+            return 0
     except EngineError as exc:
         print(f"tally cluster {args.action}: {exc.message}", file=sys.stderr)
         return 2
+    return print_status(cluster, args.json)
+
+
+def print_status(cluster: Any, as_json: bool) -> int:
+    from tally_dev.cluster import log_lag
+
     rows = cluster.status()
     if not rows:
         print(f"no cluster running from {cluster.root}")
         return 1
+    lag = log_lag(rows)
+    if as_json:
+        print(orjson.dumps({"processes": rows, "event_log_lag": lag},
+                           option=orjson.OPT_INDENT_2).decode())
+        return 0 if all(r["ready"] for r in rows) else 1
     for row in rows:
         state = "ready" if row["ready"] else ("running" if row["running"] else "DOWN")
         detail = row.get("detail") or {}
         extra = {k: v for k, v in detail.items() if k not in ("status", "roles")}
-        print(f"{row['name']:14} {state:8} pid {row['pid']:<8} {row['url']:40} "
-              f"{orjson.dumps(extra).decode() if extra else ''}")
-    lag = log_lag(rows)
+        for key in ("lag_bytes", "leads", "state"):
+            if key in row:
+                extra[key] = row[key]
+        print(f"{row['name']:16} {state:8} pid {row['pid'] or '-':<8} {row.get('role', ''):14} "
+              f"{row['url']:44} {orjson.dumps(extra).decode() if extra else ''}")
     print(f"event log lag: {lag['outbox_rows']:.0f} outbox rows ({lag['outbox_seconds']:.2f} s), "
           f"{lag['log_messages']:.0f} log messages unapplied ({lag['log_seconds']:.2f} s)")
     return 0 if all(r["ready"] for r in rows) else 1
@@ -61,11 +82,20 @@ def register(sub: Any, add: Adder) -> None:
     sp.add_argument("--users", type=int, default=10_000)
     sp.add_argument("--items", type=int, default=1_000)
     sp.add_argument("--seed", type=int, default=7)
-    sp = add("cluster", cmd_cluster, "a development cluster on loopback: PostgreSQL x2, NATS, Redis, "
-             "2 APIs, a relay, 2 aggregators")
-    sp.add_argument("action", choices=("up", "down", "status"))
+    sp = add("cluster", cmd_cluster, "a development cluster on loopback: PostgreSQL x2 (with --ha: each a "
+             "Patroni primary + standby, etcd x3, NATS x3), Redis, 2 APIs, a relay, 2 aggregators")
+    sp.add_argument("action", choices=("up", "down", "status", "kill", "restart", "wipe"))
+    sp.add_argument("name", nargs="?", help="kill/restart/wipe: a process's status name")
+    sp.add_argument("--ha", action="store_true", help="up: etcd, Patroni primary + standby per "
+                    "database, three NATS servers (high availability inside a region)")
+    sp.add_argument("--async-replication", action="store_true",
+                    help="up --ha: asynchronous standbys (a failover may lose acknowledged writes)")
+    sp.add_argument("--json", action="store_true", help="status as JSON")
     sp.add_argument("--dir", default="/tmp/tally-cluster", help="where data, config and logs go")
     sp.add_argument("--partitions", type=int, default=8, help="event-log partitions (up)")
+    from tally_dev.chaos.cli import add_parser as add_chaos
+
+    add_chaos(add)
     from tally_dev.bench.cli import add_parser as add_bench
 
     add_bench(sub)

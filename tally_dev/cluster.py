@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from tally_dev import ops
 from tally_dev.engines import (
     HOST,
     Engine,
@@ -34,6 +35,9 @@ from tally_dev.engines import (
     RedisEngine,
     missing_binaries,
 )
+from tally_dev.ha import EtcdEngine, missing_ha_binaries
+from tally_dev.ha_cluster import entry_extra, postmaster_pid, roles, start_ha_engines
+from tally_dev.ops import respawn_spec
 
 DEFAULT_ROOT = Path("/tmp/tally-cluster")  # PostgreSQL's unprivileged user must reach it
 
@@ -45,6 +49,10 @@ class Layout:
     aggregators: int = 2
     partitions: int = 8
     databases: int = 2
+    ha: bool = False  # etcd, Patroni primary + standby per database, a 3-node NATS cluster
+    etcd_members: int = 3
+    nats_nodes: int = 3
+    synchronous: bool = True  # Patroni synchronous_mode (HA only)
 
 
 class TallyProcess(Engine):
@@ -101,7 +109,9 @@ class DevCluster:
     # -- up -----------------------------------------------------------------------------------
 
     def up(self) -> None:
-        missing = missing_binaries()
+        missing = [str(m) for m in missing_binaries()]
+        if self.layout.ha:
+            missing += missing_ha_binaries()
         if missing:
             raise EngineError("missing engine binaries (nothing was installed):\n"
                               + "\n".join(f"  {m}" for m in missing))
@@ -111,14 +121,15 @@ class DevCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o711)  # PostgreSQL runs as an unprivileged user that must enter it
         try:
-            dsns = self._start_engines()
-            self._write_config(dsns)
+            values = start_ha_engines(self) if self.layout.ha else self._start_engines()
+            self._start("redis", RedisEngine(self.root / "redis", appendfsync="everysec"))
+            self._write_config(values)
             self._start_processes()
         except BaseException:
             self.down()
             raise
 
-    def _start_engines(self) -> list[str]:
+    def _start_engines(self) -> dict[str, Any]:
         dsns = []
         for db in range(self.layout.databases):
             pg = PostgresEngine(self.root / f"pg{db}")
@@ -127,19 +138,18 @@ class DevCluster:
                 pg.create_database("tally")
             dsns.append(pg.dsn("tally"))
         self._start("nats", NatsEngine(self.root / "nats"))
-        # Redis holds only a cache of counts rebuilt from PostgreSQL: everysec is enough.
-        self._start("redis", RedisEngine(self.root / "redis", appendfsync="everysec"))
-        return dsns
+        return {"postgres_dsns": dsns, "nats_url": self.engines["nats"].url}
 
-    def _start(self, name: str, engine: Engine) -> None:
-        engine.start()
+    def _start(self, name: str, engine: Engine, timeout_s: float = 60.0) -> None:
+        # Redis holds only a cache of counts rebuilt from PostgreSQL: everysec is enough.
         self.engines[name] = engine
+        engine.start(timeout_s)
         self._save()
 
-    def _write_config(self, dsns: list[str]) -> None:
+    def _write_config(self, engines: dict[str, Any]) -> None:
         values: dict[str, Any] = {
-            "backend": "cluster", "postgres_dsns": dsns, "log_partitions": self.layout.partitions,
-            "nats_url": self.engines["nats"].url, "redis_url": self.engines["redis"].url,
+            "backend": "cluster", "log_partitions": self.layout.partitions, **engines,
+            "redis_url": self.engines["redis"].url,
             "data_dir": str(self.root / "data"), "log_level": "INFO", **self.overrides}
         lines = ["# written by `tally cluster up`", "[tally]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
@@ -160,7 +170,8 @@ class DevCluster:
         for name, e in {**self.engines, **self.processes}.items():
             if e.proc is not None:
                 entries[name] = {"pid": e.proc.pid, "url": e.url, "log": str(e.log_path),
-                                 "signal": int(e.stop_signal)}
+                                 "signal": int(e.stop_signal), "port": e.port,
+                                 **respawn_spec(e), **entry_extra(e)}
         self.state_file.write_text(json.dumps(entries, indent=2))
 
     # -- down and status ----------------------------------------------------------------------
@@ -197,19 +208,30 @@ class DevCluster:
         return stopped
 
     def kill(self, name: str) -> None:
-        """SIGKILL one process group (a crash), for tests."""
-        engine = {**self.engines, **self.processes}.get(name)
-        if engine is not None:
-            engine.kill()
-        else:
-            _stop_group(self._state()[name]["pid"], signal.SIGKILL, 10.0)
+        """SIGKILL one process by its status name (a crash)."""
+        ops.kill(self, name)
+
+    def restart(self, name: str) -> None:
+        """Start a killed process again with its data, and wait until it is ready."""
+        ops.restart(self, name)
+
+    def wipe(self, name: str) -> None:
+        """Delete a stopped PostgreSQL node's data directory (a lost disk)."""
+        ops.wipe(self, name)
 
     def status(self) -> list[dict[str, Any]]:
+        state = self._state()
+        ha_roles = roles(state) if self.layout.ha or any("kind" in e for e in state.values()) \
+            else {}
         rows = []
-        for name, entry in self._state().items():
+        for name, entry in state.items():
             row: dict[str, Any] = {"name": name, "pid": entry["pid"], "url": _public(entry["url"]),
-                                   "running": _alive(entry["pid"])}
-            if entry["url"].startswith("http") and row["running"]:
+                                   "running": _alive(entry["pid"]), **ha_roles.get(name, {})}
+            if entry.get("kind") == "patroni":
+                rows.append(self._postgres_row(name, entry, row))
+            if entry.get("kind") == "etcd":
+                row["ready"] = row["running"] and EtcdEngine.answers(entry["url"])
+            elif entry["url"].startswith("http") and row["running"]:
                 try:
                     resp = httpx.get(f"{entry['url']}/readyz", timeout=2.0)
                     row["ready"] = resp.status_code == 200
@@ -220,6 +242,18 @@ class DevCluster:
                 row["ready"] = row["running"]
             rows.append(row)
         return rows
+
+    @staticmethod
+    def _postgres_row(name: str, entry: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+        """The PostgreSQL server of a Patroni node, a row of its own (``kill`` takes its name)."""
+        pm = postmaster_pid(entry)
+        up = pm is not None and ops.alive(pm)
+        node["url"] = entry["api"]
+        node["role"] = "patroni"
+        info: dict[str, Any] = {k: node.pop(k) for k in ("state", "lag_bytes", "timeline") if k in node}
+        return {"name": f"{name}{ops.POSTGRES_SUFFIX}", "pid": pm, "url": _public(entry["url"]),
+                "running": up, "ready": up and info.get("state") in ("running", "streaming"),
+                "role": node.pop("pg_role", "?"), **info}
 
     def urls(self, role: str) -> list[str]:
         return [e["url"] for n, e in self._state().items() if n.startswith(f"{role}-")]

@@ -107,7 +107,10 @@ class EventLog:
         return self._js
 
     async def start(self) -> None:
-        self._nc = await nats.connect(self.url, name="tally", max_reconnect_attempts=-1,
+        # Every listed server is a way in: on a lost connection the client reconnects to any
+        # other (and to those the cluster announces), and retries publishes from the relay.
+        servers = [u.strip() for u in self.url.split(",") if u.strip()]
+        self._nc = await nats.connect(servers, name="tally", max_reconnect_attempts=-1,
                                       reconnect_time_wait=0.5, connect_timeout=5)
         self._js = self._nc.jetstream(timeout=self.publish_timeout_s)
         await self.ensure_stream()

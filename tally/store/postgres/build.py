@@ -22,6 +22,7 @@ class PostgresConfig:
     synchronous_commit: str = "on"
     outbox_slots: int = 4
     reconcile_settle_s: float = 2.0
+    failover_s: float = 30.0  # how long a lost primary is retried (a failover's promotion)
 
 
 @dataclass
@@ -40,7 +41,8 @@ class PostgresStores:
 
 def build_postgres(config: PostgresConfig) -> PostgresStores:
     shard_map = ShardMap.build(config.logical_shards, len(config.dsns), config.shard_map)
-    cluster = PgCluster(config.dsns, shard_map, config.pool_max, config.synchronous_commit)
+    cluster = PgCluster(config.dsns, shard_map, config.pool_max, config.synchronous_commit,
+                        failover_s=config.failover_s)
     counts = PostgresCountStore(cluster)
     return PostgresStores(cluster, PostgresLikeStore(cluster, config.outbox_slots), counts,
                           PostgresRecounter(cluster, counts, config.reconcile_settle_s))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
@@ -26,7 +27,14 @@ RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError,
              asyncpg.LockNotAvailableError)
 UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
                asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.CannotConnectNowError,
-               asyncpg.TooManyConnectionsError)
+               asyncpg.TooManyConnectionsError,
+               # a server demoted under a connection (failover), or a standby reached before
+               # its promotion: the primary is elsewhere, as after a lost connection
+               asyncpg.ReadOnlySQLTransactionError, asyncpg.AdminShutdownError)
+
+
+class Unreachable(Unavailable):
+    """A database had no reachable primary: retried until ``failover_s`` when retry-safe."""
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -45,7 +53,8 @@ class PgCluster:
     """
 
     def __init__(self, dsns: Sequence[str], shard_map: ShardMap, pool_max: int = 10,
-                 synchronous_commit: str = "on", retries: int = 5) -> None:
+                 synchronous_commit: str = "on", retries: int = 5,
+                 failover_s: float = 30.0) -> None:
         if len(dsns) != shard_map.databases:
             raise ConfigError(f"{len(dsns)} postgres_dsns but the shard map has "
                               f"{shard_map.databases} databases")
@@ -54,6 +63,7 @@ class PgCluster:
         self.pool_max = pool_max
         self.synchronous_commit = synchronous_commit
         self.retries = retries
+        self.failover_s = failover_s
         self.pools: list[asyncpg.Pool] = []
         self.retried = 0  # transactions run again after a deadlock or lock timeout
         self.unavailable = 0  # operations failed because a database was unreachable
@@ -106,35 +116,59 @@ class PgCluster:
 
     @contextlib.asynccontextmanager
     async def connection(self, db: int) -> AsyncIterator[asyncpg.Connection]:
+        pool = self.pool(db)
         try:
-            async with self.pool(db).acquire(timeout=30) as conn:
+            async with pool.acquire(timeout=30) as conn:
                 yield conn
         except UNREACHABLE as exc:
             self.unavailable += 1
-            raise Unavailable(f"postgres database {db} is unreachable: {exc!r}") from exc
+            # The other idle connections point at the same lost server: replace them all now
+            # rather than fail once on each.
+            await pool.expire_connections()
+            raise Unreachable(f"postgres database {db} is unreachable: {exc!r}") from exc
 
     async def fetch(self, db: int, sql: str, *args: Any) -> list[asyncpg.Record]:
-        async with self.connection(db) as conn:
-            rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
-            return rows
+        async def attempt() -> list[asyncpg.Record]:
+            async with self.connection(db) as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+                return rows
 
-    async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run a whole transaction again after a deadlock or serialization failure (bounded)."""
-        for left in range(self.retries - 1, -1, -1):
+        return await self.retrying("read", attempt)
+
+    async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]],
+                       idempotent: bool = True) -> T:
+        """Run a whole transaction again after a deadlock or serialization failure (bounded by
+        ``retries``), or after losing the database's primary (bounded by ``failover_s``: the
+        multi-host DSN reaches the promoted standby once the HA manager has promoted it).
+
+        After a lost connection the transaction may have committed or not; only ``idempotent``
+        work is run again (toggles set a state, increments with a key are counted once).
+        """
+        conflicts = 0
+        deadline = time.monotonic() + self.failover_s
+        pause = 0.1
+        while True:
             try:
                 return await attempt()
             except RETRYABLE as exc:
                 self.retried += 1
-                if left == 0:
+                conflicts += 1
+                if conflicts >= self.retries:
                     raise Unavailable(f"{what}: gave up after {self.retries} attempts: "
                                       f"{exc!r}") from exc
                 log.warning("transaction retried", extra={"what": what, "error": repr(exc),
-                                                          "left": left})
-                await asyncio.sleep(0.005 * (self.retries - left))
-            except UNREACHABLE as exc:
-                self.unavailable += 1
-                raise Unavailable(f"{what}: postgres unreachable: {exc!r}") from exc
-        raise AssertionError("unreachable")
+                                                          "left": self.retries - conflicts})
+                await asyncio.sleep(0.005 * conflicts)
+            except (*UNREACHABLE, Unreachable) as exc:
+                if not isinstance(exc, Unreachable):
+                    self.unavailable += 1
+                left = deadline - time.monotonic()
+                if not idempotent or left <= 0:
+                    raise Unavailable(f"{what}: postgres unreachable: {exc!r}") from exc
+                log.warning("postgres unreachable; retrying until a primary answers",
+                            extra={"what": what, "error": repr(exc), "left_s": round(left, 1)})
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, 1.0)
 
     @staticmethod
     async def gather(per_db: dict[int, Awaitable[T]]) -> dict[int, T]:

@@ -71,6 +71,12 @@ _PENDING = ("SELECT seq, counter, item, user_id, delta, ts, region FROM outbox "
 ToggleKey = tuple[str, str, str]  # (counter, user, item)
 
 
+def retry_safe(ops: Sequence[Op]) -> bool:
+    """Whether running the ops again after an unknown outcome changes nothing more: a toggle sets
+    a state; an increment is counted once only under an idempotency key."""
+    return all(isinstance(op, ToggleOp) or op.idempotency_key is not None for op in ops)
+
+
 def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows -> one list per column, for ``unnest($1::type[], ...)`` parameters."""
     return [[row[i] for row in rows] for i in range(width)]
@@ -113,7 +119,8 @@ class PostgresLikeStore:
             # waiting for a second connection of a drained pool would never give its own back.
             counts = await read_counts(self.cluster, {(o.counter, o.item) for o in ops})
             planned = await self.cluster.retrying("write",
-                                                  lambda: self._write_all(ops, groups, now))
+                                                  lambda: self._write_all(ops, groups, now),
+                                                  retry_safe(ops))
         overlay: dict[CountKey, int] = defaultdict(int)
         results = []
         for i, op in enumerate(ops):
@@ -135,7 +142,7 @@ class PostgresLikeStore:
             async with self.cluster.connection(db) as conn:
                 return await write_one(conn, op, self._source(db), self.map.shard_of(key), now)
 
-        planned, stored = await self.cluster.retrying("write", attempt)
+        planned, stored = await self.cluster.retrying("write", attempt, retry_safe([op]))
         return {0: planned}, ({item_key: stored} if here else counts)
 
     def _source(self, db: int) -> str:

@@ -1,0 +1,1 @@
+"""The chaos harness: faults injected into the HA dev cluster under a client ledger."""
