@@ -121,7 +121,10 @@ class DevCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o711)  # PostgreSQL runs as an unprivileged user that must enter it
         try:
-            values = start_ha_engines(self) if self.layout.ha else self._start_engines()
+            lay = self.layout
+            values = (start_ha_engines(self.root, lay.databases, lay.etcd_members, lay.nats_nodes,
+                                       lay.synchronous, self._start)
+                      if lay.ha else self._start_engines())
             self._start("redis", RedisEngine(self.root / "redis", appendfsync="everysec"))
             self._write_config(values)
             self._start_processes()

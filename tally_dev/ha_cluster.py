@@ -9,8 +9,9 @@ the list of all three servers, so no Tally process needs to know who leads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tally_dev.engines import HOST, Engine, free_port
 from tally_dev.ha import (
@@ -23,8 +24,7 @@ from tally_dev.ha import (
     wait_until,
 )
 
-if TYPE_CHECKING:
-    from tally_dev.cluster import DevCluster
+Start = Callable[[str, Engine, float], None]  # name, engine, timeout: starts it and records it
 
 NODE_SUFFIXES = ("a", "b")
 
@@ -47,30 +47,30 @@ def nats_nodes(root: Path, count: int) -> list[NatsClusterNode]:
             for i in range(count)]
 
 
-def start_ha_engines(dev: DevCluster) -> dict[str, Any]:
-    """Start every HA engine in ``dev``; returns the settings Tally needs to reach them."""
-    layout, root = dev.layout, dev.root
-    etcds = etcd_members(root, layout.etcd_members)
+def start_ha_engines(root: Path, databases: int, etcd_count: int, nats_count: int,
+                     synchronous: bool, start: Start) -> dict[str, Any]:
+    """Start every HA engine under ``root``; returns the settings Tally needs to reach them."""
+    etcds = etcd_members(root, etcd_count)
     for e in etcds:  # each waits for the others before it answers: start all, then wait
-        dev._start(e.member, e)
+        start(e.member, e, 60)
     wait_until("an etcd quorum", lambda: all(e.healthy() for e in etcds), 60)
     hosts = [f"{HOST}:{e.port}" for e in etcds]
     dsns = []
-    for db in range(layout.databases):
-        nodes = shard_nodes(root, db, hosts, layout.synchronous)
-        dev._start(nodes[0].member, nodes[0], timeout_s=120)  # bootstraps, becomes the primary
+    for db in range(databases):
+        nodes = shard_nodes(root, db, hosts, synchronous)
+        start(nodes[0].member, nodes[0], 120)  # bootstraps, becomes the primary
         if nodes[0].psql("SELECT 1 FROM pg_database WHERE datname = 'tally'").strip() != "1":
             nodes[0].psql("CREATE DATABASE tally")
         for standby in nodes[1:]:
-            dev._start(standby.member, standby, timeout_s=180)  # pg_basebackup, then streams
-        if layout.synchronous:
+            start(standby.member, standby, 180)  # pg_basebackup, then streams
+        if synchronous:
             api = [f"http://{HOST}:{n.port}" for n in nodes]
             wait_until(f"a synchronous standby of pg{db}", lambda api=api: any(
                 m.get("role") == "sync_standby" for m in patroni_members(api)), 60)
         dsns.append(multi_host_dsn(nodes, "tally"))
-    nats = nats_nodes(root, layout.nats_nodes)
+    nats = nats_nodes(root, nats_count)
     for n in nats:
-        dev._start(n.member, n)
+        start(n.member, n, 60)
     wait_until("a JetStream meta leader", lambda: all(n.healthy() for n in nats), 60)
     return {"postgres_dsns": dsns, "nats_url": ",".join(n.url for n in nats),
             "nats_replicas": min(3, len(nats))}

@@ -17,8 +17,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -26,8 +27,22 @@ from tally_dev.engines import Engine, EngineError, _listening
 from tally_dev.ha import http_json, kill_group, remove_tree
 from tally_dev.ha_cluster import postmaster_pid
 
-if TYPE_CHECKING:
-    from tally_dev.cluster import DevCluster
+
+class DevCluster(Protocol):
+    """What these verbs need of ``tally_dev.cluster.DevCluster``: the processes this object
+    started (used directly) and the state file (for those another command started)."""
+
+    state_file: Path
+
+    @property
+    def engines(self) -> Mapping[str, Engine]: ...
+
+    @property
+    def processes(self) -> Mapping[str, Engine]: ...
+
+    def _state(self) -> dict[str, dict[str, Any]]: ...
+
+    def _save(self) -> None: ...
 
 POSTGRES_SUFFIX = ".postgres"
 
