@@ -138,19 +138,14 @@ def build_for(settings: Settings) -> AppRuntime:
 
 
 def build(settings: Settings) -> Runtime:
-    store = SqliteStore(settings.sqlite_path, settings.sqlite_synchronous,
-                        settings.group_commit_ms, settings.group_commit_max, settings.read_threads,
-                        settings.inline_reads, settings.sqlite_wal_autocheckpoint,
-                        settings.sqlite_mmap_mb, settings.sqlite_checkpoint_ms,
-                        settings.sqlite_writer_process, settings.sqlite_likes_shards,
-                        settings.log_level, settings.gc_threshold,
-                        settings.sqlite_pipelined_sync)
-    hot = SpaceSaving(settings.hot_top_k)
+    store = SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous,
+                        likes_shards=settings.sqlite_likes_shards, log_level=settings.log_level)
+    hot = SpaceSaving()
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,
                          sample=settings.hot_sample)
     aggregator = Aggregator(store, store, window_s=settings.aggregate_window_ms / 1000,
-                            max_events=settings.aggregate_max_events, rollups=settings.rollups,
+                            rollups=settings.rollups,
                             on_applied=reader.applied, in_place=store)
     service = CounterService(schema_of(settings), store, store, reader, store, settings.region,
                              Limits(settings.max_batch_items, settings.max_bulk_ops),
@@ -166,8 +161,7 @@ def postgres_config(settings: Settings) -> PostgresConfig:
         dsns=list(settings.postgres_dsns), logical_shards=settings.logical_shards,
         shard_map=list(settings.shard_map), pool_max=settings.postgres_pool_max,
         synchronous_commit=settings.postgres_synchronous_commit,
-        outbox_slots=settings.outbox_slots, reconcile_settle_s=settings.reconcile_settle_s,
-        failover_s=settings.postgres_failover_s)
+        outbox_slots=settings.outbox_slots, failover_s=settings.postgres_failover_s)
 
 
 class CacheDroppingRecounter:
@@ -191,7 +185,7 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
     s = settings
     roles = set(ROLES) if s.role == "all" else {s.role}
     pg = build_postgres(postgres_config(s))
-    rt = ClusterRuntime(s, roles, Metrics(), SpaceSaving(s.hot_top_k), pg.likes, pg.counts)
+    rt = ClusterRuntime(s, roles, Metrics(), SpaceSaving(), pg.likes, pg.counts)
     if roles & {"relay", "aggregator"}:
         rt.events = EventLog(s.nats_url, s.nats_stream, s.log_partitions,
                              replicas=s.nats_replicas, max_age_s=s.log_max_age_s)
@@ -209,7 +203,7 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
         rt.service = CounterService(schema_of(s), pg.likes, pg.counts, reader, recounter,
                                     s.region, Limits(s.max_batch_items, s.max_bulk_ops))
     if "relay" in roles and rt.events is not None:
-        rt.relay = Relay(leases, pg.likes, rt.events, s.relay_batch, lease_period_s)
+        rt.relay = Relay(leases, pg.likes, rt.events, lease_period_s=lease_period_s)
     if "aggregator" in roles and rt.events is not None:
         rt.pool = PartitionPool(leases, rt.events, pg.counts, rt.redis,
                                 s.aggregate_window_ms / 1000, s.rollups, lease_period_s)

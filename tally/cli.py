@@ -113,16 +113,21 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    rows = settings_mod.describe()
     if args.markdown:
-        print("| setting | environment variable | default | meaning |")
-        print("|---|---|---|---|")
-        for name, env, default, doc in settings_mod.describe():
-            shown = "see below" if name == "counters" else f"`{default!r}`"
-            print(f"| `{name}` | `{env}` | {shown} | {doc} |")
+        group = None
+        for row in rows:
+            if row.group != group:
+                group = row.group
+                print(f"{'' if row is rows[0] else chr(10)}**{group}**\n")
+                print("| setting | environment variable | default | meaning |")
+                print("|---|---|---|---|")
+            shown = "see below" if row.name == "counters" else f"`{row.default!r}`"
+            print(f"| `{row.name}` | `{row.env}` | {shown} | {row.help} |")
         return 0
     s = settings_mod.load(args.config)
-    for name, env, _default, doc in settings_mod.describe():
-        print(f"{name:22} {env:30} {getattr(s, name)!r:32} {doc}")
+    for row in rows:
+        print(f"{row.group:9} {row.name:28} {row.env:34} {getattr(s, row.name)!r:32} {row.help}")
     return 0
 
 

@@ -6,14 +6,18 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+# Allocations between young collections (Python's default: 700). A young collection walks every
+# young object, so this sets both how often the collector runs and how long each pause is: far
+# above the default so a request's few hundred objects do not trigger one, low enough that a
+# pause stays short next to a request (docs/performance.md has the measured trade-off).
+GC_THRESHOLD = 10_000
 
-def tune_gc(threshold: int) -> None:
+
+def tune_gc(threshold: int = GC_THRESHOLD) -> None:
     """Moves everything alive after start-up out of the collector's sight and collects the young
-    generation less often. A request allocates a few hundred objects; at Python's default
-    threshold (700) the collector ran every few requests and its older generations walked the
-    whole count cache: 13% of the event loop's time in a profile of likes, and the tens of ms
-    pauses that set the p99. A young collection walks every young object, so the threshold
-    sets the pause: 50k cost ~8 ms each, 10k keeps them near 2 ms (feed p99 10 -> 3.5 ms)."""
+    generation less often. At Python's default threshold the collector runs every few requests,
+    and its older generations walk the whole count cache, in pauses that set the tail latency.
+    ``threshold`` 0 leaves the collector alone."""
     if threshold <= 0:
         return
     gc.collect()
@@ -25,11 +29,11 @@ def tune_gc(threshold: int) -> None:
 
 
 def _freeze_after_first_full_collection(phase: str, info: dict[str, Any]) -> None:
-    """What survives the first full collection after start-up (what the first requests imported
-    and built lazily: 64k functions, dicts and tuples) is frozen too, once. Each later full
-    collection walked all of it again: 37-41 ms on a 2-core machine, the 100-200 ms one-second
-    stalls of the feed runs. Only once: anything in flight that is frozen and later becomes
-    cyclic garbage is never freed, a bounded cost paid one time."""
+    """What survives the first full collection after start-up (what the first requests imported and
+    built lazily: tens of thousands of functions, dicts and tuples) is frozen too, once, or
+    each later full collection would walk all of it again, a stall of many requests. Only once:
+    anything in flight that is frozen and later becomes cyclic garbage is never freed, a
+    bounded cost paid one time."""
     if phase == "stop" and info["generation"] == 2:
         gc.callbacks.remove(_freeze_after_first_full_collection)
         gc.freeze()

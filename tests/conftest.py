@@ -28,8 +28,7 @@ def anyio_backend() -> str:
 def settings(tmp_path: Path) -> Settings:
     """Fast windows so tests do not wait; FULL durability as in production; every read feeds the
     heavy-hitter sketch, so its estimates are exact enough to assert on."""
-    return Settings(data_dir=str(tmp_path / "data"), aggregate_window_ms=5.0, group_commit_ms=0.5,
-                    hot_sample=1)
+    return Settings(data_dir=str(tmp_path / "data"), aggregate_window_ms=5.0, hot_sample=1)
 
 
 @pytest.fixture
@@ -97,4 +96,4 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
 engines.Engine.die_with_parent = True
 
 pytest_plugins = ["tests.engines", "tests.redis_cluster",  # engine fixtures: pg_engine, ..., redis_cluster
-                  "tests.sqlite_fixtures"]  # db, store (SQLite, group_commit_ms)
+                  "tests.sqlite_fixtures"]  # db, store (SQLite)

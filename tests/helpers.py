@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -19,6 +22,7 @@ from tally.core.model import ToggleOp
 from tally.store.sqlite.schema import counts_path
 from tally.store.sqlite.store import SqliteStore
 from tally.store.sqlite.writer import GroupCommitWriter, Tx
+from tally.store.sqlite.writer_process import WriterConfig, child_main
 
 CountMap = dict[tuple[str, str], int]
 
@@ -85,15 +89,25 @@ def poll_sync(check: Callable[[], bool], timeout_s: float = 20.0, interval_s: fl
 
 
 @asynccontextmanager
-async def open_sqlite(path: Path, group_commit_ms: float = 1.0, group_commit_max: int = 2000,
-                      read_threads: int = 4) -> AsyncIterator[SqliteStore]:
+async def open_sqlite(path: Path, likes_shards: int = 1) -> AsyncIterator[SqliteStore]:
     """A started SqliteStore (FULL durability, as in production), closed when the block ends."""
-    store = SqliteStore(path, "FULL", group_commit_ms, group_commit_max, read_threads)
+    store = SqliteStore(path, likes_shards=likes_shards)
     await store.start()
     try:
         yield store
     finally:
         await store.close()
+
+
+def child_with_failing_fsync(sock: socket.socket, config: WriterConfig) -> None:
+    """The likes writer's child process with ``fdatasync`` failing as on a dying disk (EIO):
+    a test puts it in place of ``writer_process.child_main``, which a spawned child is started
+    through by name."""
+    def eio(fd: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    os.fdatasync = eio
+    child_main(sock, config)
 
 
 @asynccontextmanager

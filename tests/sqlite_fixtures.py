@@ -1,9 +1,5 @@
-"""The ``db`` path and a started SQLite ``store`` on it, for the SQLite, reconcile and aggregator suites.
-
-``store`` commits in windows of ``group_commit_ms``: 20 ms by default, wide enough that concurrent
-writes share one transaction, which the SQLite suites count on. A suite that wants another window
-overrides the ``group_commit_ms`` fixture rather than repeating the store fixture.
-"""
+"""The ``db`` path and a started SQLite ``store`` on it, for the SQLite, reconcile and aggregator
+suites (FULL durability, the likes writer in its own process, as in production)."""
 
 from __future__ import annotations
 
@@ -22,11 +18,6 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def group_commit_ms() -> float:
-    return 20
-
-
-@pytest.fixture
-async def store(db: Path, group_commit_ms: float) -> AsyncIterator[SqliteStore]:
-    async with open_sqlite(db, group_commit_ms=group_commit_ms) as s:
+async def store(db: Path) -> AsyncIterator[SqliteStore]:
+    async with open_sqlite(db) as s:
         yield s

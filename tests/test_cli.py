@@ -124,7 +124,10 @@ def test_config(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     cfg.write_text("[tally]\nport = 9999\n")
     code, out, _ = run(capsys, "config", "--config", str(cfg))
     assert code == 0
-    assert any(line.split()[:3] == ["port", "TALLY_PORT", "9999"] for line in out.splitlines())
+    assert any(line.split()[:4] == ["server", "port", "TALLY_PORT", "9999"]
+               for line in out.splitlines())
+    code, out, _ = run(capsys, "config", "--markdown")
+    assert code == 0 and "**storage**" in out and "| `sqlite_synchronous` |" in out
     monkeypatch.setenv("TALLY_ITEM_TYPES", "Post")
     code, out, err = run(capsys, "config")
     assert (code, out) == (2, "") and err.startswith("tally: configuration error: item_types")
@@ -168,11 +171,11 @@ def test_ids_are_taken_as_typed(server: ServerProcess, capsys: pytest.CaptureFix
 
 def test_serve_refuses_a_bad_config(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
-    cfg.write_text("[tally]\ngroup_commit_ms = 'fast'\n")
+    cfg.write_text("[tally]\naggregate_window_ms = 'fast'\n")
     r = subprocess.run([sys.executable, "-m", "tally.cli", "serve", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip() == "tally: configuration error: group_commit_ms: expected float, got str"
+    assert r.stderr.strip() == "tally: configuration error: aggregate_window_ms: expected float, got str"
 
 
 @pytest.mark.parametrize("argv", [[], ["serve"], ["like"], ["reconcile"], ["demo"], ["config"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,17 @@ def test_defaults_run() -> None:
     assert (s.port, s.backend, s.sqlite_synchronous) == (8080, "sqlite", "FULL")
     assert sorted(schema_of(s).counters) == ["like", "save", "share", "view"]
     assert schema_of(s).toggles == ["like", "save"]
-    names = [row[0] for row in describe()]
+    names = [row.name for row in describe()]
     assert len(names) == len(set(names)) and "max_body_bytes" in names
-    assert all(env == f"TALLY_{name.upper()}" and doc for name, env, _, doc in describe())
+    assert all(row.env == f"TALLY_{row.name.upper()}" and row.help for row in describe())
+
+
+def test_settings_are_grouped_and_each_group_is_declared_together() -> None:
+    groups = [row.group for row in describe()]
+    assert set(groups) == {"server", "counters", "limits", "cache", "storage", "cluster"}
+    changes = sum(1 for a, b in itertools.pairwise(groups) if a != b)
+    assert changes == len(set(groups)) - 1  # each group's rows are contiguous in the table
+    assert len(groups) <= 40
 
 
 def test_env_overrides(tmp_path: Path) -> None:
@@ -61,7 +70,8 @@ def test_toml_file_then_env(tmp_path: Path) -> None:
     ("", {"TALLY_ACCESS_LOG": "maybe"}, "access_log: expected a boolean"),
     ("", {"TALLY_CACHE_SIZE": "0"}, "cache_size must be at least 1"),
     ("", {"TALLY_SQLITE_SYNCHRONOUS": "OFF"}, "sqlite_synchronous"),
-    ("", {"TALLY_SQLITE_MMAP_MB": "-1"}, "sqlite_mmap_mb"),
+    ("", {"TALLY_SQLITE_LIKES_SHARDS": "0"}, "sqlite_likes_shards must be at least 1"),
+    ("[tally]\ngroup_commit_ms = 1.0\n", {}, "unknown settings: group_commit_ms"),
     ("", {"TALLY_BACKEND": "mongo"}, "backend"),
     ("", {"TALLY_BACKEND": "cluster"}, "postgres_dsns"),
     ("", {"TALLY_ROLLUPS": "day,week"}, "unknown rollups"),

@@ -46,7 +46,7 @@ class TallyApp(HttpApp):
     async def _start(self) -> None:
         await self.runtime.start()
         if self.owns_process:
-            tune_gc(self.runtime.settings.gc_threshold)
+            tune_gc()
         self._background = [asyncio.create_task(watch_loop_lag(self.runtime.metrics),
                                                 name="tally-loop-lag")]
         self._unwatch_gc = watch_gc(self.runtime.metrics)

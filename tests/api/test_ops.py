@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import signal
@@ -13,7 +12,8 @@ import pytest
 
 from tally.api.app import create_app
 from tally.settings import Settings
-from tests.helpers import app_client, poll, runtime_of
+from tally.store.sqlite import writer_process
+from tests.helpers import app_client, child_with_failing_fsync, poll, runtime_of
 
 pytestmark = pytest.mark.anyio
 
@@ -222,17 +222,12 @@ async def test_an_embedded_app_leaves_the_host_collector_alone(settings: Setting
         assert gctune._freeze_after_first_full_collection not in gc.callbacks
 
 
-async def test_a_failed_wal_sync_stops_writes_and_readiness(settings: Settings) -> None:
-    """In-process writer, its sync made to fail: the write is refused (never acknowledged
-    undurable), later writes too, and the server reports itself not ready."""
-    settings = dataclasses.replace(settings, sqlite_writer_process=False)
+async def test_a_failed_wal_sync_stops_writes_and_readiness(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The likes writer's WAL sync fails in its process: the write is refused (never
+    acknowledged undurable), later writes too, and the server reports itself not ready."""
+    monkeypatch.setattr(writer_process, "child_main", child_with_failing_fsync)
     async with app_client(create_app(settings)) as client:
-        rt = runtime_of(client)
-
-        def failing() -> None:
-            raise OSError(5, "Input/output error")
-
-        rt.store.writer._durable = failing
         body = {"user_id": 1, "item_type": "post", "item_id": 1}
         r = await client.post("/v1/like", json=body)
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"

@@ -51,7 +51,7 @@ async def run_round(svc: CounterService, ops: Round, as_bulk: bool) -> list[OpRe
 
 
 async def check_plan(data_dir: Path, rounds: list[tuple[Round, bool]]) -> None:
-    s = Settings(data_dir=str(data_dir), aggregate_window_ms=1.0, group_commit_ms=0.5)
+    s = Settings(data_dir=str(data_dir), aggregate_window_ms=1.0)
     rt = build(s)
     await rt.start()
     try:

@@ -20,18 +20,19 @@ pytestmark = pytest.mark.anyio
 
 
 class CountingStore(SqliteStore):
-    """The real store, remembering each batch read. Its reads run in threads, so concurrent
-    readers really wait on one another (inline reads finish before the next reader starts)."""
+    """The real store, remembering each batch read. Each read first yields to the event loop a
+    while, as a read on a busy disk would, so concurrent readers really wait on one another (the
+    store's lookups run inline and would finish before the next reader starts)."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path, inline_reads=False)
+        super().__init__(path)
         self.reads: list[list[CountKey]] = []
         self.fail = False
 
     async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
         self.reads.append(list(keys))
+        await anyio.sleep(0.01)
         if self.fail:
-            await anyio.sleep(0.01)
             raise OSError("disk on fire")
         return await super().get(keys)
 

@@ -69,13 +69,12 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def make_sqlite(request: pytest.FixtureRequest, tmp_path: Path,
-                      writer_process: bool = False, shards: int = 1) -> AsyncIterator[Harness]:
+                      shards: int = 1) -> AsyncIterator[Harness]:
     path = tmp_path / "contract.db"
     box: dict[str, SqliteStore] = {}
 
     async def open_() -> None:
-        box["s"] = SqliteStore(path, "FULL", group_commit_ms=0.5, writer_process=writer_process,
-                               likes_shards=shards)
+        box["s"] = SqliteStore(path, likes_shards=shards)
         await box["s"].start()
 
     async def pump() -> int:
@@ -112,7 +111,7 @@ async def make_sqlite(request: pytest.FixtureRequest, tmp_path: Path,
 
     await open_()
     try:
-        name = "sqlite-shards" if shards > 1 else "sqlite-process" if writer_process else "sqlite"
+        name = "sqlite-shards" if shards > 1 else "sqlite"
         yield Harness(name, port, pump, reopen, corrupt)
     finally:
         await box["s"].close()
@@ -175,8 +174,7 @@ async def make_postgres(request: pytest.FixtureRequest, tmp_path: Path) -> Async
 HarnessFactory = Callable[[pytest.FixtureRequest, Path], contextlib.AbstractAsyncContextManager[Harness]]
 HARNESSES: dict[str, HarnessFactory] = {
     "sqlite": make_sqlite,
-    "sqlite-process": functools.partial(make_sqlite, writer_process=True),  # the likes writer
-    "sqlite-shards": functools.partial(make_sqlite, writer_process=True, shards=3),
+    "sqlite-shards": functools.partial(make_sqlite, shards=3),
     "postgres": make_postgres,
 }
 

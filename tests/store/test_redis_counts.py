@@ -60,7 +60,7 @@ async def test_a_read_fill_never_replaces_an_aggregator_value(counts: RedisCount
 
 @pytest.fixture
 async def sqlite_counts(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    async with open_sqlite(tmp_path / "t.db", 0.5, 100, 2) as store:
+    async with open_sqlite(tmp_path / "t.db") as store:
         yield store
 
 

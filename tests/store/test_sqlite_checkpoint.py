@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tally.store.sqlite.checkpoint import BACKSTOP_FACTOR, Checkpointer
+from tally.store.sqlite.checkpoint import BACKSTOP_PAGES, Checkpointer
 from tally.store.sqlite.schema import counts_path
 from tally.store.sqlite.store import SqliteStore
+from tally.store.sqlite.writer_process import WriterConfig, _Child
 from tally.workers.aggregator import Aggregator
 from tests.helpers import like, poll, recount, stored
 
@@ -31,13 +32,17 @@ def _wal_left(path: Path) -> tuple[int, int]:
 
 
 async def test_the_thread_copies_both_files_and_the_writers_only_back_it_up(db: Path) -> None:
-    s = SqliteStore(db, wal_autocheckpoint=100, checkpoint_ms=10)
+    s = SqliteStore(db)
     await s.start()
     try:
-        assert s.checkpointer is not None
-        backstop = await s.writer.run(lambda c, tx: c.execute("PRAGMA wal_autocheckpoint")
-                                      .fetchone()[0])
-        assert backstop == 100 * BACKSTOP_FACTOR
+        backstop = await s.counts_writer.run(lambda c, tx: c.execute("PRAGMA wal_autocheckpoint")
+                                             .fetchone()[0])
+        likes = _Child(WriterConfig(db))._open()  # as the likes writer opens its connection
+        try:
+            likes_backstop = likes.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        finally:
+            likes.close()
+        assert backstop == likes_backstop == BACKSTOP_PAGES
         for n in range(20):
             await s.write([like(u, f"post:{n}") for u in range(50)])
         await Aggregator(s, s, window_s=0.001).drain()
@@ -52,17 +57,6 @@ async def test_the_thread_copies_both_files_and_the_writers_only_back_it_up(db: 
             assert frames > 0 and copied == frames, path  # everything committed is in the file
         assert ckpt.failures == 0
         assert stored(db) == recount(db)
-    finally:
-        await s.close()
-
-
-async def test_off_leaves_checkpoints_to_the_committing_writer(db: Path) -> None:
-    s = SqliteStore(db, wal_autocheckpoint=100, checkpoint_ms=0)
-    await s.start()
-    try:
-        assert s.checkpointer is None
-        assert await s.writer.run(lambda c, tx: c.execute("PRAGMA wal_autocheckpoint")
-                                  .fetchone()[0]) == 100
     finally:
         await s.close()
 

@@ -47,12 +47,12 @@ async def test_increments_keep_their_idempotency_keys_within_a_batch(store: Sqli
 
 async def test_requests_in_one_turn_share_a_job_and_get_their_own_answers(
         store: SqliteStore) -> None:
-    jobs_before = store.writer.committed_ops
+    jobs_before = store.write_stats()[1]
     answers = await asyncio.gather(*(store.write([like(u, ITEM), like(u, "post:2")])
                                      for u in range(10)))
     assert all(len(a) == 2 for a in answers)
     assert sorted(a[0].count for a in answers) == list(range(1, 11))
-    assert store.writer.committed_ops - jobs_before == 20
+    assert store.write_stats()[1] - jobs_before == 20
 
 
 async def test_a_cancelled_request_does_not_cancel_the_others(store: SqliteStore) -> None:
@@ -72,9 +72,8 @@ async def test_writes_after_close_fail_every_waiter(db: Path) -> None:
         await s.write([like(1, ITEM)])
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["inline", "threads"])
-async def test_reads_answer_the_same_inline_or_in_threads(db: Path, inline: bool) -> None:
-    s = SqliteStore(db, inline_reads=inline)
+async def test_reads_on_the_event_loop(db: Path) -> None:
+    s = SqliteStore(db)
     await s.start()
     try:
         await s.write([like(1, "post:a"), like(1, "post:c")])

@@ -25,7 +25,7 @@ async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
         conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
         return conn
 
-    w = GroupCommitWriter(open_db, window_s=0.05, max_ops=1000)
+    w = GroupCommitWriter(open_db, max_ops=1000)
     w.start()
     yield w
     await w.stop()
@@ -53,17 +53,17 @@ async def test_concurrent_jobs_share_commits(writer: GroupCommitWriter, tmp_path
     async def one(k: int) -> None:
         results.append(await writer.run(insert(k)))
 
-    async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg, writer_held(writer):
         for k in range(200):
             tg.start_soon(one, k)
     assert sorted(results) == list(range(200))
-    assert writer.committed_ops == 200
-    assert 1 <= writer.commits < 200 / 4  # gathered, not one commit per job
+    assert writer.committed_ops == 201  # and the holding job
+    assert writer.commits == 2  # the holding job, then every job queued behind it
     assert len(rows(tmp_path / "w.db")) == 200
 
 
 async def test_weight_bounds_a_batch(tmp_path: Path) -> None:
-    w = GroupCommitWriter(lambda: connect(tmp_path / "b.db", "FULL"), window_s=0.05, max_ops=10)
+    w = GroupCommitWriter(lambda: connect(tmp_path / "b.db", "FULL"), max_ops=10)
     w.start()
     try:
         def noop(conn: sqlite3.Connection, tx: Tx) -> None:
@@ -103,7 +103,7 @@ async def test_a_failing_job_fails_alone(writer: GroupCommitWriter, tmp_path: Pa
         except sqlite3.IntegrityError as exc:
             outcomes[k] = exc
 
-    async with anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg, writer_held(writer):
         for k in range(1, 21):
             tg.start_soon(one, k)
     failed = {k for k, v in outcomes.items() if isinstance(v, Exception)}
@@ -116,11 +116,11 @@ async def test_a_failing_job_fails_alone(writer: GroupCommitWriter, tmp_path: Pa
     assert {k for k, n in net.items() if n} == set(range(1, 21)) - failed
     assert all(n in (0, 1) for n in net.values())
     assert sorted(committed) == sorted(set(range(1, 21)) - failed)
-    assert writer.commits < 20
+    assert writer.commits == 2  # the holding job, then the twenty together
 
 
 async def test_submit_before_start_is_unavailable(tmp_path: Path) -> None:
-    w = GroupCommitWriter(lambda: connect(tmp_path / "c.db", "FULL"), 0.001, 10)
+    w = GroupCommitWriter(lambda: connect(tmp_path / "c.db", "FULL"), max_ops=10)
     with pytest.raises(Unavailable):
         w.submit(insert(1))
 

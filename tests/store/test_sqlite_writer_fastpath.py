@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tally.store.sqlite.writer import GroupCommitWriter, JobFn, Tx
+from tests.helpers import writer_held
 
 pytestmark = pytest.mark.anyio
 
@@ -21,7 +22,7 @@ async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
         conn.execute("CREATE TABLE t (k TEXT PRIMARY KEY)")
         return conn
 
-    w = GroupCommitWriter(connect, window_s=0.2, max_ops=100)  # wide: the jobs share one commit
+    w = GroupCommitWriter(connect, max_ops=100)
     w.start()
     try:
         yield w
@@ -40,16 +41,19 @@ def insert(key: str, fail: bool = False) -> JobFn:
 
 
 async def test_a_failing_job_fails_alone(writer: GroupCommitWriter) -> None:
-    out = await asyncio.gather(*(writer.run(insert(k, fail=k == "b")) for k in "abc"),
-                               return_exceptions=True)
+    async with writer_held(writer):  # the jobs queue behind it and share the next commit
+        jobs = [writer.submit(insert(k, fail=k == "b")) for k in "abc"]
+    out = await asyncio.gather(*jobs, return_exceptions=True)
     assert out[0] == "a" and out[2] == "c"
     assert isinstance(out[1], ValueError)
     rows = await writer.run(lambda conn, tx: conn.execute("SELECT k FROM t ORDER BY k").fetchall())
     assert rows == [("a",), ("c",)]  # b's row was rolled back with its job
-    assert writer.commits == 2
+    assert writer.commits == 3  # the holding job, the three together, the read
 
 
 async def test_a_batch_without_failures_commits_everything(writer: GroupCommitWriter) -> None:
-    out = await asyncio.gather(*(writer.run(insert(k)) for k in "xyz"))
+    async with writer_held(writer):
+        jobs = [writer.submit(insert(k)) for k in "xyz"]
+    out = await asyncio.gather(*jobs)
     assert out == ["x", "y", "z"]
-    assert writer.commits == 1
+    assert writer.commits == 2  # the holding job, then the three together

@@ -1,7 +1,7 @@
 """The likes writer in a child process: exact answers without shared memory, and a child that dies.
 
-The contract suites run against this mode too (the ``sqlite-process`` harness); these tests cover
-what only it has: the child's own account of unapplied deltas, and its restart.
+The contract suites run against it too (the ``sqlite`` and ``sqlite-shards`` harnesses); these
+tests cover the child's own account of unapplied deltas, its restart, and the shard files.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_logged_since_forgets_events_rolled_back() -> None:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "tally.db", "FULL", writer_process=True)
+    s = SqliteStore(tmp_path / "tally.db")
     await s.start()
     try:
         yield s
@@ -96,7 +96,7 @@ async def test_a_killed_writer_fails_writes_in_flight_and_comes_back(store: Sqli
 @pytest.mark.anyio
 async def test_likes_spread_over_shard_files_and_count_once(tmp_path: Path) -> None:
     db = tmp_path / "tally.db"
-    s = SqliteStore(db, "FULL", writer_process=True, likes_shards=3)
+    s = SqliteStore(db, likes_shards=3)
     await s.start()
     try:
         results = await s.write([like(u, "post:1") for u in range(90)] + [like(5, "post:2")])
@@ -121,16 +121,16 @@ async def test_likes_spread_over_shard_files_and_count_once(tmp_path: Path) -> N
 @pytest.mark.anyio
 async def test_the_number_of_shards_stays_what_the_data_was_split_into(tmp_path: Path) -> None:
     db = tmp_path / "tally.db"
-    one = SqliteStore(db, "FULL", writer_process=True)
+    one = SqliteStore(db)
     await one.start()
     await one.write([like(1, "post:1")])
     await one.close()
-    two = SqliteStore(db, "FULL", writer_process=True, likes_shards=2)
+    two = SqliteStore(db, likes_shards=2)
     with pytest.raises(ConfigError, match="split over 1 shard"):
         await two.start()
     await two.close()
-    with pytest.raises(ConfigError, match="only with sqlite_writer_process"):
-        SqliteStore(db, "FULL", likes_shards=2)
+    with pytest.raises(ConfigError, match="at least 1"):
+        SqliteStore(db, likes_shards=0)
 
 
 @pytest.mark.anyio
@@ -140,9 +140,9 @@ async def test_a_prefetched_count_older_than_a_round_is_read_again(tmp_path: Pat
     events in between), the read is stale and must be done again; otherwise it serves."""
     from tally.store.sqlite.writer_process import WriterConfig, _Child
 
-    s = SqliteStore(tmp_path / "tally.db", "FULL")  # the thread writer writes the shared files
+    s = SqliteStore(tmp_path / "tally.db")  # its own writer process writes the shared files
     await s.start()
-    child = _Child(WriterConfig(s.path, "FULL", 1_000, 1_000, 0))
+    child = _Child(WriterConfig(s.path))  # this one only reads: it is never started
     try:
         await s.write([like(u, "post:1") for u in (1, 2, 3)])
         await s.aggregate("agg", 1_000, [])

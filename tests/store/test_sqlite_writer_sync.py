@@ -22,6 +22,7 @@ from tally.store.sqlite.writer import (
     WalSync,
     pipelines_sync,
 )
+from tally.store.sqlite.writer_process import WriterConfig, _Child
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +56,7 @@ def open_db(path: Path) -> sqlite3.Connection:
 async def gated(tmp_path: Path) -> AsyncIterator[tuple[GroupCommitWriter, GatedSync, Path]]:
     db = tmp_path / "w.db"
     sync = GatedSync(db)
-    writer = GroupCommitWriter(lambda: open_db(db), 0.0, 1000, durable=sync)
+    writer = GroupCommitWriter(lambda: open_db(db), durable=sync)
     writer.start()
     yield writer, sync, db
     sync.gate.set()
@@ -126,7 +127,7 @@ async def test_a_failed_sync_fails_its_commits_and_stops_writes(
 async def test_stop_answers_every_commit_made(tmp_path: Path) -> None:
     db = tmp_path / "w.db"
     sync = WalSync(db)
-    writer = GroupCommitWriter(lambda: open_db(db), 0.0, 1000, durable=sync)
+    writer = GroupCommitWriter(lambda: open_db(db), durable=sync)
     writer.start()
     futures = [writer.submit(insert(k)) for k in range(50)]
     await writer.stop()
@@ -158,17 +159,14 @@ def test_wal_sync_follows_the_file(tmp_path: Path) -> None:
 
 
 def test_only_full_durability_pipelines() -> None:
-    assert pipelines_sync("FULL", True) and pipelines_sync("full", True)
-    assert not pipelines_sync("FULL", False)
-    assert not pipelines_sync("NORMAL", True) and not pipelines_sync("EXTRA", True)
+    assert pipelines_sync("FULL") and pipelines_sync("full")
+    assert not pipelines_sync("NORMAL") and not pipelines_sync("EXTRA")
 
 
-@pytest.mark.parametrize("writer_process", [False, True])
-async def test_counts_commit_after_the_like_records_are_synced(
-        tmp_path: Path, writer_process: bool) -> None:
+async def test_counts_commit_after_the_like_records_are_synced(tmp_path: Path) -> None:
     """The counts writer syncs the likes WAL before each commit of its own, so no count can be
     durable ahead of the like that made it."""
-    store = SqliteStore(tmp_path / "tally.db", writer_process=writer_process)
+    store = SqliteStore(tmp_path / "tally.db")
     await store.start()
     try:
         assert store.pipelined_sync and len(store.likes_syncs) == 1
@@ -189,17 +187,20 @@ async def test_normal_durability_keeps_sqlite_syncs_off_the_writer(tmp_path: Pat
     assert not store.pipelined_sync and store.likes_syncs == []
 
 
-@pytest.mark.parametrize(("pipelined", "level"), [(True, 1), (False, 2)])
+@pytest.mark.parametrize(("synchronous", "levels"), [("FULL", (1, 2)), ("EXTRA", (3, 3))])
 async def test_the_writer_commits_unsynced_only_when_it_syncs_itself(
-        tmp_path: Path, pipelined: bool, level: int) -> None:
-    """NORMAL (1) on the likes writer's own file when its sync thread syncs; FULL (2) otherwise.
-    The counts file it attaches keeps FULL either way."""
-    store = SqliteStore(tmp_path / "tally.db", writer_process=False, pipelined_sync=pipelined)
-    await store.start()
+        tmp_path: Path, synchronous: str, levels: tuple[int, int]) -> None:
+    """FULL: NORMAL (1) on the likes writer's own file, whose sync thread syncs it, and FULL (2)
+    on the counts file it attaches. EXTRA: SQLite's own syncs (3) on both."""
+    child = _Child(WriterConfig(tmp_path / "tally.db", synchronous))
+    child.writer.start()
     try:
-        main, counts = await store.writer.run(lambda c, tx: (
+        got = await child.writer.run(lambda c, tx: (
             c.execute("PRAGMA main.synchronous").fetchone()[0],
             c.execute("PRAGMA counts.synchronous").fetchone()[0]))
-        assert (main, counts) == (level, 2)
+        assert got == levels
+        assert (child.wal_sync is not None) == (synchronous == "FULL")
     finally:
-        await store.close()
+        await child.writer.stop()
+        if child.wal_sync is not None:
+            child.wal_sync.close()

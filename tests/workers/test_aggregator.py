@@ -17,12 +17,6 @@ from tests.helpers import db_rows, like, poll, recount, stored
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def group_commit_ms() -> float:
-    """A narrow window: the aggregator tests wait on many small commits."""
-    return 0.5
-
-
 class RedeliveringLog:
     """A change log that hands every event out twice, as an at-least-once broker may."""
 

@@ -38,7 +38,7 @@ def expected(evs: list[Event]) -> dict[CountKey, int]:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    async with open_sqlite(tmp_path / "counts.db", 0.5, 500, 2) as s:
+    async with open_sqlite(tmp_path / "counts.db") as s:
         yield s
 
 

@@ -93,7 +93,7 @@ async def test_a_nats_crash_mid_relay_loses_and_doubles_nothing(
     nats.start()
     log = EventLog(nats.url, "T_CRASH", 4, publish_timeout_s=1.0)
     await log.start()
-    counts = SqliteStore(tmp_path / "counts.db", "FULL", 0.5, 500, 2)
+    counts = SqliteStore(tmp_path / "counts.db")
     await counts.start()
     lease_db = PgLeases(pg_database())
     relay = Relay(lease_db, likes, log, batch=20, lease_period_s=0.05)

@@ -33,7 +33,7 @@ _SUMS = ("INSERT INTO temp.round_sums SELECT counter, item, sum(delta) AS d FROM
 _ADD_COUNTS = ("INSERT INTO counts (counter, item, count) SELECT counter, item, d "
                "FROM temp.round_sums WHERE true "
                "ON CONFLICT (counter, item) DO UPDATE SET count = count + excluded.count")
-_RESULT = ("SELECT json_group_array(json_array(r.counter, r.item, r.d, c.count)) "
+_RESULT = ("SELECT json_group_array(json_array(r.counter, r.item, c.count)) "
            "FROM temp.round_sums r JOIN counts c ON c.counter = r.counter AND c.item = r.item")
 
 # split_item(): the type is what comes before the first ':', or the whole id when there is none.
@@ -42,8 +42,8 @@ _ITEM_TYPE = ("CASE WHEN instr(item, ':') > 0 THEN substr(item, 1, instr(item, '
 # The rollups' sums, in one pass over the round's events: per counter, item type, day number
 # (int(ts / 86400), the same float division as Python's day_of()) and region. Each dimension is
 # then summed from these few rows, so the item type is worked out once per event and the date
-# string once per day. A pass per dimension, each working both out per event, cost 35 ms per
-# 20k events, against 11 ms for the counts (a whole round of 5k: 18.6 ms then, 15.0 ms now).
+# string once per day: a pass per dimension, each working both out per event, cost the round
+# several times what the counts themselves cost.
 _ROLLUP_TABLE = ("CREATE TEMP TABLE IF NOT EXISTS round_rollups (counter TEXT NOT NULL, "
                  "t TEXT NOT NULL, dn INTEGER NOT NULL, region TEXT NOT NULL, d INTEGER NOT NULL)")
 _ROLLUP_SUMS = (f"INSERT INTO temp.round_rollups SELECT counter, {_ITEM_TYPE} AS t, "
@@ -79,10 +79,10 @@ def log_range(conn: sqlite3.Connection, after: int, limit: int, schema: str = "l
 
 
 def apply_range(conn: sqlite3.Connection, after: int, upto: int, rollups: Collection[str],
-                schema: str = "likes") -> tuple[dict[CountKey, int], dict[CountKey, int]]:
+                schema: str = "likes") -> dict[CountKey, int]:
     """Adds the events in (after, upto] to the counts and to the rollups named (as ``coalesce``
-    does, dimensions it does not know are ignored). Returns the summed deltas and the new
-    absolute counts of the keys written. The caller moves the watermark in the same transaction."""
+    does, dimensions it does not know are ignored). Returns the new absolute counts of the keys
+    written. The caller moves the watermark in the same transaction."""
     conn.execute(_ROUND_TABLE)
     conn.execute("DELETE FROM temp.round_sums")
     conn.execute(_in(_SUMS, schema), (after, upto))
@@ -94,9 +94,5 @@ def apply_range(conn: sqlite3.Connection, after: int, upto: int, rollups: Collec
         conn.execute(_in(_ROLLUP_SUMS, schema), (after, upto))
         for dimension in wanted:
             conn.execute(_ROLLUP_SQL[dimension])
-    deltas: dict[CountKey, int] = {}
-    new: dict[CountKey, int] = {}
-    for counter, item, d, count in orjson.loads(conn.execute(_RESULT).fetchone()[0]):
-        deltas[(counter, item)] = d
-        new[(counter, item)] = count
-    return deltas, new
+    rows = orjson.loads(conn.execute(_RESULT).fetchone()[0])
+    return {(counter, item): count for counter, item, count in rows}

@@ -1,13 +1,13 @@
 """Checkpoints of both SQLite files from a thread of their own.
 
 By default SQLite checkpoints in the connection that commits: every ``wal_autocheckpoint`` pages
-the likes writer stopped to copy the WAL into the database file and fsync it, and each request in
-that group commit waited for it. Under bulk likes (random inserts: a WAL page per like) that was
-a few milliseconds of every commit. Here a separate connection copies committed frames every
-``interval_s`` with PASSIVE checkpoints, which never block a writer or a reader; the writers keep
-an automatic checkpoint only as a backstop (a hundred times the usual size), for when this thread
-falls behind. Durability does not change: a commit is durable once its WAL frames are synced, before
-any checkpoint (``synchronous=FULL`` on every connection, this one included).
+the likes writer would stop to copy the WAL into the database file and fsync it, and each request
+in that group commit would wait for it; under bulk likes (random inserts: a WAL page per like) that
+is often. Here a separate connection copies committed frames every ``INTERVAL_S`` with PASSIVE
+checkpoints, which never block a writer or a reader; the writers keep an automatic checkpoint only
+as a backstop (``BACKSTOP_PAGES``), for when this thread falls behind. Durability does not change:
+a commit is durable once its WAL frames are synced, before any checkpoint (``synchronous=FULL`` on
+every connection, this one included).
 """
 
 from __future__ import annotations
@@ -19,20 +19,21 @@ from collections.abc import Callable, Mapping
 
 log = logging.getLogger("tally.sqlite")
 
-# The writers' own autocheckpoint, in units of the usual one. It is also what restarts the WAL:
-# the passive checkpoints here keep up, but with a commit every few ms and a reader always in the
-# WAL, a writer found it wholly copied (the condition for writing it again from the start) only
-# right after checkpointing itself. At 10 (10,000 pages, about 40 MB) that was three times a
-# second under bulk likes, and each such commit took 20-37 ms, waiting on the disk (with the files
-# on tmpfs they were gone): the likes writer's commit p99 22-23 ms, against 5.7 ms at 100 (bulk
-# of 250 at 140 req/s, 20 s). The price is a WAL file of up to ~400 MB under sustained
-# writes, reused from its start after each restart.
-BACKSTOP_FACTOR = 100
+# Often enough that a WAL holds little to copy at a time; each round costs a few statements.
+INTERVAL_S = 0.05
+
+# The writers' own autocheckpoint (a hundred times SQLite's default of 1,000 pages). It is also
+# what restarts the WAL: the passive checkpoints here keep up, but with commits back to back and a
+# reader always in the WAL, a writer finds it wholly copied (the condition for writing it again
+# from the start) only right after checkpointing itself, and each such commit waits on the disk.
+# Rare backstops keep those commits rare; the price is a WAL file of up to ~400 MB under
+# sustained writes, reused from its start after each restart.
+BACKSTOP_PAGES = 100_000
 
 
 class Checkpointer:
     def __init__(self, open_conn: Callable[[], sqlite3.Connection], files: Mapping[str, str],
-                 interval_s: float) -> None:
+                 interval_s: float = INTERVAL_S) -> None:
         """``files``: each file's name (for metrics) and its schema on the opened connection."""
         self._open = open_conn
         self.files = dict(files)

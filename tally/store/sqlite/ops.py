@@ -49,9 +49,8 @@ def _chunks(rows: Sequence[tuple[str, ...]]) -> Iterable[Sequence[tuple[str, ...
 def insert_rows(conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]]) -> None:
     """Runs ``sql`` (with ``{rows}`` where its VALUES go) over ``rows``, many rows per statement.
 
-    ``executemany`` steps once per row, and each step gives up the GIL and must win it back:
-    with the counts writer and the event loop in the same process, that wait was a third of the
-    likes writer's time. One statement per chunk of rows steps once."""
+    ``executemany`` steps once per row, and each step gives up the GIL and must win it back from
+    whatever else runs in the process. One statement per chunk of rows steps once."""
     if not rows:
         return
     width, start = len(rows[0]), 0

@@ -9,8 +9,8 @@ from pathlib import Path
 SCHEMA_VERSION = 3
 
 # Two files, each with its own writer: the like records and their change log (``tally.db``), and
-# the counts derived from them (``tally-counts.db``). Aggregation rounds ran in the one writer
-# between like commits: 30-40 ms each under bulk likes, the p99 of every write behind them. Each
+# the counts derived from them (``tally-counts.db``). With one writer, each aggregation round
+# would run between like commits, and every write queued behind it would wait for it. Each
 # connection opens one file and attaches the other, so every statement names tables unqualified;
 # a connection only ever writes the file it opened.
 LIKES_SCHEMA = """
@@ -78,19 +78,22 @@ def likes_schema(shard: int) -> str:
     return "likes" if shard == 0 else f"likes{shard}"
 
 
+# Bytes of each file read through a memory map (address space, not memory: the pages are the
+# operating system's file cache, shared by every connection).
+MMAP_BYTES = 1 << 30
+
+
 def connect(path: Path, synchronous: str, readonly: bool = False,
-            writes: str = "likes", mmap_bytes: int = 0, shard: int = 0,
-            shards: int = 1) -> sqlite3.Connection:
+            writes: str = "likes", shard: int = 0, shards: int = 1) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, with busy waiting, to
     the file it ``writes``: ``likes`` (shard ``shard`` of the like records, with the counts file
     attached as ``counts``) or ``counts`` (with each of the ``shards`` like files attached as
     ``likes_schema(k)``). Readers open it as ``counts`` too, so they see every shard.
 
-    ``mmap_bytes`` of each file are read through a memory map: every connection then reads the
-    operating system's cached pages in place. Without it each connection copies pages into its
-    own cache with a read call apiece, and once the like records outgrow that cache (64 MiB,
-    about a million likes) a feed's 50 has-liked lookups paid for it on every request: at 700
-    feeds/s after two million likes, p99 3.8 ms mapped against 35-254 ms unmapped."""
+    Each file is read through a memory map, so every connection reads the operating system's
+    cached pages in place. Without it each connection copies pages into its own cache with a read
+    call apiece, and once the like records outgrow that cache a feed's many has-liked lookups pay
+    for it on every request (measured in docs/performance.md)."""
     counts = counts_path(Path(path))
     if writes == "likes":
         main, others = likes_path(Path(path), shard), {"counts": counts}
@@ -104,7 +107,7 @@ def connect(path: Path, synchronous: str, readonly: bool = False,
         conn.execute(f"PRAGMA {schema}.journal_mode=WAL")
         conn.execute(f"PRAGMA {schema}.synchronous={synchronous}")
         conn.execute(f"PRAGMA {schema}.cache_size=-65536")  # 64 MiB page cache per file
-        conn.execute(f"PRAGMA {schema}.mmap_size={int(mmap_bytes)}")
+        conn.execute(f"PRAGMA {schema}.mmap_size={MMAP_BYTES}")
     conn.execute("PRAGMA temp_store=MEMORY")
     if readonly:
         conn.execute("PRAGMA query_only=1")

@@ -1,21 +1,18 @@
-"""The embedded backend: every storage role on SQLite in WAL mode, in two files with a writer each.
+"""The embedded backend: every storage role on SQLite in WAL mode, in two kinds of files.
 
-The like records and their change log are one file (``tally.db``), written by the likes writer's
-group commits; the counts, watermarks and rollups are another (``tally-counts.db``), written by the
-counts writer, which aggregates the log in place. So aggregation never queues in front of likes,
-and its SQL runs beside them on the other core. Reads use their own connections in a small thread
-pool (or inline), so a read never waits for a commit. ``Unapplied`` holds the change-log deltas
-not yet in the counts, so a write answers with the exact count (count table + unapplied + this
-change) without waiting for the aggregator.
+The like records and their change log are one file per shard (``tally.db``, then
+``tally-likes{k}.db``), each written by a likes writer in a process of its own
+(``writer_process``); the counts, watermarks and rollups are another (``tally-counts.db``),
+written here by the counts writer, which aggregates the logs in place. So aggregation never
+queues in front of likes, and the likes writers' commits do not share the server's interpreter
+lock. Reads use their own connections, so a read never waits for a commit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,30 +25,19 @@ from tally.core.model import CountKey, Event, Op, OpResult, ToggleOp
 from tally.store.ports import Applied, ReconcileChunk
 from tally.store.shards import logical_shard
 from tally.store.sqlite.aggregate import apply_range, log_range
-from tally.store.sqlite.checkpoint import BACKSTOP_FACTOR, Checkpointer
-from tally.store.sqlite.ops import (
-    SOURCE,
-    apply_ops,
-    counts_at_watermark,
-    log_head,
-    purge_idempotency,
-    source_of,
-    stored_counts,
-    trim_log,
-)
+from tally.store.sqlite.checkpoint import BACKSTOP_PAGES, Checkpointer
+from tally.store.sqlite.ops import SOURCE, log_head, source_of, stored_counts
 from tally.store.sqlite.ops import watermark as _watermark
-from tally.store.sqlite.pending import Unapplied
 from tally.store.sqlite.reconcile import reconcile_chunk
-from tally.store.sqlite.schema import connect, likes_path, likes_schema, migrate
-from tally.store.sqlite.writer import (
-    GroupCommitWriter,
-    Tx,
-    WalSync,
-    pipelines_sync,
-)
+from tally.store.sqlite.schema import connect, likes_path, likes_schema
+from tally.store.sqlite.writer import MAX_OPS, GroupCommitWriter, Tx, WalSync, pipelines_sync
 from tally.store.sqlite.writer_process import WriterConfig, WriterProcess
 
 T = TypeVar("T")
+
+# Threads for the reads too large to run on the event loop (change-log pages, lag, rollups,
+# watermarks): few, since the lookups that make up the request load run inline.
+READ_THREADS = 4
 
 
 @dataclass(slots=True)
@@ -85,21 +71,14 @@ class _Combined:
 class SqliteStore:
     """Implements LikeStore, ChangeLog, CountStore and Recounter (see ``tally.store.ports``)."""
 
-    def __init__(self, path: Path, synchronous: str = "FULL", group_commit_ms: float = 0.0,
-                 group_commit_max: int = 1000, read_threads: int = 4,
-                 inline_reads: bool = True, wal_autocheckpoint: int = 1000,
-                 mmap_mb: int = 1024, checkpoint_ms: float = 50.0,
-                 writer_process: bool = False, likes_shards: int = 1,
-                 log_level: str = "INFO", gc_threshold: int = 0,
-                 pipelined_sync: bool = True) -> None:
-        if likes_shards < 1 or (likes_shards > 1 and not writer_process):
-            raise ConfigError("sqlite_likes_shards must be at least 1, and above 1 only with "
-                              "sqlite_writer_process (a writer process per shard)")
+    def __init__(self, path: Path, *, synchronous: str = "FULL", likes_shards: int = 1,
+                 log_level: str = "INFO") -> None:
+        if likes_shards < 1:
+            raise ConfigError("sqlite_likes_shards must be at least 1")
         self.path = Path(path)
         self.shards = likes_shards
-        self.group_commit_max = group_commit_max
         self.synchronous = synchronous.upper()
-        self.pipelined_sync = pipelines_sync(self.synchronous, pipelined_sync)
+        self.pipelined_sync = pipelines_sync(self.synchronous)
         # With the likes writers' syncs pipelined, a commit is visible before it is durable. The
         # counts derived from it must not be: after a power loss they would hold events the log
         # lost, and the next events would reuse those sequence numbers below the watermark. So
@@ -107,53 +86,24 @@ class SqliteStore:
         # second): whatever it read had committed, so is then on disk.
         self.likes_syncs = ([WalSync(likes_path(self.path, k)) for k in range(likes_shards)]
                             if self.pipelined_sync else [])
-        # Its own descriptor: each thread syncs through one of its own.
-        self._writer_sync = (WalSync(likes_path(self.path, 0))
-                             if self.pipelined_sync and not writer_process else None)
-        self.writer = GroupCommitWriter(self._open_writer, group_commit_ms / 1000, group_commit_max,
-                                        begin="BEGIN", durable=self._writer_sync)
         self.counts_writer = GroupCommitWriter(
-            self._open_counts_writer, 0.0, group_commit_max, name="tally-sqlite-counts",
-            begin="BEGIN", before_commit=self._sync_likes if self.likes_syncs else None)
-        self._read_threads = read_threads
-        self.inline_reads = inline_reads
-        self.mmap_bytes = mmap_mb * 1024 * 1024
-        self.checkpointer: Checkpointer | None = None
-        if checkpoint_ms > 0:
-            files = {"counts": "main", **{likes_schema(k): likes_schema(k)
-                                          for k in range(likes_shards)}}
-            self.checkpointer = Checkpointer(
-                lambda: self._connect(writes="counts"), files, checkpoint_ms / 1000)
-            wal_autocheckpoint *= BACKSTOP_FACTOR
-        self.wal_autocheckpoint = wal_autocheckpoint
-        # With ``writer_process``, the likes writer runs in a child process, one per shard of the
-        # like records, each owning its file (``sqlite_writer_process``); ``self.writer`` then
-        # stays unstarted, and each child keeps its own account of unapplied deltas.
+            self._open_counts_writer, MAX_OPS, name="tally-sqlite-counts",
+            before_commit=self._sync_likes if self.likes_syncs else None)
+        files = {"counts": "main", **{likes_schema(k): likes_schema(k)
+                                      for k in range(likes_shards)}}
+        self.checkpointer = Checkpointer(lambda: self._connect(writes="counts"), files)
+        # One writer process per shard of the like records, each owning its file and keeping its
+        # own account of the deltas the counts do not hold yet (exact answers).
         self.writer_processes = [
-            WriterProcess(WriterConfig(self.path, self.synchronous, group_commit_max,
-                                       wal_autocheckpoint, self.mmap_bytes, log_level, shard,
-                                       source_of(shard), gc_threshold, pipelined_sync))
-            for shard in range(likes_shards)] if writer_process else []
+            WriterProcess(WriterConfig(self.path, self.synchronous, shard, log_level))
+            for shard in range(likes_shards)]
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
-        # Includes the jobs of the likes writer's open transaction (undone if they roll back), so
-        # a later job in the same group commit sees an earlier job's change.
-        self.unapplied = Unapplied({})
         self.source = SOURCE
         self._combining: _Combined | None = None  # event loop thread only
 
     # -- lifecycle --------------------------------------------------------------------------
-
-    def _open_writer(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(self.path, self.synchronous, writes="likes", mmap_bytes=self.mmap_bytes)
-        # SQLite checkpoints in the committing connection: this one, so each is a pause of the
-        # writer. The checkpointer thread does them instead; this one is its backstop.
-        conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
-        migrate(conn)
-        self.unapplied = Unapplied(self._load_pending(conn))
-        return conn
 
     def _sync_likes(self) -> None:
         for sync in self.likes_syncs:
@@ -161,45 +111,29 @@ class SqliteStore:
 
     def _connect(self, writes: str, readonly: bool = False) -> sqlite3.Connection:
         return connect(self.path, self.synchronous, readonly=readonly, writes=writes,
-                       mmap_bytes=self.mmap_bytes, shards=self.shards)
+                       shards=self.shards)
 
     def _open_counts_writer(self) -> sqlite3.Connection:
         conn = self._connect(writes="counts")
-        conn.execute(f"PRAGMA wal_autocheckpoint={int(self.wal_autocheckpoint)}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         return conn
 
-    @staticmethod
-    def _load_pending(conn: sqlite3.Connection) -> dict[CountKey, int]:
-        """After a restart: the deltas logged but not yet applied, so write answers stay exact."""
-        rows = conn.execute("SELECT counter, item, sum(delta) FROM changelog WHERE seq > ? "
-                            "GROUP BY counter, item", (_watermark(conn, None),))
-        return {(c, i): d for c, i, d in rows if d}
-
     async def start(self) -> None:
-        if self.writer_processes:  # shard 0 first: it creates or migrates the schema
-            await self.writer_processes[0].start()
-            await asyncio.to_thread(self._check_shards)
-            for proc in self.writer_processes[1:]:
-                await proc.start()
-        else:
-            self.writer.start()
+        await self.writer_processes[0].start()  # shard 0 first: it creates or migrates the schema
+        await asyncio.to_thread(self._check_shards)
+        for proc in self.writer_processes[1:]:
+            await proc.start()
         self.counts_writer.start()
-        self._pool = ThreadPoolExecutor(self._read_threads, thread_name_prefix="tally-sqlite-read")
-        if self.checkpointer is not None:
-            self.checkpointer.start()
+        self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tally-sqlite-read")
+        self.checkpointer.start()
 
     async def close(self) -> None:
-        if self.checkpointer is not None:
-            await asyncio.to_thread(self.checkpointer.stop)
+        await asyncio.to_thread(self.checkpointer.stop)
         await self.counts_writer.stop()
-        if self.writer_processes:
-            for proc in self.writer_processes:
-                await proc.stop()
-        else:
-            await self.writer.stop()
-        for sync in [*self.likes_syncs, self._writer_sync]:
-            if sync is not None:
-                sync.close()
+        for proc in self.writer_processes:
+            await proc.stop()
+        for sync in self.likes_syncs:
+            sync.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -243,14 +177,13 @@ class SqliteStore:
 
     async def _run_read(self, fn: Callable[[sqlite3.Connection], T], small: bool = False) -> T:
         """Runs a read on a reader connection: ``small`` ones (indexed lookups bounded by the
-        batch limits) on the calling event loop when ``inline_reads`` is on, the rest in the
-        read threads. Handing a 100 µs lookup to a thread cost more than the lookup, and under
-        load the thread then waited for the GIL: in the feed workload inline reads raised the
-        maximum by half and cut p99 at 950 feeds/s from 9.7 ms to 4.2 ms. WAL readers never wait
-        for the writer, so an inline read does not stall the loop behind a commit."""
+        batch limits) on the calling event loop, the rest in the read threads. Handing a short
+        lookup to a thread costs more than the lookup, and under load the thread then waits for
+        the interpreter lock. WAL readers never wait for a writer, so an inline read does not
+        stall the loop behind a commit."""
         if self._pool is None:
             raise RuntimeError("store is not started")
-        if small and self.inline_reads:
+        if small:
             return fn(self._reader())
         return await asyncio.get_running_loop().run_in_executor(self._pool,
                                                                 lambda: fn(self._reader()))
@@ -265,7 +198,7 @@ class SqliteStore:
         one writer job (see ``tally.store.sqlite.ops``); each request gets its own slice back."""
         loop = asyncio.get_running_loop()
         batch = self._combining
-        if batch is None or len(batch.ops) + len(ops) > self.group_commit_max:
+        if batch is None or len(batch.ops) + len(ops) > MAX_OPS:
             if batch is not None:
                 self._flush()
             batch = self._combining = _Combined()
@@ -279,15 +212,11 @@ class SqliteStore:
         batch, self._combining = self._combining, None
         if batch is None:
             return
-        ops = batch.ops
         try:
-            if len(self.writer_processes) == 1:
-                done = self.writer_processes[0].write(ops)
-            elif self.writer_processes:
-                done = self._write_sharded(ops)
+            if self.shards == 1:
+                done = self.writer_processes[0].write(batch.ops)
             else:
-                done = self.writer.submit(lambda c, tx: self._apply_ops(c, tx, ops),
-                                          weight=len(ops))
+                done = self._write_sharded(batch.ops)
         except Exception as exc:
             batch.fail(exc)
             return
@@ -323,26 +252,6 @@ class SqliteStore:
         gathered.add_done_callback(merge)
         return out
 
-    def _apply_ops(self, conn: sqlite3.Connection, tx: Tx, ops: list[Op]) -> list[OpResult]:
-        results, overlay = apply_ops(conn, ops, self._exact_counts, time.time())
-        if overlay:
-            self.unapplied.add(overlay)
-            tx.on_rollback.append(lambda: self.unapplied.add(overlay, -1))
-        return results
-
-    def _exact_counts(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
-        """Count table + every delta logged after the watermark the table was read at.
-
-        Read on a reader connection, in a transaction of its own: on the writer's connection the
-        snapshot of the counts file would last until the like commit, and with like transactions
-        back to back some reader always held an old one, so the counts file's WAL never restarted
-        (it grew to 20 times the file under bulk likes, and every read of it slowed down)."""
-        position, stored = counts_at_watermark(self._reader(), keys)
-        extra = self.unapplied.since(keys, position)
-        for key, d in extra.items():
-            stored[key] = stored.get(key, 0) + d
-        return stored
-
     async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
         marks = ",".join("?" * len(items))
         schema = likes_schema(logical_shard(user, self.shards))
@@ -354,10 +263,7 @@ class SqliteStore:
 
     async def purge_idempotency(self) -> int:
         """Forget idempotency keys whose window has passed; returns how many."""
-        if self.writer_processes:
-            return sum([await proc.purge() for proc in self.writer_processes])
-        removed: int = await self.writer.run(purge_idempotency)
-        return removed
+        return sum([await proc.purge() for proc in self.writer_processes])
 
     # -- ChangeLog --------------------------------------------------------------------------
 
@@ -414,13 +320,13 @@ class SqliteStore:
     async def apply_batch(self, batch: Batch, consumer: str,
                           expect: Mapping[str, int]) -> dict[CountKey, int] | None:
         result: dict[CountKey, int] | None = await self.counts_writer.run(
-            lambda c, tx: self._apply_batch(c, tx, batch, consumer, expect), weight=1)
+            lambda c, _tx: self._apply_batch(c, batch, consumer, expect), weight=1)
         if result is not None:
             await self._trim({k: batch.positions[source_of(k)] for k in range(self.shards)
                               if source_of(k) in batch.positions})
         return result
 
-    def _apply_batch(self, conn: sqlite3.Connection, tx: Tx, batch: Batch, consumer: str,
+    def _apply_batch(self, conn: sqlite3.Connection, batch: Batch, consumer: str,
                      expect: Mapping[str, int]) -> dict[CountKey, int] | None:
         stored = dict(conn.execute("SELECT source, seq FROM watermarks WHERE consumer=?",
                                    (consumer,)).fetchall())
@@ -436,40 +342,26 @@ class SqliteStore:
         conn.executemany("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
                          "DO UPDATE SET seq=excluded.seq",
                          [(consumer, src, seq) for src, seq in batch.positions.items()])
-        if SOURCE in batch.positions:
-            self._take(tx, batch.positions[SOURCE], batch.deltas)
         return new
-
-    def _take(self, tx: Tx, position: int, deltas: Mapping[CountKey, int]) -> None:
-        """The deltas of a round leave ``unapplied`` with its commit (see ``sqlite_pending``).
-        A writer process follows the watermark itself (``LoggedSince``)."""
-        if self.writer_processes:
-            return
-        self.unapplied.take(position, deltas)
-        tx.on_rollback.append(lambda: self.unapplied.give_back(position))
 
     async def _trim(self, positions: Mapping[int, int]) -> None:
         """Applied events leave each shard's log (through the position applied); the likes
         writer owns that file. A crash before the trim leaves them below the watermark, where
         nothing reads them, until the next one."""
         for shard, through_seq in positions.items():
-            if self.writer_processes:
-                await self.writer_processes[shard].trim(through_seq)
-                continue
-
-            await self.writer.run(functools.partial(trim_log, through_seq=through_seq))
+            await self.writer_processes[shard].trim(through_seq)
 
     # -- InPlaceAggregation -----------------------------------------------------------------
 
     async def aggregate(self, consumer: str, limit: int, rollups: Collection[str]) -> Applied:
         """One round over every shard's log; ``Applied.position`` is the positions' sum."""
         applied, positions = await self.counts_writer.run(
-            lambda c, tx: self._aggregate(c, tx, consumer, limit, rollups))
+            lambda c, _tx: self._aggregate(c, consumer, limit, rollups))
         if applied.events:
             await self._trim(positions)
         return applied  # type: ignore[no-any-return]
 
-    def _aggregate(self, conn: sqlite3.Connection, tx: Tx, consumer: str, limit: int,
+    def _aggregate(self, conn: sqlite3.Connection, consumer: str, limit: int,
                    rollups: Collection[str]) -> tuple[Applied, dict[int, int]]:
         """One round in the counts writer's transaction, over its snapshot of the logs: the
         watermarks read here cannot move under it (this writer is the only one that moves
@@ -483,9 +375,7 @@ class SqliteStore:
             total.position += upto
             if not events:
                 continue
-            deltas, new = apply_range(conn, after, upto, rollups, schema)
-            if shard == 0:
-                self._take(tx, upto, deltas)
+            new = apply_range(conn, after, upto, rollups, schema)
             conn.execute("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
                          "DO UPDATE SET seq=excluded.seq", (consumer, source, upto))
             moved[shard] = upto
@@ -516,15 +406,12 @@ class SqliteStore:
     # -- metrics ----------------------------------------------------------------------------
 
     def write_stats(self) -> tuple[int, int, int]:
-        """(group commits, operations committed, failed commits) of the likes writer."""
-        writers: list[GroupCommitWriter] | list[WriterProcess] = (self.writer_processes
-                                                                  or [self.writer])
+        """(group commits, operations committed, failed commits) of the likes writers."""
+        writers = self.writer_processes
         return (sum(w.commits for w in writers), sum(w.committed_ops for w in writers),
                 sum(w.failed_commits for w in writers))
 
     def sync_stats(self) -> tuple[int, int]:
         """(pipelined WAL syncs, likes writers stopped by a failed sync)."""
-        if self.writer_processes:
-            return (sum(p.syncs for p in self.writer_processes),
-                    sum(p.sync_failed for p in self.writer_processes))
-        return self.writer.syncs, int(self.writer.sync_error is not None)
+        return (sum(p.syncs for p in self.writer_processes),
+                sum(p.sync_failed for p in self.writer_processes))

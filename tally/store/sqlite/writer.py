@@ -1,16 +1,15 @@
 """SQLite's single writer: one thread, one connection, group commit.
 
 SQLite allows one writer at a time, so every write goes through this thread (the datasette
-pattern). Jobs that arrive while a commit is in flight are gathered, up to a short window and a
-size bound, and committed in one transaction: the write rate is then bounded by fsyncs per second
-times the batch size, not by one fsync per like. Each job runs in its own savepoint, so a failing
-job fails alone and the rest of the batch still commits.
+pattern). Jobs that arrive while a commit is in flight are gathered, up to a size bound, and
+committed in one transaction: the write rate is then bounded by fsyncs per second times the batch
+size, not by one fsync per like. A failing job fails alone and the rest of the batch still commits.
 
 With ``durable`` given (``sqlite_synchronous=FULL``, see ``WalSync``), the connection commits
 without syncing and a second thread makes each commit durable before its jobs are answered, while
-the writer runs the next batch: the fsync (about 2 ms of each commit on this disk) leaves the
-writer's path, one sync covers every commit made while the one before it ran, and no job is
-answered before its commit is on disk, as with SQLite's own FULL.
+the writer runs the next batch: the fsync leaves the writer's path, one sync covers every commit
+made while the one before it ran, and no job is answered before its commit is on disk, as with
+SQLite's own FULL.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import os
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,12 +55,21 @@ class _Job:
 
 
 _STOP = object()
+# A connection with another file attached takes a deferred "BEGIN": IMMEDIATE would lock every
+# attached file for writing, and so the other file's writer; a deferred transaction locks only the
+# file it writes. Each file has one writer, so the upgrade never meets another.
+_BEGIN = "BEGIN"
+
+# Most operations committed in one transaction: a commit answers all its requests at once, so its
+# size is a floor under their latency; the bulk limit's default, so one bulk request fits.
+MAX_OPS = 1000
 
 
-def pipelines_sync(synchronous: str, pipelined: bool) -> bool:
+def pipelines_sync(synchronous: str) -> bool:
     """Whether a likes writer syncs from a thread of its own (``GroupCommitWriter(durable=...)``):
-    only where each acknowledged commit must be on disk (FULL); EXTRA keeps SQLite's own syncs."""
-    return pipelined and synchronous.upper() == "FULL"
+    where each acknowledged commit must be on disk (FULL). EXTRA keeps SQLite's own syncs, which
+    also sync the directory; NORMAL acknowledges before the disk by choice."""
+    return synchronous.upper() == "FULL"
 
 
 class WalSync:
@@ -101,9 +108,8 @@ class WalSync:
 
 
 class GroupCommitWriter:
-    def __init__(self, connect: Callable[[], sqlite3.Connection], window_s: float,
-                 max_ops: int, name: str = "tally-sqlite-writer", begin: str = "BEGIN IMMEDIATE",
-                 durable: Callable[[], None] | None = None,
+    def __init__(self, connect: Callable[[], sqlite3.Connection], max_ops: int = MAX_OPS,
+                 name: str = "tally-sqlite-writer", durable: Callable[[], None] | None = None,
                  before_commit: Callable[[], None] | None = None) -> None:
         """``durable``: makes the commits so far durable; the connection, once ``connect`` has
         opened it (and migrated it, synced by SQLite), then commits its own file without syncing,
@@ -118,11 +124,6 @@ class GroupCommitWriter:
         self.sync_error: OSError | None = None  # a failed sync: writes stop (see _sync_run)
         self.syncs = 0
         self.name = name
-        # A connection with another file attached takes "BEGIN": IMMEDIATE would lock every
-        # attached file for writing, and so the other file's writer; a deferred transaction locks
-        # only the file it writes. Each file has one writer, so the upgrade never meets another.
-        self._begin = begin
-        self.window_s = window_s
         self.max_ops = max_ops
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -231,18 +232,11 @@ class GroupCommitWriter:
             return None
         batch: list[_Job] = [first]
         weight = first.weight
-        deadline = time.monotonic() + self.window_s
         while weight < self.max_ops:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    job = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
+                break
             if job is _STOP:
                 self._queue.put(_STOP)  # finish this batch, then stop
                 break
@@ -257,14 +251,14 @@ class GroupCommitWriter:
         re-runnable: they read the database and the writer's state, both back where they were."""
         tx = Tx()
         try:
-            conn.execute(self._begin)
+            conn.execute(_BEGIN)
             results = self._run_all(conn, tx, batch, isolated=False)
             if len(results) < len(batch) or not all(ok for ok, _value in results):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 tx.undo()
                 tx = Tx()
-                conn.execute(self._begin)
+                conn.execute(_BEGIN)
                 results = self._run_all(conn, tx, batch, isolated=True)
             if self._before_commit is not None:
                 self._before_commit()

@@ -1,12 +1,11 @@
 """The likes writer in a process of its own, so its commits do not share a GIL with HTTP.
 
-In one process the likes writer, the event loop, the counts writer and the checkpointer take
-turns at one interpreter lock: under bulk likes the writer was never idle yet ran on a core only
-two thirds of the time, and the server as a whole used 1.1 of the 2 cores. Here the same
-``GroupCommitWriter`` and ``apply_ops`` run in a child process that owns the likes file's write
-connection; the server sends each event-loop turn's operations over a socket pair and gets the
-results back once they are committed (durability unchanged: the child commits with the same
-``synchronous`` setting before it answers).
+In one process the likes writer, the event loop, the counts writer and the checkpointer take turns
+at one interpreter lock, so under bulk likes the writer waits for the lock while a second core
+idles. Here ``GroupCommitWriter`` and ``apply_ops`` run in a child process that owns the likes
+file's write connection; the server sends each event-loop turn's operations over a socket pair and
+gets the results back once they are committed (durability unchanged: the child commits with the
+same ``synchronous`` setting before it answers).
 
 Each answer is still exact: the child reads the count table with the watermark it holds and adds
 its own events after that watermark (``LoggedSince``); it needs nothing from the counts writer.
@@ -39,11 +38,13 @@ from tally import logs
 from tally.core.errors import Unavailable
 from tally.core.model import CountKey, IncrOp, Op, OpResult, ToggleOp
 from tally.gctune import tune_gc
+from tally.store.sqlite.checkpoint import BACKSTOP_PAGES
 from tally.store.sqlite.ops import (
     apply_ops,
     count_keys_of,
     counts_at_watermark,
     purge_idempotency,
+    source_of,
     trim_log,
     watermark,
 )
@@ -67,15 +68,14 @@ RESTART_DELAY_S = 0.5
 @dataclass(frozen=True)
 class WriterConfig:
     path: Path
-    synchronous: str
-    max_ops: int
-    wal_autocheckpoint: int
-    mmap_bytes: int
-    log_level: str = "INFO"
+    synchronous: str = "FULL"
     shard: int = 0  # of the like records: this writer's file is likes_path(path, shard)
-    source: str = "local"  # its change log's name in the watermarks
-    gc_threshold: int = 0  # young-collection threshold (tally.gctune); 0 leaves Python's own
-    pipelined_sync: bool = True  # see sqlite_writer.pipelines_sync
+    log_level: str = "INFO"
+
+    @property
+    def source(self) -> str:
+        """Its change log's name in the watermarks."""
+        return source_of(self.shard)
 
 
 def _to_wire(op: Op) -> tuple[Any, ...]:
@@ -126,9 +126,8 @@ class _Child:
     def __init__(self, config: WriterConfig) -> None:
         self.config = config
         self.wal_sync = (WalSync(likes_path(config.path, config.shard))
-                         if pipelines_sync(config.synchronous, config.pipelined_sync) else None)
-        self.writer = GroupCommitWriter(self._open, 0.0, config.max_ops, begin="BEGIN",
-                                        durable=self.wal_sync)
+                         if pipelines_sync(config.synchronous) else None)
+        self.writer = GroupCommitWriter(self._open, durable=self.wal_sync)
         self.logged = LoggedSince()
         # A reader each for the writer thread and the event loop (a connection is not shared
         # between threads), opened on first use.
@@ -137,9 +136,9 @@ class _Child:
     def _open(self) -> sqlite3.Connection:
         c = self.config
         c.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = connect(c.path, c.synchronous, writes="likes", mmap_bytes=c.mmap_bytes,
-                       shard=c.shard)
-        conn.execute(f"PRAGMA wal_autocheckpoint={int(c.wal_autocheckpoint)}")
+        conn = connect(c.path, c.synchronous, writes="likes", shard=c.shard)
+        # The checkpointer thread (``checkpoint``) copies the WAL; this is its backstop.
+        conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         migrate(conn, c.shard)
         rows = conn.execute("SELECT seq, counter, item, delta FROM changelog WHERE seq > ? "
                             "ORDER BY seq", (watermark(conn, None, c.source),))
@@ -151,13 +150,13 @@ class _Child:
         if conn is None:
             c = self.config
             conn = self._readers[thread] = connect(c.path, c.synchronous, readonly=True,
-                                                   mmap_bytes=c.mmap_bytes, shard=c.shard)
+                                                   shard=c.shard)
         return conn
 
     def prefetch(self, ops: Sequence[Op]) -> Prefetched:
         """On the event loop, before the batch is queued: the count table's values for its keys
-        and the watermark they hold. The writer thread spent a sixth of its time on this read,
-        and it is the bound under bulk likes; here the read overlaps the commit before it."""
+        and the watermark they hold. On the writer thread this read would lengthen every batch,
+        and that thread is the bound under bulk likes; here it overlaps the commit before it."""
         keys = count_keys_of(ops)
         position, stored = counts_at_watermark(self._reader("loop"), keys, self.config.source)
         return Prefetched(position, keys, stored)
@@ -196,7 +195,12 @@ class _Child:
 
     async def serve(self, sock: socket.socket) -> None:
         reader, writer = await asyncio.open_connection(sock=sock)
-        self.writer.start()
+        try:
+            self.writer.start()
+        except Exception as exc:  # a schema it cannot open, say: the server reports why
+            await _send(writer, (READY, False, f"{type(exc).__name__}: {exc}", self.counters()))
+            writer.close()
+            return
         await _send(writer, (READY, True, os.getpid(), self.counters()))
         pending: set[asyncio.Task[None]] = set()
         try:
@@ -243,9 +247,7 @@ class _Child:
 def child_main(sock: socket.socket, config: WriterConfig) -> None:
     """The child process: serve the server's writes until it says stop or goes away."""
     logs.setup(config.log_level)  # the server's structured logs, on the same stderr
-    # As in the server: at Python's default threshold the collector ran every few hundred
-    # allocations, 6.7% of this process's samples under bulk likes.
-    tune_gc(config.gc_threshold)
+    tune_gc()  # as in the server: a writer batch allocates as many objects as requests do
     asyncio.run(_Child(config).serve(sock))
 
 
@@ -256,7 +258,6 @@ class WriterProcess:
 
     def __init__(self, config: WriterConfig) -> None:
         self.config = config
-        self.max_ops = config.max_ops
         self.commits = self.committed_ops = self.failed_commits = 0  # the child's, as last told
         self.syncs = 0  # its pipelined WAL syncs
         self.sync_failed = False  # its last sync failed: it takes no writes (see GroupCommitWriter)
@@ -292,7 +293,11 @@ class WriterProcess:
             await asyncio.to_thread(process.join, 5)
             raise RuntimeError(f"the likes writer process did not start (exit code "
                                f"{process.exitcode}); its error is above") from exc
-        assert req_id == READY and ok
+        assert req_id == READY
+        if not ok:
+            writer.close()
+            await asyncio.to_thread(process.join, 5)
+            raise RuntimeError(f"the likes writer process did not start: {pid}")
         self._process, self._writer, self.pid = process, writer, pid
         self._receiver = asyncio.create_task(self._receive_loop(reader),
                                              name="tally-writer-answers")
