@@ -1,4 +1,5 @@
-"""The development commands ``tally`` offers when ``tally_dev`` is installed: cluster, bench, demo."""
+"""The development commands ``tally`` offers when ``tally_dev`` is installed: cluster, bench, demo,
+chaos, capacity."""
 
 from __future__ import annotations
 
@@ -76,6 +77,12 @@ def print_status(cluster: Any, as_json: bool) -> int:
     return 0 if all(r["ready"] for r in rows) else 1
 
 
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from tally_dev.capacity.cli import run
+
+    return run(args)
+
+
 def register(sub: Any, add: Adder) -> None:
     """Entry point (group ``tally.commands``): add the development subcommands to ``tally``."""
     sp = add("demo", cmd_demo, "load a realistic small data set into a running service")
@@ -96,6 +103,10 @@ def register(sub: Any, add: Adder) -> None:
     from tally_dev.chaos.cli import add_parser as add_chaos
 
     add_chaos(add)
+    from tally_dev.capacity.cli import add_arguments as add_capacity
+
+    add_capacity(add("capacity", cmd_capacity, "the fleet, storage and bandwidth a load needs, "
+                     "from per-core figures measured here"))
     from tally_dev.bench.cli import add_parser as add_bench
 
     add_bench(sub)

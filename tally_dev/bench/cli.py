@@ -3,6 +3,7 @@
     tally bench run --preset viral --mode open --rate 2000 --duration 20 --out bench-results
     tally bench suite --out bench-results          (what ``make bench`` runs, about 15-20 minutes)
     tally bench suite --quick --out /tmp/b         (seconds: only proves the harness works)
+    tally bench suite --cluster-only --out bench-results   (the cluster's CPU per role: 2 minutes)
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--rounds", type=int, help="interleaved rounds of the side-by-side maxima")
     s.add_argument("--no-wrk", action="store_true", help="no second generator (wrk)")
     s.add_argument("--no-cluster", action="store_true", help="skip Tally on its scale-out backends")
+    s.add_argument("--cluster-only", action="store_true",
+                   help="only the cluster, with the CPU of each role (for tally capacity --from)")
     _common(s)
     s.set_defaults(fn=cmd_suite)
 
@@ -84,6 +87,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     plan = QUICK if args.quick else SuitePlan()
     peers = tuple(p for p in args.peers.split(",") if p) if not args.quick else ()
     plan = replace(plan, peers=peers, seed=args.seed, cluster=plan.cluster and not args.no_cluster,
+                   cluster_only=args.cluster_only,
                    wrk=plan.wrk and not args.no_wrk,
                    **{k: v for k, v in (("duration_s", args.duration), ("rounds", args.rounds),
                                         ("connections", args.connections),

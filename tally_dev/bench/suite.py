@@ -24,13 +24,14 @@ from urllib.parse import urlsplit
 import orjson
 
 from tally.batching import BATCHER_IN_FLIGHT
-from tally_dev.bench import loadgen, memory, server_stats, targets, wrk
+from tally_dev.bench import cpu, loadgen, memory, server_stats, targets, wrk
 from tally_dev.bench.checks import median_max
 from tally_dev.bench.loadgen import RunSpec
 from tally_dev.bench.peer_engines import PEERS
 from tally_dev.bench.report import machine, run_dict
 from tally_dev.bench.workloads import Params
-from tally_dev.engines import HOST
+from tally_dev.cluster import DevCluster, log_lag
+from tally_dev.engines import HOST, EngineError, PostgresEngine
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class SuitePlan:
     peers: tuple[str, ...] = PEERS
     wrk: bool = True  # each closed-loop maximum measured again by wrk
     cluster: bool = True  # Tally on its scale-out backends (tally_dev.cluster), one process per role
+    cluster_only: bool = False  # only that: the per-role figures `tally capacity --from` reads
     params: Params = Params()
 
 
@@ -182,24 +184,52 @@ class Suite:
 
         On two cores every extra process competes with the load generator and the API for CPU,
         so this measures the cluster's cost per like on one machine, not its scale-out."""
-        from tally_dev.cluster import DevCluster, Layout
+        from tally_dev.cluster import Layout
 
         layout = Layout(apis=1, relays=1, aggregators=1, partitions=4, databases=1)
         cluster = DevCluster(self.work / "cluster", layout, settings={"log_level": "WARNING"})
         try:
             cluster.up()
             port = urlsplit(cluster.urls("api")[0]).port or 80
+            groups = {row["name"]: row["pid"] for row in cluster.status()}
+            before, started = cpu.tree_cpu_s(groups), time.monotonic()
+            time.sleep(5.0)  # idle: the polling and leases every role pays without any load
+            idle = cpu.delta(before, cpu.tree_cpu_s(groups))
+            self.extra["cluster_idle_cpu_per_s"] = {
+                role: round(s / (time.monotonic() - started), 4) for role, s in idle.items()}
             for preset in ("uniform", "viral", "feed"):
-                self.measure("cluster", port, preset)
+                self.measure_cluster(cluster, groups, port, preset)
                 self.confirm("cluster", port, preset)
+            # Likes in bulk on uniform items: the relay, NATS and the aggregators then carry full
+            # batches, as they do at scale, where one request per like would leave them near empty.
+            self.measure_cluster(cluster, groups, port, "bulk",
+                                 connections=max(self.plan.workers, BATCHER_IN_FLIGHT),
+                                 params=replace(self.plan.params, viral_share=0.0))
             top = self.max_of("cluster", "uniform")
             if top:
                 self.measure("cluster", port, "uniform", "open", round(0.7 * top, 1))
+            self.extra["cluster_tables"] = _pg_table_bytes(cluster)
+            self.extra["cluster_redis"] = _redis_bytes(cluster)
         except Exception as exc:  # a missing engine must not hide the other results
             self.notes.append(f"cluster not measured: {exc}")
             print(f"\n  cluster not measured: {exc}", file=sys.stderr)
         finally:
             cluster.down()
+
+    def measure_cluster(self, cluster: DevCluster, groups: dict[str, int], port: int,
+                        preset: str, **over: Any) -> None:
+        """A closed-loop maximum of the cluster with the CPU each role spent on it (``cpu_s``,
+        over ``cpu_wall_s``: from the load's start until the event log has caught up) and the WAL
+        PostgreSQL wrote: what one core of each role serves, for ``tally capacity --from``."""
+        _settle(cluster)  # a run before (wrk's) must not leave its backlog to this one
+        wal = _pg_wal_bytes(cluster)
+        before, started = cpu.tree_cpu_s(groups), time.monotonic()
+        run = self.measure("cluster", port, preset, **over)
+        _settle(cluster)  # the relay and aggregators finish this run's share
+        run["cpu_s"] = cpu.delta(before, cpu.tree_cpu_s(groups))
+        run["cpu_wall_s"] = round(time.monotonic() - started, 3)
+        if wal is not None and (after := _pg_wal_bytes(cluster)) is not None:
+            run["pg_wal_bytes"] = after - wal
 
     def run(self) -> dict[str, Any]:
         started = time.time()
@@ -207,9 +237,10 @@ class Suite:
         if self.plan.wrk and not wrk.available():
             self.notes.append("wrk not installed (apt-get install wrk): no second generator")
             self.plan = replace(self.plan, wrk=False)
-        self.generator_ceiling()
-        self.side_by_side()
-        if self.plan.cluster:
+        if not self.plan.cluster_only:
+            self.generator_ceiling()
+            self.side_by_side()
+        if self.plan.cluster or self.plan.cluster_only:
             self.cluster()
         self.extra["load_average"] = {"before": load_before, "after": os.getloadavg()}
         per_like = {k.removesuffix("_storage"): v["bytes_per_record"]
@@ -221,6 +252,64 @@ class Suite:
                 "started": started, "wall_s": time.time() - started, "plan": _plan_dict(self.plan),
                 "runs": self.runs, "checks": checks(self.runs, self.extra), "notes": self.notes,
                 **self.extra}
+
+
+def _settle(cluster: DevCluster, timeout_s: float = 20.0) -> None:
+    """Waits until the event log has no backlog (outbox rows unpublished, messages unapplied)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        lag = log_lag(cluster.status())
+        if lag["outbox_rows"] <= 0 and lag["log_messages"] <= 0:
+            return
+        time.sleep(0.1)
+
+
+def _pg_wal_bytes(cluster: DevCluster) -> int | None:
+    """WAL bytes written so far, summed over the cluster's PostgreSQL servers."""
+    try:
+        return sum(int(e.psql("SELECT pg_current_wal_lsn() - '0/0'").strip().split(".")[0])
+                   for e in cluster.engines.values() if isinstance(e, PostgresEngine))
+    except (EngineError, OSError, ValueError):
+        return None
+
+
+def _pg_table_bytes(cluster: DevCluster) -> dict[str, dict[str, float]]:
+    """Bytes on disk per row (the table with its indexes) over every database: a like record
+    (``toggles``) and an item's count (``counts``)."""
+    out = {}
+    for table in ("toggles", "counts"):
+        size = rows = 0
+        for engine in cluster.engines.values():
+            if not isinstance(engine, PostgresEngine):
+                continue
+            try:
+                got = engine.psql(f"SELECT pg_total_relation_size('{table}'), count(*) FROM {table}",
+                                  database="tally")
+            except (EngineError, OSError):
+                return {}
+            a, b = got.strip().split("|")
+            size, rows = size + int(a), rows + int(b)
+        out[table] = {"records": float(rows), "bytes": float(size),
+                      "bytes_per_record": size / rows if rows else 0.0}
+    return out
+
+
+def _redis_bytes(cluster: DevCluster) -> dict[str, float]:
+    """Redis memory per cached count, over the keys Tally itself wrote during the cluster runs
+    (aggregators' absolute counts and the read path's fills): memory above an empty server's."""
+    import redis
+
+    engine = cluster.engines.get("redis")
+    if engine is None:
+        return {}
+    try:
+        client = redis.Redis.from_url(engine.url)
+        info, keys = client.info("memory"), client.dbsize()
+        client.close()
+    except (redis.RedisError, OSError):
+        return {}
+    used = float(info["used_memory"]) - float(info["used_memory_startup"])
+    return {"records": float(keys), "bytes": used, "bytes_per_record": used / keys if keys else 0.0}
 
 
 def _plan_dict(plan: SuitePlan) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""CPU seconds used by each role of a development cluster (its processes' trees), from /proc.
+
+Why: the capacity calculator (``tally capacity``) needs what one core of each role (API, relay,
+aggregator, PostgreSQL, NATS, Redis) serves. On a shared two-core machine the throughput of the
+whole cluster says nothing about how it splits between the roles; the CPU each role spent per
+operation does. Every engine and Tally process of ``tally_dev.cluster`` runs in a process group of
+its own (``start_new_session``), but PostgreSQL's backends start sessions of their own, so a role's
+CPU is summed over the process tree under each process the cluster started: the live members'
+own times and their reaped children's (backends that ended are in the postmaster's).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def role_of(name: str) -> str:
+    """``postgres-1`` -> ``postgres``, ``api-0`` -> ``api``, ``nats`` -> ``nats``."""
+    return name.rsplit("-", 1)[0] if name.rsplit("-", 1)[-1].isdigit() else name
+
+
+def tree_cpu_s(roots: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system, with reaped children) per role, summed over each named
+    process and all its descendants; a process that has ended counts 0."""
+    ticks: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read().decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces and parentheses
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    out: dict[str, float] = {}
+    for name, root in roots.items():
+        total, todo = 0, [root]
+        while todo:
+            pid = todo.pop()
+            total += ticks.get(pid, 0)
+            todo.extend(children.get(pid, ()))
+        out[role_of(name)] = out.get(role_of(name), 0.0) + total / _TICK
+    return out
+
+
+def delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    return {role: round(after[role] - before.get(role, 0.0), 3) for role in after}
