@@ -41,24 +41,24 @@ EVENT_BYTES = Figure(81.0, "tally.store.jetstream.eventlog.encode_run (tests/cap
 HOT_COUNTER_BYTES = Figure(330.0, "docs/performance.md, Memory (every suite of sessions 9 and 10)",
                            "tracemalloc around Tally's LRU")
 
-_BUILTIN_RUN = ("docs/performance.md, 'CPU per role in the cluster', run 1 "
-                "(`tally bench suite --cluster-only`)")
+_BUILTIN_RUN = ("docs/performance.md, 'CPU per role in the cluster', run 2 "
+                "(`tally bench suite --cluster-only`, commit 87be394)")
 
 
 def builtin() -> Rates:
     """The figures measured on this machine, each naming where performance.md reports it."""
     src = _BUILTIN_RUN
-    likes = {API: (2_134, "uniform"), "relay": (86_700, "bulk"), "aggregator": (32_800, "bulk"),
-             POSTGRES: (2_298, "uniform"), "nats": (165_000, "bulk"), REDIS: (134_700, "bulk")}
-    feeds = {API: 373.6, POSTGRES: 655.2, REDIS: 4_134}
+    likes = {API: (3_172, "uniform"), "relay": (139_000, "bulk"), "aggregator": (33_800, "bulk"),
+             POSTGRES: (1_630, "uniform"), "nats": (211_000, "bulk"), REDIS: (110_000, "bulk")}
+    feeds = {API: 370.8, POSTGRES: 1_012, REDIS: 3_059}
     return Rates(
         likes_per_core={r: Figure(v, src, f"cluster/{run}") for r, (v, run) in likes.items()},
         feeds_per_core={r: Figure(v, src, "cluster/feed") for r, v in feeds.items()},
-        pg_bytes_per_like=Figure(305.7, src, "toggles table"),
-        pg_bytes_per_count=Figure(115.3, src, "counts table"),
-        pg_wal_bytes_per_like=Figure(1_167, src, "cluster/uniform"),
+        pg_bytes_per_like=Figure(315.9, src, "toggles table"),
+        pg_bytes_per_count=Figure(113.9, src, "counts table"),
+        pg_wal_bytes_per_like=Figure(1_213, src, "cluster/uniform"),
         event_bytes=EVENT_BYTES,
-        redis_bytes_per_counter=Figure(154.9, src, "Redis used_memory over keys"),
+        redis_bytes_per_counter=Figure(161.6, src, "Redis used_memory over keys"),
         hot_counter_bytes=HOT_COUNTER_BYTES,
         feed_size=50)
 
