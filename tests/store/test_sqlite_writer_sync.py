@@ -3,6 +3,7 @@ stops the writer, and derived counts never commit ahead of the like records they
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
@@ -178,6 +179,53 @@ async def test_counts_commit_after_the_like_records_are_synced(tmp_path: Path) -
         assert applied.events == 20
         assert store.likes_syncs[0].syncs > before
         assert (await store.get([("like", "post:3")]))[("like", "post:3")] == 1
+    finally:
+        await store.close()
+
+
+class FsyncgateSync(WalSync):
+    """The likes WAL's sync as Linux answers after a failed writeback: EIO once, then success,
+    though the pages it could not write are gone (tests/faults shows it on a real filesystem)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.failures = 1
+
+    def __call__(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        super().__call__()
+
+
+async def test_a_failed_likes_sync_stops_the_counts_though_the_next_would_succeed(
+        tmp_path: Path) -> None:
+    """Regression (found by tests/faults/test_fsync_eio.py): the counts writer retried its round
+    after an EIO, the retry's sync succeeded, and counts of events that a power cut then erased
+    became durable: counts above a recount, for good."""
+    store = SqliteStore(tmp_path / "tally.db")
+    await store.start()
+    try:
+        store.likes_syncs[0] = FsyncgateSync(tmp_path / "tally.db")
+        await store.write([ToggleOp("like", "post:1", f"u{i}", True, "local") for i in range(5)])
+        for _ in range(2):  # the first round meets the EIO, the second a sync that "succeeds"
+            with pytest.raises(Unavailable):
+                await store.aggregate("aggregator", 1000, [])
+        assert await store.get([("like", "post:1")]) == {}
+        assert store.likes_syncs[0].syncs == 0  # stopped before syncing: nothing to trust
+    finally:
+        await store.close()
+
+
+async def test_a_likes_writers_failed_sync_stops_the_counts(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "tally.db")
+    await store.start()
+    try:
+        await store.write([ToggleOp("like", "post:1", "u1", True, "local")])
+        store.writer_processes[0].sync_failed = True  # as its child reports it
+        with pytest.raises(Unavailable):
+            await store.aggregate("aggregator", 1000, [])
+        assert await store.get([("like", "post:1")]) == {}
     finally:
         await store.close()
 

@@ -11,6 +11,7 @@ lock. Reads use their own connections, so a read never waits for a commit.
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -86,6 +87,7 @@ class SqliteStore:
         # second): whatever it read had committed, so is then on disk.
         self.likes_syncs = ([WalSync(likes_path(self.path, k)) for k in range(likes_shards)]
                             if self.pipelined_sync else [])
+        self.likes_sync_error: OSError | None = None  # set once: see _sync_likes
         self.counts_writer = GroupCommitWriter(
             self._open_counts_writer, MAX_OPS, name="tally-sqlite-counts",
             before_commit=self._sync_likes if self.likes_syncs else None)
@@ -106,8 +108,22 @@ class SqliteStore:
     # -- lifecycle --------------------------------------------------------------------------
 
     def _sync_likes(self) -> None:
-        for sync in self.likes_syncs:
-            sync()
+        """Before each counts commit: every likes WAL synced. A failure stops the counts until a
+        restart, as the likes writers stop: the kernel may have dropped the pages it could not
+        write and marked them clean, so the next sync succeeds without them, and counts derived
+        from them would then outlive a power cut that the events did not. The same once a likes
+        writer reports a failed sync of its own: its descriptor saw the error, ours may not."""
+        if self.likes_sync_error is None and any(p.sync_failed for p in self.writer_processes):
+            self.likes_sync_error = OSError(errno.EIO, "a likes writer's WAL sync failed")
+        if self.likes_sync_error is not None:
+            raise OSError(errno.EIO, f"counts stopped after a failed likes WAL sync: "
+                                     f"{self.likes_sync_error}")
+        try:
+            for sync in self.likes_syncs:
+                sync()
+        except OSError as exc:
+            self.likes_sync_error = exc
+            raise
 
     def _connect(self, writes: str, readonly: bool = False) -> sqlite3.Connection:
         return connect(self.path, self.synchronous, readonly=readonly, writes=writes,
