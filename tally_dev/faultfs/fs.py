@@ -4,7 +4,9 @@ Faults, set by the control socket (see ``__main__``):
 - ``cut``: the power cut. Every unsynced write is undone and the filesystem freezes (every call
   fails with EIO, as a machine without power answers nothing) until it is unmounted; mounting the
   backing directory again is the reboot.
-- ``fail_next_sync(pattern)``: the next fsync of a file whose name matches the glob fails with EIO.
+- ``fail_next_sync(pattern)``: the next fsync of a file whose name matches the glob fails with EIO,
+  and so does the next fsync through every other descriptor then open on that file (Linux's
+  errseq); later fsyncs succeed, though the failed writes never reach the disk (see journal).
 - ``full``: no free space: a write or truncate that would grow a file fails with ENOSPC (an
   overwrite within the file's blocks still succeeds, as on a real filesystem), and statfs says so.
 - ``lying``: fsync answers success and makes nothing durable (a disk whose cache ignores flushes).
@@ -27,6 +29,13 @@ _STAT_KEYS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_atime", 
               "st_ctime", "st_ino")
 
 
+def _ino(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_ino
+    except OSError:  # closed meanwhile
+        return None
+
+
 class FaultOps(mfusepy.Operations):  # type: ignore[misc]
     use_ns = True
 
@@ -39,6 +48,7 @@ class FaultOps(mfusepy.Operations):  # type: ignore[misc]
         self.eio_pattern: str | None = None
         self._names: dict[int, str] = {}  # open descriptor -> the path it was opened by
         self._lock = threading.Lock()
+        self._eio_owed: set[int] = set()  # descriptors whose next fsync reports a past failure
 
     # -- faults -------------------------------------------------------------------------------
 
@@ -193,6 +203,14 @@ class FaultOps(mfusepy.Operations):  # type: ignore[misc]
             fail = pattern is not None and fnmatch.fnmatch(os.path.basename(name), pattern)
             if fail:
                 self.eio_pattern = None
+                # As Linux reports a writeback error: once to every descriptor open on the file
+                # when it happened, at its next fsync; a descriptor opened later sees none.
+                ino = os.fstat(fh).st_ino
+                self._eio_owed |= {other for other in list(self._names)
+                                   if other != fh and _ino(other) == ino}
+            elif fh in self._eio_owed:
+                self._eio_owed.discard(fh)
+                raise mfusepy.FuseOSError(errno.EIO)
         if fail:
             self.journal.fail_sync(fh, name)
             raise mfusepy.FuseOSError(errno.EIO)
@@ -208,5 +226,7 @@ class FaultOps(mfusepy.Operations):  # type: ignore[misc]
 
     def release(self, path: str, fh: int) -> int:
         self._names.pop(fh, None)
+        with self._lock:
+            self._eio_owed.discard(fh)
         os.close(fh)
         return 0
