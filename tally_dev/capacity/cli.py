@@ -45,7 +45,7 @@ HELP = {
     "redis_gb_per_node": "usable GB of memory of a Redis node",
     "api_cores_per_server": "cores of an API server",
     "log_partitions": "event-log partitions of the stream (settings.log_partitions)",
-    "hot_top_k": "hot counts an API process keeps (settings.hot_top_k)",
+    "hot_top_k": "hot counts an API process keeps (the sketch's k, tally/core/hotkeys.py)",
 }
 _WHOLE = {f.name for f in fields(Load) if f.type == "int"}
 

@@ -76,7 +76,7 @@ class Load:
     redis_gb_per_node: float = 64.0
     api_cores_per_server: int = 32
     log_partitions: int = 16  # settings.log_partitions: aggregators beyond it have no work
-    hot_top_k: int = 32  # settings.hot_top_k: counts an API process keeps in memory
+    hot_top_k: int = 32  # the hot-item sketch's k (tally/core/hotkeys.py): counts an API keeps
 
     def __post_init__(self) -> None:
         for f in fields(self):
