@@ -17,7 +17,7 @@ from tally.core.model import CountKey
 from tally.metrics import Metrics, Sample
 from tally.runtime import AppRuntime, cancel_all, periodic, schema_of
 from tally.service.counters import CounterService, Limits
-from tally.service.reads import CountReader
+from tally.service.reads import HOT_SAMPLE, CountReader
 from tally.settings import Settings
 from tally.store.jetstream.eventlog import EventLog
 from tally.store.ports import ReconcileChunk, Recounter
@@ -143,7 +143,7 @@ def build(settings: Settings) -> Runtime:
     hot = SpaceSaving()
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,
-                         sample=settings.hot_sample)
+                         sample=HOT_SAMPLE)
     aggregator = Aggregator(store, store, window_s=settings.aggregate_window_ms / 1000,
                             rollups=settings.rollups,
                             on_applied=reader.applied, in_place=store)
@@ -198,7 +198,7 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
         rt.tiered = TieredCounts(rt.redis, pg.counts, Breaker(threshold=1, cooldown_s=2.0))
         cache: LRU[CountKey, int] = LRU(s.cache_size, s.cache_ttl_s)
         reader = CountReader(rt.tiered, cache, rt.hot, cache_all=False, hot_ttl_s=s.hot_ttl_s,
-                             sample=s.hot_sample)
+                             sample=HOT_SAMPLE)
         recounter = CacheDroppingRecounter(pg.recounter, rt.redis)
         rt.service = CounterService(schema_of(s), pg.likes, pg.counts, reader, recounter,
                                     s.region, Limits(s.max_batch_items, s.max_bulk_ops))

@@ -83,8 +83,6 @@ class Settings:
                             "Seconds a cached count may be served before it is re-read")
     hot_ttl_s: float = _s(1.0, G.CACHE,
                           "Seconds a hot item's count is served from memory in cluster mode")
-    hot_sample: int = _s(8, G.CACHE, "One read in N, at random, feeds the hot-item sketch "
-                                     "(weighted N); 1 = every read")
 
     backend: str = _s("sqlite", G.STORAGE, "Storage: 'sqlite' (embedded, one process) or "
                                            "'cluster' (PostgreSQL, NATS JetStream, Redis)")
@@ -230,7 +228,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
 
 
 _MINIMA = dict.fromkeys(("cache_size", "max_batch_items", "max_bulk_ops", "max_body_bytes",
-                         "hot_sample", "logical_shards", "log_partitions", "postgres_pool_max",
+                         "logical_shards", "log_partitions", "postgres_pool_max",
                          "outbox_slots", "redis_ttl_s", "sqlite_likes_shards"), 1)
 
 

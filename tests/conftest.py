@@ -26,9 +26,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    """Fast windows so tests do not wait; FULL durability as in production; every read feeds the
-    heavy-hitter sketch, so its estimates are exact enough to assert on."""
-    return Settings(data_dir=str(tmp_path / "data"), aggregate_window_ms=5.0, hot_sample=1)
+    """Fast windows so tests do not wait; FULL durability as in production."""
+    return Settings(data_dir=str(tmp_path / "data"), aggregate_window_ms=5.0)
 
 
 @pytest.fixture
@@ -43,8 +42,11 @@ async def runtime(settings: Settings) -> AsyncIterator[Runtime]:
 
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The real ASGI app in this process, lifespan included, over httpx's ASGI transport."""
-    async with app_client(create_app(settings)) as c:
+    """The real ASGI app in this process, lifespan included, over httpx's ASGI transport. Every
+    read feeds the heavy-hitter sketch, so its estimates are exact enough to assert on."""
+    rt = build(settings)
+    rt.service.reader.sample = 1
+    async with app_client(create_app(settings, rt)) as c:
         yield c
 
 

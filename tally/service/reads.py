@@ -15,6 +15,10 @@ from tally.core.lru import LRU
 from tally.core.model import CountKey
 from tally.store.ports import CountStore
 
+# One read in this many, at random, feeds the hot-item sketch (weighted by it): a viral key still
+# dominates the sketch, at a fraction of the cost per read.
+HOT_SAMPLE = 8
+
 
 class CountReader:
     def __init__(self, store: CountStore, cache: LRU[CountKey, int], hot: SpaceSaving,

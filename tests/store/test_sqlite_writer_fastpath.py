@@ -33,7 +33,6 @@ async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
 def insert(key: str, fail: bool = False) -> JobFn:
     def job(conn: sqlite3.Connection, tx: Tx) -> str:
         conn.execute("INSERT INTO t VALUES (?)", (key,))
-        tx.on_commit.append(lambda: None)
         if fail:
             raise ValueError(f"job {key} failed")
         return key

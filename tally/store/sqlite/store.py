@@ -89,7 +89,7 @@ class SqliteStore:
                             if self.pipelined_sync else [])
         self.likes_sync_error: OSError | None = None  # set once: see _sync_likes
         self.counts_writer = GroupCommitWriter(
-            self._open_counts_writer, MAX_OPS, name="tally-sqlite-counts",
+            self._open_counts_writer, name="tally-sqlite-counts",
             before_commit=self._sync_likes if self.likes_syncs else None)
         files = {"counts": "main", **{likes_schema(k): likes_schema(k)
                                       for k in range(likes_shards)}}

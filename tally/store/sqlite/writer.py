@@ -31,10 +31,9 @@ log = logging.getLogger("tally.sqlite.writer")
 
 @dataclass
 class Tx:
-    """What a job sees of the open transaction: actions to run once it has committed, and actions
-    that undo a job's in-memory effects if its savepoint or the whole transaction rolls back."""
+    """What a job sees of the open transaction: actions that undo a job's in-memory effects if its
+    savepoint or the whole transaction rolls back."""
 
-    on_commit: list[Callable[[], None]] = field(default_factory=list)
     on_rollback: list[Callable[[], None]] = field(default_factory=list)
 
     def undo(self, mark: int = 0) -> None:
@@ -274,8 +273,6 @@ class GroupCommitWriter:
             return
         self.commits += 1
         self.committed_ops += sum(j.weight for j in batch)
-        for action in tx.on_commit:
-            action()
         if self._durable is None:
             self._resolve(batch, results)
         else:
@@ -297,14 +294,13 @@ class GroupCommitWriter:
 
     @staticmethod
     def _run_job(conn: sqlite3.Connection, tx: Tx, job: _Job) -> tuple[bool, Any]:
-        mark, undo_mark = len(tx.on_commit), len(tx.on_rollback)
+        undo_mark = len(tx.on_rollback)
         conn.execute("SAVEPOINT job")
         try:
             value = job.fn(conn, tx)
         except Exception as exc:
             conn.execute("ROLLBACK TO job")
             conn.execute("RELEASE job")
-            del tx.on_commit[mark:]
             tx.undo(undo_mark)
             return False, exc
         conn.execute("RELEASE job")
