@@ -60,10 +60,38 @@ def _vs_load(runs: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def _side_by_side(runs: list[dict[str, Any]], path: Path) -> bool:
+    """Bars: each server's median maximum per workload, the suite's generator beside wrk."""
+    from tally_dev.bench.checks import median_max
+    from tally_dev.bench.summary import COLUMNS, TARGETS
+
+    presets = [p for p, _ in COLUMNS]
+    targets = [t for t in TARGETS if any(median_max(runs, t, p) for p in presets)]
+    if not targets:
+        return False
+    fig, axes = plt.subplots(1, len(presets), figsize=(12, 4.5))
+    for ax, preset in zip(axes, presets, strict=True):
+        ys = range(len(targets))
+        ax.barh([y + 0.2 for y in ys], [median_max(runs, t, preset) for t in targets], 0.4,
+                label="suite generator")
+        ax.barh([y - 0.2 for y in ys], [median_max(runs, t, preset, "wrk") for t in targets], 0.4,
+                label="wrk")
+        ax.set_yticks(list(ys), targets if ax is axes[0] else [""] * len(targets), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(preset, fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Maximum throughput, ops/s (closed loop, medians of interleaved rounds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return True
+
+
 def plot_all(result: dict[str, Any], out: Path) -> list[str]:
     """Writes the PNGs into ``out``; returns their file names."""
     runs = result["runs"]
-    made = []
+    made = ["side-by-side.png"] if _side_by_side(runs, out / "side-by-side.png") else []
     by_preset: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         # the first round stands for the others; wrk's runs have no per-second series
