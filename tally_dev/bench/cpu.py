@@ -52,3 +52,20 @@ def tree_cpu_s(roots: Mapping[str, int]) -> dict[str, float]:
 
 def delta(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
     return {role: round(after[role] - before.get(role, 0.0), 3) for role in after}
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (all its threads'), e.g. the SQLite writer of ``tally
+    serve``; [] once the process is gone."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                out += [int(c) for c in fh.read().split()]
+        except OSError:
+            continue
+    return out

@@ -67,6 +67,7 @@ class Suite:
         self.runs: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.extra: dict[str, Any] = {}
+        self.pids: dict[str, int] = {}  # target -> server pid, for its processes' CPU per run
 
     def measure(self, target: str, port: int, preset: str, mode: str = "closed",
                 rate: float = 0.0, round_: int | None = None, **over: Any) -> dict[str, Any]:
@@ -80,8 +81,14 @@ class Suite:
         url = f"http://{HOST}:{port}"
         settled = server_stats.settle(url) if target == "tally" else None
         before = server_stats.scrape(url) if target == "tally" else {}
+        pid = self.pids.get(target)
+        roots = _server_roots(pid) if pid else {}
+        cpu_before = cpu.tree_cpu_s(roots)
         result = run_dict(loadgen.run(spec, self.show_progress))
         result.update(target=target, round=round_, tool="loadgen")
+        if roots:
+            result["server_cpu_us_per_op"] = _per_op(cpu.delta(cpu_before, cpu.tree_cpu_s(roots)),
+                                                     result["ok"], spec)
         if before:
             result["server"] = server_stats.delta(before, server_stats.scrape(url))
             result["server"]["settle_s"] = settled
@@ -155,10 +162,14 @@ class Suite:
         with contextlib.ExitStack() as stack:
             tally = stack.enter_context(targets.tally_server(self.work, "tally"))
             servers = {"tally": tally.port}
+            if tally.proc is not None:
+                self.pids["tally"] = tally.proc.pid
             for peer in self.plan.peers:
                 try:
                     srv, probe = stack.enter_context(peer_target(self.work, peer))
                     servers[peer] = srv.port
+                    if srv.proc is not None:
+                        self.pids[peer] = srv.proc.pid
                     if probe is not None:
                         probes[peer] = probe
                 except Exception as exc:  # a missing engine must not hide the other results
@@ -252,6 +263,20 @@ class Suite:
                 "started": started, "wall_s": time.time() - started, "plan": _plan_dict(self.plan),
                 "runs": self.runs, "checks": checks(self.runs, self.extra), "notes": self.notes,
                 **self.extra}
+
+
+def _server_roots(pid: int) -> dict[str, int]:
+    """The server process and each child (Tally's SQLite writer, granian's worker) as roots."""
+    return {"server": pid, **{f"child-{n}": c for n, c in enumerate(cpu.children(pid))}}
+
+
+def _per_op(spent: dict[str, float], ok: int, spec: RunSpec) -> dict[str, float]:
+    """CPU microseconds per completed operation: the server process's own (its tree less its
+    children's) and its children's, over the whole run (warm-up included)."""
+    done = max(ok * (spec.warmup_s + spec.duration_s) / spec.duration_s, 1)
+    child = spent.get("child", 0.0)
+    return {"server": round((spent.get("server", 0.0) - child) / done * 1e6, 1),
+            "children": round(child / done * 1e6, 1)}
 
 
 def _settle(cluster: DevCluster, timeout_s: float = 20.0) -> None:

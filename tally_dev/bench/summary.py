@@ -67,6 +67,23 @@ def server_table(runs: list[dict[str, Any]]) -> str:
             + "\n".join(rows) + "\n")
 
 
+def cpu_table(runs: list[dict[str, Any]]) -> str:
+    """Server CPU per operation, by process: the API process and its children (the SQLite
+    writer), for each closed-loop run that recorded it (the first round stands for the others)."""
+    rows = []
+    for r in runs:
+        cpu = r.get("server_cpu_us_per_op")
+        if not cpu or r["mode"] != "closed" or r.get("round"):
+            continue
+        children = cpu.get("children", 0.0)
+        rows.append(f"| {r['name']} | {r['throughput_per_s']:,.0f} | {cpu.get('server', 0):,.0f} | "
+                    f"{children:,.0f} |")
+    if not rows:
+        return ""
+    return ("| run | ops/s | server process, CPU us/op | its children (writer), CPU us/op |\n"
+            "|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
+
+
 def memory_table(mem: dict[str, Any]) -> str:
     rows = [f"| cached hot counter (LRU entry, tracemalloc) | {mem['bytes_per_cached_counter']:.0f} B | "
             f"{mem['cache_all_items_tb']:.1f} TB if all 50 billion items were cached |"]
@@ -108,6 +125,8 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
     ]
     if table := server_table(result["runs"]):
         parts += ["## Group commit and coalescing, as Tally counted them\n", table]
+    if table := cpu_table(result["runs"]):
+        parts += ["## Server CPU per operation, by process\n", table]
     if "memory" in result:
         parts += ["## Memory\n", memory_table(result["memory"])]
     if result.get("notes"):
