@@ -45,6 +45,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="only the cluster, with the CPU of each role (for tally capacity --from)")
     _common(s)
     s.set_defaults(fn=cmd_suite)
+    g = bsub.add_parser("grow", help="Tally embedded with N likes stored vs empty (loads them "
+                                     "straight into the database)")
+    g.add_argument("--sizes", default="0,1000000,10000000", help="comma list of likes stored")
+    g.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
+    g.add_argument("--out", type=Path, default=Path("bench-results"))
+    g.set_defaults(fn=cmd_grow)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -97,3 +103,11 @@ def cmd_suite(args: argparse.Namespace) -> int:
     print(side_by_side_table(result["runs"]))
     print(f"results: {args.out / 'results.md'}, {args.out / 'result.json'}")
     return 0
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    from tally_dev.bench.grow import run
+
+    result = run([int(x) for x in args.sizes.split(",") if x], args.out, args.duration)
+    print((args.out / "grow.md").read_text())
+    return 0 if result["rows"] else 1

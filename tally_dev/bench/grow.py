@@ -1,0 +1,107 @@
+"""Cost as the data grows: Tally embedded with N likes already stored, against an empty database.
+
+``tally bench grow --sizes 0,1000000,10000000`` loads each size straight into a fresh database
+(the like records and their counts, as if aggregated and the log trimmed: far faster than through
+the API), starts ``tally serve`` on it, and measures uniform likes and the feed at their closed-
+loop maxima with the server's CPU per operation, plus bytes per like on disk. Likes go to
+Zipf-drawn items (s=1 over 10 million), as the feed reads them, by users of their own.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tally.store.sqlite.schema import connect, counts_path, migrate
+from tally_dev.bench.workloads import Params, Zipf
+
+INSERT = "INSERT OR IGNORE INTO toggles VALUES ('like', ?, ?, 1, 1, ?)"
+
+
+def preload(db: Path, likes: int, params: Params = Params(), seed: int = 1,
+            chunk: int = 100_000) -> float:
+    """Loads ``likes`` like records into a new database at ``db``; returns the seconds it took."""
+    started = time.monotonic()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(db, "OFF")
+    migrate(conn)
+    conn.execute("PRAGMA cache_size=-1000000")  # 1 GB while loading: random keys
+    zipf, now = Zipf(params.items, params.zipf_s, random.Random(seed)), time.time()
+    counts: Counter[str] = Counter()
+    done = 0
+    while done < likes:
+        n = min(chunk, likes - done)
+        rows = sorted((f"post:{zipf.draw()}", f"g{done + k}", now) for k in range(n))
+        conn.execute("BEGIN")
+        conn.executemany(INSERT, rows)
+        conn.execute("COMMIT")
+        counts.update(item for item, _user, _ts in rows)
+        done += n
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO counts.counts VALUES ('like', ?, ?)", sorted(counts.items()))
+    conn.execute("COMMIT")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA counts.wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return time.monotonic() - started
+
+
+def disk_bytes(db: Path) -> int:
+    return sum(p.stat().st_size for p in (db, counts_path(db)) if p.exists())
+
+
+def run(sizes: list[int], out: Path, duration_s: float = 6.0, show_progress: bool = True
+        ) -> dict[str, Any]:
+    """One server per size, each measured on uniform likes and the feed; results in ``out``."""
+    from tally_dev.bench import targets
+    from tally_dev.bench.suite import Suite, SuitePlan
+
+    work = Path(tempfile.mkdtemp(prefix="tally-grow-"))
+    suite = Suite(SuitePlan(duration_s=duration_s, rounds=1), work, show_progress)
+    rows = []
+    for size in sizes:
+        name = f"grow-{size}"
+        db = work / name / "data" / "tally.db"
+        load_s = preload(db, size) if size else 0.0
+        stored = disk_bytes(db)
+        with targets.tally_server(work, name) as server:
+            if server.proc is not None:
+                suite.pids["tally"] = server.proc.pid
+            row: dict[str, Any] = {"likes": size, "load_s": round(load_s, 1), "bytes": stored,
+                                   "bytes_per_like": round(stored / size, 1) if size else None}
+            for preset in ("uniform", "feed"):
+                r = suite.measure("tally", server.port, preset)
+                row[preset] = {"per_s": round(r["throughput_per_s"], 1),
+                               "p99_ms": r["latency"].get("p99_ms"),
+                               "cpu_us_per_op": r.get("server_cpu_us_per_op")}
+        rows.append(row)
+        if show_progress:
+            print(f"  {size:>12,} likes: {row}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"rows": rows, "runs": suite.runs}
+    (out / "grow.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (out / "grow.md").write_text(markdown(rows))
+    return result
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    base = rows[0] if rows and rows[0]["likes"] == 0 else None
+    out = ["| likes stored | bytes/like on disk | uniform likes/s (p99 ms) | API / writer CPU us per like | "
+           "feed req/s (p99 ms) | API CPU us per feed |", "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        u, f = r["uniform"], r["feed"]
+        cu, cf = u["cpu_us_per_op"] or {}, f["cpu_us_per_op"] or {}
+        rel = (f" ({u['per_s'] / base['uniform']['per_s']:.0%} of empty)"
+               if base and base["uniform"]["per_s"] and r is not base else "")
+        out.append(f"| {r['likes']:,} | {r['bytes_per_like'] or '-'} | {u['per_s']:,.0f} "
+                   f"({u['p99_ms']:.1f}){rel} | {cu.get('server', 0):.0f} / {cu.get('children', 0):.0f} | "
+                   f"{f['per_s']:,.0f} ({f['p99_ms']:.1f}) | {cf.get('server', 0):.0f} |")
+    return "\n".join(out) + "\n"
+
