@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test check fmt bench chaos engines clean
+.PHONY: run test check fmt bench chaos chaos-storage engines clean
 
 $(STAMP): pyproject.toml
 	PYTHON=$(PYTHON) scripts/ensure-python.sh
@@ -38,8 +38,19 @@ test: $(STAMP) engines check
 	$(BIN)/pytest -q
 
 # The chaos scenarios on the HA dev cluster, each under a client ledger (docs/reliability.md).
-chaos: $(STAMP) engines
+chaos: $(STAMP) engines chaos-storage
 	timeout 1200 $(BIN)/tally chaos --out chaos-results.json
+
+# Storage faults on the FUSE filesystem of tally_dev/faultfs (docs/storage-faults.md): up to 50
+# power-loss rounds per SQLite durability profile and per PostgreSQL synchronous_commit (10
+# minutes each at most), a failed fsync, a full disk, the lying-disk controls. One JSON line per
+# result in chaos-storage.jsonl.
+CHAOS_ROUNDS ?= 50
+chaos-storage: $(STAMP) engines
+	TALLY_CHAOS_ROUNDS=$(CHAOS_ROUNDS) TALLY_CHAOS_SECONDS=600 \
+	TALLY_CHAOS_PROFILES=full,extra,normal TALLY_CHAOS_PG_PROFILES=on,off \
+	TALLY_FAULTS_REPORT=chaos-storage.jsonl \
+	timeout 4500 $(BIN)/pytest -q -s -p no:cacheprovider -o timeout=1500 tests/faults
 
 bench: $(STAMP) engines
 	$(BIN)/tally bench suite --out bench-results

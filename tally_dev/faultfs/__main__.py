@@ -71,8 +71,10 @@ def main(argv: list[str]) -> None:
     ops = FaultOps(backing)
     threading.Thread(target=_serve, args=(ops, control), daemon=True, name="faultfs-control").start()
     # hard_remove: an unlinked file that is still open goes at once (SQLite unlinks its WAL at
-    # the last close; no .fuse_hidden files left behind).
-    mfusepy.FUSE(ops, mountpoint, foreground=True, hard_remove=True, fsname="faultfs")
+    # the last close; no .fuse_hidden files left behind). allow_other: other users' processes
+    # (PostgreSQL runs as its own) may use it, the kernel checking permissions as usual.
+    mfusepy.FUSE(ops, mountpoint, foreground=True, hard_remove=True, fsname="faultfs",
+                 allow_other=True, default_permissions=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ def _ino(fd: int) -> int | None:
         return None
 
 
+def _own(target: str | int) -> None:
+    """A new file or directory belongs to the process that made it, not to this daemon (root):
+    PostgreSQL, run as its own user, refuses a data directory it does not own."""
+    uid, gid, _pid = mfusepy.fuse_get_context()
+    os.chown(target, uid, gid)
+
+
 class FaultOps(mfusepy.Operations):  # type: ignore[misc]
     use_ns = True
 
@@ -96,7 +103,13 @@ class FaultOps(mfusepy.Operations):  # type: ignore[misc]
         return [".", "..", *os.listdir(self._path(path))]
 
     def mkdir(self, path: str, mode: int) -> int:
-        os.mkdir(self._path(path), mode)
+        target = self._path(path)
+        os.mkdir(target, mode)
+        _own(target)
+        return 0
+
+    def link(self, target: str, source: str) -> int:
+        os.link(self._path(source), self._path(target))
         return 0
 
     def rmdir(self, path: str) -> int:
@@ -150,8 +163,10 @@ class FaultOps(mfusepy.Operations):  # type: ignore[misc]
     # -- file data ----------------------------------------------------------------------------
 
     def open(self, path: str, flags: int) -> int:
-        keep = flags & ~(os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_TRUNC)
-        fd = os.open(self._path(path), keep | os.O_CLOEXEC)
+        # Read-write whatever was asked (the kernel has checked the caller's access): the
+        # journal reads what a write overwrites.
+        keep = flags & ~(os.O_ACCMODE | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_TRUNC)
+        fd = os.open(self._path(path), keep | os.O_RDWR | os.O_CLOEXEC)
         self._names[fd] = path
         if flags & os.O_TRUNC:  # journalled like any truncate
             self.journal.truncate(fd, path, 0)
@@ -159,6 +174,7 @@ class FaultOps(mfusepy.Operations):  # type: ignore[misc]
 
     def create(self, path: str, mode: int, fi: Any = None) -> int:
         fd = os.open(self._path(path), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        _own(fd)
         self._names[fd] = path
         return fd
 
