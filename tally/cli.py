@@ -46,6 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from tally import logs
     from tally.api.app import create_app
+    from tally.api.server import uvicorn_options
 
     s = settings_mod.load(args.config)
     if args.port is not None or args.host is not None:
@@ -54,9 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         s = s.replace(role=args.role)
         os.environ["TALLY_ROLE"] = args.role  # for uvicorn's worker processes, when workers > 1
     logs.setup(s.log_level)
-    common: dict[str, Any] = {"host": s.host, "port": s.port, "loop": "uvloop", "http": "httptools",
+    common: dict[str, Any] = {"host": s.host, "port": s.port, "loop": "uvloop",
                               "log_config": None, "access_log": s.access_log,
-                              "timeout_graceful_shutdown": 10}
+                              "timeout_graceful_shutdown": 10, **uvicorn_options(s)}
     if s.workers > 1:  # each worker process builds its app from the same file and environment
         if args.config:
             os.environ["TALLY_CONFIG"] = args.config
@@ -66,22 +67,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(admin: bool = False) -> str | None:
+    """The credential from the environment: TALLY_ADMIN_TOKEN for admin commands (else the key),
+    TALLY_API_KEY for the others."""
+    if admin and os.environ.get("TALLY_ADMIN_TOKEN"):
+        return os.environ["TALLY_ADMIN_TOKEN"]
+    return os.environ.get("TALLY_API_KEY") or None
+
+
 def cmd_toggle(args: argparse.Namespace) -> int:
-    with Tally(args.url) as c:
+    with Tally(args.url, token=_token()) as c:
         r = c.set(_id(args.user), args.item[0], args.item[1], args.counter, args.on)
     _print({"state": r.state, "changed": r.changed, "count": r.count})
     return 0
 
 
 def cmd_incr(args: argparse.Namespace) -> int:
-    with Tally(args.url) as c:
+    with Tally(args.url, token=_token()) as c:
         r = c.incr(args.counter, args.item[0], args.item[1], args.n, args.key)
     _print({"applied": r.applied, "count": r.count})
     return 0
 
 
 def cmd_count(args: argparse.Namespace) -> int:
-    with Tally(args.url) as c:
+    with Tally(args.url, token=_token()) as c:
         counts = c.counts(args.items, args.counter or None)
     _print([{"item": f"{t}:{i}", "counts": n} for (t, i), n in zip(args.items, counts,
                                                                   strict=True)])
@@ -89,7 +98,7 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 
 def cmd_has(args: argparse.Namespace) -> int:
-    with Tally(args.url) as c:
+    with Tally(args.url, token=_token()) as c:
         flags = c.has(_id(args.user), args.items, args.counter)
     _print({f"{t}:{i}": f for (t, i), f in zip(args.items, flags, strict=True)})
     return 0
@@ -98,8 +107,8 @@ def cmd_has(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     drifts = 0
     checked = 0
-    with Tally(args.url) as c:
-        for line in c.reconcile_stream(args.items or None, repair=not args.dry_run):
+    with Tally(args.url, token=_token(admin=True)) as c:
+        for line in c.reconcile_stream(args.items or None, repair=args.repair):
             checked = line["checked"]
             for d in line["drifts"]:
                 drifts += 1
@@ -107,7 +116,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                       f"recount {d['actual']}")
             print(f"\rchecked {checked:,} counts, {drifts:,} drifted", end="", file=sys.stderr)
     print(file=sys.stderr)
-    verb = "found (dry run, nothing changed)" if args.dry_run else "repaired"
+    verb = "repaired" if args.repair else "found (dry run, nothing changed; --repair fixes)"
     print(f"reconcile: {checked:,} counts checked, {drifts:,} drifted and {verb}")
     return 0
 
@@ -181,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("user")
     sp.add_argument("items", type=_item, nargs="+")
     sp.add_argument("--counter", default="like")
-    sp = add("reconcile", cmd_reconcile, "recount from the like records, report and repair drift")
+    sp = add("reconcile", cmd_reconcile, "recount from the like records, report drift and, with "
+             "--repair, repair it")
     sp.add_argument("items", type=_item, nargs="*", help="only these items (default: all)")
-    sp.add_argument("--dry-run", action="store_true", help="report drift, change nothing")
+    sp.add_argument("--repair", action="store_true",
+                    help="write the recounts (without it: report drift, change nothing)")
     _add_plugins(sub, add)
     sp = add("config", cmd_config, "print every setting, its variable, value and meaning")
     sp.add_argument("--config", help="TOML settings file (else $TALLY_CONFIG)")

@@ -18,6 +18,10 @@ from tally.wire import FeedItem, Id, IncrResult, Item, TallyAPIError, ToggleResu
 __all__ = ["AsyncTally", "FeedItem", "Id", "IncrResult", "Item", "Tally", "TallyAPIError",
            "ToggleResult"]
 
+def _auth(token: str | None) -> dict[str, str]:
+    return {} if token is None else {"authorization": f"Bearer {token}"}
+
+
 def _items(items: Sequence[Item]) -> list[dict[str, Any]]:
     return [{"item_type": t, "item_id": i} for t, i in items]
 
@@ -88,11 +92,13 @@ def _parse_has(data: dict[str, Any]) -> list[bool]:
 class AsyncTally:
     def __init__(self, base_url: str = "http://127.0.0.1:8080", timeout: float = 10.0,
                  max_connections: int = 100,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 token: str | None = None) -> None:
+        """``token``: an API key, or the admin token for the admin routes (docs/security.md)."""
         limits = httpx.Limits(max_connections=max_connections,
                               max_keepalive_connections=max_connections)
         self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits,
-                                      transport=transport)
+                                      transport=transport, headers=_auth(token))
 
     def batcher(self, max_ops: int | None = None, window_ms: float = 2.0,
                 max_in_flight: int | None = None) -> Batcher:
@@ -154,7 +160,7 @@ class AsyncTally:
         return results
 
     async def reconcile(self, items: Sequence[Item] | None = None,
-                        repair: bool = True) -> list[dict[str, Any]]:
+                        repair: bool = False) -> list[dict[str, Any]]:
         body = {"items": None if items is None else _items(items), "repair": repair}
         lines = []
         async with self.http.stream("POST", "/v1/admin/reconcile", json=body,
@@ -171,8 +177,9 @@ class AsyncTally:
 class Tally:
     """The blocking client, for scripts and the CLI."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", timeout: float = 10.0) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", timeout: float = 10.0,
+                 token: str | None = None) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, headers=_auth(token))
 
     def __enter__(self) -> Tally:
         return self
@@ -223,7 +230,7 @@ class Tally:
         return results
 
     def reconcile_stream(self, items: Sequence[Item] | None = None,
-                         repair: bool = True) -> Iterator[dict[str, Any]]:
+                         repair: bool = False) -> Iterator[dict[str, Any]]:
         """Yields the server's progress lines as they arrive."""
         body = {"items": None if items is None else _items(items), "repair": repair}
         with self.http.stream("POST", "/v1/admin/reconcile", json=body, timeout=None) as resp:

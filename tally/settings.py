@@ -23,6 +23,7 @@ class Group:
     SERVER = "server"
     COUNTERS = "counters"
     LIMITS = "limits"
+    SECURITY = "security"
     CACHE = "cache"
     STORAGE = "storage"
     CLUSTER = "cluster"
@@ -77,6 +78,23 @@ class Settings:
     max_batch_items: int = _s(500, G.LIMITS, "Most items in one count or has-liked request")
     max_bulk_ops: int = _s(1000, G.LIMITS, "Most operations in one bulk request")
     max_body_bytes: int = _s(1_048_576, G.LIMITS, "Largest request body accepted, in bytes")
+
+    admin_token_file: str = _s(
+        "", G.SECURITY, "File holding the admin bearer token (or set TALLY_ADMIN_TOKEN); with "
+                        "neither, admin routes and /metrics answer loopback clients only")
+    api_keys_file: str = _s(
+        "", G.SECURITY, "TOML file of client API keys ([[key]] name, key, counters), re-read when "
+                        "it changes and on SIGHUP; without it, client routes answer loopback "
+                        "clients only")
+    rate_per_key: float = _s(0.0, G.SECURITY, "Requests a second per API key, with bursts of ten "
+                                               "seconds' worth (0: no limit)")
+    rate_per_user: float = _s(20.0, G.SECURITY, "Requests a second per user_id named in a "
+                                                "request, with bursts of ten seconds' worth "
+                                                "(0: no limit)")
+    max_connections: int = _s(4096, G.SECURITY, "Connections (and requests) one server process "
+                                                "serves at once; past it 503")
+    max_connections_per_client: int = _s(256, G.SECURITY,
+                                         "Connections one client address may hold open at once")
 
     cache_size: int = _s(200_000, G.CACHE, "Entries in the in-process count cache")
     cache_ttl_s: float = _s(30.0, G.CACHE,
@@ -229,11 +247,19 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
 
 _MINIMA = dict.fromkeys(("cache_size", "max_batch_items", "max_bulk_ops", "max_body_bytes",
                          "logical_shards", "log_partitions", "postgres_pool_max",
-                         "outbox_slots", "redis_ttl_s", "sqlite_likes_shards"), 1)
+                         "outbox_slots", "redis_ttl_s", "sqlite_likes_shards",
+                         "max_connections", "max_connections_per_client"), 1)
+
+
+def _validate_security(s: Settings) -> None:
+    for name in ("rate_per_key", "rate_per_user"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"{name} must not be negative")
 
 
 def validate(s: Settings) -> Settings:
     """Reject settings that cannot run, with the reason, before anything starts."""
+    _validate_security(s)
     if s.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
     for name, least in _MINIMA.items():

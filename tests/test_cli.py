@@ -107,14 +107,14 @@ def test_reconcile(server: ServerProcess, capsys: pytest.CaptureFixture[str]) ->
 
     poll_applied()
     db_exec(db, "UPDATE counts SET count=40 WHERE item='post:r1' AND counter='like'")
-    code, out, _ = run(capsys, "--url", server.url, "reconcile", "--dry-run")
+    code, out, _ = run(capsys, "--url", server.url, "reconcile")
     assert code == 0
     assert "drift like post:r1: stored 40, recount 3" in out
-    assert "1 drifted and found (dry run, nothing changed)" in out
-    code, out, _ = run(capsys, "--url", server.url, "reconcile", "post:r1", "post:zz")
+    assert "1 drifted and found (dry run, nothing changed" in out
+    code, out, _ = run(capsys, "--url", server.url, "reconcile", "--repair", "post:r1", "post:zz")
     assert code == 0 and "1 drifted and repaired" in out
     poll_applied()
-    code, out, _ = run(capsys, "--url", server.url, "reconcile")
+    code, out, _ = run(capsys, "--url", server.url, "reconcile", "--repair")
     assert code == 0 and ", 0 drifted and repaired" in out
 
 

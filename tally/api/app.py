@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
 from tally.api import schemas as s
+from tally.api.auth import Guard, KeyFile, load_admin_token
 from tally.api.http import HttpApp, HttpMetrics, Request, Response, Route, Router
+from tally.api.limits import Limiter
 from tally.api.openapi import docs_html, openapi
 from tally.api.routes import api_routes, ops_routes
+from tally.api.server import BODY_TIMEOUT_S
 from tally.bootstrap import build_for
+from tally.core.bucket import Rate
 from tally.gctune import tune_gc
 from tally.metrics import watch_gc, watch_loop_lag
 from tally.runtime import AppRuntime, cancel_all
 from tally.settings import Settings
+
+KEYS_POLL_S = 2.0
 
 
 class TallyApp(HttpApp):
@@ -39,9 +46,17 @@ class TallyApp(HttpApp):
         async def docs(req: Request) -> Response:
             return Response(docs_html(), media_type=b"text/html; charset=utf-8")
 
-        routes = [*routes, Route("GET", "/openapi.json", spec), Route("GET", "/docs", docs)]
+        routes = [*routes, Route("GET", "/openapi.json", spec, access="public"),
+                  Route("GET", "/docs", docs, access="public")]
+        st = rt.settings
+        keys = KeyFile(st.api_keys_file) if st.api_keys_file else None
+        self.keys = keys
+        limiter = Limiter(Rate.per_second(st.rate_per_key), Rate.per_second(st.rate_per_user),
+                          rt.metrics.registry)
         super().__init__(Router(routes), HttpMetrics(rt.metrics.requests, rt.metrics.latency),
-                         rt.settings.max_body_bytes, self._start, self._stop)
+                         st.max_body_bytes, self._start, self._stop,
+                         Guard(load_admin_token(st.admin_token_file), keys), limiter,
+                         BODY_TIMEOUT_S)
 
     async def _start(self) -> None:
         await self.runtime.start()
@@ -49,7 +64,21 @@ class TallyApp(HttpApp):
             tune_gc()
         self._background = [asyncio.create_task(watch_loop_lag(self.runtime.metrics),
                                                 name="tally-loop-lag")]
+        if self.guard is not None:
+            self.guard.announce(self.runtime.settings.host)
+        if self.keys is not None:
+            self._background.append(asyncio.create_task(self._watch_keys(), name="tally-keys"))
+            if self.owns_process:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.keys.refresh)
         self._unwatch_gc = watch_gc(self.runtime.metrics)
+
+    async def _watch_keys(self) -> None:
+        """Re-reads the keys file when it changes: a revoked key stops working within
+        KEYS_POLL_S, without a restart or a signal."""
+        assert self.keys is not None
+        while True:
+            await asyncio.sleep(KEYS_POLL_S)
+            await asyncio.to_thread(self.keys.refresh)
 
     async def _stop(self) -> None:
         if self._unwatch_gc is not None:
@@ -70,9 +99,12 @@ class TallyApp(HttpApp):
 
 def create_app_from_env() -> TallyApp:
     """For worker processes: settings from $TALLY_CONFIG and TALLY_* variables."""
+    from tally.api.server import GuardedHttpTools
     from tally.settings import load
 
-    return create_app(load(), owns_process=True)
+    settings = load()
+    GuardedHttpTools.configure(settings)  # this worker process's connection guards
+    return create_app(settings, owns_process=True)
 
 
 def create_app(settings: Settings | None = None, runtime: AppRuntime | None = None, *,

@@ -9,6 +9,7 @@ the answer encoded from a struct. Every error is a ``TallyError`` rendered in on
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -19,7 +20,16 @@ from typing import Any, TypeVar
 import msgspec
 from prometheus_client import Counter, Histogram
 
-from tally.core.errors import BadJson, BodyTooLarge, InvalidInput, NotFound, TallyError
+from tally.api.auth import LOOPBACK, Guard, Principal
+from tally.api.limits import Limiter
+from tally.core.errors import (
+    BadJson,
+    BodyTooLarge,
+    InvalidInput,
+    NotFound,
+    RequestTimeout,
+    TallyError,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -35,6 +45,10 @@ class MethodNotAllowed(TallyError):
     status = 405
     code = "method_not_allowed"
 
+    def __init__(self, allowed: list[str]) -> None:
+        super().__init__("Method Not Allowed", "method")
+        self.headers = ((b"allow", ", ".join(sorted(set(allowed))).encode()),)
+
 
 @dataclass(slots=True)
 class Request:
@@ -44,6 +58,13 @@ class Request:
     body: bytes
     query: bytes
     content_type: str | None
+    principal: Principal = LOOPBACK  # who sent it (tally.api.auth)
+    limiter: Limiter | None = None
+
+    async def users(self, *users: str) -> None:
+        """Takes a token from each user's bucket (429 when one is empty)."""
+        if self.limiter is not None:
+            await self.limiter.check_users(self.principal, users)
 
     def query_list(self, name: str) -> list[str] | None:
         """Every value of a repeated query parameter (``?counter=a&counter=b``); None if absent."""
@@ -77,6 +98,7 @@ class Route:
     answer: type | None = None  # the response struct
     media_type: str = "application/json"
     query: tuple[tuple[str, Any], ...] = ()  # (name, JSON schema) of query parameters
+    access: str = "client"  # public, client or admin (tally.api.auth)
     segments: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -115,17 +137,17 @@ class Router:
         if by_method is not None:
             route = by_method.get(method)
             if route is None:
-                raise MethodNotAllowed("Method Not Allowed", "method")
+                raise MethodNotAllowed(list(by_method))
             return route, {}
-        parts, allowed = path.split("/"), False
+        parts, allowed = path.split("/"), []
         for r in self.templated:
             params = r.match(parts)
             if params is not None:
                 if r.method == method:
                     return r, params
-                allowed = True
+                allowed.append(r.method)
         if allowed:
-            raise MethodNotAllowed("Method Not Allowed", "method")
+            raise MethodNotAllowed(allowed)
         raise NotFound("Not Found", "path")
 
     def endpoint_of(self, path: str) -> str:
@@ -225,10 +247,12 @@ class HttpApp:
     and embedding)."""
 
     def __init__(self, router: Router, metrics: HttpMetrics, max_body: int,
-                 startup: Callable[[], Awaitable[None]], shutdown: Callable[[], Awaitable[None]]
-                 ) -> None:
+                 startup: Callable[[], Awaitable[None]], shutdown: Callable[[], Awaitable[None]],
+                 guard: Guard | None = None, limiter: Limiter | None = None,
+                 body_timeout_s: float = 0.0) -> None:
         self.router, self.metrics, self.max_body = router, metrics, max_body
         self.startup, self.shutdown = startup, shutdown
+        self.guard, self.limiter, self.body_timeout_s = guard, limiter, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -241,13 +265,20 @@ class HttpApp:
         start = time.perf_counter()
         method, path = scope["method"], scope["path"]
         endpoint, status, stream = "unmatched", 500, None
+        extra: tuple[tuple[bytes, bytes], ...] = ()
         try:
-            # The body first, so a request over the limit is refused whole, routed or not.
+            route, params, who, routing_error = self._route(scope, method, path)
+            # The body before a routing error, so a request over the limit is refused whole,
+            # routed or not; but after the credential, so a stranger cannot make us read it.
             body, ctype = (b"", None) if method == "GET" else await self._body(scope, receive)
-            route, params = self.router.find(method, path)
+            if route is None:
+                raise routing_error or NotFound("Not Found", "path")
             endpoint = route.path
+            if self.limiter is not None and route.access != "public":
+                await self.limiter.check_key(who)
             answer = await route.handler(Request(method, path, params, body,
-                                                 scope.get("query_string", b""), ctype))
+                                                 scope.get("query_string", b""), ctype, who,
+                                                 self.limiter))
             if type(answer) is bytes:
                 status, payload, media = 200, answer, JSON[1]
             else:
@@ -259,7 +290,8 @@ class HttpApp:
             if isinstance(exc, BodyTooLarge):
                 endpoint = self.router.endpoint_of(path)
             status, payload, media = exc.status, error_body(exc), JSON[1]
-        headers = [(b"content-type", media)]
+            extra = exc.headers
+        headers = [(b"content-type", media), *extra]
         if stream is None:
             headers.append((b"content-length", str(len(payload)).encode()))
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -271,7 +303,32 @@ class HttpApp:
             await send({"type": "http.response.body", "body": b""})
         self.metrics.observe(endpoint, method, status, time.perf_counter() - start)
 
+    def _route(self, scope: Scope, method: str, path: str
+               ) -> tuple[Route | None, dict[str, str], Principal, TallyError | None]:
+        """The route, its path parameters and the principal; or the routing error, raised after
+        the body is read (see ``http``). A refused credential is raised at once."""
+        try:
+            route, params = self.router.find(method, path)
+        except TallyError as exc:
+            return None, {}, LOOPBACK, exc
+        if self.guard is None or route.access == "public":
+            return route, params, LOOPBACK, None
+        return route, params, self.guard.principal(route.access, scope["headers"],
+                                                   scope.get("client")), None
+
     async def _body(self, scope: Scope, receive: Receive) -> tuple[bytes, str | None]:
+        """The body within the body timeout (408 past it; the server's own header timeout
+        covers the headers, tally.api.server)."""
+        if not self.body_timeout_s:
+            return await self._read_body(scope, receive)
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                return await self._read_body(scope, receive)
+        except TimeoutError:
+            raise RequestTimeout(f"request body not received within {self.body_timeout_s:g} s",
+                                 "body") from None
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, str | None]:
         """The whole body, refused (413) as soon as it is known to be over the limit."""
         ctype = None
         for name, value in scope["headers"]:

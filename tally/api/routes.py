@@ -22,6 +22,8 @@ def api_routes(rt: AppRuntime) -> list[Route]:  # noqa: C901 (one small closure 
     async def toggle(counter: str, req: Request, on: bool) -> bytes:
         body = decode(s.ToggleRequest, req)
         op = svc.toggle_op(counter, body.item_type, body.item_id, body.user_id, on, body.region)
+        req.principal.check_write(op.counter)
+        await req.users(op.user)
         (res,) = await svc.write([op])
         item_type, item_id = split_item(op.item)
         return _encode(s.ToggleResponse(op.counter, item_type, item_id, op.user, on, res.changed,
@@ -43,13 +45,20 @@ def api_routes(rt: AppRuntime) -> list[Route]:  # noqa: C901 (one small closure 
         body = decode(s.IncrRequest, req)
         op = svc.incr_op(req.params["counter"], body.item_type, body.item_id, body.n,
                          body.idempotency_key, body.user_id, body.region)
+        req.principal.check_write(op.counter)
+        if op.user is not None:
+            await req.users(op.user)
         (res,) = await svc.write([op])
         item_type, item_id = split_item(op.item)
         return _encode(s.IncrResponse(op.counter, item_type, item_id, res.changed, res.count))
 
     async def bulk(req: Request) -> bytes:
         body = decode(s.BulkRequest, req)
-        results = await svc.write(svc.bulk_ops(body.ops))
+        ops = svc.bulk_ops(body.ops)
+        for op in ops:
+            req.principal.check_write(op.counter)
+        await req.users(*(op.user for op in ops if op.user is not None))
+        results = await svc.write(ops)
         return _encode(s.BulkResponse([s.BulkResult(x.changed, x.count, x.state) for x in results]))
 
     async def item_counts(req: Request) -> bytes:
@@ -61,6 +70,8 @@ def api_routes(rt: AppRuntime) -> list[Route]:  # noqa: C901 (one small closure 
     async def batch_counts(req: Request) -> bytes:
         body = decode(s.CountsRequest, req)
         viewer = None if body.user_id is None else canonical_id(body.user_id, "user_id")
+        if viewer is not None:
+            await req.users(viewer)
         items = svc.items([(r.item_type, r.item_id) for r in body.items])
         counters = svc.counter_names(body.counters)
         counts = await svc.counts(items, counters)
@@ -76,6 +87,7 @@ def api_routes(rt: AppRuntime) -> list[Route]:  # noqa: C901 (one small closure 
     async def has_many(req: Request) -> bytes:
         body = decode(s.HasRequest, req)
         user = canonical_id(body.user_id, "user_id")
+        await req.users(user)
         items = svc.items([(r.item_type, r.item_id) for r in body.items])
         flags = await svc.has(body.counter, user, items)
         return _encode(s.HasResponse(body.counter, user, [
@@ -84,6 +96,7 @@ def api_routes(rt: AppRuntime) -> list[Route]:  # noqa: C901 (one small closure 
     async def has_one(req: Request) -> bytes:
         p = req.params
         items = svc.items([(p["item_type"], p["item_id"])])
+        await req.users(canonical_id(p["user_id"], "user_id"))
         (flag,) = await svc.has(p["counter"], p["user_id"], items)
         return _encode(s.HasItem(p["item_type"], split_item(items[0])[1], flag))
 
@@ -138,10 +151,11 @@ def api_routes(rt: AppRuntime) -> list[Route]:  # noqa: C901 (one small closure 
               "A counter's totals per day or per region, for one item type", ("read",), None,
               s.RollupResponse),
         Route("GET", "/v1/admin/hot", hot, "Items the heavy-hitter sketch sees as hot", ("admin",),
-              None, s.HotResponse),
+              None, s.HotResponse, access="admin"),
         Route("POST", "/v1/admin/reconcile", reconcile,
               "Recount from the toggle records; streams NDJSON progress lines", ("admin",),
-              s.ReconcileRequest, s.ReconcileProgress, media_type="application/x-ndjson"),
+              s.ReconcileRequest, s.ReconcileProgress, media_type="application/x-ndjson",
+              access="admin"),
         *ops_routes(rt),
     ]
 
@@ -161,9 +175,9 @@ def ops_routes(rt: AppRuntime) -> list[Route]:
         return Response(rt.metrics.render(), media_type=b"text/plain; version=0.0.4")
 
     return [
-        Route("GET", "/healthz", healthz, "Liveness", ("ops",), None, s.Health),
+        Route("GET", "/healthz", healthz, "Liveness", ("ops",), None, s.Health, access="public"),
         Route("GET", "/readyz", readyz, "Readiness: this process's stores and work answer",
-              ("ops",), None, s.Readiness),
+              ("ops",), None, s.Readiness, access="public"),
         Route("GET", "/metrics", metrics, "Prometheus metrics", ("ops",), None, None,
-              media_type="text/plain"),
+              media_type="text/plain", access="admin"),
     ]

@@ -129,7 +129,8 @@ class BulkResponse(Struct):
 
 class ReconcileRequest(_Request):
     items: Annotated[list[ItemRef] | None, Meta(description="Default: every item")] = None
-    repair: bool = True
+    repair: Annotated[bool, Meta(description="Write the recounts; without it (false, the "
+                                             "default) a dry run that only reports drift")] = False
 
 
 class ReconcileProgress(Struct):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 
 class TallyError(Exception):
     status = 500
     code = "internal"
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # extra response headers (Allow, Retry-After)
 
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -46,6 +49,42 @@ class LimitExceeded(InvalidInput):
 class BodyTooLarge(TallyError):
     status = 413
     code = "body_too_large"
+
+
+class Unauthorized(TallyError):
+    """No credential, or one that is not known: the client should authenticate."""
+
+    status = 401
+    code = "unauthorized"
+    headers = ((b"www-authenticate", b"Bearer"),)
+
+
+class Forbidden(TallyError):
+    """A known credential (or the client's address) that may not do this."""
+
+    status = 403
+    code = "forbidden"
+
+
+class RateLimited(TallyError):
+    """Over a token bucket; ``retry_after_s`` is when the bucket holds a token again."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, field: str | None, retry_after_s: float) -> None:
+        super().__init__(message, field)
+        self.retry_after_s = retry_after_s
+        # Whole seconds, rounded up, as RFC 9110 has it (never 0, which would invite a hot loop).
+        self.headers = ((b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()),)
+
+
+class RequestTimeout(TallyError):
+    """The client did not send its request (headers or body) in time."""
+
+    status = 408
+    code = "timeout"
+    headers = ((b"connection", b"close"),)
 
 
 class NotFound(TallyError):

@@ -206,11 +206,13 @@ async def test_reconcile_streams_progress_and_repairs(client: httpx.AsyncClient,
         {"counter": "like", "item": "post:1", "stored": 9, "actual": 3}]
     assert stored(db)[("like", "post:1")] == 9  # dry run
     r = await client.post("/v1/admin/reconcile", json={"items": items(1)})
+    assert stored(db)[("like", "post:1")] == 9  # no "repair": a dry run too
+    r = await client.post("/v1/admin/reconcile", json={"items": items(1), "repair": True})
     assert [d["item"] for x in lines(r) for d in x["drifts"]] == ["post:1"]
     assert {k: v for k, v in stored(db).items() if k[0] != "view"} == recount(db)
     r = await client.get("/v1/items/post/1/counts", params={"counter": "like"})
     assert r.json()["counts"] == {"like": 3}  # the cached 9 was dropped
-    r = await client.post("/v1/admin/reconcile", json={})
+    r = await client.post("/v1/admin/reconcile", json={"repair": True})
     assert [d for x in lines(r) for d in x["drifts"]] == []
 
 
