@@ -14,19 +14,23 @@ from tally.core.breaker import Breaker
 from tally.core.hotkeys import SpaceSaving
 from tally.core.lru import LRU
 from tally.core.model import CountKey
+from tally.core.regions import Placement
 from tally.metrics import Metrics, Sample
 from tally.runtime import AppRuntime, cancel_all, periodic, schema_of
 from tally.service.counters import CounterService, Limits
 from tally.service.reads import HOT_SAMPLE, CountReader
-from tally.settings import Settings
+from tally.service.regions import RegionRouter
+from tally.settings import Settings, region_peers
 from tally.store.jetstream.eventlog import EventLog
+from tally.store.peers.forward import HttpRemoteWriter
 from tally.store.ports import ReconcileChunk, Recounter
 from tally.store.postgres.build import PostgresConfig, build_postgres
 from tally.store.postgres.leases import PgLeases
+from tally.store.postgres.regions import PostgresRegions
 from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
-from tally.workers.partitions import PartitionPool
+from tally.workers.partitions import PartitionPool, RemoteRecords
 from tally.workers.relay import Relay
 
 log = logging.getLogger("tally")
@@ -161,7 +165,8 @@ def postgres_config(settings: Settings) -> PostgresConfig:
         dsns=list(settings.postgres_dsns), logical_shards=settings.logical_shards,
         shard_map=list(settings.shard_map), pool_max=settings.postgres_pool_max,
         synchronous_commit=settings.postgres_synchronous_commit,
-        outbox_slots=settings.outbox_slots, failover_s=settings.postgres_failover_s)
+        outbox_slots=settings.outbox_slots, failover_s=settings.postgres_failover_s,
+        region=settings.region_name)
 
 
 class CacheDroppingRecounter:
@@ -186,9 +191,11 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
     roles = set(ROLES) if s.role == "all" else {s.role}
     pg = build_postgres(postgres_config(s))
     rt = ClusterRuntime(s, roles, Metrics(), SpaceSaving(), pg.likes, pg.counts)
+    regions = PostgresRegions(pg.cluster, schema_of(s).toggles)
     if roles & {"relay", "aggregator"}:
         rt.events = EventLog(s.nats_url, s.nats_stream, s.log_partitions,
-                             replicas=s.nats_replicas, max_age_s=s.log_max_age_s)
+                             replicas=s.nats_replicas, max_age_s=s.log_max_age_s,
+                             region=s.region_name, peers=list(region_peers(s)))
     if roles & {"api", "aggregator"}:
         rt.redis = RedisCounts(s.redis_url, s.redis_cluster, s.redis_ttl_s,
                                s.redis_timeout_ms / 1000)
@@ -200,12 +207,18 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
         reader = CountReader(rt.tiered, cache, rt.hot, cache_all=False, hot_ttl_s=s.hot_ttl_s,
                              sample=HOT_SAMPLE)
         recounter = CacheDroppingRecounter(pg.recounter, rt.redis)
-        rt.service = CounterService(schema_of(s), pg.likes, pg.counts, reader, recounter,
+        if s.region_name:
+            rt.router = RegionRouter(
+                s.region_name, pg.likes, regions, HttpRemoteWriter(region_peers(s)),
+                Placement.initial([s.region_name, *region_peers(s)]))
+        rt.service = CounterService(schema_of(s), rt.router or pg.likes, pg.counts, reader,
+                                    recounter,
                                     s.region, Limits(s.max_batch_items, s.max_bulk_ops))
     if "relay" in roles and rt.events is not None:
         rt.relay = Relay(leases, pg.likes, rt.events, lease_period_s=lease_period_s)
     if "aggregator" in roles and rt.events is not None:
+        remote = RemoteRecords(regions, s.region_name) if s.region_name else None
         rt.pool = PartitionPool(leases, rt.events, pg.counts, rt.redis,
-                                s.aggregate_window_ms / 1000, s.rollups, lease_period_s)
+                                s.aggregate_window_ms / 1000, s.rollups, lease_period_s, remote)
     rt.metrics.add_state(rt.state)
     return rt

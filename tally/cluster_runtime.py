@@ -16,11 +16,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tally.core.hotkeys import SpaceSaving
 from tally.metrics import Metrics, Sample
 from tally.runtime import cancel_all, periodic
 from tally.service.counters import CounterService
+from tally.service.regions import RegionRouter
 from tally.settings import Settings
 from tally.store.jetstream.eventlog import EventLog
 from tally.store.postgres.counts import PostgresCountStore
@@ -32,6 +34,8 @@ from tally.workers.relay import Relay
 log = logging.getLogger("tally")
 
 ROLES = ("api", "relay", "aggregator")
+# How often an API re-reads the placement map: a failover's new epoch takes effect within it.
+PLACEMENT_POLL_S = 0.5
 
 
 @dataclass
@@ -51,6 +55,8 @@ class ClusterRuntime:
     service: CounterService | None = None  # None in roles that serve no API
     relay: Relay | None = None
     pool: PartitionPool | None = None
+    router: RegionRouter | None = None  # with regions, in the api role
+    region_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # peer -> its lag
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -60,6 +66,11 @@ class ClusterRuntime:
             await self.events.start()
         if self.redis is not None:
             await self.redis.start()
+        if self.router is not None:
+            await self.router.start()
+            self._every(PLACEMENT_POLL_S, self.router.refresh)
+        if self.events is not None and self.settings.region_name:
+            self._every(1.0, self._poll_sources)
         if self.relay is not None:
             self.relay.start()
         if self.pool is not None:
@@ -77,6 +88,8 @@ class ClusterRuntime:
             await self.pool.stop()
         if self.relay is not None:
             await self.relay.stop()
+        if self.router is not None:
+            await self.router.close()
         if self.tiered is not None:
             await self.tiered.close()
         elif self.redis is not None:
@@ -86,6 +99,10 @@ class ClusterRuntime:
         await self.counts.close()
         await self.likes.close()
         log.info("tally stopped")
+
+    async def _poll_sources(self) -> None:
+        if self.events is not None:
+            self.region_sources = await self.events.sources()
 
     async def _decay_hot(self) -> None:
         self.hot.decay()
@@ -100,6 +117,12 @@ class ClusterRuntime:
             await asyncio.wait_for(self.counts.watermarks("readiness"), 5)
         except Exception as exc:
             return False, {**detail, "reason": f"postgres: {exc!r}"}
+        if self.settings.region_name:
+            detail["region"] = self.settings.region_name
+            detail["region_sources"] = self.region_sources
+        if self.router is not None:
+            detail.update(placement_epoch=self.router.placement.epoch,
+                          forwarded_ops=self.router.forwarded)
         if self.tiered is not None:
             detail["redis"] = "bypassed" if self.tiered.breaker.is_open else "ok"
         if self.relay is not None:
@@ -131,6 +154,20 @@ class ClusterRuntime:
                       t.fallbacks, {}),
                      ("gauge", "tally_redis_bypassed", "1 while the Redis breaker is open",
                       float(t.breaker.is_open), {})]
+        for peer, peer_lag in self.region_sources.items():
+            rows += [("gauge", "tally_region_source_lag_messages", "Messages of a peer region's "
+                      "log not yet sourced into this region's", float(peer_lag["lag"]),
+                      {"peer": peer}),
+                     ("gauge", "tally_region_source_idle_seconds", "Seconds since a peer region's "
+                      "log last delivered (grows during a partition)",
+                      float(peer_lag["active_s"]), {"peer": peer})]
+        if self.router is not None:
+            rows += [("gauge", "tally_region_placement_epoch", "Epoch of the placement in force",
+                      float(self.router.placement.epoch), {}),
+                     ("counter", "tally_region_forwarded_ops", "Writes forwarded to their home "
+                      "region", self.router.forwarded, {}),
+                     ("counter", "tally_region_forward_seconds", "Time spent forwarding",
+                      self.router.forward_seconds, {})]
         if self.relay is not None:
             for name, src in self.relay.sources.items():
                 rows += [("counter", "tally_relay_published", "Outbox events published",

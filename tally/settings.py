@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ class Group:
     CACHE = "cache"
     STORAGE = "storage"
     CLUSTER = "cluster"
+    REGIONS = "regions"
 
 
 def _s(default: Any, group: str, help: str) -> Any:
@@ -152,6 +154,12 @@ class Settings:
     nats_replicas: int = _s(1, G.CLUSTER, "Replicas of the event-log stream: 3 on a three-node "
                                           "JetStream cluster, so a publish is acknowledged once a "
                                           "quorum stored it")
+    # Regions (issue 14, docs/regions.md): deployments that each hold every count.
+    region_name: str = _s("", G.REGIONS, "This deployment's region, also its JetStream domain; "
+                                         "empty: one region. Needs backend 'cluster'")
+    region_peers: list[str] = _s([], G.REGIONS, "The other regions as 'NAME=API_URL': their event "
+                                                "logs are sourced, and writes of users homed there "
+                                                "forwarded to their API")
 
     def counter_defs(self) -> dict[str, CounterConfig]:
         return {c.name: c for c in (CounterConfig(**raw) for raw in self.counters)}
@@ -257,6 +265,34 @@ def _validate_security(s: Settings) -> None:
             raise ConfigError(f"{name} must not be negative")
 
 
+_REGION_RE = re.compile(r"[a-z][a-z0-9]{0,15}")
+
+
+def region_peers(s: Settings) -> dict[str, str]:
+    """``region_peers`` as {name: API URL}."""
+    return dict(p.split("=", 1) for p in s.region_peers)
+
+
+def _validate_regions(s: Settings) -> None:
+    if not s.region_name:
+        if s.region_peers:
+            raise ConfigError("region_peers needs region_name")
+        return
+    if s.backend != "cluster":
+        raise ConfigError("regions need backend 'cluster'")
+    names = [s.region_name]
+    for peer in s.region_peers:
+        name, eq, url = peer.partition("=")
+        if not eq or not url.startswith("http"):
+            raise ConfigError(f"region_peers: {peer!r} is not NAME=http://HOST:PORT")
+        names.append(name)
+    for name in names:
+        if not _REGION_RE.fullmatch(name):
+            raise ConfigError(f"region name {name!r} must match [a-z][a-z0-9]{{0,15}}")
+    if len(set(names)) != len(names):
+        raise ConfigError("region names must be distinct")
+
+
 def validate(s: Settings) -> Settings:
     """Reject settings that cannot run, with the reason, before anything starts."""
     _validate_security(s)
@@ -282,6 +318,7 @@ def validate(s: Settings) -> Settings:
         from tally.store.shards import ShardMap
 
         ShardMap.build(s.logical_shards, max(len(s.postgres_dsns), 1), s.shard_map)
+    _validate_regions(s)
     bad_rollups = set(s.rollups) - {"day", "region"}
     if bad_rollups:
         raise ConfigError(f"unknown rollups: {sorted(bad_rollups)} (allowed: day, region)")

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from tally.core.coalesce import Batch
 from tally.core.model import CountKey, Event, Op, OpResult
+from tally.core.regions import Placement
 
 
 class Lifecycle(Protocol):
@@ -219,3 +220,43 @@ class Leases(Protocol):
     """Where leases are kept; ``session`` joins a family (``kind``) as one more live member."""
 
     async def session(self, kind: str) -> LeaseSession: ...
+
+
+ToggleKey = tuple[str, str, str]  # (counter, user, item)
+RecordState = tuple[bool, float]  # (on, decided at)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A change a returned region acknowledged that lost to a newer epoch's decision."""
+
+    source: str
+    seq: int
+    counter: str
+    item: str
+    user: str
+    event_on: bool
+    event_ts: float
+    record_on: bool | None  # the survivor's record when the change came back
+    record_ts: float | None
+    epoch: int  # of the decision that won
+
+
+class RegionStore(Protocol):
+    """What a region keeps about the others: placement maps, replicated records, conflicts."""
+
+    async def placement(self) -> Placement | None:
+        """The map of the highest epoch stored (None: none yet)."""
+
+    async def put_placement(self, placement: Placement) -> bool: ...
+
+    async def apply_remote(self, events: Sequence[Event]) -> int:
+        """Other regions' toggle changes into the local records, where newer (idempotent)."""
+
+    async def records(self, keys: Collection[ToggleKey]) -> dict[ToggleKey, RecordState]: ...
+
+    async def force(self, states: Sequence[tuple[ToggleKey, bool, float]]) -> None: ...
+
+    async def add_conflicts(self, conflicts: Sequence[Conflict]) -> None: ...
+
+    async def conflicts(self) -> list[Conflict]: ...

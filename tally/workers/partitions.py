@@ -12,6 +12,11 @@ each partition it holds. A worker:
    deltas in one transaction, only if the watermarks are still where this worker left them;
 4. writes the new absolute counts to the count cache (Redis), versioned by log position.
 
+With regions, a partition holds every region's changes (source names start with the origin
+region), and step 3 first writes the other regions' toggle changes not yet applied into the
+local like records (``RegionStore.apply_remote``, idempotent and order-free, so a crash before the
+commit that repeats them is harmless): every region keeps a replica of every like record.
+
 The conditional watermark update is the fence: a worker that lost its lease but has not noticed
 yet (a zombie) finds the watermarks moved by its successor, writes nothing, and stops. A crash
 before the commit loses nothing (the successor reads the same messages again); after it,
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 
 from tally.core.coalesce import coalesce
 from tally.core.errors import Unavailable
-from tally.core.model import CountKey
+from tally.core.model import CountKey, Event
 from tally.store.ports import (
     CountCache,
     CountStore,
@@ -38,6 +43,7 @@ from tally.store.ports import (
     LogMessage,
     LogReader,
     PartitionedLog,
+    RegionStore,
 )
 from tally.workers.leases import LeaseSet, cancelled, stop_task
 
@@ -77,8 +83,10 @@ def stream_position(partition: int) -> str:
 
 class PartitionWorker:
     def __init__(self, partition: int, events: PartitionedLog, counts: CountStore,
-                 cache: CountCache | None, window_s: float, rollups: Sequence[str]) -> None:
+                 cache: CountCache | None, window_s: float, rollups: Sequence[str],
+                 remote: RemoteRecords | None = None) -> None:
         self.partition = partition
+        self.remote = remote
         self.events = events
         self.counts = counts
         self.cache = cache
@@ -141,6 +149,8 @@ class PartitionWorker:
         self.stats.pending_msgs = msgs[-1].pending
         self.stats.lag_seconds = max(time.time() - msgs[0].stored_at, 0.0)
         events = [ev for m in msgs for ev in m.events]
+        if self.remote is not None:
+            await self.remote.apply(events, marks)
         batch = coalesce(events, self.rollups, marks)
         batch.positions[stream_position(self.partition)] = msgs[-1].stream_seq
         self._unsure = (list(batch.deltas), msgs[-1].stream_seq)
@@ -216,13 +226,30 @@ class PartitionWorker:
                                                                  "partition": self.partition})
 
 
+@dataclass
+class RemoteRecords:
+    """Replicates other regions' toggle changes into this region's like records."""
+
+    store: RegionStore
+    region: str  # this region: its own sources start with f"{region}."
+    applied: int = 0
+
+    async def apply(self, events: Sequence[Event], marks: dict[str, int]) -> None:
+        local = f"{self.region}."
+        remote = [ev for ev in events
+                  if not ev.source.startswith(local) and ev.seq > marks.get(ev.source, 0)]
+        if remote:
+            self.applied += await self.store.apply_remote(remote)
+
+
 class PartitionPool:
     """The aggregator role: leases partitions and runs a worker per partition held."""
 
     def __init__(self, leases: Leases, events: PartitionedLog, counts: CountStore,
                  cache: CountCache | None, window_s: float, rollups: Sequence[str],
-                 lease_period_s: float = 0.5) -> None:
+                 lease_period_s: float = 0.5, remote: RemoteRecords | None = None) -> None:
         self.events = events
+        self.remote = remote
         self.counts = counts
         self.cache = cache
         self.window_s = window_s
@@ -241,7 +268,7 @@ class PartitionPool:
     async def _gain(self, key: str) -> None:
         n = int(key[1:])
         worker = PartitionWorker(n, self.events, self.counts, self.cache, self.window_s,
-                                 self.rollups)
+                                 self.rollups, self.remote)
         self.workers[n] = worker
         self._tasks[n] = asyncio.create_task(worker.run(), name=f"tally-partition-{n}")
 

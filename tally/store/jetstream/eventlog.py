@@ -30,6 +30,16 @@ already stored: either acknowledged in this relay's earlier batches or trimmed, 
 acknowledged. Later copies (retries, a zombie relay republishing) are skipped by the watermark;
 ``Nats-Msg-Id`` (source, first and last seq, partition) lets the broker drop most of them early.
 
+Regions. With ``region`` set, each region has a stream of its own in its own JetStream domain
+(the region's name), ``<stream>_<REGION>``, whose local subjects are ``<stream>.<region>.p.<n>``;
+it also *sources* every peer region's stream across domains (through the leaf node links,
+``$JS.<peer>.API``), filtered to the peer's own subjects so nothing comes back around. The
+sourcing is JetStream's: it resumes where it stopped after a cut, in the origin's order, so a
+partition reads ``<stream>.*.p.<n>``: local and remote runs, each origin's in its order, and the
+per-source watermarks (source names carry the origin region) apply every one exactly once.
+Each region's stream takes local writes whatever the links do. Sources are set when the stream is
+created; later only ``set_sources`` changes them (a failover fences a failed region out).
+
 Reading. An aggregator that owns a partition reads it with an ephemeral pull consumer starting
 at a stream sequence it keeps with its watermarks (``workers.partitions.stream_position``), with no acks: the
 position it committed together with the counts is where a successor resumes. Consumer sequence
@@ -43,6 +53,7 @@ import asyncio
 import logging
 import zlib
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -78,14 +89,22 @@ def decode_run(data: bytes) -> list[Event]:
                   source=source) for r in body["events"]]
 
 
+def stream_name(stream: str, region: str) -> str:
+    return f"{stream}_{region.upper()}" if region else stream
+
+
 class EventLog:
     """A connection to the stream: publish runs of events, open partition readers."""
 
     def __init__(self, url: str, stream: str, partitions: int, replicas: int = 1,
                  max_age_s: float = 7 * 86_400, duplicate_window_s: float = 120.0,
-                 publish_timeout_s: float = 5.0) -> None:
+                 publish_timeout_s: float = 5.0, region: str = "",
+                 peers: Sequence[str] = ()) -> None:
         self.url = url
-        self.stream = stream
+        self.region = region
+        self.peers = [p for p in peers if p != region]
+        self.base = stream
+        self.stream = stream_name(stream, region)
         self.partitions = partitions
         self.replicas = replicas
         self.max_age_s = max_age_s
@@ -98,7 +117,66 @@ class EventLog:
         self.duplicates = 0
 
     def subject(self, partition: int) -> str:
-        return f"{self.prefix}.p.{partition}"
+        """Where this process publishes: its own region's subject of the partition."""
+        return self._subject(self.region, str(partition))
+
+    def read_subject(self, partition: int) -> str:
+        """What a partition's reader takes: every region's subject of the partition."""
+        return self._subject("*" if self.region else "", str(partition))
+
+    def _subject(self, region: str, partition: str) -> str:
+        return f"{self.prefix}.{region}.p.{partition}" if region else f"{self.prefix}.p.{partition}"
+
+    def source_of(self, peer: str) -> api.StreamSource:
+        """The peer region's stream, read across domains, only the subjects it wrote itself."""
+        return api.StreamSource(name=stream_name(self.base, peer),
+                                filter_subject=f"{self.prefix}.{peer}.>",
+                                external=api.ExternalStream(api=f"$JS.{peer}.API", deliver=""))
+
+    async def sources(self) -> dict[str, dict[str, Any]]:
+        """Each sourced peer: its lag in messages and seconds since it was last active."""
+        info = await self.js.stream_info(self.stream)
+        out: dict[str, dict[str, Any]] = {}
+        for src in info.sources or []:
+            peer = src.name.rsplit("_", 1)[-1].lower()
+            # ``active``: nanoseconds since the source last delivered, -1 before it ever did.
+            active = src.active if src.active is not None else -1
+            out[peer] = {"lag": src.lag or 0, "active_s": active / 1e9 if active >= 0 else -1.0}
+        return out
+
+    async def origin_events(self, origin: str, partition: int, after_ts: float = 0.0
+                            ) -> list[Event]:
+        """Every event a region's stream holds that ``origin`` wrote to one partition, in order,
+        from messages stored after ``after_ts`` (a rejoin reads what a survivor never got)."""
+        start = (api.DeliverPolicy.BY_START_TIME, datetime.fromtimestamp(after_ts, UTC)
+                 ) if after_ts else (api.DeliverPolicy.ALL, None)
+        sub = await self.js.pull_subscribe(
+            self._subject(origin, str(partition)), stream=self.stream,
+            config=api.ConsumerConfig(deliver_policy=start[0], opt_start_time=start[1],
+                                      ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0,
+                                      mem_storage=True, num_replicas=1))
+        out: list[Event] = []
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(256, timeout=1.0)
+                except TimeoutError:
+                    break
+                for m in msgs:
+                    out += decode_run(m.data)
+                if msgs[-1].metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+        return out
+
+    async def set_sources(self, peers: Sequence[str]) -> None:
+        """Source exactly these peers from now on (a removed one is fenced out; re-added, it
+        resumes after what the stream already holds of it)."""
+        info = await self.js.stream_info(self.stream)
+        config = info.config
+        config.sources = [self.source_of(p) for p in peers] or None
+        await self.js.update_stream(config)
 
     @property
     def js(self) -> JetStreamContext:
@@ -130,7 +208,8 @@ class EventLog:
                 name=self.stream, subjects=subjects, storage=api.StorageType.FILE,
                 retention=api.RetentionPolicy.LIMITS, max_age=self.max_age_s,
                 num_replicas=self.replicas, duplicate_window=self.duplicate_window_s,
-                discard=api.DiscardPolicy.OLD))
+                discard=api.DiscardPolicy.OLD,
+                sources=[self.source_of(p) for p in self.peers] or None))
             log.info("event log stream created", extra={"stream": self.stream,
                                                         "partitions": self.partitions})
             return
@@ -166,7 +245,7 @@ class EventLog:
         out: dict[int, int] = {}
         for p in range(self.partitions):
             try:
-                msg = await self.js.get_last_msg(self.stream, self.subject(p))
+                msg = await self.js.get_last_msg(self.stream, self.read_subject(p))
             except NotFoundError:
                 continue
             if msg.seq is not None:
@@ -204,7 +283,7 @@ class PartitionReader:
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.position + 1,
             ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True,
             num_replicas=1, max_waiting=1)
-        self._sub = await self.log.js.pull_subscribe(self.log.subject(self.partition),
+        self._sub = await self.log.js.pull_subscribe(self.log.read_subject(self.partition),
                                                      stream=self.log.stream, config=config)
         self._consumer_seq = 0
 

@@ -23,6 +23,7 @@ class PostgresConfig:
     outbox_slots: int = 4
     reconcile_settle_s: float = 2.0
     failover_s: float = 30.0  # how long a lost primary is retried (a failover's promotion)
+    region: str = ""  # with regions: outbox sources are named after it
 
 
 @dataclass
@@ -44,5 +45,6 @@ def build_postgres(config: PostgresConfig) -> PostgresStores:
     cluster = PgCluster(config.dsns, shard_map, config.pool_max, config.synchronous_commit,
                         failover_s=config.failover_s)
     counts = PostgresCountStore(cluster)
-    return PostgresStores(cluster, PostgresLikeStore(cluster, config.outbox_slots), counts,
+    likes = PostgresLikeStore(cluster, config.outbox_slots, config.region)
+    return PostgresStores(cluster, likes, counts,
                           PostgresRecounter(cluster, counts, config.reconcile_settle_s))

@@ -85,9 +85,12 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 class PostgresLikeStore:
     """Implements LikeStore and Outbox (see ``tally.store.ports``) over a ``PgCluster``."""
 
-    def __init__(self, cluster: PgCluster, outbox_slots: int = 4) -> None:
+    def __init__(self, cluster: PgCluster, outbox_slots: int = 4, region: str = "") -> None:
         if outbox_slots < 1:
             raise InvalidInput("outbox_slots must be at least 1", "outbox_slots")
+        # With regions, source names start with the origin region, so every region's consumers
+        # keep their watermarks per origin (``<region>.pg<db>.<slot>``).
+        self.prefix = f"{region}.pg" if region else "pg"
         self.cluster = cluster
         self.map = cluster.map
         self.slots = outbox_slots
@@ -147,7 +150,7 @@ class PostgresLikeStore:
 
     def _source(self, db: int) -> str:
         """The outbox slot a transaction numbers its rows in: any one, so commits spread."""
-        return f"pg{db}.{random.randrange(self.slots)}"
+        return f"{self.prefix}{db}.{random.randrange(self.slots)}"
 
     async def _write_all(self, ops: list[Op], groups: dict[int, list[int]],
                          now: float) -> dict[int, Planned]:
@@ -288,11 +291,12 @@ class PostgresLikeStore:
 
     def sources_of(self, db: int) -> list[str]:
         """The outbox sources of one physical database (a relay may own a database)."""
-        return [f"pg{db}.{slot}" for slot in range(self.slots)]
+        return [f"{self.prefix}{db}.{slot}" for slot in range(self.slots)]
 
     def _db_of_source(self, source: str) -> int:
-        db, _, slot = source.removeprefix("pg").partition(".")
-        if not (db.isdigit() and slot.isdigit() and int(db) < self.cluster.databases):
+        db, _, slot = source.removeprefix(self.prefix).partition(".")
+        if not (source.startswith(self.prefix) and db.isdigit() and slot.isdigit()
+                and int(db) < self.cluster.databases):
             raise InvalidInput(f"unknown outbox source {source!r}", "source")
         return int(db)
 

@@ -64,6 +64,16 @@ CREATE TABLE IF NOT EXISTS rollups (
     bucket text NOT NULL, value bigint NOT NULL,
     PRIMARY KEY (counter, item_type, dimension, bucket)
 );
+-- Regions (docs/regions.md): the placement map of each epoch, and the changes a returned region
+-- had acknowledged that lost to a newer epoch's decision (``tally region conflicts``).
+CREATE TABLE IF NOT EXISTS placement (epoch integer PRIMARY KEY, body jsonb NOT NULL);
+CREATE TABLE IF NOT EXISTS region_conflicts (
+    source text NOT NULL, seq bigint NOT NULL, counter text NOT NULL, item text NOT NULL,
+    user_id text NOT NULL, event_on boolean NOT NULL, event_ts double precision NOT NULL,
+    record_on boolean, record_ts double precision, epoch integer NOT NULL,
+    listed_at double precision NOT NULL,
+    PRIMARY KEY (source, seq, counter, item)
+);
 CREATE TABLE IF NOT EXISTS consumers (consumer text PRIMARY KEY, last_intent bigint NOT NULL);
 CREATE TABLE IF NOT EXISTS intents (
     consumer text NOT NULL, intent bigint NOT NULL, parts jsonb NOT NULL,

@@ -1,0 +1,183 @@
+"""Operator actions across regions: failover, rejoin, and the conflicts a rejoin listed.
+
+Each runs against the settings of the regions it touches (their PostgreSQL and JetStream), from
+any machine that reaches them, and composes the stores like ``tally.bootstrap``.
+
+Failover (``failed`` -> ``to``), run for every surviving region: store the next placement epoch
+(the failed region's users now homed at ``to``; the APIs read it within
+``PLACEMENT_POLL_S``) and fence the failed region out of the survivor's stream (its source
+removed), so nothing it acknowledged but never replicated can slip in later uncontrolled.
+
+Rejoin (``returning`` back, ``survivor`` took its users), once the returning region's engines and
+relay run again and its outbox is drained into its own stream:
+1. the returning region adopts the newest placement (its API forwards its old users' writes);
+2. every change the returning region holds that the survivor never applied (above the survivor's
+   aggregator watermarks for the returning region's sources) is decided by
+   ``core.regions.rejoin_decision`` against the survivor's record: AGREE (nothing), APPLY (written
+   at the survivor as its own decision, so it replicates everywhere like one), CONFLICT (listed,
+   and the returning region's record set to the survivor's, the newer epoch's state);
+3. the survivor's watermarks move past those changes, and its stream sources the returning
+   region again: what arrives then is skipped, not counted a second time;
+4. the caller repairs counts against a recount (``reconcile``), in the returning region first:
+   it counted its own late changes, and receives the survivor's re-decisions of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tally.core.coalesce import coalesce
+from tally.core.model import CountKey, Event
+from tally.core.regions import Placement, Rejoin, newest, rejoin_decision
+from tally.runtime import schema_of
+from tally.settings import Settings, region_peers
+from tally.store.jetstream.eventlog import EventLog
+from tally.store.ports import Conflict, ToggleKey
+from tally.store.postgres.build import PostgresStores, build_postgres
+from tally.store.postgres.regions import PostgresRegions
+from tally.store.rediscache.counts import RedisCounts
+
+
+@dataclass
+class RejoinReport:
+    late: int = 0  # the returning region's changes the survivor had not applied
+    agreed: int = 0
+    applied: int = 0
+    conflicts: list[Conflict] = field(default_factory=list)
+
+
+class RegionHandle:
+    """One region's PostgreSQL and JetStream, opened from its settings."""
+
+    def __init__(self, s: Settings) -> None:
+        from tally.bootstrap import postgres_config
+
+        self.settings = s
+        self.name = s.region_name
+        self.pg: PostgresStores = build_postgres(postgres_config(s))
+        self.regions = PostgresRegions(self.pg.cluster, schema_of(s).toggles)
+        self.touched: set[CountKey] = set()  # counts changed here, to drop from the cache
+        self.log = EventLog(s.nats_url, s.nats_stream, s.log_partitions, region=s.region_name,
+                            peers=list(region_peers(s)))
+
+    async def __aenter__(self) -> RegionHandle:
+        await self.pg.start()
+        await self.log.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.log.close()
+        await self.pg.close()
+
+    def all_regions(self) -> list[str]:
+        return [self.name, *region_peers(self.settings)]
+
+    async def placement(self) -> Placement:
+        initial = Placement.initial(self.all_regions())
+        return newest(initial, await self.regions.placement()) or initial
+
+    async def sourced(self) -> list[str]:
+        info = await self.log.sources()
+        return sorted(info)
+
+
+async def failover(survivor: Settings, failed: str, to: str) -> Placement:
+    async with RegionHandle(survivor) as h:
+        current = await h.placement()
+        nxt = current if current.moved.get(failed) == to else current.failover(
+            failed, to, time.time())
+        await h.regions.put_placement(nxt)
+        await h.log.set_sources([p for p in await h.sourced() if p != failed])
+        return nxt
+
+
+async def placement_of(region: Settings) -> Placement:
+    async with RegionHandle(region) as h:
+        return await h.placement()
+
+
+async def adopt_placement(region: Settings, placement: Placement) -> None:
+    async with RegionHandle(region) as h:
+        await h.regions.put_placement(placement)
+
+
+async def rejoin(survivor: Settings, returning: Settings) -> RejoinReport:
+    report = RejoinReport()
+    async with RegionHandle(survivor) as sv, RegionHandle(returning) as rt:
+        placement = await sv.placement()
+        await rt.regions.put_placement(placement)
+        for p in range(survivor.log_partitions):
+            await _rejoin_partition(sv, rt, p, placement, report)
+        await _drop_cached(survivor, sv.touched)
+        await sv.log.set_sources(sorted({*await sv.sourced(), rt.name}))
+    return report
+
+
+async def _rejoin_partition(sv: RegionHandle, rt: RegionHandle, p: int, placement: Placement,
+                            report: RejoinReport) -> None:
+    """Step 2 and 3 for one partition: its late changes merged into the survivor's records and
+    counts, and its watermarks moved past them, in one fenced commit (no new event is written,
+    so the returning region receives nothing it has counted already)."""
+    consumer, prefix = f"agg-p{p}", f"{rt.name}."
+    marks = await sv.pg.counts.watermarks(consumer)
+    late = [ev for ev in await rt.log.origin_events(rt.name, p)
+            if ev.source.startswith(prefix) and ev.seq > marks.get(ev.source, 0)]
+    if not late:
+        return
+    report.late += len(late)
+    top: dict[str, int] = {}
+    last: dict[ToggleKey, Event] = {}
+    merged: list[Event] = []  # increments, and the toggles applied: their deltas are counted
+    for ev in late:
+        top[ev.source] = max(top.get(ev.source, 0), ev.seq)
+        if ev.user is None or ev.counter not in sv.regions.toggles:
+            merged.append(ev)  # a sum has no conflicts
+        elif (key := (ev.counter, ev.user, ev.item)) not in last or ev.ts >= last[key].ts:
+            last[key] = ev
+    records = await sv.regions.records(list(last))
+    take: list[tuple[ToggleKey, bool, float]] = []
+    forced: list[tuple[ToggleKey, bool, float]] = []
+    for key, ev in last.items():
+        on = ev.delta > 0
+        rec_on, rec_ts = records.get(key, (None, None))
+        verdict = rejoin_decision(on, ev.ts, rec_on, rec_ts, placement.since)
+        if verdict is Rejoin.AGREE:
+            report.agreed += 1
+        elif verdict is Rejoin.APPLY:
+            take.append((key, on, ev.ts))
+            merged.append(ev)  # its delta (+1 on, -1 off) is the record's change
+            report.applied += 1
+        else:
+            report.conflicts.append(Conflict(ev.source, ev.seq, key[0], key[2], key[1], on,
+                                             ev.ts, rec_on, rec_ts, placement.epoch))
+            if rec_on is not None and rec_ts is not None:
+                forced.append((key, rec_on, rec_ts))
+    # Records first: a crash before the commit below leaves counts that a recount repairs.
+    await sv.regions.force(take)
+    await sv.regions.add_conflicts(report.conflicts)
+    await rt.regions.force(forced)
+    merged.sort(key=lambda e: (e.source, e.seq))
+    batch = coalesce(merged, sv.settings.rollups)
+    batch.positions = {src: max(seq, marks.get(src, 0)) for src, seq in top.items()}
+    if await sv.pg.counts.apply_batch(batch, consumer, marks) is None:
+        raise RuntimeError(f"{consumer}: watermarks moved during the rejoin; the returning "
+                           "region must be fenced out (failover) first. Run rejoin again.")
+    sv.touched.update(batch.deltas)
+
+
+async def _drop_cached(s: Settings, keys: set[CountKey]) -> None:
+    """The survivor's Redis holds counts the rejoin changed without a new log version."""
+    if not keys:
+        return
+    redis = RedisCounts(s.redis_url, s.redis_cluster, s.redis_ttl_s, s.redis_timeout_ms / 1000)
+    await redis.start()
+    try:
+        await redis.delete(list(keys))
+    finally:
+        await redis.close()
+
+
+async def conflicts(region: Settings) -> list[Conflict]:
+    async with RegionHandle(region) as h:
+        return await h.regions.conflicts()

@@ -1,0 +1,57 @@
+"""Writes forwarded to another region's API (``RemoteWriter``), over HTTP/1.1 keep-alive.
+
+A forwarded request is an ordinary ``POST /v1/bulk`` at the home region: it is decided there
+like any local write and answered with each op's state and count. Transport failures and 5xx
+answers become ``Unavailable`` (the client retries: toggles are idempotent); a 4xx would mean the
+regions disagree about the schema, a configuration error, and is raised as it came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+import orjson
+
+from tally.core.errors import InvalidInput, Unavailable
+from tally.core.model import IncrOp, Op, OpResult, split_item
+
+
+def _body(op: Op) -> dict[str, Any]:
+    item_type, item_id = split_item(op.item)
+    out: dict[str, Any] = {"counter": op.counter, "item_type": item_type, "item_id": item_id,
+                           "region": op.region}
+    if isinstance(op, IncrOp):
+        out.update(op="incr", n=op.n, idempotency_key=op.idempotency_key)
+        if op.user is not None:
+            out["user_id"] = op.user
+    else:
+        out.update(op="set" if op.on else "clear", user_id=op.user)
+    return out
+
+
+class HttpRemoteWriter:
+    def __init__(self, urls: Mapping[str, str], timeout_s: float = 5.0) -> None:
+        self.urls = dict(urls)
+        self._client = httpx.AsyncClient(timeout=timeout_s,
+                                         limits=httpx.Limits(max_keepalive_connections=32))
+
+    async def write(self, region: str, ops: Sequence[Op]) -> list[OpResult]:
+        url = self.urls.get(region)
+        if url is None:
+            raise Unavailable(f"no API address for region {region!r}")
+        try:
+            resp = await self._client.post(f"{url}/v1/bulk", content=orjson.dumps(
+                {"ops": [_body(op) for op in ops]}), headers={"content-type": "application/json"})
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"region {region} is unreachable: {exc!r}") from exc
+        if resp.status_code >= 500:
+            raise Unavailable(f"region {region} answered {resp.status_code}")
+        if resp.status_code != 200:
+            raise InvalidInput(f"region {region} refused a forwarded write: {resp.text[:200]}")
+        return [OpResult(changed=r["changed"], count=r["count"], state=r.get("state"))
+                for r in resp.json()["results"]]
+
+    async def close(self) -> None:
+        await self._client.aclose()

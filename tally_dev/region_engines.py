@@ -1,0 +1,178 @@
+"""The throwaway engines and Tally processes of ``tally_dev.engines``, run inside a region's
+network namespace and listening on the region's address instead of loopback.
+
+A process is started as ``ip netns exec <ns> <command>`` (``ip`` execs the command, so the pid
+is the server's); PostgreSQL, which must not run as root, is then handed to its unprivileged user
+by ``setpriv`` inside the namespace, since ``ip netns exec`` itself needs root.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tally_dev.engine_bins import nats_bin, pg_bin, require_binary
+from tally_dev.engines import Engine, EngineError, NatsEngine, PostgresEngine, RedisEngine
+from tally_dev.netns import RegionNet
+
+
+def _open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex((host, port)) == 0
+
+
+class NetPostgres(PostgresEngine):
+    def __init__(self, root: Path, port: int, net: RegionNet, region: str) -> None:
+        self.host = net.address(region)
+        self.prefix = net.exec_prefix(region)
+        super().__init__(root, port, settings={"listen_addresses": f"'{self.host}'"})
+        self._launching = False
+
+    def _prepare(self) -> None:
+        super()._prepare()
+        hba = self.data / "pg_hba.conf"
+        rule = "host all all 10.250.0.0/16 scram-sha-256\n"
+        if rule not in hba.read_text():
+            with open(hba, "a") as fh:
+                fh.write(rule)  # clients reach it over the regions' bridge
+
+    def _command(self) -> list[str]:
+        self._launching = True  # evaluated just before the Popen's keyword arguments
+        postgres = [str(require_binary("postgres", pg_bin("postgres"))), "-D", str(self.data),
+                    "-p", str(self.port)]
+        u = self._os_user
+        if u is None:
+            return [*self.prefix, *postgres]
+        return [*self.prefix, "setpriv", f"--reuid={u.pw_uid}", f"--regid={u.pw_gid}",
+                "--clear-groups", *postgres]
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        if self._launching and self._os_user is not None:
+            self._launching = False
+            return {"env": {"PATH": os.environ.get("PATH", ""), "HOME": str(self.root),
+                            "LC_ALL": "C"}}
+        return super()._popen_kwargs()
+
+    def _ready(self) -> bool:
+        return "ready to accept connections" in self.log_since_start() and _open(self.host,
+                                                                                self.port)
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        psql = require_binary("postgres", pg_bin("psql"))
+        env = {**os.environ, "PGPASSWORD": self.password, "PGCONNECT_TIMEOUT": "10"}
+        done = subprocess.run([str(psql), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                               "-h", self.host, "-p", str(self.port), "-U", self.user,
+                               "-d", database, "-c", sql],
+                              capture_output=True, text=True, env=env, timeout=60)
+        if done.returncode != 0:
+            raise EngineError(f"psql failed: {done.stderr.strip()}")
+        return done.stdout
+
+
+class NetNats(NatsEngine):
+    """JetStream in a domain named after the region; region ``hub`` listens for leaf nodes, the
+    others connect to it as leaves (a leaf-node graph must not have cycles)."""
+
+    def __init__(self, root: Path, port: int, monitor_port: int, leaf_port: int, net: RegionNet,
+                 region: str, hub: str) -> None:
+        """``leaf_port``: the hub's leaf-node port (the hub listens on it, the others dial it)."""
+        super().__init__(root, port, monitor_port)
+        self.host = net.address(region)
+        self.prefix = net.exec_prefix(region)
+        self.region = region
+        self.leaf = ("listen", f"{self.host}:{leaf_port}") if region == hub else (
+            "remote", f"nats-leaf://{net.address(hub)}:{leaf_port}")
+
+    def _prepare(self) -> None:
+        self.store.mkdir(parents=True, exist_ok=True)
+        kind, where = self.leaf
+        leaf = (f"leafnodes {{\n  listen: {where}\n}}\n" if kind == "listen" else
+                f"leafnodes {{\n  reconnect: 1\n  remotes: [{{ url: {where!r} }}]\n}}\n")
+        self.config.write_text(
+            f"server_name: {self.region}\nlisten: {self.host}:{self.port}\n"
+            f"http: {self.host}:{self.monitor_port}\nping_interval: 2s\nping_max: 2\n"
+            f"jetstream {{\n  store_dir: {str(self.store)!r}\n  domain: {self.region}\n"
+            f"  sync_interval: {self.sync_interval}\n}}\n{leaf}")
+
+    def _command(self) -> list[str]:
+        return [*self.prefix, str(require_binary("nats", nats_bin())), "-c", str(self.config)]
+
+    def _ready(self) -> bool:
+        url = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+
+class NetRedis(RedisEngine):
+    def __init__(self, root: Path, port: int, net: RegionNet, region: str) -> None:
+        super().__init__(root, port, appendfsync="everysec")
+        self.host = net.address(region)
+        self.prefix = net.exec_prefix(region)
+
+    def _command(self) -> list[str]:
+        cmd = super()._command()
+        cmd[cmd.index("--bind") + 1] = self.host
+        # Clients come from the bridge, not loopback; the namespace is reachable from this
+        # machine only.
+        cmd[cmd.index("--protected-mode") + 1] = "no"
+        return [*self.prefix, *cmd]
+
+    def _ready(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+
+class NetTally(Engine):
+    """``tally serve --role all`` of one region, in its namespace."""
+
+    def __init__(self, root: Path, port: int, net: RegionNet, region: str, config: Path) -> None:
+        super().__init__(root, port)
+        self.name = f"tally-{region}"
+        self.log_path = self.root / f"{self.name}.log"
+        self.host = net.address(region)
+        self.prefix = net.exec_prefix(region)
+        self.config = config
+
+    def _command(self) -> list[str]:
+        return [*self.prefix, sys.executable, "-m", "tally.cli", "serve", "--config",
+                str(self.config), "--role", "all", "--host", self.host, "--port", str(self.port)]
+
+    def _popen_kwargs(self) -> dict[str, Any]:
+        return {"env": dict(os.environ)}
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"

@@ -1,0 +1,269 @@
+"""``tally cluster up --regions N``: one small Tally deployment per region, each in a network
+namespace of its own (``tally_dev.netns``), replicating through JetStream leaf nodes.
+
+Per region: PostgreSQL (one database), NATS with JetStream in the region's domain, Redis, and one
+``tally serve --role all`` (API, relay and aggregators). The first region's NATS listens for
+leaf nodes and the others connect to it. Every process is named ``<kind>-<region>`` in the state
+file, with its pid, so ``fail`` can SIGKILL a whole region (engines included) from any shell and
+``recover`` restart it on the same ports and data. ``partition``/``heal`` cut and restore the
+kernel's routes between two namespaces. ``failover`` and the rejoin in ``recover`` are the
+product's own operations (``tally.regions_admin``), run with each region's config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tally import regions_admin
+from tally.settings import load
+from tally_dev.cluster import _alive, _stop_group, _toml_value
+from tally_dev.engines import Engine, EngineError, free_port, missing_binaries
+from tally_dev.netns import RegionNet, available
+from tally_dev.region_engines import NetNats, NetPostgres, NetRedis, NetTally
+
+DEFAULT_ROOT = Path("/tmp/tally-regions")
+NAMES = ("us", "eu", "ap")
+KINDS = ("postgres", "nats", "redis", "tally")
+
+
+@dataclass
+class RegionCluster:
+    root: Path = DEFAULT_ROOT
+    partitions: int = 8
+    die_with_parent: bool = False  # tests: engines die with the test process
+
+    def __post_init__(self) -> None:
+        self.root = self.root.resolve()
+        self.layout_file = self.root / "regions.json"
+        self.state_file = self.root / "state.json"
+        self.started: dict[str, Engine] = {}
+
+    # -- layout: fixed at ``up``, read by every later command ---------------------------------
+
+    def layout(self) -> dict[str, Any]:
+        try:
+            layout: dict[str, Any] = json.loads(self.layout_file.read_text())
+            return layout
+        except FileNotFoundError as exc:
+            raise EngineError(f"no regions laid out in {self.root}; `tally cluster up "
+                              "--regions 2` first") from exc
+
+    @property
+    def regions(self) -> list[str]:
+        return list(self.layout()["regions"])
+
+    @property
+    def net(self) -> RegionNet:
+        lay = self.layout()
+        return RegionNet(lay["net"], tuple(lay["regions"]))
+
+    def config(self, region: str) -> Path:
+        return self.root / region / "tally.toml"
+
+    def api(self, region: str) -> str:
+        return f"http://{self.net.address(region)}:{self.layout()['ports'][region]['api']}"
+
+    def engines(self, region: str) -> dict[str, Engine]:
+        ports, net, hub = self.layout()["ports"][region], self.net, self.regions[0]
+        home = self.root / region
+        engines: dict[str, Engine] = {
+            "postgres": NetPostgres(home / "pg", ports["pg"], net, region),
+            "nats": NetNats(home / "nats", ports["nats"], ports["monitor"],
+                            self.layout()["ports"][hub]["leaf"], net, region, hub),
+            "redis": NetRedis(home / "redis", ports["redis"], net, region),
+            "tally": NetTally(home / "procs", ports["api"], net, region, self.config(region))}
+        for e in engines.values():
+            e.die_with_parent = self.die_with_parent
+        return engines
+
+    # -- up, down -----------------------------------------------------------------------------
+
+    def up(self, count: int = 2, net: int = 7) -> None:
+        if (why := available()) is not None or (why := "; ".join(str(m) for m in missing_binaries())):
+            raise EngineError(why)
+        if any(_alive(e["pid"]) for e in self._state().values()):
+            raise EngineError(f"regions already run from {self.root}; `tally cluster down` first")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o711)  # PostgreSQL runs as an unprivileged user that must enter it
+        if not self.layout_file.exists():
+            regions = list(NAMES[:count])
+            ports = {r: {k: free_port() for k in ("pg", "nats", "monitor", "leaf", "redis", "api")}
+                     for r in regions}
+            self.layout_file.write_text(json.dumps({"net": net, "regions": regions,
+                                                    "ports": ports,
+                                                    "partitions": self.partitions}))
+        self.net.create()
+        try:
+            for region in self.regions:
+                self._start_engines(region)
+            for region in self.regions:
+                self._start(region, "tally")
+        except BaseException:
+            self.down()
+            raise
+
+    def _start_engines(self, region: str) -> None:
+        engines = self.engines(region)
+        for kind in ("postgres", "nats", "redis"):
+            self._start(region, kind, engines[kind])
+        pg = engines["postgres"]
+        assert isinstance(pg, NetPostgres)
+        if pg.psql("SELECT 1 FROM pg_database WHERE datname = 'tally'").strip() != "1":
+            pg.create_database("tally")
+        self._write_config(region, pg.dsn("tally"), engines)
+
+    def _write_config(self, region: str, dsn: str, engines: dict[str, Engine]) -> None:
+        peers = [f"{r}={self.api(r)}" for r in self.regions if r != region]
+        values = {"backend": "cluster", "postgres_dsns": [dsn], "region_name": region,
+                  "region_peers": peers, "region": region, "nats_url": engines["nats"].url,
+                  "redis_url": engines["redis"].url, "log_partitions": self.layout()["partitions"],
+                  "data_dir": str(self.root / region / "data"), "outbox_slots": 2}
+        lines = ["# written by `tally cluster up --regions`", "[tally]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        self.config(region).write_text("\n".join(lines) + "\n")
+
+    def _start(self, region: str, kind: str, engine: Engine | None = None) -> None:
+        engine = engine or self.engines(region)[kind]
+        engine.start(timeout_s=90)
+        self.started[f"{kind}-{region}"] = engine
+        state = self._state()
+        assert engine.proc is not None
+        state[f"{kind}-{region}"] = {"pid": engine.proc.pid, "region": region, "kind": kind,
+                                     "url": engine.url, "signal": int(engine.stop_signal)}
+        self.state_file.write_text(json.dumps(state, indent=2))
+
+    def _state(self) -> dict[str, dict[str, Any]]:
+        try:
+            state: dict[str, dict[str, Any]] = json.loads(self.state_file.read_text())
+            return state
+        except FileNotFoundError:
+            return {}
+
+    def down(self) -> list[str]:
+        stopped = []
+        state = self._state()
+        for name in sorted(state, key=lambda n: KINDS.index(n.split("-")[0]), reverse=True):
+            if self._stop(name, state[name]["signal"], 20.0):
+                stopped.append(name)
+        with contextlib.suppress(FileNotFoundError):
+            self.state_file.unlink()
+        with contextlib.suppress(EngineError):
+            self.net.destroy()
+        return stopped
+
+    def _stop(self, name: str, sig: int, timeout_s: float) -> bool:
+        engine = self.started.pop(name, None)
+        if engine is not None:  # a child of this process: reap it too
+            alive = engine.running()
+            engine.kill() if sig == signal.SIGKILL else engine.stop(timeout_s)
+            return alive
+        entry = self._state().get(name)
+        return entry is not None and _stop_group(entry["pid"], sig, timeout_s)
+
+    # -- failures -----------------------------------------------------------------------------
+
+    def fail(self, region: str) -> list[str]:
+        """SIGKILL every process of the region, engines included: the region is lost."""
+        state = self._state()
+        names = [n for n, e in state.items() if e["region"] == region]
+        return [n for n in names if self._stop(n, signal.SIGKILL, 10.0)]
+
+    def partition(self, a: str, b: str) -> None:
+        self.net.partition(a, b)
+
+    def heal(self) -> None:
+        self.net.heal()
+
+    def failover(self, failed: str, to: str) -> int:
+        """The product's failover, run for every region but the failed one; the new epoch."""
+        epoch = 0
+        for region in self.regions:
+            if region != failed:
+                placed = asyncio.run(regions_admin.failover(load(self.config(region)), failed,
+                                                            to))
+                epoch = placed.epoch
+        return epoch
+
+    def recover(self, region: str, survivor: str | None = None) -> regions_admin.RejoinReport:
+        """Restart the region with its data; if it was failed over, rejoin it to ``survivor``
+        (default: the region its users moved to) and repair counts by a recount."""
+        self._start_engines(region)
+        survivor_cfg = load(self.config(survivor or self._taker(region)))
+        placed = asyncio.run(regions_admin.placement_of(survivor_cfg))
+        if region not in placed.moved:
+            self._start(region, "tally")
+            return regions_admin.RejoinReport()
+        asyncio.run(regions_admin.adopt_placement(load(self.config(region)), placed))
+        self._start(region, "tally")  # its relay drains the outbox into its own stream
+        self.wait_drained(region)
+        report = asyncio.run(regions_admin.rejoin(survivor_cfg, load(self.config(region))))
+        self.wait_converged()
+        return report
+
+    def _taker(self, region: str) -> str:
+        return next(r for r in self.regions if r != region)
+
+    def wait_drained(self, region: str, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            detail = self.readiness(region)
+            if detail.get("outbox_backlog", 1) == 0 and detail.get("log_pending_messages", 1) == 0:
+                return
+            time.sleep(0.2)
+        raise EngineError(f"{region}: outbox and log not drained in {timeout_s:.0f} s")
+
+    def wait_converged(self, timeout_s: float = 60.0) -> None:
+        """Every region drained, sourced up to date, then counts repaired against a recount."""
+        deadline = time.monotonic() + timeout_s
+        for region in self.regions:
+            while time.monotonic() < deadline:
+                detail = self.readiness(region)
+                lags = [s.get("lag", 1) for s in detail.get("region_sources", {}).values()]
+                if detail.get("log_pending_messages", 1) == 0 and not any(lags):
+                    break
+                time.sleep(0.2)
+        for region in self.regions:
+            self.reconcile(region)
+
+    def reconcile(self, region: str) -> int:
+        """Repair drifted toggle counts against a recount of the region's records."""
+        resp = httpx.post(f"{self.api(region)}/v1/admin/reconcile", json={"repair": True},
+                          timeout=120)
+        resp.raise_for_status()
+        return sum(len(json.loads(line)["drifts"]) for line in resp.text.splitlines() if line)
+
+    # -- status -------------------------------------------------------------------------------
+
+    def readiness(self, region: str) -> dict[str, Any]:
+        try:
+            resp = httpx.get(f"{self.api(region)}/readyz", timeout=2.0)
+            detail: dict[str, Any] = resp.json()
+            detail["ready"] = resp.status_code == 200
+            return detail
+        except (httpx.HTTPError, ValueError) as exc:
+            return {"ready": False, "error": repr(exc)}
+
+    def status(self) -> dict[str, Any]:
+        state = self._state()
+        out: dict[str, Any] = {"cut": [list(p) for p in self.net.cut()], "regions": {}}
+        for region in self.regions:
+            procs = [{"name": n, "kind": e["kind"], "pid": e["pid"], "running": _alive(e["pid"]),
+                      "url": e["url"].split("@")[-1]}
+                     for n, e in state.items() if e["region"] == region]
+            detail = self.readiness(region)
+            out["regions"][region] = {
+                "api": self.api(region), "ready": detail.get("ready", False),
+                "placement_epoch": detail.get("placement_epoch"),
+                "sources": detail.get("region_sources", {}),
+                "log_pending_messages": detail.get("log_pending_messages"),
+                "outbox_backlog": detail.get("outbox_backlog"), "processes": procs}
+        return out
