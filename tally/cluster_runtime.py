@@ -57,6 +57,7 @@ class ClusterRuntime:
     pool: PartitionPool | None = None
     router: RegionRouter | None = None  # with regions, in the api role
     region_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # peer -> its lag
+    region_held: dict[str, int] = field(default_factory=dict)  # origin -> messages held here
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -103,6 +104,7 @@ class ClusterRuntime:
     async def _poll_sources(self) -> None:
         if self.events is not None:
             self.region_sources = await self.events.sources()
+            self.region_held = await self.events.held()
 
     async def _decay_hot(self) -> None:
         self.hot.decay()
@@ -120,6 +122,7 @@ class ClusterRuntime:
         if self.settings.region_name:
             detail["region"] = self.settings.region_name
             detail["region_sources"] = self.region_sources
+            detail["region_held"] = self.region_held
         if self.router is not None:
             detail.update(placement_epoch=self.router.placement.epoch,
                           forwarded_ops=self.router.forwarded)
@@ -161,6 +164,10 @@ class ClusterRuntime:
                      ("gauge", "tally_region_source_idle_seconds", "Seconds since a peer region's "
                       "log last delivered (grows during a partition)",
                       float(peer_lag["active_s"]), {"peer": peer})]
+        for origin, held in self.region_held.items():
+            rows.append(("gauge", "tally_region_log_messages", "Messages this region's log holds "
+                         "per origin region (compare with the origin's own figure)", float(held),
+                         {"origin": origin}))
         if self.router is not None:
             rows += [("gauge", "tally_region_placement_epoch", "Epoch of the placement in force",
                       float(self.router.placement.epoch), {}),

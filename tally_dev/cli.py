@@ -25,9 +25,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_cluster(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tally_dev import regions_cli
     from tally_dev.cluster import DevCluster, Layout
     from tally_dev.engines import EngineError
 
+    if args.regions or regions_cli.is_regions(args.dir) or args.action in regions_cli.CLUSTER_VERBS:
+        return regions_cli.cmd_cluster(args)
     cluster = DevCluster(Path(args.dir), Layout(partitions=args.partitions, ha=args.ha,
                                                 synchronous=not args.async_replication))
     try:
@@ -83,6 +86,12 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def regions_cmd(args: argparse.Namespace) -> int:
+    from tally_dev.regions_cli import cmd_region
+
+    return cmd_region(args)
+
+
 def register(sub: Any, add: Adder) -> None:
     """Entry point (group ``tally.commands``): add the development subcommands to ``tally``."""
     sp = add("demo", cmd_demo, "load a realistic small data set into a running service")
@@ -90,9 +99,13 @@ def register(sub: Any, add: Adder) -> None:
     sp.add_argument("--items", type=int, default=1_000)
     sp.add_argument("--seed", type=int, default=7)
     sp = add("cluster", cmd_cluster, "a development cluster on loopback: PostgreSQL x2 (with --ha: each a "
-             "Patroni primary + standby, etcd x3, NATS x3), Redis, 2 APIs, a relay, 2 aggregators")
-    sp.add_argument("action", choices=("up", "down", "status", "kill", "restart", "wipe"))
-    sp.add_argument("name", nargs="?", help="kill/restart/wipe: a process's status name")
+             "Patroni primary + standby, etcd x3, NATS x3), Redis, 2 APIs, a relay, 2 aggregators; "
+             "with --regions N, N regions each in a network namespace of its own")
+    sp.add_argument("action", choices=("up", "down", "status", "kill", "restart", "wipe", "fail",
+                                       "recover", "partition", "heal"))
+    sp.add_argument("name", nargs="?", help="kill/restart/wipe: a process's status name; "
+                    "fail/recover: a region; partition: the first region")
+    sp.add_argument("other", nargs="?", help="partition: the second region")
     sp.add_argument("--ha", action="store_true", help="up: etcd, Patroni primary + standby per "
                     "database, three NATS servers (high availability inside a region)")
     sp.add_argument("--async-replication", action="store_true",
@@ -100,6 +113,13 @@ def register(sub: Any, add: Adder) -> None:
     sp.add_argument("--json", action="store_true", help="status as JSON")
     sp.add_argument("--dir", default="/tmp/tally-cluster", help="where data, config and logs go")
     sp.add_argument("--partitions", type=int, default=8, help="event-log partitions (up)")
+    sp.add_argument("--regions", type=int, default=0,
+                    help="up: this many regions (us, eu, ap), each in its own network namespace")
+    sp = add("region", regions_cmd, "regions of a dev cluster: failover FROM --to TO, conflicts")
+    sp.add_argument("action", choices=("failover", "conflicts"))
+    sp.add_argument("region", nargs="?", help="failover: the failed region")
+    sp.add_argument("--to", help="failover: the region that takes its users")
+    sp.add_argument("--dir", default="/tmp/tally-cluster")
     from tally_dev.chaos.cli import add_parser as add_chaos
 
     add_chaos(add)

@@ -221,18 +221,31 @@ class RegionCluster:
             time.sleep(0.2)
         raise EngineError(f"{region}: outbox and log not drained in {timeout_s:.0f} s")
 
-    def wait_converged(self, timeout_s: float = 60.0) -> None:
-        """Every region drained, sourced up to date, then counts repaired against a recount."""
-        deadline = time.monotonic() + timeout_s
-        for region in self.regions:
-            while time.monotonic() < deadline:
-                detail = self.readiness(region)
-                lags = [s.get("lag", 1) for s in detail.get("region_sources", {}).values()]
-                if detail.get("log_pending_messages", 1) == 0 and not any(lags):
-                    break
-                time.sleep(0.2)
-        for region in self.regions:
-            self.reconcile(region)
+    def lag(self) -> dict[str, dict[str, int]]:
+        """Per region, per origin: messages the origin's log holds that this region's does not
+        yet (-1: a region that does not answer)."""
+        held: dict[str, dict[str, int]] = {
+            r: self.readiness(r).get("region_held") or {} for r in self.regions}
+        return {r: {o: held[o].get(o, 0) - held[r].get(o, 0) if held[r] and held[o] else -1
+                    for o in self.regions if o != r} for r in self.regions}
+
+    def wait_converged(self, timeout_s: float = 90.0, repair: bool = True) -> float:
+        """Until every region holds every origin's messages and has applied them; then counts
+        repaired against a recount. Returns the seconds waited."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            lags = self.lag()
+            pending = [self.readiness(r).get("log_pending_messages", 1) for r in self.regions]
+            if all(v == 0 for per in lags.values() for v in per.values()) and not any(pending):
+                break
+            time.sleep(0.25)
+        else:
+            raise EngineError(f"regions did not converge in {timeout_s:.0f} s: {self.lag()}")
+        waited = time.monotonic() - t0
+        if repair:
+            for region in self.regions:
+                self.reconcile(region)
+        return waited
 
     def reconcile(self, region: str) -> int:
         """Repair drifted toggle counts against a recount of the region's records."""

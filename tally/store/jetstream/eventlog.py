@@ -170,6 +170,16 @@ class EventLog:
             await sub.unsubscribe()
         return out
 
+    async def held(self) -> dict[str, int]:
+        """Messages this region's stream holds per origin region: another region's figure for
+        its own origin, minus this one's, is what has not been replicated here yet."""
+        info = await self.js.stream_info(self.stream, subjects_filter=self._subject("*", "*"))
+        out: dict[str, int] = {}
+        for subject, n in (info.state.subjects or {}).items():
+            origin = subject.split(".")[1]
+            out[origin] = out.get(origin, 0) + n
+        return out
+
     async def set_sources(self, peers: Sequence[str]) -> None:
         """Source exactly these peers from now on (a removed one is fenced out; re-added, it
         resumes after what the stream already holds of it)."""
