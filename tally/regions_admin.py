@@ -97,6 +97,21 @@ async def placement_of(region: Settings) -> Placement:
         return await h.placement()
 
 
+async def progress(region: Settings) -> tuple[dict[str, int], int]:
+    """(messages the region's log holds per origin, outbox rows not yet in the log plus messages
+    its aggregators have not applied), read from the engines themselves: what the processes
+    report may be a second old."""
+    async with RegionHandle(region) as h:
+        held = await h.log.held()
+        behind = 0
+        for source in h.pg.likes.sources():
+            behind += len(await h.pg.likes.pending(source, 0, 100))
+        for p, last in (await h.log.last_seqs()).items():
+            applied = (await h.pg.counts.watermarks(f"agg-p{p}")).get(f"js:p{p}", 0)
+            behind += max(last - applied, 0)
+        return held, behind
+
+
 async def adopt_placement(region: Settings, placement: Placement) -> None:
     async with RegionHandle(region) as h:
         await h.regions.put_placement(placement)

@@ -93,6 +93,12 @@ class RegionNet:
             _ip("link", "del", self._veth(region)[0], check=False)
         _ip("link", "del", self.bridge, check=False)
 
+    def link(self, region: str, up: bool) -> None:
+        """Take the region off the network (its link down) or put it back. A region lost with its
+        machines takes its kernel too: data a killed process left in its sockets' buffers must
+        not reach the others later, as it would while the namespace still had a link."""
+        _ip("link", "set", self._veth(region)[0], "up" if up else "down")
+
     def partition(self, a: str, b: str) -> None:
         """Drop every packet between regions a and b (both directions)."""
         for src, dst in ((a, b), (b, a)):

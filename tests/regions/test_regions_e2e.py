@@ -43,7 +43,8 @@ def test_regions_converge_to_the_ledger_through_partition_kill_and_rejoin(
     assert out["after_async_kill"] == {"us": {}, "eu": {}}  # delayed by the kill, not lost
     assert out["after_rejoin"] == {"us": {}, "eu": {}}
     assert out["after_rejoin_fresh"] == {"us": {}, "eu": {}}
-    assert out["read_failures"] == 0 and out["reads"] > 0
+    assert out["read_failures_through_partition"] == {} and out["reads"] > 0
+    assert out["eu_read_failures_us_dead"] == 0  # the survivor's reads never stopped
     assert out["at_risk_likes"] == 1  # the like made at us while cut off, before the kill
     assert out["rejoin"]["applied"] >= 1  # ... applied at eu by the rejoin, not lost
     assert [tuple(c) for c in out["rejoin"]["conflicts"]] == [(out["rejoin"]["conflicts"][0][0],
