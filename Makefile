@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test check fmt bench chaos chaos-storage engines clean
+.PHONY: run test check fmt bench chaos chaos-storage chaos-regions engines clean
 
 $(STAMP): pyproject.toml
 	PYTHON=$(PYTHON) scripts/ensure-python.sh
@@ -38,7 +38,7 @@ test: $(STAMP) engines check
 	$(BIN)/pytest -q
 
 # The chaos scenarios on the HA dev cluster, each under a client ledger (docs/reliability.md).
-chaos: $(STAMP) engines chaos-storage
+chaos: $(STAMP) engines chaos-storage chaos-regions
 	timeout 1200 $(BIN)/tally chaos --out chaos-results.json
 
 # Storage faults on the FUSE filesystem of tally_dev/faultfs (docs/storage-faults.md): up to 50
@@ -51,6 +51,13 @@ chaos-storage: $(STAMP) engines
 	TALLY_CHAOS_PROFILES=full,extra,normal TALLY_CHAOS_PG_PROFILES=on,off \
 	TALLY_FAULTS_REPORT=chaos-storage.jsonl \
 	timeout 4500 $(BIN)/pytest -q -s -p no:cacheprovider -o timeout=1500 tests/faults
+
+# Two regions in network namespaces under a client ledger (docs/regions.md): load with
+# forwarding and the cross-region visibility probe, a partition and heal, a region SIGKILLed under
+# load, a failover and rejoin with a staged conflict. Needs root (ip netns). Results in
+# chaos-regions.json; exits non-zero if any count differs from the ledger.
+chaos-regions: $(STAMP) engines
+	timeout 1200 $(BIN)/python -m tally_dev.regions_chaos --out chaos-regions.json
 
 bench: $(STAMP) engines
 	$(BIN)/tally bench suite --out bench-results

@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase-s", type=float, default=20.0)
     p.add_argument("--users", type=int, default=400)
     p.add_argument("--probes", type=int, default=100)
+    p.add_argument("--out", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     rc = RegionCluster(Path(args.dir), partitions=8)
     rc.up(2, net=8)
@@ -300,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                               probes=args.probes))
     finally:
         rc.down()
-    print(json.dumps(out, indent=2, default=str))
+    text = json.dumps(out, indent=2, default=str)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     bad = [k for k in ("after_heal", "after_async_kill", "after_rejoin", "after_rejoin_fresh")
            if any(out[k].values())]
     return 1 if bad or out["eu_read_failures_us_dead"] else 0
