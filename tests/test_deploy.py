@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tally.settings import Settings, load
+from tally.settings import Settings, load, region_peers
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 ROLES = ("api", "relay", "aggregator")
@@ -130,3 +130,12 @@ def test_kustomization_lists_every_manifest() -> None:
     kust = yaml.safe_load((DEPLOY / "k8s" / "kustomization.yaml").read_text())
     files = {p.name for p in (DEPLOY / "k8s").glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kust["resources"]) == files
+
+
+@pytest.mark.parametrize("region", ["us", "eu"])
+def test_region_examples_load_and_name_each_other(region: str) -> None:
+    s = load(DEPLOY / "regions" / f"{region}.toml", env={})
+    other = "eu" if region == "us" else "us"
+    assert s.region_name == region and list(region_peers(s)) == [other]
+    conf = (DEPLOY / "regions" / f"nats-{region}.conf").read_text()
+    assert f"domain: {region}" in conf

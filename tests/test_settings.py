@@ -9,7 +9,7 @@ import pytest
 
 from tally.core.errors import ConfigError
 from tally.runtime import schema_of
-from tally.settings import Settings, describe, load, validate
+from tally.settings import Settings, describe, load, region_peers, validate
 
 
 def test_defaults_run() -> None:
@@ -26,10 +26,26 @@ def test_defaults_run() -> None:
 def test_settings_are_grouped_and_each_group_is_declared_together() -> None:
     groups = [row.group for row in describe()]
     assert set(groups) == {"server", "counters", "limits", "security", "cache", "storage",
-                           "cluster"}
+                           "cluster", "regions"}
     changes = sum(1 for a, b in itertools.pairwise(groups) if a != b)
     assert changes == len(set(groups)) - 1  # each group's rows are contiguous in the table
-    assert len(groups) <= 44  # 38 before the security group (issue 16) added 6
+    assert len(groups) <= 46  # 38, the security group (issue 16) added 6, regions 2
+
+
+def test_regions_are_validated() -> None:
+    base = {"TALLY_BACKEND": "cluster", "TALLY_POSTGRES_DSNS": "postgresql://h/db"}
+    s = load(env={**base, "TALLY_REGION_NAME": "us",
+                  "TALLY_REGION_PEERS": "eu=http://10.0.0.2:8080"})
+    assert region_peers(s) == {"eu": "http://10.0.0.2:8080"}
+    for bad, why in [({"TALLY_REGION_PEERS": "eu=http://x"}, "needs region_name"),
+                     ({"TALLY_REGION_NAME": "us", "TALLY_REGION_PEERS": "eu"}, "NAME=http"),
+                     ({"TALLY_REGION_NAME": "us", "TALLY_REGION_PEERS": "us=http://x"},
+                      "distinct"),
+                     ({"TALLY_REGION_NAME": "US_1"}, "must match")]:
+        with pytest.raises(ConfigError, match=why):
+            load(env={**base, **bad})
+    with pytest.raises(ConfigError, match="backend 'cluster'"):
+        load(env={"TALLY_REGION_NAME": "us"})
 
 
 def test_env_overrides(tmp_path: Path) -> None:

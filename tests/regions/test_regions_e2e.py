@@ -49,4 +49,4 @@ def test_regions_converge_to_the_ledger_through_partition_kill_and_rejoin(
     assert out["rejoin"]["applied"] >= 1  # ... applied at eu by the rejoin, not lost
     assert [tuple(c) for c in out["rejoin"]["conflicts"]] == [(out["rejoin"]["conflicts"][0][0],
                                                               "post:900")]
-    assert out["visibility_ms"]["n"] == 10
+    assert out["visibility_ms"]["count"]["n"] == 10  # every probe's like arrived
