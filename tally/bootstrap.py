@@ -8,9 +8,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tally.cluster_runtime import ROLES, ClusterRuntime
 from tally.core.breaker import Breaker
+from tally.core.errors import ConfigError
 from tally.core.hotkeys import SpaceSaving
 from tally.core.lru import LRU
 from tally.core.model import CountKey
@@ -160,6 +162,15 @@ def build(settings: Settings) -> Runtime:
     return runtime
 
 
+def _region_key(s: Settings) -> str | None:
+    if not s.region_key_file:
+        return None
+    try:
+        return Path(s.region_key_file).read_text().strip() or None
+    except OSError as exc:
+        raise ConfigError(f"region_key_file {s.region_key_file}: {exc.strerror}") from exc
+
+
 def postgres_config(settings: Settings) -> PostgresConfig:
     return PostgresConfig(
         dsns=list(settings.postgres_dsns), logical_shards=settings.logical_shards,
@@ -209,7 +220,7 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
         recounter = CacheDroppingRecounter(pg.recounter, rt.redis)
         if s.region_name:
             rt.router = RegionRouter(
-                s.region_name, pg.likes, regions, HttpRemoteWriter(region_peers(s)),
+                s.region_name, pg.likes, regions, HttpRemoteWriter(region_peers(s), _region_key(s)),
                 Placement.initial([s.region_name, *region_peers(s)]))
         rt.service = CounterService(schema_of(s), rt.router or pg.likes, pg.counts, reader,
                                     recounter,

@@ -160,6 +160,9 @@ class Settings:
     region_peers: list[str] = _s([], G.REGIONS, "The other regions as 'NAME=API_URL': their event "
                                                 "logs are sourced, and writes of users homed there "
                                                 "forwarded to their API")
+    region_key_file: str = _s("", G.REGIONS, "File holding the API key this region presents to "
+                                             "its peers' APIs when it forwards a write (a key in "
+                                             "their api_keys_file)")
 
     def counter_defs(self) -> dict[str, CounterConfig]:
         return {c.name: c for c in (CounterConfig(**raw) for raw in self.counters)}

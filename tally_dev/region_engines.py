@@ -138,11 +138,18 @@ class NetRedis(RedisEngine):
 
     def _ready(self) -> bool:
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
+            return self._send(b"PING").startswith(b"+PONG")
         except OSError:
             return False
+
+    def _send(self, command: bytes) -> bytes:
+        with socket.create_connection((self.host, self.port), timeout=2.0) as s:
+            s.sendall(command + b"\r\n")
+            return s.recv(64)
+
+    def flushall(self) -> None:
+        if not self._send(b"FLUSHALL").startswith(b"+OK"):
+            raise EngineError("redis FLUSHALL failed")
 
     @property
     def url(self) -> str:

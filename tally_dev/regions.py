@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import signal
 import time
 from dataclasses import dataclass
@@ -115,18 +116,49 @@ class RegionCluster:
         engines = self.engines(region)
         for kind in ("postgres", "nats", "redis"):
             self._start(region, kind, engines[kind])
+        # A cache that was SIGKILLed may have lost (everysec) the newest values an aggregator set,
+        # and keep older ones nothing would replace: it is rebuilt from PostgreSQL instead.
+        redis = engines["redis"]
+        assert isinstance(redis, NetRedis)
+        redis.flushall()
         pg = engines["postgres"]
         assert isinstance(pg, NetPostgres)
         if pg.psql("SELECT 1 FROM pg_database WHERE datname = 'tally'").strip() != "1":
             pg.create_database("tally")
         self._write_config(region, pg.dsn("tally"), engines)
 
+    # -- credentials: clients reach the APIs over the bridge, not loopback ----------------------
+
+    def key(self) -> str:
+        """The API key the tools, the tests' clients and the regions' forwarding present."""
+        return self._secret("region-key")
+
+    def admin_token(self) -> str:
+        return self._secret("admin-token")
+
+    def _secret(self, name: str) -> str:
+        path = self.root / name
+        if not path.exists():
+            path.write_text(secrets.token_hex(24) + "\n")
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def headers(self, admin: bool = False) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.admin_token() if admin else self.key()}"}
+
     def _write_config(self, region: str, dsn: str, engines: dict[str, Engine]) -> None:
         peers = [f"{r}={self.api(r)}" for r in self.regions if r != region]
+        self.admin_token()
+        keys = self.root / "api-keys.toml"
+        keys.write_text(f'[[key]]\nname = "regions"\nkey = "{self.key()}"\n')
         values = {"backend": "cluster", "postgres_dsns": [dsn], "region_name": region,
                   "region_peers": peers, "region": region, "nats_url": engines["nats"].url,
                   "redis_url": engines["redis"].url, "log_partitions": self.layout()["partitions"],
-                  "data_dir": str(self.root / region / "data"), "outbox_slots": 2}
+                  "data_dir": str(self.root / region / "data"), "outbox_slots": 2,
+                  "api_keys_file": str(keys), "region_key_file": str(self.root / "region-key"),
+                  "admin_token_file": str(self.root / "admin-token"),
+                  # The ledger and the probes send many requests for few users.
+                  "rate_per_user": 0.0}
         lines = ["# written by `tally cluster up --regions`", "[tally]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         self.config(region).write_text("\n".join(lines) + "\n")
@@ -263,7 +295,7 @@ class RegionCluster:
     def reconcile(self, region: str) -> int:
         """Repair drifted toggle counts against a recount of the region's records."""
         resp = httpx.post(f"{self.api(region)}/v1/admin/reconcile", json={"repair": True},
-                          timeout=120)
+                          headers=self.headers(admin=True), timeout=120)
         resp.raise_for_status()
         return sum(len(json.loads(line)["drifts"]) for line in resp.text.splitlines() if line)
 

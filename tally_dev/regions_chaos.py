@@ -86,7 +86,7 @@ class Ledger:
 
     async def settle(self) -> None:
         """Retry the writes whose outcome was unknown until acknowledged (idempotent)."""
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=self.rc.headers()) as http:
             for pair, on in list(self.pending.items()):
                 await self.write(http, pair, on, deadline_s=60.0)
                 del self.pending[pair]
@@ -99,7 +99,7 @@ class Ledger:
             if self.home(user) == home and (user, item) not in self.pending:
                 by_user.setdefault(user, []).append(item)
         out = []
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=self.rc.headers()) as http:
             for user, items in by_user.items():
                 r = await http.post(f"{self.rc.api(region)}/v1/has", json={
                     "user_id": user, "items": [{"item_type": "post", "item_id": i}
@@ -113,14 +113,14 @@ class Ledger:
         rng = random.Random(n)
         mine = [(f"u{u}", i) for u in range(self.users) for i in items
                 if (u * 7919 + i) % clients == n]
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=self.rc.headers()) as http:
             while not self.stop:
                 pair = rng.choice(mine)
                 await self.write(http, pair, not self.state.get(pair, False))
 
     async def reader(self, region: str, items: range) -> None:
         """Reads in one region: must keep answering whatever happens to the others."""
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=self.rc.headers()) as http:
             while not self.stop:
                 try:
                     r = await http.post(f"{self.rc.api(region)}/v1/counts", json={
@@ -140,7 +140,7 @@ class Ledger:
         return out
 
     async def counts(self, region: str, items: range) -> dict[int, int]:
-        async with httpx.AsyncClient() as http:
+        async with httpx.AsyncClient(headers=self.rc.headers()) as http:
             out: dict[int, int] = {}
             ids = list(items)
             for k in range(0, len(ids), 200):
@@ -160,7 +160,7 @@ async def visibility(rc: RegionCluster, samples: int, base_item: int
     (``/v1/has`` reads the like records, no cache: replicated and applied) and until its count
     answers 1 (what a reader there sees, through the API's caches)."""
     out: dict[str, list[float]] = {"records": [], "count": []}
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(headers=rc.headers()) as http:
         for k in range(samples):
             user, item = f"probe{k}", base_item + k
             home = hash_home(user, tuple(sorted(rc.regions)))
@@ -218,7 +218,8 @@ async def run(rc: RegionCluster, users: int = 120, items: int = 24, clients: int
         led.stop = True
         await asyncio.gather(*tasks, *(extra or []))
 
-    # 1. load + visibility probe
+    # 1. load + visibility probe (after one like has crossed: sourcing starts in seconds)
+    await visibility(rc, 1, 9_999)
     probe = asyncio.create_task(visibility(rc, probes, 10_000))
     await load(phase_s, [probe])
     out["visibility_ms"] = {kind: {"n": len(d), "p50": 1000 * pct(d, 0.5),
@@ -253,7 +254,7 @@ async def run(rc: RegionCluster, users: int = 120, items: int = 24, clients: int
     # 3b. a late like and a staged conflict at us while it is cut off; kill; failover; rejoin
     us_users = [f"u{u}" for u in range(users) if led.home(f"u{u}") == "us"]
     conflict_pair, late_pair = (us_users[0], 900), (us_users[1], 901)
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(headers=rc.headers()) as http:
         await led.write(http, conflict_pair, True, "us")
         await asyncio.to_thread(rc.wait_converged, 60.0, False)
         rc.partition("us", "eu")

@@ -32,9 +32,15 @@ def _body(op: Op) -> dict[str, Any]:
 
 
 class HttpRemoteWriter:
-    def __init__(self, urls: Mapping[str, str], timeout_s: float = 5.0) -> None:
+    def __init__(self, urls: Mapping[str, str], key: str | None = None,
+                 timeout_s: float = 5.0) -> None:
+        """``key``: the API key shown to the peers (their keys file names it), if they ask one."""
         self.urls = dict(urls)
-        self._client = httpx.AsyncClient(timeout=timeout_s,
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        # A dead region's address drops packets: give up connecting after a second, so a client's
+        # retry soon finds the placement that moved its user (a failover takes effect in 0.5 s).
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=1.0),
+                                         headers=headers,
                                          limits=httpx.Limits(max_keepalive_connections=32))
 
     async def write(self, region: str, ops: Sequence[Op]) -> list[OpResult]:
