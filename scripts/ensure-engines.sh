@@ -13,6 +13,8 @@ fi
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 # etcd: Patroni's store in the HA topology (tally cluster up --ha, make chaos)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+# Chromium (headless): tests/api/test_docs_page.py renders /docs offline (skips without it)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

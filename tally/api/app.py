@@ -13,7 +13,7 @@ from tally.api import schemas as s
 from tally.api.auth import Guard, KeyFile, load_admin_token
 from tally.api.http import HttpApp, HttpMetrics, Request, Response, Route, Router
 from tally.api.limits import Limiter
-from tally.api.openapi import docs_html, openapi
+from tally.api.openapi import DOCS_ASSETS, docs_asset, docs_html, openapi
 from tally.api.routes import api_routes, ops_routes
 from tally.api.server import BODY_TIMEOUT_S
 from tally.bootstrap import build_for
@@ -24,6 +24,18 @@ from tally.runtime import AppRuntime, cancel_all
 from tally.settings import Settings
 
 KEYS_POLL_S = 2.0
+
+
+def _asset(name: str, media: bytes) -> Route:
+    """A Swagger UI file, read once when first asked for."""
+    cached: list[bytes] = []
+
+    async def serve(req: Request) -> Response:
+        if not cached:
+            cached.append(docs_asset(name))
+        return Response(cached[0], media_type=media)
+
+    return Route("GET", f"/docs/{name}", serve, access="public")
 
 
 class TallyApp(HttpApp):
@@ -40,14 +52,15 @@ class TallyApp(HttpApp):
 
         async def spec(req: Request) -> bytes:
             if self._openapi is None:
-                self._openapi = s.ENCODER.encode(openapi(documented))
+                self._openapi = s.ENCODER.encode(openapi(documented, rt.settings))
             return self._openapi
 
         async def docs(req: Request) -> Response:
             return Response(docs_html(), media_type=b"text/html; charset=utf-8")
 
         routes = [*routes, Route("GET", "/openapi.json", spec, access="public"),
-                  Route("GET", "/docs", docs, access="public")]
+                  Route("GET", "/docs", docs, access="public"),
+                  *(_asset(name, media) for name, media in DOCS_ASSETS.items())]
         st = rt.settings
         keys = KeyFile(st.api_keys_file) if st.api_keys_file else None
         self.keys = keys

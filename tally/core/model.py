@@ -25,6 +25,8 @@ def canonical_id(value: Any, field: str) -> str:
     """An int64 or a string of 1-64 characters from [A-Za-z0-9_.:-], as text; else InvalidInput."""
     if isinstance(value, bool):
         raise InvalidInput("must be an int64 or a string id, not a boolean", field)
+    if isinstance(value, float) and value.is_integer():  # 7.0 is 7, as JSON Schema has it
+        value = int(value)
     if isinstance(value, int):
         if not INT64_MIN <= value <= INT64_MAX:
             raise InvalidInput("integer id is outside the int64 range", field)

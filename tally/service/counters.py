@@ -68,6 +68,8 @@ class CounterService:
     def incr_op(self, counter: Any, item_type: Any, item_id: Any, n: Any = 1, key: Any = None,
                 user: Any = None, region: Any = None) -> IncrOp:
         c = self.schema.counter(counter, "counter", Kind.EVENT)
+        if isinstance(n, float) and n.is_integer():  # 2.0 is 2, as JSON Schema has it
+            n = int(n)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_INCR:
             raise InvalidInput(f"n must be an integer from 1 to {MAX_INCR:,}", "n")
         if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 128):

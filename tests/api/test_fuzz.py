@@ -62,6 +62,8 @@ _ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 def valid_id(v: Any) -> bool:
     if isinstance(v, bool):
         return False
+    if isinstance(v, float) and v.is_integer():  # 7.0 is the integer 7, as in JSON Schema
+        v = int(v)
     if isinstance(v, int):
         return -(2**63) <= v < 2**63
     return isinstance(v, str) and _ID.fullmatch(v) is not None

@@ -140,6 +140,22 @@ async def test_openapi_and_docs(client: httpx.AsyncClient) -> None:
     assert bulk["schema"]["$ref"].endswith("/BulkRequest")
     docs = await client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    assert "https://" not in docs.text  # nothing from a CDN
+    js = await client.get("/docs/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    # The configured vocabulary and limits are in the document (issue 16).
+    incr = spec["paths"]["/v1/counters/{counter}/incr"]["post"]
+    assert incr["parameters"][0]["schema"]["enum"] == ["view", "share"]
+    assert set(incr["responses"]) == {"200", "400", "401", "403", "404", "408", "413", "422",
+                                      "429", "503"}
+    assert "Retry-After" in incr["responses"]["429"]["headers"]
+    assert schemas["ToggleRequest"]["properties"]["item_type"]["enum"] == [
+        "post", "reel", "comment", "story"]
+    assert schemas["CountsRequest"]["properties"]["items"]["maxItems"] == 500
+    assert schemas["BulkRequest"]["properties"]["ops"]["maxItems"] == 1000
+    assert spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]["text/plain"]
+    assert "application/x-ndjson" in spec["paths"]["/v1/admin/reconcile"]["post"]["responses"][
+        "200"]["content"]
 
 
 async def test_refused_bodies_are_counted_under_their_route(client: httpx.AsyncClient) -> None:

@@ -199,3 +199,11 @@ async def test_a_bom_is_refused_on_every_route(client: httpx.AsyncClient, path: 
     r = await client.post(path, content=b"\xef\xbb\xbf" + body,
                           headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "bad_json"
+
+
+async def test_an_integral_number_is_the_integer(client: httpx.AsyncClient) -> None:
+    """JSON Schema's integer includes 7.0, so the API does too (the document says integer)."""
+    r = await client.post("/v1/like", json={"user_id": 1.0, "item_type": "post", "item_id": 7e0})
+    assert r.status_code == 200 and (r.json()["user_id"], r.json()["item_id"]) == ("1", "7")
+    r = await client.post("/v1/like", json={"user_id": 1.5, "item_type": "post", "item_id": 7})
+    assert r.status_code == 422

@@ -28,7 +28,7 @@ def test_canonical_ids() -> None:
     assert canonical_id("x" * 64, "f") == "x" * 64
 
 
-@pytest.mark.parametrize("bad", [INT64_MAX + 1, INT64_MIN - 1, True, False, 1.0, None, "", "x" * 65,
+@pytest.mark.parametrize("bad", [INT64_MAX + 1, INT64_MIN - 1, True, False, 1.5, None, "", "x" * 65,
                                  "a b", "a/b", "é", "a\n", b"42", [1], {"a": 1}])
 def test_bad_ids_name_the_field(bad: Any) -> None:
     with pytest.raises(InvalidInput) as exc:
