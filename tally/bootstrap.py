@@ -29,6 +29,7 @@ from tally.store.ports import ReconcileChunk, Recounter
 from tally.store.postgres.build import PostgresConfig, build_postgres
 from tally.store.postgres.leases import PgLeases
 from tally.store.postgres.regions import PostgresRegions
+from tally.store.rediscache.buckets import RedisBuckets
 from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
@@ -210,6 +211,7 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
     if roles & {"api", "aggregator"}:
         rt.redis = RedisCounts(s.redis_url, s.redis_cluster, s.redis_ttl_s,
                                s.redis_timeout_ms / 1000)
+        rt.rate_buckets = RedisBuckets(rt.redis)  # fair use shared by the API processes
     leases = PgLeases(s.postgres_dsns[0])  # the coordination database
     lease_period_s = s.lease_period_ms / 1000
     if "api" in roles and rt.redis is not None:

@@ -27,6 +27,7 @@ from tally.settings import Settings
 from tally.store.jetstream.eventlog import EventLog
 from tally.store.postgres.counts import PostgresCountStore
 from tally.store.postgres.likes import PostgresLikeStore
+from tally.store.rediscache.buckets import RedisBuckets
 from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.workers.partitions import PartitionPool
 from tally.workers.relay import Relay
@@ -51,6 +52,7 @@ class ClusterRuntime:
     counts: PostgresCountStore
     events: EventLog | None = None
     redis: RedisCounts | None = None
+    rate_buckets: RedisBuckets | None = None  # the API's rate limits, shared (tally.api.limits)
     tiered: TieredCounts | None = None
     service: CounterService | None = None  # None in roles that serve no API
     relay: Relay | None = None

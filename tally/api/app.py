@@ -65,7 +65,7 @@ class TallyApp(HttpApp):
         keys = KeyFile(st.api_keys_file) if st.api_keys_file else None
         self.keys = keys
         limiter = Limiter(Rate.per_second(st.rate_per_key), Rate.per_second(st.rate_per_user),
-                          rt.metrics.registry)
+                          rt.metrics.registry, shared=getattr(rt, "rate_buckets", None))
         super().__init__(Router(routes), HttpMetrics(rt.metrics.requests, rt.metrics.latency),
                          st.max_body_bytes, self._start, self._stop,
                          Guard(load_admin_token(st.admin_token_file), keys), limiter,
@@ -79,6 +79,8 @@ class TallyApp(HttpApp):
                                                 name="tally-loop-lag")]
         if self.guard is not None:
             self.guard.announce(self.runtime.settings.host)
+        if self.limiter is not None:
+            self.limiter.announce()
         if self.keys is not None:
             self._background.append(asyncio.create_task(self._watch_keys(), name="tally-keys"))
             if self.owns_process:

@@ -1,7 +1,8 @@
 """Fair use: token buckets per API key and per user, answered with 429 and Retry-After.
 
 The embedded server keeps its buckets in memory. A cluster's API processes share theirs through
-Redis (``SharedBuckets``, one Lua script call per take) so a user cannot multiply the limit by
+Redis (``SharedBuckets``, implemented by ``tally.store.rediscache.buckets``: one Lua script call
+per take) so a user cannot multiply the limit by
 the number of processes; when Redis does not answer, each process falls back to its own buckets
 (a limit per process rather than none) and says so in the log and in a metric.
 """
@@ -54,6 +55,13 @@ class Limiter:
         if child is None:
             child = self._key_children[name] = self._by_key.labels(name)
         child.inc()
+
+    def announce(self) -> None:
+        if self.per_key.on or self.per_user.on:
+            log.info("rate limits (per key %g/s, per user %g/s; 0 is off) kept %s",
+                     self.per_key.rate, self.per_user.rate,
+                     "in Redis, shared by the API processes" if self.shared is not None
+                     else "in this process's memory")
 
     async def check_key(self, who: Principal) -> None:
         """Counts the request under its key, then takes from the key's bucket (admin is exempt)."""

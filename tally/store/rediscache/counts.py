@@ -84,6 +84,13 @@ class RedisCounts:
         else:
             self._r = Redis.from_url(self.url, health_check_interval=30, **opts)
 
+    @property
+    def client(self) -> Any:
+        """The connected client (after ``start``), for the shared rate-limit buckets."""
+        if self._r is None:
+            raise ConnectionError("Redis client not started")
+        return self._r
+
     async def close(self) -> None:
         if self._r is not None:
             await self._r.aclose()

@@ -1,0 +1,51 @@
+"""Rate-limit buckets shared through Redis (issue 16): two API processes (two clients) draw on one
+bucket, and a limiter whose Redis is down falls back to its own buckets."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tally.api.auth import Principal
+from tally.api.limits import Limiter
+from tally.core.bucket import Rate
+from tally.core.errors import RateLimited
+from tally.store.rediscache.buckets import RedisBuckets
+from tally.store.rediscache.counts import RedisCounts
+from tally_dev.engines import free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+
+async def test_two_processes_share_one_bucket(redis_url: str) -> None:
+    a, b = RedisCounts(redis_url), RedisCounts(redis_url)
+    await a.start()
+    await b.start()
+    try:
+        rate, name = Rate(1.0, 6.0), f"user:{uuid.uuid4()}"
+        shared = [RedisBuckets(a), RedisBuckets(b)]
+        waits = [await shared[n % 2].take(name, rate, 0.0, 1.0) for n in range(8)]
+        assert waits[:6] == [0.0] * 6  # six tokens in all, not six each
+        assert all(0 < w <= 1.0 for w in waits[6:])
+        assert await shared[0].take(f"user:{uuid.uuid4()}", rate, 0.0, 1.0) == 0.0
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_limiter_falls_back_to_local_buckets_when_redis_is_down() -> None:
+    dead = RedisCounts(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
+    await dead.start()
+    registry = CollectorRegistry()
+    limiter = Limiter(Rate(0.0, 1.0), Rate(0.5, 3.0), registry, shared=RedisBuckets(dead))
+    who = Principal("web")
+    try:
+        for _ in range(3):
+            await limiter.check_users(who, ["u1"])
+        with pytest.raises(RateLimited):
+            await limiter.check_users(who, ["u1"])  # the local bucket still limits
+    finally:
+        await dead.close()
+    assert registry.get_sample_value("tally_rate_limit_local_fallback_total") == 4
