@@ -10,17 +10,21 @@ Zipf-drawn items (s=1 over 10 million), as the feed reads them, by users of thei
 from __future__ import annotations
 
 import random
+import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from tally.store.sqlite.schema import connect, counts_path, migrate
 from tally_dev.bench.workloads import Params, Zipf
+
+if TYPE_CHECKING:
+    from tally_dev.bench.suite import Suite
 
 INSERT = "INSERT OR IGNORE INTO toggles VALUES ('like', ?, ?, 1, 1, ?)"
 
@@ -60,12 +64,26 @@ def disk_bytes(db: Path) -> int:
 def run(sizes: list[int], out: Path, duration_s: float = 6.0, show_progress: bool = True
         ) -> dict[str, Any]:
     """One server per size, each measured on uniform likes and the feed; results in ``out``."""
-    from tally_dev.bench import targets
     from tally_dev.bench.suite import Suite, SuitePlan
 
     work = Path(tempfile.mkdtemp(prefix="tally-grow-"))
     suite = Suite(SuitePlan(duration_s=duration_s, rounds=1), work, show_progress)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    try:
+        _measure_sizes(sizes, work, suite, rows, show_progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # 0.5 GB per 10 million likes
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"rows": rows, "runs": suite.runs}
+    (out / "grow.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (out / "grow.md").write_text(markdown(rows))
+    return result
+
+
+def _measure_sizes(sizes: list[int], work: Path, suite: Suite, rows: list[dict[str, Any]],
+                   show_progress: bool) -> None:
+    from tally_dev.bench import targets
+
     for size in sizes:
         name = f"grow-{size}"
         db = work / name / "data" / "tally.db"
@@ -84,11 +102,6 @@ def run(sizes: list[int], out: Path, duration_s: float = 6.0, show_progress: boo
         rows.append(row)
         if show_progress:
             print(f"  {size:>12,} likes: {row}", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"rows": rows, "runs": suite.runs}
-    (out / "grow.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (out / "grow.md").write_text(markdown(rows))
-    return result
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
