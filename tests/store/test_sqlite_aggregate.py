@@ -104,3 +104,24 @@ async def test_a_failed_round_changes_nothing(store: SqliteStore, db: Path,
     assert res.count == 4
     assert (await store.aggregate("aggregator", 100, ())).events == 4
     assert stored(db) == recount(db) == {("like", "post:1"): 4}
+
+
+@pytest.mark.anyio
+async def test_a_round_interrupted_before_its_trim_is_trimmed_by_the_next(
+        store: SqliteStore, db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop or crash between a round's commit and its trim leaves applied events in the log;
+    the next round, even with nothing new to apply, trims through the watermark."""
+    await store.write([like(u, "post:1") for u in range(3)])
+    writer = store.writer_processes[0]
+
+    async def interrupted(through_seq: int) -> None:
+        raise RuntimeError("stopped before the trim")
+
+    monkeypatch.setattr(writer, "trim", interrupted)
+    with pytest.raises(RuntimeError, match="before the trim"):
+        await store.aggregate("aggregator", 100, ())
+    monkeypatch.undo()
+    assert db_rows(db, "SELECT count(*) FROM changelog")[0][0] == 3
+    assert (await store.aggregate("aggregator", 100, ())).events == 0
+    assert db_rows(db, "SELECT count(*) FROM changelog")[0][0] == 0
+    assert stored(db) == recount(db) == {("like", "post:1"): 3}

@@ -101,6 +101,7 @@ class SqliteStore:
             for shard in range(likes_shards)]
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
+        self._trimmed: dict[int, int] = {}  # per shard: the log position trimmed through
         self._readers: list[sqlite3.Connection] = []
         self.source = SOURCE
         self._combining: _Combined | None = None  # event loop thread only
@@ -362,10 +363,13 @@ class SqliteStore:
 
     async def _trim(self, positions: Mapping[int, int]) -> None:
         """Applied events leave each shard's log (through the position applied); the likes
-        writer owns that file. A crash before the trim leaves them below the watermark, where
-        nothing reads them, until the next one."""
+        writer owns that file. Every round passes every shard's watermark, not only the ones it
+        moved: a round cancelled between its commit and its trim (a stop, a crash) leaves
+        events below the watermark, where nothing reads them, and the next round trims them."""
         for shard, through_seq in positions.items():
-            await self.writer_processes[shard].trim(through_seq)
+            if through_seq > self._trimmed.get(shard, 0):
+                await self.writer_processes[shard].trim(through_seq)
+                self._trimmed[shard] = through_seq
 
     # -- InPlaceAggregation -----------------------------------------------------------------
 
@@ -373,8 +377,7 @@ class SqliteStore:
         """One round over every shard's log; ``Applied.position`` is the positions' sum."""
         applied, positions = await self.counts_writer.run(
             lambda c, _tx: self._aggregate(c, consumer, limit, rollups))
-        if applied.events:
-            await self._trim(positions)
+        await self._trim(positions)
         return applied  # type: ignore[no-any-return]
 
     def _aggregate(self, conn: sqlite3.Connection, consumer: str, limit: int,
@@ -383,23 +386,24 @@ class SqliteStore:
         watermarks read here cannot move under it (this writer is the only one that moves
         them). Each shard's log in turn, ``limit`` events at most from each."""
         total = Applied(0, 0, {}, None)
-        moved: dict[int, int] = {}
+        marks: dict[int, int] = {}  # every shard's watermark after the round
         for shard in range(self.shards):
             schema, source = likes_schema(shard), source_of(shard)
             after = _watermark(conn, consumer, source)
             events, upto, oldest = log_range(conn, after, limit, schema)
             total.position += upto
+            marks[shard] = after
             if not events:
                 continue
             new = apply_range(conn, after, upto, rollups, schema)
             conn.execute("INSERT INTO watermarks VALUES (?,?,?) ON CONFLICT (consumer, source) "
                          "DO UPDATE SET seq=excluded.seq", (consumer, source, upto))
-            moved[shard] = upto
+            marks[shard] = upto
             total.events += events
             total.counts.update(new)  # later shards' rounds read the earlier ones' counts
             if oldest is not None and (total.oldest_ts is None or oldest < total.oldest_ts):
                 total.oldest_ts = oldest
-        return total, moved
+        return total, marks
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
         rows = await self._read("SELECT bucket, value FROM rollups WHERE counter=? AND item_type=? "
