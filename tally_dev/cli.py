@@ -32,6 +32,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.regions or regions_cli.is_regions(args.dir) or args.action in regions_cli.CLUSTER_VERBS:
         return regions_cli.cmd_cluster(args)
     cluster = DevCluster(Path(args.dir), Layout(partitions=args.partitions, ha=args.ha,
+                                                relays=2 if args.ha else 1,
                                                 synchronous=not args.async_replication))
     try:
         if args.action == "up":

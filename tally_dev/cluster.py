@@ -169,7 +169,9 @@ class DevCluster:
                 self._save()
 
     def _save(self) -> None:
-        entries = {}
+        # A process killed on purpose (proc None) keeps its entry, so it can be restarted.
+        entries = {n: e for n, e in self._state().items()
+                   if n in self.engines or n in self.processes}
         for name, e in {**self.engines, **self.processes}.items():
             if e.proc is not None:
                 entries[name] = {"pid": e.proc.pid, "url": e.url, "log": str(e.log_path),

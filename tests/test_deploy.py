@@ -40,13 +40,28 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
+def hosts_of(url: str) -> list[tuple[str, int]]:
+    """(host, port) of every server a URL names: a multi-host DSN, or a comma-separated list."""
+    out = []
+    for one in url.split(","):
+        netloc = urlsplit(one if "//" in one else f"//{one}").netloc
+        host, _, port = netloc.rpartition("@")[2].partition(":")
+        out.append((host, int(port.split("/")[0])))
+    return out
+
+
+def dsn_hosts(dsn: str) -> list[tuple[str, int]]:
+    parts = urlsplit(dsn)
+    return hosts_of(",".join(f"//{h}" for h in parts.netloc.rpartition("@")[2].split(",")))
+
+
 def engine_endpoints(s: Settings) -> dict[str, int]:
     """host -> port of every engine the settings name."""
-    hosts = {}
-    for url in [*s.postgres_dsns, s.nats_url, s.redis_url]:
-        parts = urlsplit(url)
-        assert parts.hostname and parts.port, url
-        hosts[parts.hostname] = parts.port
+    hosts: dict[str, int] = {}
+    for dsn in s.postgres_dsns:
+        hosts.update(dsn_hosts(dsn))
+    hosts.update(hosts_of(s.nats_url))
+    hosts.update(hosts_of(s.redis_url))
     return hosts
 
 
@@ -55,6 +70,9 @@ def test_settings_file_is_a_valid_cluster_config(settings: Settings) -> None:
     assert set(raw) <= {f for f in Settings.__dataclass_fields__}
     assert settings.backend == "cluster" and settings.host == "0.0.0.0"
     assert len(settings.postgres_dsns) == 2 and settings.postgres_synchronous_commit == "on"
+    for dsn in settings.postgres_dsns:  # both members of the shard, the primary found by the driver
+        assert len(dsn_hosts(dsn)) == 2 and urlsplit(dsn).query == "target_session_attrs=read-write"
+    assert settings.nats_replicas == len(hosts_of(settings.nats_url)) == 3
 
 
 def test_compose_roles_run_serve_with_the_config(compose: dict[str, Any], settings: Settings) -> None:
@@ -69,18 +87,29 @@ def test_compose_roles_run_serve_with_the_config(compose: dict[str, Any], settin
 
 
 def test_compose_engines_match_the_settings(compose: dict[str, Any], settings: Settings) -> None:
+    patroni = yaml.safe_load((DEPLOY / "patroni.yml").read_text())
+    dcs = patroni["bootstrap"]["dcs"]
+    assert dcs["synchronous_mode"] is True
+    assert patroni["postgresql"]["parameters"]["synchronous_commit"] == \
+        settings.postgres_synchronous_commit
+    scopes = set()
     for dsn in settings.postgres_dsns:
         parts = urlsplit(dsn)
-        env = compose[parts.hostname or ""]["environment"]
-        assert (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"]) == (
-            parts.username, parts.password, parts.path.lstrip("/"))
-        assert parts.port == 5432
-        assert f"synchronous_commit={settings.postgres_synchronous_commit}" in \
-            compose[parts.hostname or ""]["command"]
+        envs = [compose[host]["environment"] for host, port in dsn_hosts(dsn)]
+        assert {e["PATRONI_SCOPE"] for e in envs} == {envs[0]["PATRONI_SCOPE"]}  # one shard
+        scopes.add(envs[0]["PATRONI_SCOPE"])
+        for (host, port), env in zip(dsn_hosts(dsn), envs, strict=True):
+            assert port == 5432 and env["PATRONI_NAME"] == host
+            assert (env["PATRONI_SUPERUSER_USERNAME"], env["PATRONI_SUPERUSER_PASSWORD"]) == (
+                parts.username, parts.password)
+    assert len(scopes) == len(settings.postgres_dsns)
+    for host in patroni["etcd3"]["hosts"]:
+        assert host.split(":")[0] in compose
     nats_conf = (DEPLOY / "nats.conf").read_text()
-    assert f"listen: 0.0.0.0:{urlsplit(settings.nats_url).port}" in nats_conf
     assert "sync_interval: always" in nats_conf
-    assert "./nats.conf:/etc/nats/nats.conf:ro" in compose["nats"]["volumes"]
+    for host, port in hosts_of(settings.nats_url):
+        assert f"listen: 0.0.0.0:{port}" in nats_conf and f'"nats://{host}:6222"' in nats_conf
+        assert "./nats.conf:/etc/nats/nats.conf:ro" in compose[host]["volumes"]
     redis = compose[urlsplit(settings.redis_url).hostname or ""]["command"]
     assert redis[redis.index("--port") + 1] == str(urlsplit(settings.redis_url).port)
     assert redis[redis.index("--appendonly") + 1] == "yes" and "--appendfsync" in redis
@@ -91,6 +120,8 @@ def test_k8s_config_map_carries_the_same_files(k8s: list[dict[str, Any]]) -> Non
     assert tomllib.loads(maps["tally-config"]["data"]["tally.toml"]) == tomllib.loads(
         (DEPLOY / "tally.toml").read_text())
     assert maps["nats-config"]["data"]["nats.conf"].strip() == (DEPLOY / "nats.conf").read_text().strip()
+    assert maps["patroni-config"]["data"]["patroni.yml"].strip() == \
+        (DEPLOY / "patroni.yml").read_text().strip()
 
 
 def test_k8s_roles_run_serve_on_the_configured_port(k8s: list[dict[str, Any]],
@@ -119,9 +150,10 @@ def test_k8s_services_reach_every_engine_the_settings_name(k8s: list[dict[str, A
     password = by_kind(k8s, "Secret")["postgres"]["stringData"]["password"]
     assert {urlsplit(d).password for d in settings.postgres_dsns} == {password}
     sets = by_kind(k8s, "StatefulSet")
-    pg_args = sets["postgres"]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert f"synchronous_commit={settings.postgres_synchronous_commit}" in pg_args
-    assert sets["postgres"]["spec"]["replicas"] == len(settings.postgres_dsns)
+    for db in range(len(settings.postgres_dsns)):  # a primary and a standby per shard
+        assert sets[f"pg{db}"]["spec"]["replicas"] == 2
+    assert sets["nats"]["spec"]["replicas"] == settings.nats_replicas
+    assert sets["etcd"]["spec"]["replicas"] == 3
     redis_args = sets["redis"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert redis_args[redis_args.index("--appendonly") + 1] == "yes"
 

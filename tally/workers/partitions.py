@@ -111,6 +111,9 @@ class PartitionWorker:
                 self.stats.reading_at = self.stats.reading_at or time.time()
                 await self._apply_loop(reader, marks)
             except asyncio.CancelledError:
+                # Stopped (a lease given back): a batch committed but not yet in the cache would
+                # leave the cache behind the count store until the key's next change or its TTL.
+                await self._flush_on_stop()
                 raise
             except Fenced:  # a zombie predecessor, or we are one: the lease set decides which
                 self.stats.fenced += 1
@@ -129,6 +132,14 @@ class PartitionWorker:
                 if reader is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(reader.close())
+
+    async def _flush_on_stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(asyncio.wait_for(self._settle_and_flush(), 2.0))
+
+    async def _settle_and_flush(self) -> None:
+        await self._settle_unsure()
+        await self._flush_dirty()
 
     async def _apply_loop(self, reader: LogReader, marks: dict[str, int]) -> None:
         while True:

@@ -27,16 +27,32 @@ CHAOS_SETTINGS = {"aggregate_window_ms": 20.0, "lease_period_ms": 200.0, "log_le
 
 async def run_all(dev: DevCluster, names: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for name in names:
+    for index, name in enumerate(names):
         started = time.monotonic()
         try:
-            row = await run(dev, SCENARIOS[name])
+            row = await run(dev, SCENARIOS[name], item_base=100_000 * (index + 1))
         except EngineError as exc:
             row = {"scenario": name, "error": exc.message}
         row["scenario_s"] = round(time.monotonic() - started, 1)
         print(orjson.dumps(row).decode(), flush=True)
         rows.append(row)
     return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as docs/reliability.md shows them (Markdown)."""
+    out = ["| scenario | fault | acked | lost | drift | write window (s) | promoted after (s) "
+           "| errors clients saw | slowest read (s) | catch-up (s) |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['scenario']} | failed: {r['error']} | | | | | | | | |")
+            continue
+        errors = ", ".join(f"{k} x{v}" for k, v in r["write_errors"].items()) or "none"
+        out.append(f"| `{r['scenario']}` | {r['fault']} | {r['acked']} | {r['lost']} "
+                   f"| {r['drift']} | {r['slowest_write_s']} | {r.get('promoted_after_s', '-')} "
+                   f"| {errors} | {r['slowest_read_s']} | {r['catch_up_s']} |")
+    return "\n".join(out)
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
@@ -46,7 +62,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         print(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="tally-chaos-", dir="/tmp"))
-    dev = DevCluster(root, Layout(ha=True, synchronous=not args.async_replication),
+    dev = DevCluster(root, Layout(ha=True, relays=2, synchronous=not args.async_replication),
                      settings=CHAOS_SETTINGS)
     try:
         dev.up()
@@ -57,6 +73,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     finally:
         dev.down()
     Path(args.out).write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    print(table(rows))
     bad = [r["scenario"] for r in rows if r.get("error") or r.get("lost") or r.get("drift")
            or not r.get("converged")]
     print(f"{len(rows)} scenarios, results in {args.out}; "

@@ -17,6 +17,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ class Ledger:
     users: int = 300
     items: int = 40
     clients: int = 8
+    item_base: int = 0  # item ids item_base..item_base+items-1: each run on items of its own
     state: dict[tuple[int, int], bool] = field(default_factory=dict)
     acked: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -69,7 +71,8 @@ class Ledger:
                 on = not self.state.get((user, item), False) if rng.random() < 0.8 else True
                 started = time.monotonic()
                 await self._send(http, "/v1/like" if on else "/v1/unlike",
-                                 {"user_id": user, "item_type": "post", "item_id": item},
+                                 {"user_id": user, "item_type": "post",
+                                  "item_id": self.item_base + item},
                                  self.errors)
                 took = time.monotonic() - started
                 if took > self.slowest_write_s:
@@ -84,12 +87,14 @@ class Ledger:
             while not self._stop:
                 items = rng.sample(range(self.items), min(20, self.items))
                 started = time.monotonic()
-                await self._send(http, "/v1/counts", {"items": [
-                    {"item_type": "post", "item_id": i} for i in items], "counters": ["like"]},
-                    self.read_errors)
+                await self._send(http, "/v1/counts", {"items": self._items(items),
+                                                      "counters": ["like"]}, self.read_errors)
                 self.slowest_read_s = max(self.slowest_read_s, time.monotonic() - started)
                 self.reads += 1
                 await asyncio.sleep(0.05)
+
+    def _items(self, indexes: Iterable[int]) -> list[dict[str, Any]]:
+        return [{"item_type": "post", "item_id": self.item_base + i} for i in indexes]
 
     def start(self) -> list[asyncio.Task[None]]:
         self._stop = False
@@ -108,9 +113,8 @@ class Ledger:
         return want
 
     async def counts(self, http: httpx.AsyncClient, url: str) -> list[int]:
-        r = await http.post(f"{url}/v1/counts", json={"items": [
-            {"item_type": "post", "item_id": i} for i in range(self.items)],
-            "counters": ["like"]}, timeout=TIMEOUT_S)
+        r = await http.post(f"{url}/v1/counts", json={"items": self._items(range(self.items)),
+                                                      "counters": ["like"]}, timeout=TIMEOUT_S)
         r.raise_for_status()
         return [row["counts"]["like"] for row in r.json()["results"]]
 
@@ -118,9 +122,8 @@ class Ledger:
         """Pairs whose stored state is not the last acknowledged one (every user read back)."""
         lost = 0
         for user in range(self.users):
-            r = await http.post(f"{url}/v1/has", json={"user_id": user, "items": [
-                {"item_type": "post", "item_id": i} for i in range(self.items)]},
-                timeout=TIMEOUT_S)
+            r = await http.post(f"{url}/v1/has", json={
+                "user_id": user, "items": self._items(range(self.items))}, timeout=TIMEOUT_S)
             r.raise_for_status()
             got = [f["on"] for f in r.json()["results"]]
             lost += sum(got[i] != self.state.get((user, i), False) for i in range(self.items))
@@ -139,7 +142,9 @@ class Ledger:
             lost = await self.lost(http, url)
             r = await http.post(f"{url}/v1/admin/reconcile", json={"repair": False}, timeout=120)
             drifts = sum(len(p.get("drifts", [])) for p in _ndjson(r.text))
-        return {"acked": self.acked, "lost": lost,
+        differ = {self.item_base + i: (g, w) for i, (g, w) in enumerate(zip(got, want, strict=True))
+                  if g != w}
+        return {"acked": self.acked, "lost": lost, "differ_served_wanted": differ,
                 "drift": sum(abs(g - w) for g, w in zip(got, want, strict=True)),
                 "server_recount_drifts": drifts, "catch_up_s": round(catch_up, 2),
                 "converged": got == want, "reads": self.reads,

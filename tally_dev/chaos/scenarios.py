@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tally_dev.chaos.ledger import Ledger
@@ -69,12 +70,13 @@ async def pg_primary(dev: DevCluster) -> dict[str, Any]:
 
 
 async def pg_primary_wiped(dev: DevCluster) -> dict[str, Any]:
-    """SIGKILL shard 0's primary (server, then its Patroni), delete its data directory, start it:
-    it comes back as a new standby cloned from the promoted one."""
+    """SIGKILL shard 0's primary server (its Patroni promotes the standby), then its Patroni,
+    delete its data directory and start it: it comes back as a new standby cloned from the
+    promoted one. (Killing both at once is ``pg-node``.)"""
     old = primary_of(dev, 0)
     await _in_thread(dev.kill, f"{old}.postgres")
-    await _in_thread(dev.kill, old)
     promoted = await wait_for("a new primary", lambda: _new_primary(dev, old), 60)
+    await _in_thread(dev.kill, old)
     await _in_thread(dev.wipe, old)
     started = time.monotonic()
     await _in_thread(dev.restart, old)
@@ -115,13 +117,31 @@ async def relay_and_aggregator(dev: DevCluster) -> dict[str, Any]:
 
 
 async def etcd_leader(dev: DevCluster) -> dict[str, Any]:
-    """SIGKILL the etcd member leading the Raft group (every Patroni talks to it, directly or
-    through its follower); restart it 10 s later. Two members keep the quorum."""
-    victim = await _in_thread(etcd_raft_leader, dev)
+    """SIGKILL the etcd member shard 0's primary Patroni talks to (it says which in its log),
+    else the Raft leader; restart it 10 s later. Two members keep the quorum, and Patroni moves
+    to another member within its retry_timeout, so the primary keeps its leader key."""
+    primary = primary_of(dev, 0)
+    victim = await _in_thread(etcd_used_by, dev, primary) or await _in_thread(etcd_raft_leader,
+                                                                              dev)
     await _in_thread(dev.kill, victim)
     await asyncio.sleep(10)
+    still = primary_of(dev, 0)
     await _in_thread(dev.restart, victim)
-    return {"killed": victim}
+    return {"killed": victim, "primary_kept": still == primary}
+
+
+def etcd_used_by(dev: DevCluster, node: str) -> str | None:
+    """The etcd member a Patroni node last selected (its log's "Selected new etcd server")."""
+    state = dev._state()
+    try:
+        lines = Path(state[node]["log"]).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    chosen = [ln.rsplit(" ", 1)[-1] for ln in lines if "Selected new etcd server" in ln]
+    for name, entry in state.items():
+        if entry.get("kind") == "etcd" and chosen and entry["url"] == chosen[-1]:
+            return name
+    return None
 
 
 def etcd_raft_leader(dev: DevCluster) -> str:
@@ -171,14 +191,19 @@ SCENARIOS = {s.name: s for s in (
     Scenario("pg-node", pg_node, "SIGKILL shard 0's primary node (Patroni + PostgreSQL)"),
     Scenario("nats-node", nats_node, "SIGKILL the NATS server leading the stream"),
     Scenario("relay-aggregator", relay_and_aggregator, "SIGKILL relay-0 and aggregator-0"),
-    Scenario("etcd-leader", etcd_leader, "SIGKILL the etcd Raft leader"),
+    Scenario("etcd-leader", etcd_leader,
+             "SIGKILL the etcd member shard 0's primary Patroni talks to"),
 )}
 
 
 async def run(dev: DevCluster, scenario: Scenario, warmup_s: float = 4.0,
-              after_s: float = 5.0, ledger: Ledger | None = None) -> dict[str, Any]:
-    """Load, fault, repair, more load, then verify: one row of docs/reliability.md."""
-    ledger = ledger or Ledger(dev.urls("api"))
+              after_s: float = 5.0, ledger: Ledger | None = None,
+              item_base: int = 0) -> dict[str, Any]:
+    """Load, fault, repair, more load, then verify: one row of docs/reliability.md.
+
+    Scenarios run one after another on one cluster each write items of their own
+    (``item_base``), so every ledger starts from items nobody liked yet."""
+    ledger = ledger or Ledger(dev.urls("api"), item_base=item_base)
     tasks = ledger.start()
     try:
         await asyncio.sleep(warmup_s)

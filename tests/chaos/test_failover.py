@@ -29,7 +29,7 @@ def ha_cluster(engines_dir: Path) -> Iterator[DevCluster]:
         require(engine)
     if missing_ha_binaries():
         pytest.skip("; ".join(missing_ha_binaries()))
-    dev = DevCluster(engines_dir / "ha-cluster", Layout(ha=True), settings=CHAOS_SETTINGS)
+    dev = DevCluster(engines_dir / "ha-cluster", Layout(ha=True, relays=2), settings=CHAOS_SETTINGS)
     dev.up()
     try:
         yield dev

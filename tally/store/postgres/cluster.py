@@ -65,6 +65,8 @@ class PgCluster:
         self.retries = retries
         self.failover_s = failover_s
         self.pools: list[asyncpg.Pool] = []
+        self._standby_pools: dict[int, asyncpg.Pool | None] = {}
+        self.standby_reads = 0  # reads served by a standby while a primary was unreachable
         self.retried = 0  # transactions run again after a deadlock or lock timeout
         self.unavailable = 0  # operations failed because a database was unreachable
         self._users = 0
@@ -83,6 +85,7 @@ class PgCluster:
                 for index, dsn in enumerate(self.dsns):
                     pool = await asyncpg.create_pool(
                         dsn, min_size=1, max_size=self.pool_max, command_timeout=60,
+                        timeout=5,  # connecting: a dead host is skipped for the next one
                         reset=_keep_session,
                         server_settings={"synchronous_commit": self.synchronous_commit,
                                          "lock_timeout": "10s",  # a safety net; then retried
@@ -105,6 +108,8 @@ class PgCluster:
 
     async def _close_pools(self) -> None:
         pools, self.pools = self.pools, []
+        pools += [p for p in self._standby_pools.values() if p is not None]
+        self._standby_pools.clear()
         for pool in pools:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pool.close(), 10)
@@ -134,6 +139,43 @@ class PgCluster:
                 return rows
 
         return await self.retrying("read", attempt)
+
+    async def read(self, db: int, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """A read that a standby may answer while the database has no reachable primary.
+
+        The standby of a synchronous pair has every acknowledged commit on disk, but may not
+        have replayed the last few milliseconds of them: such a read can miss a write acknowledged
+        just before the primary died. Without a standby in the DSN, it waits like ``fetch``.
+        """
+        try:
+            async with self.connection(db) as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+                return rows
+        except Unreachable:
+            pool = await self._standby_pool(db)
+            if pool is not None:
+                with contextlib.suppress(*UNREACHABLE):
+                    async with pool.acquire(timeout=5) as conn:
+                        rows = await conn.fetch(sql, *args)
+                        self.standby_reads += 1
+                        return rows
+        return await self.fetch(db, sql, *args)
+
+    async def _standby_pool(self, db: int) -> asyncpg.Pool | None:
+        """A small pool preferring a standby, for ``read``; None for a single-host DSN."""
+        async with self._lock:  # one pool per database, however many readers ask at once
+            if db in self._standby_pools:
+                return self._standby_pools[db]
+            dsn = self.dsns[db]
+            if "target_session_attrs=read-write" not in dsn:
+                self._standby_pools[db] = None
+            else:
+                self._standby_pools[db] = await asyncpg.create_pool(
+                    dsn.replace("target_session_attrs=read-write",
+                                "target_session_attrs=prefer-standby"),
+                    min_size=0, max_size=2, command_timeout=10, timeout=5, reset=_keep_session,
+                    server_settings={"application_name": "tally-standby-read"})
+        return self._standby_pools[db]
 
     async def retrying(self, what: str, attempt: Callable[[], Awaitable[T]],
                        idempotent: bool = True) -> T:
@@ -197,7 +239,7 @@ async def read_counts(cluster: PgCluster, keys: Collection[CountKey]) -> dict[Co
         by_db[cluster.map.db_of(item)].add(item)
     counters = sorted({c for c, _ in keys})
 
-    rows = await cluster.gather({db: cluster.fetch(db, _COUNTS, sorted(items), counters)
+    rows = await cluster.gather({db: cluster.read(db, _COUNTS, sorted(items), counters)
                                  for db, items in by_db.items()})
     wanted = set(keys)
     return {(r[0], r[1]): int(r[2]) for part in rows.values() for r in part

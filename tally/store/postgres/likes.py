@@ -267,7 +267,7 @@ class PostgresLikeStore:
     async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
         if not items:
             return []
-        rows = await self.cluster.fetch(
+        rows = await self.cluster.read(
             self.map.db_of(user), "SELECT t.item FROM unnest($3::text[]) AS k(item) JOIN toggles t "
             "ON t.counter = $1 AND t.user_id = $2 AND t.item = k.item WHERE t.state",
             counter, user, list(items))
