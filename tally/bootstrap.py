@@ -215,7 +215,8 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
     leases = PgLeases(s.postgres_dsns[0])  # the coordination database
     lease_period_s = s.lease_period_ms / 1000
     if "api" in roles and rt.redis is not None:
-        rt.tiered = TieredCounts(rt.redis, pg.counts, Breaker(threshold=1, cooldown_s=2.0))
+        rt.tiered = TieredCounts(rt.redis, pg.counts.for_serving(),
+                                 Breaker(threshold=1, cooldown_s=2.0))
         cache: LRU[CountKey, int] = LRU(s.cache_size, s.cache_ttl_s)
         reader = CountReader(rt.tiered, cache, rt.hot, cache_all=False, hot_ttl_s=s.hot_ttl_s,
                              sample=HOT_SAMPLE)

@@ -142,7 +142,7 @@ class Ledger:
             lost = await self.lost(http, url)
             r = await http.post(f"{url}/v1/admin/reconcile", json={"repair": False}, timeout=120)
             drifts = sum(len(p.get("drifts", [])) for p in _ndjson(r.text))
-        differ = {self.item_base + i: (g, w) for i, (g, w) in enumerate(zip(got, want, strict=True))
+        differ = {f"post:{self.item_base + i}": (g, w) for i, (g, w) in enumerate(zip(got, want, strict=True))
                   if g != w}
         return {"acked": self.acked, "lost": lost, "differ_served_wanted": differ,
                 "drift": sum(abs(g - w) for g, w in zip(got, want, strict=True)),

@@ -111,14 +111,14 @@ async def test_batch_reads_are_one_query_per_database(stores: Any) -> None:
     make, _ = stores
     store = await make()
     calls: list[int] = []
-    read = store.cluster.read
+    fetch = store.cluster.fetch
 
     async def counting(db: int, sql: str, *args: Any) -> list[asyncpg.Record]:
         calls.append(db)
-        rows: list[asyncpg.Record] = await read(db, sql, *args)
+        rows: list[asyncpg.Record] = await fetch(db, sql, *args)
         return rows
 
-    store.cluster.read = counting  # type: ignore[method-assign,unused-ignore]
+    store.cluster.fetch = counting  # type: ignore[method-assign,unused-ignore]
     await store.get([("like", f"post:{i}") for i in range(200)] + [("view", "post:1")])
     assert sorted(calls) == [0, 1]
 

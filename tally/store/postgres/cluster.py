@@ -230,8 +230,10 @@ _COUNTS = ("SELECT counter, item, count FROM counts "
            "WHERE counter = ANY($2::text[]) AND item = ANY($1::text[])")  # primary key (both)
 
 
-async def read_counts(cluster: PgCluster, keys: Collection[CountKey]) -> dict[CountKey, int]:
-    """Counts for the keys that have one: one query per database that holds some of the items."""
+async def read_counts(cluster: PgCluster, keys: Collection[CountKey],
+                      standby_ok: bool = False) -> dict[CountKey, int]:
+    """Counts for the keys that have one: one query per database that holds some of the items
+    (from a standby while a primary is unreachable, if ``standby_ok``)."""
     if not keys:
         return {}
     by_db: dict[int, set[str]] = defaultdict(set)
@@ -239,7 +241,8 @@ async def read_counts(cluster: PgCluster, keys: Collection[CountKey]) -> dict[Co
         by_db[cluster.map.db_of(item)].add(item)
     counters = sorted({c for c, _ in keys})
 
-    rows = await cluster.gather({db: cluster.read(db, _COUNTS, sorted(items), counters)
+    read = cluster.read if standby_ok else cluster.fetch
+    rows = await cluster.gather({db: read(db, _COUNTS, sorted(items), counters)
                                  for db, items in by_db.items()})
     wanted = set(keys)
     return {(r[0], r[1]): int(r[2]) for part in rows.values() for r in part

@@ -72,10 +72,17 @@ async def add_counts(conn: asyncpg.Connection, part: Part) -> dict[CountKey, int
 class PostgresCountStore:
     """Implements CountStore (see ``tally.store.ports``) over a ``PgCluster``."""
 
-    def __init__(self, cluster: PgCluster) -> None:
+    def __init__(self, cluster: PgCluster, standby_reads: bool = False) -> None:
         self.cluster = cluster
         self.map = cluster.map
         self.rolled_forward = 0  # intents finished on behalf of an earlier, interrupted call
+        self.standby_reads = standby_reads
+
+    def for_serving(self) -> PostgresCountStore:
+        """The same store for the read path, whose ``get`` a standby may answer while a shard
+        has no reachable primary. Workers keep the primary-only store: a value they read goes
+        into the cache under a log version, so it must not be older than that version."""
+        return PostgresCountStore(self.cluster, standby_reads=True)
 
     async def start(self) -> None:
         await self.cluster.start()
@@ -84,7 +91,7 @@ class PostgresCountStore:
         await self.cluster.close()
 
     async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
-        return await read_counts(self.cluster, set(keys))
+        return await read_counts(self.cluster, set(keys), standby_ok=self.standby_reads)
 
     async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
         rows = await self.cluster.fetch(
