@@ -105,7 +105,7 @@ class PartitionWorker:
             reader: LogReader | None = None
             try:
                 marks = await self.counts.watermarks(self.consumer)  # rolls forward intents
-                await self._settle_unsure()
+                await self._settle_unsure(marks)
                 reader = await self.events.reader(self.partition,
                                                   marks.get(stream_position(self.partition), 0))
                 self.stats.reading_at = self.stats.reading_at or time.time()
@@ -138,7 +138,8 @@ class PartitionWorker:
             await asyncio.shield(asyncio.wait_for(self._settle_and_flush(), 2.0))
 
     async def _settle_and_flush(self) -> None:
-        await self._settle_unsure()
+        if self._unsure is not None:
+            await self._settle_unsure(await self.counts.watermarks(self.consumer))
         await self._flush_dirty()
 
     async def _apply_loop(self, reader: LogReader, marks: dict[str, int]) -> None:
@@ -178,7 +179,7 @@ class PartitionWorker:
         """Apply everything the partition holds now, then return: for tests and tools."""
         last = (await self.events.last_seqs()).get(self.partition, 0)
         marks = await self.counts.watermarks(self.consumer)
-        await self._settle_unsure()
+        await self._settle_unsure(marks)
         reader = await self.events.reader(self.partition,
                                           marks.get(stream_position(self.partition), 0))
         total = 0
@@ -204,11 +205,19 @@ class PartitionWorker:
                 "after_lease_s": round(self.stats.first_apply_at - self.stats.gained_at, 3),
                 "reading_after_lease_s": round((self.stats.reading_at or 0) - self.stats.gained_at, 3)})
 
-    async def _settle_unsure(self) -> None:
+    async def _settle_unsure(self, marks: dict[str, int]) -> None:
+        """Rewrite the cache of a batch whose commit had an unknown outcome, from the store.
+
+        The version is the partition's committed position read (in ``marks``) before the
+        counts: the values hold at least that much of the log. The batch's own last sequence
+        would claim more when the batch did not commit, and the re-applied batch, read again in
+        other chunks, could then end below it and be refused by the cache: stale for good.
+        """
         if self._unsure is not None and self.cache is not None:
-            keys, version = self._unsure
+            keys, _ = self._unsure
             got = await self.counts.get(keys)
-            await self._write_cache({k: got.get(k, 0) for k in keys}, version)
+            await self._write_cache({k: got.get(k, 0) for k in keys},
+                                    marks.get(stream_position(self.partition), 0))
         self._unsure = None
 
     async def _write_cache(self, counts: dict[CountKey, int], version: int) -> None:
