@@ -50,7 +50,7 @@ POSTGRES_SUFFIX = ".postgres"
 def respawn_spec(engine: Engine) -> dict[str, Any]:
     kwargs = engine._popen_kwargs()
     return {"argv": engine._command(),
-            "popen": {k: kwargs[k] for k in ("user", "group", "env") if k in kwargs}}
+            "popen": {k: kwargs[k] for k in ("user", "group", "extra_groups", "env") if k in kwargs}}
 
 
 def alive(pid: int | None) -> bool:

@@ -34,7 +34,7 @@ def ha_cluster(engines_dir: Path) -> Iterator[DevCluster]:
     try:
         yield dev
     finally:
-        dev.down()
+        dev.down(timeout_s=3.0)  # throwaway data: no need to wait for clean shutdowns
 
 
 def roles_of(dev: DevCluster) -> dict[str, str]:
