@@ -18,6 +18,7 @@ identifies: Tally does not authenticate end users.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -55,10 +56,14 @@ LOOPBACK = Principal("loopback")
 
 def is_loopback(client: Any) -> bool:
     """``client`` is the ASGI scope's (host, port); a Unix socket (None) counts as local."""
-    if not client:
-        return True
+    return True if not client else _loopback_host(client[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _loopback_host(host: str) -> bool:
+    """Cached: parsing the address on every request would cost more than the rest of the check."""
     try:
-        return ipaddress.ip_address(client[0]).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
