@@ -117,3 +117,17 @@ def test_replace_validates() -> None:
     assert Settings().replace(port=1).port == 1
     with pytest.raises(ConfigError):
         Settings().replace(max_bulk_ops=0)
+
+
+def test_the_readme_table_is_what_tally_config_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's settings tables come from the one table: `tally config --markdown`."""
+    import argparse
+
+    from tally.cli import cmd_config
+
+    assert cmd_config(argparse.Namespace(markdown=True, config=None)) == 0
+    printed = capsys.readouterr().out.strip()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("**server**\n")
+    end = readme.index("\n\nCounters are defined in the file", start)
+    assert readme[start:end].strip() == printed, "regenerate it: tally config --markdown"
