@@ -29,7 +29,7 @@ from tests.faults.harness import ITEMS, USERS_PER_WORKER, WORKERS, Ledger, Pair,
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.integration]
 
-ROUNDS = int(os.environ.get("TALLY_CHAOS_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("TALLY_CHAOS_ROUNDS", "1"))
 BUDGET_S = float(os.environ.get("TALLY_CHAOS_SECONDS", "60"))
 # postgres_synchronous_commit: "on" (the default, asserted to lose nothing acknowledged) and "off"
 # (documented to lose the last moments of commits: measured). `make chaos-storage` runs both.

@@ -86,7 +86,7 @@ async def test_the_ledger_sees_the_losses_of_a_disk_that_ignores_fsync(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(load, server.url, ledger, int(lying), stop)
                 with anyio.fail_after(60):
-                    while ledger.acks < 40 * (1 + lying):
+                    while ledger.acks < 25 * (1 + lying):
                         await anyio.sleep(0.01)
                 if lying:
                     await anyio.to_thread.run_sync(server.kill_all)
