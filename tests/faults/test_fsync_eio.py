@@ -66,3 +66,4 @@ async def test_failed_wal_fsync_stops_writes_and_loses_nothing_acknowledged(
            acked_after_refusal=ledger.acked_after_refusal, unsynced_bytes_dropped=undone,
            losses=check.losses)
     assert check.losses == 0
+    assert not check.drift

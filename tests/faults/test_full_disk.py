@@ -77,3 +77,4 @@ async def test_full_disk_refuses_writes_keeps_reads_and_recovers_without_restart
     report("full-disk", refused_while_full=statuses.count(503), bulks_while_full=len(statuses),
            acknowledged=ledger.acks, losses=check.losses)
     assert check.losses == 0
+    assert not check.drift
