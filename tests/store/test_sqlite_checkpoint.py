@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tally.core.errors import Unavailable
 from tally.store.sqlite.checkpoint import BACKSTOP_PAGES, Checkpointer
 from tally.store.sqlite.schema import counts_path
 from tally.store.sqlite.store import SqliteStore
@@ -79,3 +80,56 @@ def test_a_failing_checkpoint_is_counted_and_the_thread_goes_on(tmp_path: Path) 
         c.stop()
     with pytest.raises(RuntimeError):
         c.run_once()
+
+
+class _FailingConn:
+    """A connection whose checkpoint meets an I/O error, as a failed fsync of the WAL gives."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def execute(self, sql: str) -> sqlite3.Cursor:
+        self.calls += 1
+        exc = sqlite3.OperationalError("disk I/O error")
+        exc.sqlite_errorcode = 4874  # SQLITE_IOERR_FSYNC
+        raise exc
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_io_error_stops_checkpoints_for_good(tmp_path: Path) -> None:
+    """Regression (found by tests/faults/test_fsync_eio.py): after a failed fsync the next one
+    "succeeds", and a checkpoint then copied WAL frames that never reached the disk into the
+    database file, where a power cut left them under the WAL's older frames: counts off a
+    recount. An I/O error now stops the checkpoints until a restart."""
+    failing = _FailingConn()
+    c = Checkpointer(lambda: failing, {"x": "main"})  # type: ignore[arg-type,return-value]
+    c._conn = failing  # type: ignore[assignment]
+    c.tick()
+    c.tick()
+    assert failing.calls == 1 and c.io_error is not None and c.failures == 1
+
+
+def test_no_checkpoint_once_a_sync_failed_elsewhere(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "x.db", check_same_thread=False)
+    halted = [False]
+    c = Checkpointer(lambda: conn, {"x": "main"}, halted=lambda: halted[0])
+    c._conn = conn
+    c.tick()
+    halted[0] = True
+    c.tick()
+    assert c.checkpoints == 1
+    conn.close()
+
+
+async def test_a_failed_checkpoint_io_stops_the_counts(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "tally.db")
+    await store.start()
+    try:
+        await store.write([like("u1", "post:1")])
+        store.checkpointer.io_error = sqlite3.OperationalError("disk I/O error")
+        with pytest.raises(Unavailable):
+            await store.aggregate("aggregator", 1000, [])
+    finally:
+        await store.close()

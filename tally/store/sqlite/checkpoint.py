@@ -29,13 +29,18 @@ INTERVAL_S = 0.05
 # Rare backstops keep those commits rare; the price is a WAL file of up to ~400 MB under
 # sustained writes, reused from its start after each restart.
 BACKSTOP_PAGES = 100_000
+SQLITE_IOERR = 10  # the primary result code of every I/O error (fsync's included)
 
 
 class Checkpointer:
     def __init__(self, open_conn: Callable[[], sqlite3.Connection], files: Mapping[str, str],
-                 interval_s: float = INTERVAL_S) -> None:
-        """``files``: each file's name (for metrics) and its schema on the opened connection."""
+                 interval_s: float = INTERVAL_S,
+                 halted: Callable[[], bool] = lambda: False) -> None:
+        """``files``: each file's name (for metrics) and its schema on the opened connection.
+        ``halted``: true once a sync of a file failed elsewhere; no checkpoint runs after that."""
         self._open = open_conn
+        self._halted = halted
+        self.io_error: sqlite3.Error | None = None  # a failed checkpoint's I/O: see tick()
         self.files = dict(files)
         self.interval_s = interval_s
         self.checkpoints = 0
@@ -71,10 +76,24 @@ class Checkpointer:
             self.wal_frames[name] = max(int(frames), 0)
         self.checkpoints += 1
 
+    def tick(self) -> None:
+        """One round, unless a sync failed: then no checkpoint runs until a restart. A failed
+        fsync leaves pages the kernel could not write marked clean, so the next one "succeeds";
+        a checkpoint would then copy WAL frames that never reached the disk into the database
+        file and make them durable there, while the WAL on disk lacks them: after a power cut,
+        the WAL's older frames would shadow newer pages of the database file."""
+        if self.io_error is not None or self._halted():
+            return
+        try:
+            self.run_once()
+        except sqlite3.Error as exc:  # the writers' backstop still checkpoints meanwhile
+            self.failures += 1
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == SQLITE_IOERR:
+                self.io_error = exc
+                log.error("checkpoint I/O failed: checkpoints stop", extra={"error": str(exc)})
+            else:  # busy, or a full disk: the next round may succeed
+                log.warning("checkpoint failed", extra={"error": str(exc)})
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.run_once()
-            except sqlite3.Error as exc:  # the writers' backstop still checkpoints meanwhile
-                self.failures += 1
-                log.warning("checkpoint failed", extra={"error": str(exc)})
+            self.tick()

@@ -93,7 +93,8 @@ class SqliteStore:
             before_commit=self._sync_likes if self.likes_syncs else None)
         files = {"counts": "main", **{likes_schema(k): likes_schema(k)
                                       for k in range(likes_shards)}}
-        self.checkpointer = Checkpointer(lambda: self._connect(writes="counts"), files)
+        self.checkpointer = Checkpointer(lambda: self._connect(writes="counts"), files,
+                                         halted=self._sync_failed)
         # One writer process per shard of the like records, each owning its file and keeping its
         # own account of the deltas the counts do not hold yet (exact answers).
         self.writer_processes = [
@@ -114,8 +115,9 @@ class SqliteStore:
         write and marked them clean, so the next sync succeeds without them, and counts derived
         from them would then outlive a power cut that the events did not. The same once a likes
         writer reports a failed sync of its own: its descriptor saw the error, ours may not."""
-        if self.likes_sync_error is None and any(p.sync_failed for p in self.writer_processes):
-            self.likes_sync_error = OSError(errno.EIO, "a likes writer's WAL sync failed")
+        if self.likes_sync_error is None and self._sync_failed():
+            self.likes_sync_error = OSError(errno.EIO, "a likes writer's WAL sync or a "
+                                                       "checkpoint's I/O failed")
         if self.likes_sync_error is not None:
             raise OSError(errno.EIO, f"counts stopped after a failed likes WAL sync: "
                                      f"{self.likes_sync_error}")
@@ -125,6 +127,13 @@ class SqliteStore:
         except OSError as exc:
             self.likes_sync_error = exc
             raise
+
+    def _sync_failed(self) -> bool:
+        """A sync of the like records failed somewhere: in a likes writer, in the counts
+        writer's own sync (``_sync_likes``), or in a checkpoint (whose sync may be the one that
+        met the error, leaving the others to "succeed")."""
+        return (self.likes_sync_error is not None or self.checkpointer.io_error is not None
+                or any(p.sync_failed for p in self.writer_processes))
 
     def _connect(self, writes: str, readonly: bool = False) -> sqlite3.Connection:
         return connect(self.path, self.synchronous, readonly=readonly, writes=writes,
