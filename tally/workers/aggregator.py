@@ -70,7 +70,11 @@ class Aggregator:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            # A round holds the lock from its read to its trim: cancelled in between, it would
+            # leave applied events in the log (and a batch of cache writes undone). Let the round
+            # in progress finish, then cancel the task where it waits.
+            async with self._lock:
+                self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None

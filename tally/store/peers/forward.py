@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import orjson
 
-from tally.core.errors import InvalidInput, Unavailable
+from tally.core.errors import InvalidInput, RateLimited, TallyError, Unavailable
 from tally.core.model import IncrOp, Op, OpResult, split_item
 
 
@@ -52,12 +52,29 @@ class HttpRemoteWriter:
                 {"ops": [_body(op) for op in ops]}), headers={"content-type": "application/json"})
         except httpx.HTTPError as exc:
             raise Unavailable(f"region {region} is unreachable: {exc!r}") from exc
-        if resp.status_code >= 500:
-            raise Unavailable(f"region {region} answered {resp.status_code}")
-        if resp.status_code != 200:
-            raise InvalidInput(f"region {region} refused a forwarded write: {resp.text[:200]}")
-        return [OpResult(changed=r["changed"], count=r["count"], state=r.get("state"))
-                for r in resp.json()["results"]]
+        if resp.status_code == 200:
+            return [OpResult(changed=r["changed"], count=r["count"], state=r.get("state"))
+                    for r in resp.json()["results"]]
+        raise _refusal(region, resp)
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+def _refusal(region: str, resp: httpx.Response) -> TallyError:
+    """The home region's refusal, as this region answers it. A rate limit is the user's and
+    passes through with its wait; a refused credential is this deployment's misconfigured
+    region key, not the client's fault (503); anything else the client sent is invalid there."""
+    if resp.status_code == 429:
+        retry_after = float(resp.headers.get("retry-after", "1") or 1)
+        return RateLimited(f"region {region}: {_message(resp)}", None, retry_after)
+    if resp.status_code >= 500 or resp.status_code in (401, 403):
+        return Unavailable(f"region {region} answered {resp.status_code}: {_message(resp)}")
+    return InvalidInput(f"region {region} refused a forwarded write: {_message(resp)}")
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json()["error"]["message"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return resp.text[:200]
