@@ -33,6 +33,7 @@ from tally_dev.engines import (
     NatsEngine,
     PostgresEngine,
     RedisEngine,
+    http_ok,
     missing_binaries,
 )
 from tally_dev.ha import EtcdEngine, missing_ha_binaries
@@ -75,10 +76,7 @@ class TallyProcess(Engine):
         return {"env": {**os.environ, **self.env}}
 
     def _ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
+        return http_ok(f"{self.url}/readyz")
 
     @property
     def url(self) -> str:
@@ -182,14 +180,10 @@ class DevCluster:
     # -- down and status ----------------------------------------------------------------------
 
     def _state(self) -> dict[str, dict[str, Any]]:
-        try:
-            state: dict[str, dict[str, Any]] = json.loads(self.state_file.read_text())
-            return state
-        except FileNotFoundError:
-            return {}
+        return ops.read_state(self.state_file)
 
     def _live_pids(self) -> list[int]:
-        return [e["pid"] for e in self._state().values() if _alive(e["pid"])]
+        return [e["pid"] for e in self._state().values() if ops.alive(e["pid"])]
 
     def down(self, timeout_s: float = 20.0) -> list[str]:
         """Stop the Tally processes, then the engines (clean shutdown, SIGKILL if they hang)."""
@@ -231,7 +225,7 @@ class DevCluster:
         rows = []
         for name, entry in state.items():
             row: dict[str, Any] = {"name": name, "pid": entry["pid"], "url": _public(entry["url"]),
-                                   "running": _alive(entry["pid"]), **ha_roles.get(name, {})}
+                                   "running": ops.alive(entry["pid"]), **ha_roles.get(name, {})}
             if entry.get("kind") == "patroni":
                 rows.append(self._postgres_row(name, entry, row))
             if entry.get("kind") == "etcd":
@@ -281,31 +275,17 @@ def _public(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1@", url)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of this process is not alive
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        return done == 0
-    except ChildProcessError:
-        return True
-
-
 def _stop_group(pid: int, sig: int, timeout_s: float) -> bool:
     """Signal a process group, wait for its leader to go, SIGKILL the group if it hangs."""
-    if not _alive(pid):
+    if not ops.alive(pid):
         return False
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
     deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while ops.alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    while _alive(pid) and time.monotonic() < deadline + 10:
+    while ops.alive(pid) and time.monotonic() < deadline + 10:
         time.sleep(0.05)
     return True

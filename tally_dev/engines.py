@@ -73,6 +73,16 @@ def _listening(port: int) -> bool:
 # -- the common process handling ----------------------------------------------------------------
 
 
+
+def http_ok(url: str) -> bool:
+    """Whether a GET of ``url`` answers 200 within a second: the readiness probe of every engine
+    and server that serves one over HTTP."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
 class Engine:
     """One engine server process in ``root``, on a loopback port fixed for the engine's life.
 
@@ -398,12 +408,7 @@ class NatsEngine(Engine):
         return [str(nats), "-c", str(self.config)]
 
     def _ready(self) -> bool:
-        url = f"http://{HOST}:{self.monitor_port}/healthz"
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ok(f"http://{HOST}:{self.monitor_port}/healthz")
 
     @property
     def url(self) -> str:

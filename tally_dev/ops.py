@@ -53,6 +53,15 @@ def respawn_spec(engine: Engine) -> dict[str, Any]:
             "popen": {k: kwargs[k] for k in ("user", "group", "extra_groups", "env") if k in kwargs}}
 
 
+def read_state(path: Path) -> dict[str, dict[str, Any]]:
+    """A cluster's state file (name -> entry), empty when nothing was started from it."""
+    try:
+        state: dict[str, dict[str, Any]] = json.loads(path.read_text())
+        return state
+    except FileNotFoundError:
+        return {}
+
+
 def alive(pid: int | None) -> bool:
     if pid is None:
         return False

@@ -12,15 +12,18 @@ import os
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tally_dev.engine_bins import nats_bin, pg_bin, require_binary
-from tally_dev.engines import Engine, EngineError, NatsEngine, PostgresEngine, RedisEngine
+from tally_dev.engines import (
+    Engine,
+    EngineError,
+    NatsEngine,
+    PostgresEngine,
+    RedisEngine,
+    http_ok,
+)
 from tally_dev.netns import RegionNet
 
 
@@ -110,12 +113,7 @@ class NetNats(NatsEngine):
         return [*self.prefix, str(require_binary("nats", nats_bin())), "-c", str(self.config)]
 
     def _ready(self) -> bool:
-        url = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return http_ok(f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true")
 
     @property
     def url(self) -> str:
@@ -175,10 +173,7 @@ class NetTally(Engine):
         return {"env": dict(os.environ)}
 
     def _ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200
-        except httpx.TransportError:
-            return False
+        return http_ok(f"{self.url}/readyz")
 
     @property
     def url(self) -> str:

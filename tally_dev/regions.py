@@ -26,9 +26,10 @@ import httpx
 
 from tally import regions_admin
 from tally.settings import load
-from tally_dev.cluster import _alive, _stop_group, _toml_value
+from tally_dev.cluster import _stop_group, _toml_value
 from tally_dev.engines import Engine, EngineError, free_port, missing_binaries
 from tally_dev.netns import RegionNet, available
+from tally_dev.ops import alive, read_state
 from tally_dev.region_engines import NetNats, NetPostgres, NetRedis, NetTally
 
 DEFAULT_ROOT = Path("/tmp/tally-regions")
@@ -91,7 +92,7 @@ class RegionCluster:
     def up(self, count: int = 2, net: int = 7) -> None:
         if (why := available()) is not None or (why := "; ".join(str(m) for m in missing_binaries())):
             raise EngineError(why)
-        if any(_alive(e["pid"]) for e in self._state().values()):
+        if any(alive(e["pid"]) for e in self._state().values()):
             raise EngineError(f"regions already run from {self.root}; `tally cluster down` first")
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o711)  # PostgreSQL runs as an unprivileged user that must enter it
@@ -174,11 +175,7 @@ class RegionCluster:
         self.state_file.write_text(json.dumps(state, indent=2))
 
     def _state(self) -> dict[str, dict[str, Any]]:
-        try:
-            state: dict[str, dict[str, Any]] = json.loads(self.state_file.read_text())
-            return state
-        except FileNotFoundError:
-            return {}
+        return read_state(self.state_file)
 
     def down(self) -> list[str]:
         stopped = []
@@ -314,7 +311,7 @@ class RegionCluster:
         state = self._state()
         out: dict[str, Any] = {"cut": [list(p) for p in self.net.cut()], "regions": {}}
         for region in self.regions:
-            procs = [{"name": n, "kind": e["kind"], "pid": e["pid"], "running": _alive(e["pid"]),
+            procs = [{"name": n, "kind": e["kind"], "pid": e["pid"], "running": alive(e["pid"]),
                       "url": e["url"].split("@")[-1]}
                      for n, e in state.items() if e["region"] == region]
             detail = self.readiness(region)
