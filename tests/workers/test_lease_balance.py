@@ -13,11 +13,10 @@ from collections.abc import Callable
 import pytest
 
 from tally.core.errors import Unavailable
-from tally.workers.leases import LeaseSet
+from tests.workers.owners import Owners
 
 pytestmark = pytest.mark.anyio
 
-KEYS = [f"p{n}" for n in range(8)]
 
 
 class MemoryLeases:
@@ -89,31 +88,6 @@ class MemorySession:
                 del self.store.locks[key]
 
 
-class Owners:
-    """Who runs each key; fails the test if two live members ever run the same one."""
-
-    def __init__(self) -> None:
-        self.owner: dict[str, str] = {}
-        self.crashed: set[str] = set()  # a crashed member runs on until it notices
-
-    def member(self, leases: Link, name: str) -> LeaseSet:
-        async def gain(key: str) -> None:
-            runner = self.owner.get(key)
-            assert runner is None or runner in self.crashed, f"{key}: {name} gained, {runner} runs"
-            self.owner[key] = name
-
-        async def lose(key: str) -> None:
-            if self.owner.get(key) == name:
-                del self.owner[key]
-            else:
-                assert name in self.crashed
-
-        return LeaseSet(leases, "test", KEYS, gain, lose, period_s=0.005)
-
-    def held(self) -> list[int]:
-        return sorted(list(self.owner.values()).count(n) for n in ("a", "b", "c"))
-
-
 async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
     start = time.monotonic()
     while not cond():
@@ -124,17 +98,17 @@ async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
 async def test_members_take_fair_shares_and_take_over_a_lost_sessions_keys() -> None:
     leases, owners = MemoryLeases(), Owners()
     links = {n: Link(leases) for n in ("a", "b", "c")}
-    a, b, c = (owners.member(links[n], n) for n in ("a", "b", "c"))
+    a, b, c = (owners.member(links[n], n, period_s=0.005) for n in ("a", "b", "c"))
     for member in (a, b, c):
         member.start()
-    await until(lambda: owners.held() == [2, 3, 3])
+    await until(lambda: owners.shares(("a", "b", "c")) == [2, 3, 3])
     owners.crashed.add("c")
     links["c"].cut()
     await until(lambda: c.stats.lost >= 1 and "c" not in owners.owner.values()
-                and owners.held() == [0, 4, 4])
+                and owners.shares(("a", "b", "c")) == [0, 4, 4])
     owners.crashed.clear()
     links["c"].up = True
-    await until(lambda: owners.held() == [2, 3, 3])  # c joins again with a new session
+    await until(lambda: owners.shares(("a", "b", "c")) == [2, 3, 3])  # c joins again with a new session
     for member in (a, b, c):
         await member.stop()
     assert owners.owner == {} and leases.locks == {} and leases.slots["test"] == set()

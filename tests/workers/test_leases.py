@@ -9,37 +9,9 @@ from collections.abc import Callable
 import pytest
 
 from tally.store.postgres.leases import PgLeases, PgLeaseSession
-from tally.workers.leases import LeaseSet
+from tests.workers.owners import Owners
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
-
-KEYS = [f"p{n}" for n in range(8)]
-
-
-class Owners:
-    """Who runs each key; fails the test if two members ever run the same one."""
-
-    def __init__(self) -> None:
-        self.owner: dict[str, str] = {}
-        self.crashed: set[str] = set()  # a crashed member's work may overlap (the fence's job)
-
-    def member(self, dsn: str, name: str) -> LeaseSet:
-        async def gain(key: str) -> None:
-            runner = self.owner.get(key)
-            assert runner is None or runner in self.crashed, f"{key}: {name} gained, {runner} runs"
-            self.owner[key] = name
-
-        async def lose(key: str) -> None:
-            if self.owner.get(key) == name:
-                del self.owner[key]
-            else:
-                assert name in self.crashed
-
-        return LeaseSet(PgLeases(dsn), "test", KEYS, gain, lose, period_s=0.05)
-
-    def held(self, name: str) -> int:
-        return sum(1 for v in self.owner.values() if v == name)
-
 
 async def until(cond: Callable[[], bool], timeout_s: float = 10.0) -> float:
     start = time.monotonic()
@@ -53,7 +25,7 @@ async def test_members_share_keys_and_a_dead_members_keys_are_taken_over(pg_data
                                                                          Callable[[], str]) -> None:
     dsn = pg_database()
     owners = Owners()
-    a, b = owners.member(dsn, "a"), owners.member(dsn, "b")
+    a, b = (owners.member(PgLeases(dsn), n, period_s=0.05) for n in ("a", "b"))
     a.start()
     await until(lambda: owners.held("a") == 8)
     b.start()
