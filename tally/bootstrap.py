@@ -144,9 +144,12 @@ def build_for(settings: Settings) -> AppRuntime:
     return build(settings)
 
 
-def build(settings: Settings) -> Runtime:
+def build(settings: Settings, writers_dir: Path | None = None) -> Runtime:
+    """The embedded runtime of one API process, or of the first of several (``writers_dir``:
+    where its likes writers listen for the others, see ``build_api_process``)."""
     store = SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous,
-                        likes_shards=settings.sqlite_likes_shards, log_level=settings.log_level)
+                        likes_shards=settings.sqlite_likes_shards, log_level=settings.log_level,
+                        writers_dir=writers_dir)
     hot = SpaceSaving()
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,
@@ -159,6 +162,63 @@ def build(settings: Settings) -> Runtime:
                              on_write=aggregator.notify)
     metrics = Metrics()
     runtime = Runtime(settings, store, service, aggregator, metrics, hot)
+    metrics.add_state(runtime.state)
+    return runtime
+
+
+@dataclass
+class ApiProcessRuntime:
+    """One of the other API processes of ``tally serve --workers N`` on SQLite: writes go to the
+    first process's likes writers over their sockets, reads straight to the files. No aggregator
+    or checkpoints here (the first process runs them), so no count cache written through by an
+    aggregator either: a count is read from the count table, as fresh as the first process's
+    cache, and only hot items are held for ``hot_ttl_s``, as in the cluster."""
+
+    settings: Settings
+    store: SqliteStore
+    service: CounterService
+    metrics: Metrics
+    hot: SpaceSaving
+
+    async def start(self) -> None:
+        await self.store.start()
+        log.info("tally API process started", extra={"backend": "sqlite",
+                                                     "db": str(self.store.path)})
+
+    async def stop(self) -> None:
+        await self.store.close()
+
+    async def readiness(self) -> tuple[bool, dict[str, object]]:
+        try:
+            head, applied, _oldest = await self.store.lag("aggregator")
+        except Exception as exc:
+            return False, {"reason": str(exc)}
+        down = [k for k, proc in enumerate(self.store.writer_processes) if not proc.running]
+        if down:
+            return False, {"reason": f"likes writer process of shard(s) {down} is restarting"}
+        return True, {"aggregator_lag_events": max(head - applied, 0)}
+
+    def state(self) -> list[Sample]:
+        cache = self.service.reader.cache
+        lookups = cache.hits + cache.misses
+        return [("gauge", "tally_cache_hit_ratio", "Count cache hits / lookups",
+                 cache.hits / lookups if lookups else 0.0, {}),
+                ("gauge", "tally_cache_entries", "Counts held in the in-process cache",
+                 float(len(cache)), {})]
+
+
+def build_api_process(settings: Settings, writers_dir: Path) -> ApiProcessRuntime:
+    store = SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous,
+                        likes_shards=settings.sqlite_likes_shards, log_level=settings.log_level,
+                        writers_dir=writers_dir, owner=False)
+    hot = SpaceSaving()
+    cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
+    reader = CountReader(store, cache, hot, cache_all=False, hot_ttl_s=settings.hot_ttl_s,
+                         sample=HOT_SAMPLE)
+    service = CounterService(schema_of(settings), store, store, reader, store, settings.region,
+                             Limits(settings.max_batch_items, settings.max_bulk_ops))
+    metrics = Metrics()
+    runtime = ApiProcessRuntime(settings, store, service, metrics, hot)
     metrics.add_state(runtime.state)
     return runtime
 

@@ -58,7 +58,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     common: dict[str, Any] = {"host": s.host, "port": s.port, "loop": "uvloop",
                               "log_config": None, "access_log": s.access_log,
                               "timeout_graceful_shutdown": 10, **uvicorn_options(s)}
-    if s.workers > 1:  # each worker process builds its app from the same file and environment
+    if s.workers > 1 and s.backend == "sqlite":  # one likes writer, several API processes
+        from tally.api.processes import serve
+
+        serve(s)
+    elif s.workers > 1:  # each worker process builds its app from the same file and environment
         if args.config:
             os.environ["TALLY_CONFIG"] = args.config
         uvicorn.run("tally.api.app:create_app_from_env", factory=True, workers=s.workers, **common)

@@ -64,7 +64,9 @@ class Settings:
 
     host: str = _s("127.0.0.1", G.SERVER, "Address the HTTP API listens on")
     port: int = _s(8080, G.SERVER, "Port the HTTP API listens on")
-    workers: int = _s(1, G.SERVER, "uvicorn worker processes (embedded SQLite mode needs exactly 1)")
+    workers: int = _s(1, G.SERVER, "API processes on the one port (embedded SQLite: the first also "
+                                    "runs the likes writer and the aggregation, the others write "
+                                    "through it and read the files directly)")
     region: str = _s("local", G.SERVER,
                      "Region stamped on events that do not name one (for rollups)")
     log_level: str = _s("INFO", G.SERVER, "Log level (DEBUG, INFO, WARNING, ERROR)")
@@ -259,7 +261,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
 _MINIMA = dict.fromkeys(("cache_size", "max_batch_items", "max_bulk_ops", "max_body_bytes",
                          "logical_shards", "log_partitions", "postgres_pool_max",
                          "outbox_slots", "redis_ttl_s", "sqlite_likes_shards",
-                         "max_connections", "max_connections_per_client"), 1)
+                         "max_connections", "max_connections_per_client", "workers"), 1)
 
 
 def _validate_security(s: Settings) -> None:
@@ -308,8 +310,6 @@ def validate(s: Settings) -> Settings:
         raise ConfigError("backend must be 'sqlite' or 'cluster'")
     if s.role not in ("api", "relay", "aggregator", "all"):
         raise ConfigError("role must be api, relay, aggregator or all")
-    if s.backend == "sqlite" and s.workers != 1:
-        raise ConfigError("workers must be 1 with the embedded sqlite backend (one writer process)")
     if s.backend == "sqlite" and s.role != "all":
         raise ConfigError("roles (api, relay, aggregator) need backend 'cluster'")
     if s.backend == "cluster" and not s.postgres_dsns:

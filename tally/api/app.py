@@ -7,7 +7,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 from tally.api import schemas as s
 from tally.api.auth import Guard, KeyFile, load_admin_token
@@ -38,6 +38,15 @@ def _asset(name: str, media: bytes) -> Route:
     return Route("GET", f"/docs/{name}", serve, access="public")
 
 
+class Companions(Protocol):
+    """Processes that serve beside this one (``tally.api.processes``): started once the runtime
+    is up, stopped before it stops."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
 class TallyApp(HttpApp):
     """The API of one process; ``runtime`` is what it serves (also as ``state.runtime``)."""
 
@@ -45,6 +54,7 @@ class TallyApp(HttpApp):
         self.runtime = rt
         self.state = SimpleNamespace(runtime=rt)
         self.owns_process = owns_process
+        self.others: Companions | None = None
         self._background: list[asyncio.Task[None]] = []
         self._unwatch_gc: Any = None
         self._openapi: bytes | None = None
@@ -73,6 +83,8 @@ class TallyApp(HttpApp):
 
     async def _start(self) -> None:
         await self.runtime.start()
+        if self.others is not None:
+            await self.others.start()
         if self.owns_process:
             tune_gc()
         self._background = [asyncio.create_task(watch_loop_lag(self.runtime.metrics),
@@ -100,6 +112,8 @@ class TallyApp(HttpApp):
             self._unwatch_gc()
             self._unwatch_gc = None
         await cancel_all(self._background)
+        if self.others is not None:
+            await self.others.stop()
         await self.runtime.stop()
 
     @asynccontextmanager

@@ -32,7 +32,12 @@ from tally.store.sqlite.ops import watermark as _watermark
 from tally.store.sqlite.reconcile import reconcile_chunk
 from tally.store.sqlite.schema import connect, likes_path, likes_schema
 from tally.store.sqlite.writer import MAX_OPS, GroupCommitWriter, Tx, WalSync, pipelines_sync
-from tally.store.sqlite.writer_process import WriterConfig, WriterProcess
+from tally.store.sqlite.writer_process import (
+    WriterClient,
+    WriterConfig,
+    WriterProcess,
+    writer_socket,
+)
 
 T = TypeVar("T")
 
@@ -73,7 +78,14 @@ class SqliteStore:
     """Implements LikeStore, ChangeLog, CountStore and Recounter (see ``tally.store.ports``)."""
 
     def __init__(self, path: Path, *, synchronous: str = "FULL", likes_shards: int = 1,
-                 log_level: str = "INFO") -> None:
+                 log_level: str = "INFO", writers_dir: Path | None = None,
+                 owner: bool = True) -> None:
+        """With several API processes (``tally serve --workers N``), the first one is the
+        ``owner``: it runs the likes writer processes (listening in ``writers_dir`` for the
+        others), the checkpoints and the aggregation. The others (``owner=False``) write
+        through those writers' sockets and read the files directly; each still has a counts
+        writer for the admin jobs that write counts (a reconcile), which SQLite's file lock
+        serialises with the owner's."""
         if likes_shards < 1:
             raise ConfigError("sqlite_likes_shards must be at least 1")
         self.path = Path(path)
@@ -97,9 +109,11 @@ class SqliteStore:
                                          halted=self._sync_failed)
         # One writer process per shard of the like records, each owning its file and keeping its
         # own account of the deltas the counts do not hold yet (exact answers).
-        self.writer_processes = [
-            WriterProcess(WriterConfig(self.path, self.synchronous, shard, log_level))
-            for shard in range(likes_shards)]
+        self.owner = owner
+        configs = [WriterConfig(self.path, self.synchronous, shard, log_level,
+                                writer_socket(writers_dir, shard) if writers_dir else None)
+                   for shard in range(likes_shards)]
+        self.writer_processes = [WriterProcess(c) if owner else WriterClient(c) for c in configs]
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._trimmed: dict[int, int] = {}  # per shard: the log position trimmed through
@@ -145,6 +159,12 @@ class SqliteStore:
         return conn
 
     async def start(self) -> None:
+        if not self.owner:
+            for proc in self.writer_processes:
+                await proc.start()
+            self.counts_writer.start()
+            self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tally-sqlite-read")
+            return
         await self.writer_processes[0].start()  # shard 0 first: it creates or migrates the schema
         await asyncio.to_thread(self._check_shards)
         for proc in self.writer_processes[1:]:
@@ -154,7 +174,8 @@ class SqliteStore:
         self.checkpointer.start()
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.checkpointer.stop)
+        if self.owner:
+            await asyncio.to_thread(self.checkpointer.stop)
         await self.counts_writer.stop()
         for proc in self.writer_processes:
             await proc.stop()

@@ -71,11 +71,19 @@ class WriterConfig:
     synchronous: str = "FULL"
     shard: int = 0  # of the like records: this writer's file is likes_path(path, shard)
     log_level: str = "INFO"
+    # Where the other API processes of ``tally serve --workers N`` connect (a Unix socket in a
+    # directory only this user can enter); None with one API process.
+    listen: Path | None = None
 
     @property
     def source(self) -> str:
         """Its change log's name in the watermarks."""
         return source_of(self.shard)
+
+
+def writer_socket(directory: Path, shard: int) -> Path:
+    """Where shard ``shard``'s likes writer listens for the other API processes."""
+    return directory / f"likes{shard}.sock"
 
 
 def _to_wire(op: Op) -> tuple[Any, ...]:
@@ -201,20 +209,14 @@ class _Child:
             await _send(writer, (READY, False, f"{type(exc).__name__}: {exc}", self.counters()))
             writer.close()
             return
+        server = await self._listen()
         await _send(writer, (READY, True, os.getpid(), self.counters()))
         pending: set[asyncio.Task[None]] = set()
         try:
-            while True:
-                try:
-                    req_id, kind, payload = await _receive(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return  # the server is gone: nothing can be acknowledged any more
-                if kind == STOP:
-                    return
-                task = asyncio.create_task(self._answer(writer, req_id, kind, payload))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
+            await self._requests(reader, writer, pending)
         finally:
+            if server is not None:
+                server.close()
             await self.writer.stop()  # commits what is queued, then closes the connection
             if self.wal_sync is not None:
                 self.wal_sync.close()
@@ -223,6 +225,46 @@ class _Child:
             for conn in self._readers.values():
                 conn.close()
             writer.close()
+
+    async def _listen(self) -> asyncio.AbstractServer | None:
+        """The socket the other API processes write through. A dead predecessor's file is
+        removed first; the directory it lives in is private to the server's user."""
+        path = self.config.listen
+        if path is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        server = await asyncio.start_unix_server(self._client, path=str(path))
+        path.chmod(0o600)
+        return server
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Another API process: the same requests and answers as the server's own socket. Its
+        going away ends only its own connection (what it has in flight still commits)."""
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            await _send(writer, (READY, True, os.getpid(), self.counters()))
+            await self._requests(reader, writer, pending)
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        pending: set[asyncio.Task[None]]) -> None:
+        """Reads requests until the peer says stop or goes away, each answered when done."""
+        while True:
+            try:
+                req_id, kind, payload = await _receive(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # the peer is gone: nothing can be acknowledged to it any more
+            if kind == STOP:
+                return
+            task = asyncio.create_task(self._answer(writer, req_id, kind, payload))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
 
     async def _answer(self, writer: asyncio.StreamWriter, req_id: int, kind: int,
                       payload: Any) -> None:
@@ -403,3 +445,41 @@ class WriterProcess:
             self.restarts += 1
             log.warning("likes writer process restarted", extra={"pid": self.pid})
             return
+
+
+class WriterClient(WriterProcess):
+    """Another API process's handle on a likes writer that the first API process runs: the same
+    requests over the writer's Unix socket (``WriterConfig.listen``). If the writer dies, the
+    writes in flight fail with 503, and this reconnects once the first process has started a
+    new one."""
+
+    async def start(self) -> None:
+        self._stopping = False
+        path = self.config.listen
+        if path is None:
+            raise RuntimeError("a likes writer client needs the writer's socket")
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        try:
+            req_id, ok, pid, _counters = await asyncio.wait_for(_receive(reader), 60)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError) as exc:
+            writer.close()
+            raise RuntimeError(f"the likes writer at {path} did not answer") from exc
+        if req_id != READY or not ok:
+            writer.close()
+            raise RuntimeError(f"the likes writer at {path} refused: {pid}")
+        self._writer, self.pid = writer, pid
+        self._receiver = asyncio.create_task(self._receive_loop(reader),
+                                             name="tally-writer-answers")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._restarting is not None:
+            self._restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._restarting
+        if self._writer is not None:
+            self._writer.close()
+        if self._receiver is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._receiver
+        self._writer = self._receiver = None
