@@ -75,11 +75,17 @@ class ShardMap:
             raise ConfigError("a shard map needs at least one logical shard and one database")
         if databases > shards:
             raise ConfigError(f"{databases} databases but only {shards} logical shards")
-        table = parse_ranges(ranges, shards, databases) if ranges else even_split(shards, databases)
-        unused = set(range(databases)) - set(table)
-        if unused:
-            raise ConfigError(f"shard_map leaves databases {sorted(unused)} without shards")
-        return cls(shards, databases, tuple(table))
+        if not ranges:
+            return cls(shards, databases, tuple(even_split(shards, databases)))
+        # A database without shards is allowed: a server just added, waiting for ``tally shards
+        # move`` to fill it (or one emptied by it).
+        return cls(shards, databases, tuple(parse_ranges(ranges, shards, databases)))
+
+    def moved(self, first: int, last: int, to: int) -> ShardMap:
+        """This map with logical shards ``first..last`` placed in database ``to``."""
+        table = list(self.table)
+        table[first:last + 1] = [to] * (last - first + 1)
+        return ShardMap(self.shards, self.databases, tuple(table))
 
     def shard_of(self, key: str) -> int:
         return logical_shard(key, self.shards)
@@ -101,6 +107,14 @@ class ShardMap:
             groups[self.db_of(key(v))].append(v)
         return dict(groups)
 
+    def not_owned(self, db: int) -> list[tuple[int, int]]:
+        """The runs of logical shards that database ``db`` does not hold (its write guard)."""
+        return _runs([s for s, d in enumerate(self.table) if d != db])
+
+    def owned(self, db: int) -> list[tuple[int, int]]:
+        """The runs of logical shards database ``db`` holds, as (first, last) pairs."""
+        return _runs(self.shards_of_db(db))
+
     def ranges(self) -> list[str]:
         """The map in the settings format, contiguous runs collapsed (for docs and status)."""
         out: list[str] = []
@@ -110,3 +124,14 @@ class ShardMap:
                 out.append(f"{start}-{i - 1}={self.table[start]}")
                 start = i
         return out
+
+
+def _runs(shards: list[int]) -> list[tuple[int, int]]:
+    """Sorted shard numbers -> maximal runs of consecutive ones, as (first, last) pairs."""
+    out: list[tuple[int, int]] = []
+    for s in shards:
+        if out and out[-1][1] == s - 1:
+            out[-1] = (out[-1][0], s)
+        else:
+            out.append((s, s))
+    return out

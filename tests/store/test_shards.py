@@ -55,7 +55,6 @@ def test_ranges_map_every_shard_once() -> None:
     (["0-16=0"], "FIRST <= LAST"),
     (["5-3=0", "0-15=1"], "FIRST <= LAST"),
     (["zero-15=0"], "FIRST-LAST=DB_INDEX"),
-    (["0-15=0"], "without shards"),
 ])
 def test_bad_maps_are_rejected(ranges: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -78,3 +77,15 @@ def test_settings_validate_the_shard_map() -> None:
     ok = Settings().replace(backend="cluster", postgres_dsns=["postgresql://a"], logical_shards=16,
                             shard_map=["0-15=0"])
     assert ok.shard_map == ["0-15=0"]
+
+
+def test_a_database_may_hold_no_shards_until_a_move_fills_it() -> None:
+    sm = ShardMap.build(16, 3, ["0-15=0"])  # database 2 just added, database 1 emptied
+    assert sm.shards_of_db(1) == [] and sm.shards_of_db(2) == []
+    moved = sm.moved(4, 7, 2)
+    assert moved.ranges() == ["0-3=0", "4-7=2", "8-15=0"]
+    assert sm.ranges() == ["0-15=0"]  # the original is unchanged
+    assert moved.owned(2) == [(4, 7)]
+    assert moved.not_owned(0) == [(4, 7)]
+    assert moved.not_owned(2) == [(0, 3), (8, 15)]
+    assert moved.not_owned(1) == [(0, 15)]

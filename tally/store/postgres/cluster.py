@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
@@ -35,6 +37,32 @@ UNREACHABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError,
 
 class Unreachable(Unavailable):
     """A database had no reachable primary: retried until ``failover_s`` when retry-safe."""
+
+
+FENCED = "TL001"  # SQLSTATE of the write guard (schema.py, ``tally_guard``)
+COORDINATOR = 0  # the database holding the shard map's epochs (and the aggregation's state)
+# How often a process re-reads the shard map's epoch; a move waits for every process to
+# acknowledge a new epoch before the moved shards take writes again.
+SHARD_MAP_POLL_S = 0.5
+
+
+class ShardMoving(Unavailable):
+    """A write met the guard of a logical shard that is being moved (or was, and this process had
+    not yet re-read the map). Nothing was written; retry after a moment."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, None)
+        self.headers = ((b"retry-after", b"1"),)
+
+
+async def stored_map(conn: asyncpg.Connection, shards: int, databases: int,
+                     fallback: ShardMap) -> tuple[int, ShardMap]:
+    """The coordinator's current shard map and its epoch (epoch 0: the settings' map)."""
+    row = await conn.fetchrow("SELECT h.epoch, m.ranges FROM shard_map_head h "
+                              "LEFT JOIN shard_maps m ON m.epoch = h.epoch")
+    if row is None or row[0] == 0 or row[1] is None:
+        return 0, fallback
+    return int(row[0]), ShardMap.build(shards, databases, list(row[1]))
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -69,6 +97,13 @@ class PgCluster:
         self.standby_reads = 0  # reads served by a standby while a primary was unreachable
         self.retried = 0  # transactions run again after a deadlock or lock timeout
         self.unavailable = 0  # operations failed because a database was unreachable
+        self.fenced = 0  # writes refused by a moving shard's guard
+        self.map_reloads = 0  # new shard-map epochs adopted
+        self.map_poll_failures = 0
+        self.epoch = 0  # of the shard map in force (0: the settings' map)
+        self._settings_map = shard_map
+        self.reader = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._poller: asyncio.Task[None] | None = None
         self._users = 0
         self._lock = asyncio.Lock()
 
@@ -93,6 +128,8 @@ class PgCluster:
                     self.pools.append(pool)
                     async with pool.acquire() as conn:
                         await migrate(conn, index)
+                await self.refresh_map()
+                self._poller = asyncio.create_task(self._poll_map(), name="shard-map-poll")
             except BaseException:
                 self._users -= 1
                 await self._close_pools()
@@ -106,7 +143,40 @@ class PgCluster:
             if self._users == 0:
                 await self._close_pools()
 
+    async def refresh_map(self) -> bool:
+        """Re-read the shard map's epoch (and the map, if it changed) from the coordinator, and
+        acknowledge the epoch in force, which a move waits for. True if the map changed."""
+        async with self.connection(COORDINATOR) as conn:
+            epoch, new = await stored_map(conn, self.map.shards, self.databases,
+                                          self._settings_map)
+            changed = epoch != self.epoch
+            if changed:
+                self.map, self.epoch = new, epoch
+                self.map_reloads += 1
+                log.info("shard map adopted", extra={"epoch": epoch, "ranges": new.ranges()})
+            await conn.execute(
+                "INSERT INTO shard_map_readers VALUES ($1, $2, now()) ON CONFLICT (reader) "
+                "DO UPDATE SET epoch = excluded.epoch, seen_at = excluded.seen_at",
+                self.reader, self.epoch)
+        return changed
+
+    async def _poll_map(self) -> None:
+        while True:
+            await asyncio.sleep(SHARD_MAP_POLL_S)
+            try:
+                await self.refresh_map()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the coordinator unreachable: routes stay as they are
+                self.map_poll_failures += 1
+                log.warning("shard map poll failed", extra={"error": repr(exc)})
+
     async def _close_pools(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(BaseException):
+                await self._poller
+            self._poller = None
         pools, self.pools = self.pools, []
         pools += [p for p in self._standby_pools.values() if p is not None]
         self._standby_pools.clear()
@@ -193,14 +263,7 @@ class PgCluster:
             try:
                 return await attempt()
             except RETRYABLE as exc:
-                self.retried += 1
-                conflicts += 1
-                if conflicts >= self.retries:
-                    raise Unavailable(f"{what}: gave up after {self.retries} attempts: "
-                                      f"{exc!r}") from exc
-                log.warning("transaction retried", extra={"what": what, "error": repr(exc),
-                                                          "left": self.retries - conflicts})
-                await asyncio.sleep(0.005 * conflicts)
+                conflicts = await self._conflict(what, exc, conflicts)
             except (*UNREACHABLE, Unreachable) as exc:
                 if not isinstance(exc, Unreachable):
                     self.unavailable += 1
@@ -211,6 +274,30 @@ class PgCluster:
                             extra={"what": what, "error": repr(exc), "left_s": round(left, 1)})
                 await asyncio.sleep(min(pause, left))
                 pause = min(pause * 2, 1.0)
+            except asyncpg.PostgresError as exc:
+                if exc.sqlstate != FENCED:
+                    raise
+                await self._fenced(what, exc)
+
+    async def _fenced(self, what: str, exc: asyncpg.PostgresError) -> None:
+        """A write met a moving shard's guard (its transaction rolled back): adopt the newest map
+        at once, so that the client's retry is routed by it, and answer 503 meanwhile."""
+        self.fenced += 1
+        with contextlib.suppress(Exception):
+            await self.refresh_map()
+        raise ShardMoving(f"{what}: {exc.args[0] if exc.args else exc}; retry") from exc
+
+    async def _conflict(self, what: str, exc: Exception, conflicts: int) -> int:
+        """A deadlock or serialization failure: pause briefly before the whole transaction runs
+        again; give up after ``retries``."""
+        self.retried += 1
+        conflicts += 1
+        if conflicts >= self.retries:
+            raise Unavailable(f"{what}: gave up after {self.retries} attempts: {exc!r}") from exc
+        log.warning("transaction retried", extra={"what": what, "error": repr(exc),
+                                                  "left": self.retries - conflicts})
+        await asyncio.sleep(0.005 * conflicts)
+        return conflicts
 
     @staticmethod
     async def gather(per_db: dict[int, Awaitable[T]]) -> dict[int, T]:

@@ -22,6 +22,9 @@ share of a batch a moment after the coordinator's share, never twice.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,10 +34,10 @@ import asyncpg
 import orjson
 
 from tally.core.coalesce import Batch
+from tally.core.errors import Unavailable
 from tally.core.model import CountKey
-from tally.store.postgres.cluster import PgCluster, read_counts
-
-COORDINATOR = 0
+from tally.store.postgres.cluster import COORDINATOR, PgCluster, read_counts
+from tally.store.shards import ShardMap
 
 _ADD = ("INSERT INTO counts (item, counter, count) "
         "SELECT i, c, d FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(c, i, d) "
@@ -60,6 +63,11 @@ class _Decided:
 
 
 _PENDING = object()  # the consumer has an intent to roll forward before deciding
+_STALE_MAP = object()  # the parts were routed by an older shard map than the coordinator's
+_FENCED = object()  # the batch holds counts of logical shards a move is copying
+# How long an aggregator waits on the counts of a moving range before its batch fails (and is
+# retried from its watermarks): far above a move's count-copy and switch.
+COUNT_FENCE_WAIT_S = 300.0
 
 
 async def add_counts(conn: asyncpg.Connection, part: Part) -> dict[CountKey, int]:
@@ -74,8 +82,8 @@ class PostgresCountStore:
 
     def __init__(self, cluster: PgCluster, standby_reads: bool = False) -> None:
         self.cluster = cluster
-        self.map = cluster.map
         self.rolled_forward = 0  # intents finished on behalf of an earlier, interrupted call
+        self.fenced_waits = 0  # batch attempts that waited for a move's count fence
         self.standby_reads = standby_reads
 
     def for_serving(self) -> PostgresCountStore:
@@ -83,6 +91,11 @@ class PostgresCountStore:
         has no reachable primary. Workers keep the primary-only store: a value they read goes
         into the cache under a log version, so it must not be older than that version."""
         return PostgresCountStore(self.cluster, standby_reads=True)
+
+    @property
+    def map(self) -> ShardMap:
+        """The shard map in force: re-read by the cluster when a move changes it."""
+        return self.cluster.map
 
     async def start(self) -> None:
         await self.cluster.start()
@@ -107,12 +120,17 @@ class PostgresCountStore:
 
     async def apply_batch(self, batch: Batch, consumer: str,
                           expect: Mapping[str, int]) -> dict[CountKey, int] | None:
-        parts: dict[int, Part] = defaultdict(list)
-        for (counter, item), delta in sorted(batch.deltas.items()):
-            parts[self.map.db_of(item)].append((counter, item, delta))
-        for _ in range(3):
-            decided = await self.cluster.retrying(
-                "apply_batch", lambda: self._decide(batch, consumer, expect, parts))
+        deadline = time.monotonic() + COUNT_FENCE_WAIT_S
+        pending = 0
+        while True:
+            epoch, shard_map = self.cluster.epoch, self.map
+            parts: dict[int, Part] = defaultdict(list)
+            for (counter, item), delta in sorted(batch.deltas.items()):
+                parts[shard_map.db_of(item)].append((counter, item, delta))
+            shards = {shard_map.shard_of(item) for _, item in batch.deltas}
+            decide = functools.partial(self._decide, batch, consumer, expect, parts,
+                                       (epoch, shards))
+            decided = await self.cluster.retrying("apply_batch", decide)
             if decided is None:
                 return None
             if isinstance(decided, _Decided):
@@ -121,17 +139,40 @@ class PostgresCountStore:
                     counts.update(await self._roll_forward(consumer, decided.intent,
                                                            decided.parts))
                 return counts
-            await self.finish_intents(consumer)  # an interrupted earlier batch goes first
-        raise RuntimeError(f"consumer {consumer}: intents keep appearing; another process is "
-                           "applying the same consumer")
+            if decided is _STALE_MAP:  # a move switched the map: route by the new one
+                await self.cluster.refresh_map()
+            elif decided is _FENCED:  # counts of a moving range: wait for the move's switch
+                self.fenced_waits += 1
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"consumer {consumer}: counts of moving logical shards "
+                                      f"stayed fenced for {COUNT_FENCE_WAIT_S:.0f} s")
+                await asyncio.sleep(0.05)
+            else:
+                pending += 1
+                if pending > 3:
+                    raise RuntimeError(f"consumer {consumer}: intents keep appearing; another "
+                                       "process is applying the same consumer")
+                await self.finish_intents(consumer)  # an interrupted earlier batch goes first
 
     async def _decide(self, batch: Batch, consumer: str, expect: Mapping[str, int],
-                      parts: dict[int, Part]) -> _Decided | object | None:
+                      parts: dict[int, Part], routed: tuple[int, set[int]]
+                      ) -> _Decided | object | None:
+        """``routed``: the shard map's epoch the parts were computed with, and the logical shards
+        of the batch's items. The head row is read under a share lock, so a move that fences
+        counts or switches the map waits for this transaction, and the next one sees it."""
+        epoch, shards = routed
         async with self.cluster.connection(COORDINATOR) as conn, conn.transaction():
             await conn.execute("INSERT INTO consumers VALUES ($1, 0) ON CONFLICT DO NOTHING",
                                consumer)
-            last = await conn.fetchval("SELECT last_intent FROM consumers WHERE consumer = $1 "
-                                       "FOR UPDATE", consumer)
+            row = await conn.fetchrow(
+                "SELECT c.last_intent, h.epoch, h.counts_fence_first, h.counts_fence_last "
+                "FROM consumers c, shard_map_head h WHERE c.consumer = $1 "
+                "FOR UPDATE OF c FOR SHARE OF h", consumer)
+            last, stored_epoch, first, final = row
+            if stored_epoch != epoch:
+                return _STALE_MAP
+            if first is not None and any(first <= s <= final for s in shards):
+                return _FENCED
             if await conn.fetchval("SELECT 1 FROM intents WHERE consumer = $1 LIMIT 1", consumer):
                 return _PENDING
             stored = dict(await conn.fetch(

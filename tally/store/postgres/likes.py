@@ -39,6 +39,7 @@ from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
 from tally.core.toggle import step
 from tally.store.postgres.cluster import PgCluster, read_counts
 from tally.store.postgres.single import Planned, write_one
+from tally.store.shards import ShardMap
 
 _MATERIALIZE = (
     "INSERT INTO toggles (counter, user_id, item, state, version, updated_at, shard) "
@@ -92,8 +93,12 @@ class PostgresLikeStore:
         # keep their watermarks per origin (``<region>.pg<db>.<slot>``).
         self.prefix = f"{region}.pg" if region else "pg"
         self.cluster = cluster
-        self.map = cluster.map
         self.slots = outbox_slots
+
+    @property
+    def map(self) -> ShardMap:
+        """The shard map in force: re-read by the cluster when a move changes it."""
+        return self.cluster.map
 
     async def start(self) -> None:
         await self.cluster.start()

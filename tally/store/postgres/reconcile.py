@@ -34,8 +34,11 @@ from tally.store.ports import Drift, ReconcileChunk
 from tally.store.postgres.cluster import PgCluster, read_counts
 from tally.store.postgres.counts import PostgresCountStore
 
+# Only the toggles of the logical shards the database holds: during a move the target holds a
+# copy of the moving range, and afterwards the source may still (until the move's cleanup).
 _ON = ("SELECT counter, item, count(*) FROM toggles WHERE state AND counter = ANY($1::text[]) "
-       "AND item = ANY($2::text[]) GROUP BY counter, item")
+       "AND item = ANY($2::text[]) AND EXISTS (SELECT 1 FROM unnest($3::int[], $4::int[]) "
+       "AS r(f, l) WHERE shard BETWEEN r.f AND r.l) GROUP BY counter, item")
 _UNPUBLISHED = ("SELECT counter, item, sum(delta), min(ts) FROM outbox "
                 "WHERE counter = ANY($1::text[]) AND item = ANY($2::text[]) GROUP BY counter, item")
 _SCAN_TOGGLES = ("SELECT DISTINCT counter, item FROM toggles WHERE state AND counter = ANY($1) "
@@ -137,9 +140,11 @@ class PostgresRecounter:
 
     async def _snapshot(self, db: int, counters: list[str], items: list[str]
                         ) -> tuple[list[asyncpg.Record], list[asyncpg.Record]]:
+        held = self.cluster.map.owned(db)
         async with self.cluster.connection(db) as conn, conn.transaction(
                 isolation="repeatable_read", readonly=True):
-            return (await conn.fetch(_ON, counters, items),
+            return (await conn.fetch(_ON, counters, items, [f for f, _ in held],
+                                     [last for _, last in held]),
                     await conn.fetch(_UNPUBLISHED, counters, items))
 
     async def _repair(self, key: CountKey, seen: _Seen) -> None:

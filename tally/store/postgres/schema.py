@@ -75,6 +75,49 @@ CREATE TABLE IF NOT EXISTS region_conflicts (
     PRIMARY KEY (source, seq, counter, item)
 );
 CREATE TABLE IF NOT EXISTS consumers (consumer text PRIMARY KEY, last_intent bigint NOT NULL);
+-- Online resharding (reshard.py). The shard map's epochs (epoch 0 is the settings' map, never
+-- stored); the head row every process polls, with the count fence of a move in progress; the
+-- processes' acknowledgements of the epoch they route by; the journal of moves.
+CREATE TABLE IF NOT EXISTS shard_maps (
+    epoch integer PRIMARY KEY, ranges text[] NOT NULL, made_at double precision NOT NULL);
+CREATE TABLE IF NOT EXISTS shard_map_head (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one), epoch integer NOT NULL,
+    counts_fence_first integer, counts_fence_last integer);
+INSERT INTO shard_map_head (epoch) VALUES (0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS shard_map_readers (
+    reader text PRIMARY KEY, epoch integer NOT NULL, seen_at timestamptz NOT NULL);
+CREATE TABLE IF NOT EXISTS shard_moves (
+    id bigserial PRIMARY KEY, first_shard integer NOT NULL, last_shard integer NOT NULL,
+    source integer NOT NULL, target integer NOT NULL, step text NOT NULL,
+    started_at double precision NOT NULL, updated_at double precision NOT NULL,
+    detail jsonb NOT NULL DEFAULT '{}');
+CREATE UNIQUE INDEX IF NOT EXISTS one_active_move ON shard_moves ((true))
+    WHERE step NOT IN ('done', 'aborted');
+-- A move's source: the keys changed in the moving range while it copies (its catch-up).
+CREATE TABLE IF NOT EXISTS move_changes (
+    id bigserial PRIMARY KEY, tbl text NOT NULL, k1 text NOT NULL, k2 text NOT NULL,
+    k3 text NOT NULL DEFAULT '');
+CREATE OR REPLACE FUNCTION tally_capture() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+    IF TG_TABLE_NAME = 'toggles' THEN
+        INSERT INTO move_changes (tbl, k1, k2, k3) VALUES ('toggles', NEW.counter, NEW.user_id,
+                                                           NEW.item);
+    ELSE
+        INSERT INTO move_changes (tbl, k1, k2) VALUES ('idempotency', NEW.counter, NEW.key);
+    END IF;
+    RETURN NULL;
+END $f$;
+-- The write guard: a row of a logical shard this database does not hold (moved away, or being
+-- moved in) is refused with SQLSTATE TL001, which the API answers 503 with Retry-After. The
+-- move's own copier sets tally.copier to write the rows it brings in.
+CREATE OR REPLACE FUNCTION tally_guard() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+    IF current_setting('tally.copier', true) = 'on' THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'logical shard % is not held by this database (moving or moved)',
+        NEW.shard USING ERRCODE = 'TL001';
+END $f$;
 CREATE TABLE IF NOT EXISTS intents (
     consumer text NOT NULL, intent bigint NOT NULL, parts jsonb NOT NULL,
     PRIMARY KEY (consumer, intent)
