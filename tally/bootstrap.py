@@ -238,7 +238,7 @@ def postgres_config(settings: Settings) -> PostgresConfig:
         shard_map=list(settings.shard_map), pool_max=settings.postgres_pool_max,
         synchronous_commit=settings.postgres_synchronous_commit,
         outbox_slots=settings.outbox_slots, failover_s=settings.postgres_failover_s,
-        region=settings.region_name)
+        region=settings.region_name, application_name=f"tally-{settings.role}")
 
 
 class CacheDroppingRecounter:

@@ -95,8 +95,12 @@ def _toml_value(value: Any) -> str:
 
 class DevCluster:
     def __init__(self, root: Path = DEFAULT_ROOT, layout: Layout = Layout(),
-                 settings: dict[str, Any] | None = None) -> None:
+                 settings: dict[str, Any] | None = None,
+                 pg_settings: dict[str, str] | None = None) -> None:
+        """``pg_settings``: extra postgresql.conf lines of the shard databases (non-HA layout),
+        e.g. the statement statistics a profile reads."""
         self.root = root.resolve()
+        self.pg_settings = pg_settings or {}
         self.layout = layout
         self.overrides = settings or {}
         self.config = self.root / "cluster.toml"
@@ -133,7 +137,7 @@ class DevCluster:
     def _start_engines(self) -> dict[str, Any]:
         dsns = []
         for db in range(self.layout.databases):
-            pg = PostgresEngine(self.root / f"pg{db}")
+            pg = PostgresEngine(self.root / f"pg{db}", settings=self.pg_settings)
             self._start(f"postgres-{db}", pg)
             if pg.psql("SELECT 1 FROM pg_database WHERE datname = 'tally'").strip() != "1":
                 pg.create_database("tally")

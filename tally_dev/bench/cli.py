@@ -4,6 +4,7 @@
     tally bench suite --out bench-results          (what ``make bench`` runs, about 15-20 minutes)
     tally bench suite --quick --out /tmp/b         (seconds: only proves the harness works)
     tally bench suite --cluster-only --out bench-results   (the cluster's CPU per role: 2 minutes)
+    tally bench cluster-profile --out bench-results  (a like's cost per role, beside naive PostgreSQL)
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="only the cluster, with the CPU of each role (for tally capacity --from)")
     _common(s)
     s.set_defaults(fn=cmd_suite)
+    c = bsub.add_parser("cluster-profile", help="CPU, statements and messages per like in each "
+                                                "cluster role, beside the naive PostgreSQL peer")
+    c.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
+    c.add_argument("--rounds", type=int, default=2, help="interleaved rounds (medians)")
+    c.add_argument("--connections", type=int, default=32)
+    c.add_argument("--out", type=Path, default=Path("bench-results"))
+    c.set_defaults(fn=cmd_cluster_profile)
     g = bsub.add_parser("grow", help="Tally embedded with N likes stored vs empty (loads them "
                                      "straight into the database)")
     g.add_argument("--sizes", default="0,1000000,10000000", help="comma list of likes stored")
@@ -103,6 +111,15 @@ def cmd_suite(args: argparse.Namespace) -> int:
     print(side_by_side_table(result["runs"]))
     print(f"results: {args.out / 'results.md'}, {args.out / 'result.json'}")
     return 0
+
+
+def cmd_cluster_profile(args: argparse.Namespace) -> int:
+    from tally_dev.bench.clusterprof import ProfilePlan, run
+
+    result = run(args.out, ProfilePlan(duration_s=args.duration, rounds=args.rounds,
+                                       connections=args.connections))
+    print((args.out / "cluster-profile.md").read_text())
+    return 1 if any(r["errors"] for r in result["runs"]) else 0
 
 
 def cmd_grow(args: argparse.Namespace) -> int:

@@ -193,3 +193,34 @@ async def test_single_write_answer_with_counts_here_or_elsewhere(pg_shared_dsns:
             assert (res[0].changed, res[0].count) == (True, 9)
     finally:
         await stores.close()
+
+
+async def test_concurrent_single_likes_share_transactions(pg_shared_dsns: list[str]) -> None:
+    """Group commit: concurrent single likes go in fewer transactions than likes, each caller gets
+    its own answer, repeats of one (user, item) follow the toggle rule in arrival order, and the
+    outbox holds exactly one row per real change."""
+    from tally.core.model import ToggleOp
+    from tally.store.postgres.build import PostgresConfig, build_postgres
+
+    stores = build_postgres(PostgresConfig(pg_shared_dsns, logical_shards=64))
+    await stores.start()
+    try:
+        likes = stores.likes
+        assert likes.group is not None
+        item = f"post:gc{time.time_ns()}"
+        users = [f"g{i}" for i in range(60)]
+        # The same user's like, like again (no change), unlike, like: four calls in one burst.
+        repeats = [True, True, False, True]
+        calls = [ToggleOp("like", item, u, True, "eu") for u in users]
+        calls += [ToggleOp("like", item, "g-repeat", on, "eu") for on in repeats]
+        results = await asyncio.gather(*(likes.write([op]) for op in calls))
+        assert likes.group.batches < likes.group.ops == len(calls)
+        assert all(r[0].changed and r[0].state for r in results[:len(users)])
+        assert [r[0].changed for r in results[len(users):]] == [True, False, True, True]
+        assert all(r[0].seq for r in results if r[0].changed)
+        rows = [e for s in likes.sources() for e in await likes.pending(s, 0, 1000)
+                if e.item == item]
+        assert len(rows) == len(users) + 3 and sum(e.delta for e in rows) == len(users) + 1
+        assert await likes.has("like", "g-repeat", [item]) == [True]
+    finally:
+        await stores.close()

@@ -24,6 +24,7 @@ class PostgresConfig:
     reconcile_settle_s: float = 2.0
     failover_s: float = 30.0  # how long a lost primary is retried (a failover's promotion)
     region: str = ""  # with regions: outbox sources are named after it
+    application_name: str = "tally"  # shown in pg_stat_activity: which role a backend serves
 
 
 @dataclass
@@ -43,7 +44,7 @@ class PostgresStores:
 def build_postgres(config: PostgresConfig) -> PostgresStores:
     shard_map = ShardMap.build(config.logical_shards, len(config.dsns), config.shard_map)
     cluster = PgCluster(config.dsns, shard_map, config.pool_max, config.synchronous_commit,
-                        failover_s=config.failover_s)
+                        failover_s=config.failover_s, application_name=config.application_name)
     counts = PostgresCountStore(cluster)
     likes = PostgresLikeStore(cluster, config.outbox_slots, config.region)
     return PostgresStores(cluster, likes, counts,

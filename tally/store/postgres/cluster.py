@@ -82,7 +82,7 @@ class PgCluster:
 
     def __init__(self, dsns: Sequence[str], shard_map: ShardMap, pool_max: int = 10,
                  synchronous_commit: str = "on", retries: int = 5,
-                 failover_s: float = 30.0) -> None:
+                 failover_s: float = 30.0, application_name: str = "tally") -> None:
         if len(dsns) != shard_map.databases:
             raise ConfigError(f"{len(dsns)} postgres_dsns but the shard map has "
                               f"{shard_map.databases} databases")
@@ -92,6 +92,7 @@ class PgCluster:
         self.synchronous_commit = synchronous_commit
         self.retries = retries
         self.failover_s = failover_s
+        self.application_name = application_name
         self.pools: list[asyncpg.Pool] = []
         self._standby_pools: dict[int, asyncpg.Pool | None] = {}
         self.standby_reads = 0  # reads served by a standby while a primary was unreachable
@@ -124,7 +125,7 @@ class PgCluster:
                         reset=_keep_session,
                         server_settings={"synchronous_commit": self.synchronous_commit,
                                          "lock_timeout": "10s",  # a safety net; then retried
-                                         "application_name": "tally"})
+                                         "application_name": self.application_name})
                     self.pools.append(pool)
                     async with pool.acquire() as conn:
                         await migrate(conn, index)

@@ -38,6 +38,7 @@ from tally.core.errors import InvalidInput, Unavailable
 from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
 from tally.core.toggle import step
 from tally.store.postgres.cluster import PgCluster, read_counts
+from tally.store.postgres.groupcommit import GroupCommit
 from tally.store.postgres.single import Planned, write_one
 from tally.store.shards import ShardMap
 
@@ -86,7 +87,8 @@ def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
 class PostgresLikeStore:
     """Implements LikeStore and Outbox (see ``tally.store.ports``) over a ``PgCluster``."""
 
-    def __init__(self, cluster: PgCluster, outbox_slots: int = 4, region: str = "") -> None:
+    def __init__(self, cluster: PgCluster, outbox_slots: int = 4, region: str = "",
+                 group_commit: bool = True) -> None:
         if outbox_slots < 1:
             raise InvalidInput("outbox_slots must be at least 1", "outbox_slots")
         # With regions, source names start with the origin region, so every region's consumers
@@ -94,6 +96,9 @@ class PostgresLikeStore:
         self.prefix = f"{region}.pg" if region else "pg"
         self.cluster = cluster
         self.slots = outbox_slots
+        # Single likes from concurrent requests share transactions (see groupcommit.py).
+        self.group: GroupCommit[Op, OpResult] | None = (
+            GroupCommit(self._write_group, in_flight=2) if group_commit else None)
 
     @property
     def map(self) -> ShardMap:
@@ -104,6 +109,8 @@ class PostgresLikeStore:
         await self.cluster.start()
 
     async def close(self) -> None:
+        if self.group is not None:
+            await self.group.close()
         await self.cluster.close()
 
     # -- LikeStore ----------------------------------------------------------------------------
@@ -118,7 +125,17 @@ class PostgresLikeStore:
         ops = list(ops)
         if not ops:
             return []
-        now = time.time()
+        op = ops[0]
+        if len(ops) == 1 and isinstance(op, ToggleOp) and self.group is not None:
+            return [await self.group.submit(self.map.db_of(op.user), op)]
+        return await self._write(ops)
+
+    async def _write_group(self, db: int, ops: Sequence[Op]) -> list[OpResult]:
+        """One group-commit batch (every op's record in database ``db``)."""
+        return await self._write(ops)
+
+    async def _write(self, ops: Sequence[Op]) -> list[OpResult]:
+        ops, now = list(ops), time.time()
         if len(ops) == 1:
             planned, counts = await self._write_single(ops[0], now)
         else:
