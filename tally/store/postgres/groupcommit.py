@@ -9,10 +9,12 @@ likes that arrive meanwhile queue, and the next transaction takes every one of t
 the queue fills while the previous commit flushes, so the cost per like falls as the load grows.
 
 Every caller is answered only after the transaction holding its like committed, with its own
-result; a failed transaction fails every like in it (each caller sees the error, as it would
-alone), and a retried one is retried whole: toggles set a state, so running one again changes
-nothing more. The transaction replays the likes in arrival order, so two toggles of one
-(user, item) in one batch still follow ``tally.core.toggle``'s rule one after the other.
+result (or its own error: ``run`` may answer an exception for one op, e.g. a like whose shard is
+being moved, so that it does not fail its neighbours); a failed transaction fails every like in
+it (each caller sees the error, as it would alone), and a retried one is retried whole:
+toggles set a state, so running one again changes nothing more. The transaction replays the
+likes in arrival order, so two toggles of one (user, item) in one batch still follow
+``tally.core.toggle``'s rule one after the other.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ _Waiting = tuple[Op, "asyncio.Future[Result]"]
 class GroupCommit(Generic[Op, Result]):
     """Per-database queues of single operations, written ``max_batch`` at a time by ``run``."""
 
-    def __init__(self, run: Callable[[int, Sequence[Op]], Awaitable[Sequence[Result]]],
+    def __init__(self, run: Callable[[int, Sequence[Op]],
+                                     Awaitable[Sequence[Result | BaseException]]],
                  in_flight: int = 2, max_batch: int = 256) -> None:
         if in_flight < 1 or max_batch < 1:
             raise ValueError("in_flight and max_batch must be at least 1")
@@ -81,7 +84,11 @@ class GroupCommit(Generic[Op, Result]):
                     fut.set_exception(exc)
             return
         for (_, fut), result in zip(batch, results, strict=True):
-            if not fut.done():
+            if fut.done():
+                continue
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
                 fut.set_result(result)
 
     async def close(self) -> None:

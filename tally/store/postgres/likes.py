@@ -25,6 +25,7 @@ floored at zero. Other users' changes appear once the aggregators have applied t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -37,7 +38,7 @@ import asyncpg
 from tally.core.errors import InvalidInput, Unavailable
 from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
 from tally.core.toggle import step
-from tally.store.postgres.cluster import PgCluster, read_counts
+from tally.store.postgres.cluster import PgCluster, ShardMoving, read_counts
 from tally.store.postgres.groupcommit import GroupCommit
 from tally.store.postgres.single import Planned, write_one
 from tally.store.shards import ShardMap
@@ -130,9 +131,19 @@ class PostgresLikeStore:
             return [await self.group.submit(self.map.db_of(op.user), op)]
         return await self._write(ops)
 
-    async def _write_group(self, db: int, ops: Sequence[Op]) -> list[OpResult]:
-        """One group-commit batch (every op's record in database ``db``)."""
-        return await self._write(ops)
+    async def _write_group(self, db: int, ops: Sequence[Op]
+                           ) -> Sequence[OpResult | BaseException]:
+        """One group-commit batch (every op's record in database ``db``, by the map in force).
+
+        If one like's shard is being moved, its guard refuses the whole transaction: the batch
+        is then written like by like, so that only the likes of the moving shard fail (503)."""
+        try:
+            return await self._write(ops)
+        except ShardMoving:
+            if len(ops) == 1:
+                raise
+        alone = await asyncio.gather(*(self._write([op]) for op in ops), return_exceptions=True)
+        return [r if isinstance(r, BaseException) else r[0] for r in alone]
 
     async def _write(self, ops: Sequence[Op]) -> list[OpResult]:
         ops, now = list(ops), time.time()
