@@ -21,8 +21,19 @@ LABELLED = {'tally_gc_pause_seconds_count{generation="2"}': "gc_full_collections
             'tally_gc_pause_seconds_sum{generation="2"}': "gc_full_pause_s"}
 
 
-def scrape(url: str) -> dict[str, float]:
-    """The counters above, from the Prometheus text; empty if the server does not answer."""
+def scrape(url: str, attempts: int = 20) -> dict[str, float]:
+    """The counters above, from the Prometheus text; empty if the server does not answer. With
+    several API processes on the port, only the first runs the aggregator: each attempt is a
+    new connection (the kernel picks the process) until one reports the aggregator's lag."""
+    out: dict[str, float] = {}
+    for _ in range(attempts):
+        out = _scrape_once(url)
+        if not out or GAUGES[0] in out:
+            break
+    return out
+
+
+def _scrape_once(url: str) -> dict[str, float]:
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:

@@ -47,6 +47,10 @@ class SuitePlan:
     rounds: int = 3  # interleaved rounds of the side-by-side maxima; the tables take the median
     compare_s: float = 4.0  # measured seconds of each side-by-side run
     peers: tuple[str, ...] = PEERS
+    # Tally embedded with this many API processes in front of its one likes writer
+    # (``tally serve --workers N``), each beside the others; 1 is the target "tally", N
+    # "tally-Np".
+    tally_processes: tuple[int, ...] = (1, 2)
     wrk: bool = True  # each closed-loop maximum measured again by wrk
     cluster: bool = True  # Tally on its scale-out backends (tally_dev.cluster), one process per role
     cluster_only: bool = False  # only that: the per-role figures `tally capacity --from` reads
@@ -79,10 +83,11 @@ class Suite:
                        workers=p.workers, seed=p.seed, params=p.params, run_id=len(self.runs) + 1)
         spec = replace(spec, **over)
         url = f"http://{HOST}:{port}"
-        settled = server_stats.settle(url) if target == "tally" else None
-        before = server_stats.scrape(url) if target == "tally" else {}
+        tally = is_tally(target)
+        settled = server_stats.settle(url) if tally else None
+        before = server_stats.scrape(url) if tally else {}
         pid = self.pids.get(target)
-        roots = _server_roots(pid) if pid else {}
+        roots = _server_roots(pid, port) if pid else {}
         cpu_before = cpu.tree_cpu_s(roots)
         result = run_dict(loadgen.run(spec, self.show_progress))
         result.update(target=target, round=round_, tool="loadgen")
@@ -164,6 +169,14 @@ class Suite:
             servers = {"tally": tally.port}
             if tally.proc is not None:
                 self.pids["tally"] = tally.proc.pid
+            for n in self.plan.tally_processes:
+                if n > 1:
+                    name = f"tally-{n}p"
+                    srv = stack.enter_context(targets.tally_server(self.work, name,
+                                                                   workers=str(n)))
+                    servers[name] = srv.port
+                    if srv.proc is not None:
+                        self.pids[name] = srv.proc.pid
             for peer in self.plan.peers:
                 try:
                     srv, probe = stack.enter_context(peer_target(self.work, peer))
@@ -265,18 +278,31 @@ class Suite:
                 **self.extra}
 
 
-def _server_roots(pid: int) -> dict[str, int]:
-    """The server process and each child (Tally's SQLite writer, granian's worker) as roots."""
-    return {"server": pid, **{f"child-{n}": c for n, c in enumerate(cpu.children(pid))}}
+def is_tally(target: str) -> bool:
+    """Tally embedded, with one API process ("tally") or several ("tally-2p")."""
+    return target == "tally" or (target.startswith("tally-") and target.endswith("p"))
+
+
+def _server_roots(pid: int, port: int) -> dict[str, int]:
+    """The server process and each child as roots: a child listening on the server's port is
+    another API process (``tally serve --workers N``), any other one a helper (Tally's SQLite
+    writer, granian's worker)."""
+    api = set(cpu.listening(port))
+    return {"server": pid, **{f"{'api' if c in api else 'child'}-{n}": c
+                              for n, c in enumerate(cpu.children(pid))}}
 
 
 def _per_op(spent: dict[str, float], ok: int, spec: RunSpec) -> dict[str, float]:
-    """CPU microseconds per completed operation: the server process's own (its tree less its
-    children's) and its children's, over the whole run (warm-up included)."""
+    """CPU microseconds per completed operation, over the whole run (warm-up included): the API
+    processes' (the server's own, its tree less its children's, plus any other API process's)
+    and its other children's."""
     done = max(ok * (spec.warmup_s + spec.duration_s) / spec.duration_s, 1)
-    child = spent.get("child", 0.0)
-    return {"server": round((spent.get("server", 0.0) - child) / done * 1e6, 1),
-            "children": round(child / done * 1e6, 1)}
+    child, api = spent.get("child", 0.0), spent.get("api", 0.0)
+    out = {"server": round((spent.get("server", 0.0) - child) / done * 1e6, 1),
+           "children": round(child / done * 1e6, 1)}
+    if api:
+        out["other_api"] = round(api / done * 1e6, 1)  # included in "server"
+    return out
 
 
 def _settle(cluster: DevCluster, timeout_s: float = 20.0) -> None:

@@ -8,10 +8,11 @@ from typing import Any
 from tally_dev.bench.checks import median_max, median_p99
 from tally_dev.bench.report import markdown_checks, markdown_runs
 
-TARGETS = ("null", "bare", "tally", "redis-always", "redis-everysec", "pg", "cluster")
+TARGETS = ("null", "bare", "tally", "tally-2p", "redis-always", "redis-everysec", "pg", "cluster")
 NAMES = {"null": "null server (the generators' ceiling)",
          "bare": "bare lean server (granian RSGI + orjson, no storage)",
          "tally": "**Tally embedded, durable**",
+         "tally-2p": "Tally embedded, durable, 2 API processes (`--workers 2`)",
          "redis-always": "lean + Redis Lua, AOF always", "redis-everysec": "lean + Redis Lua, AOF everysec",
          "pg": "lean + naive PostgreSQL (a transaction per like)",
          "cluster": "**Tally cluster, one API**"}
@@ -76,11 +77,12 @@ def cpu_table(runs: list[dict[str, Any]]) -> str:
         if not cpu or r["mode"] != "closed" or r.get("round"):
             continue
         children = cpu.get("children", 0.0)
-        rows.append(f"| {r['name']} | {r['throughput_per_s']:,.0f} | {cpu.get('server', 0):,.0f} | "
-                    f"{children:,.0f} |")
+        others = f" (others {cpu['other_api']:,.0f})" if cpu.get("other_api") else ""
+        rows.append(f"| {r['name']} | {r['throughput_per_s']:,.0f} | {cpu.get('server', 0):,.0f}"
+                    f"{others} | {children:,.0f} |")
     if not rows:
         return ""
-    return ("| run | ops/s | server process, CPU us/op | its children (writer), CPU us/op |\n"
+    return ("| run | ops/s | API process(es), CPU us/op | other children (writer), CPU us/op |\n"
             "|---|---:|---:|---:|\n" + "\n".join(rows) + "\n")
 
 
