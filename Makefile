@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test check fmt bench chaos chaos-storage chaos-regions engines clean
+.PHONY: run test check fmt bench chaos chaos-storage chaos-regions chaos-reshard engines clean
 
 $(STAMP): pyproject.toml
 	PYTHON=$(PYTHON) scripts/ensure-python.sh
@@ -38,7 +38,7 @@ test: $(STAMP) engines check
 	$(BIN)/pytest -q
 
 # The chaos scenarios on the HA dev cluster, each under a client ledger (docs/reliability.md).
-chaos: $(STAMP) engines chaos-storage chaos-regions
+chaos: $(STAMP) engines chaos-storage chaos-regions chaos-reshard
 	timeout 1200 $(BIN)/tally chaos --out chaos-results.json
 
 # Storage faults on the FUSE filesystem of tally_dev/faultfs (docs/storage-faults.md): up to 50
@@ -58,6 +58,13 @@ chaos-storage: $(STAMP) engines
 # chaos-regions.json; exits non-zero if any count differs from the ledger.
 chaos-regions: $(STAMP) engines
 	timeout 1200 $(BIN)/python -m tally_dev.regions_chaos --out chaos-regions.json
+
+# Online resharding on the dev cluster under a client ledger (docs/scale-out.md): three
+# `tally shards move` runs mid-load (off database 0, onto it, and back); each move's write pause and
+# the clients' 503s and retried writes; every acknowledged state read back, counts against the
+# ledger and the server's recount. Results in chaos-reshard.json; non-zero exit on any loss.
+chaos-reshard: $(STAMP) engines
+	timeout 900 $(BIN)/python -m tally_dev.reshard_chaos --out chaos-reshard.json
 
 bench: $(STAMP) engines
 	$(BIN)/tally bench suite --out bench-results

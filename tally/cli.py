@@ -13,6 +13,7 @@ import httpx
 import orjson
 
 from tally import settings as settings_mod
+from tally import shards_admin
 from tally.client import Tally, TallyAPIError
 from tally.core.errors import ConfigError
 
@@ -125,6 +126,10 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shards(args: argparse.Namespace) -> int:
+    return shards_admin.cmd_shards(args)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     rows = settings_mod.describe()
     if args.markdown:
@@ -199,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("items", type=_item, nargs="*", help="only these items (default: all)")
     sp.add_argument("--repair", action="store_true",
                     help="write the recounts (without it: report drift, change nothing)")
+    sp = add("shards", cmd_shards, "the PostgreSQL shard map: status, and moving logical shards "
+             "between databases while traffic flows")
+    shards_admin.add_arguments(sp)
     _add_plugins(sub, add)
     sp = add("config", cmd_config, "print every setting, its variable, value and meaning")
     sp.add_argument("--config", help="TOML settings file (else $TALLY_CONFIG)")

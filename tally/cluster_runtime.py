@@ -116,7 +116,8 @@ class ClusterRuntime:
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """Ready when this role's required engines answer; Redis is optional (reads fall back)."""
-        detail: dict[str, object] = {"roles": sorted(self.roles)}
+        detail: dict[str, object] = {"roles": sorted(self.roles),
+                                     "shard_map_epoch": self.likes.cluster.epoch}
         try:
             await asyncio.wait_for(self.counts.watermarks("readiness"), 5)
         except Exception as exc:
@@ -149,7 +150,17 @@ class ClusterRuntime:
 
     def state(self) -> list[Sample]:
         """Gauges read at scrape time, for the parts this role runs."""
-        rows: list[Sample] = []
+        pg = self.likes.cluster
+        rows: list[Sample] = [
+            ("gauge", "tally_shard_map_epoch", "Epoch of the PostgreSQL shard map in force "
+             "(tally shards move raises it)", float(pg.epoch), {}),
+            ("counter", "tally_shard_fenced_writes", "Writes refused (503) by the guard of a "
+             "logical shard being moved", pg.fenced, {}),
+            ("counter", "tally_shard_map_reloads", "Shard map epochs adopted", pg.map_reloads, {}),
+            ("counter", "tally_shard_map_poll_failures", "Failed reads of the shard map's epoch",
+             pg.map_poll_failures, {}),
+            ("counter", "tally_counts_fence_waits", "Count batches that waited for a shard "
+             "move's count fence", self.counts.fenced_waits, {})]
         if self.tiered is not None:
             t = self.tiered
             rows += [("counter", "tally_redis_hits", "Count reads answered by Redis", t.hits, {}),

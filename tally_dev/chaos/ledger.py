@@ -38,6 +38,7 @@ class Ledger:
     errors: Counter[str] = field(default_factory=Counter)
     read_errors: Counter[str] = field(default_factory=Counter)
     reads: int = 0
+    retried_s: list[float] = field(default_factory=list)  # first attempt -> ack, ops retried
     slowest_write_s: float = 0.0  # first attempt -> acknowledgement, worst operation
     slowest_write_at: float = 0.0
     slowest_read_s: float = 0.0
@@ -70,11 +71,15 @@ class Ledger:
                 user, item = rng.choice(mine)
                 on = not self.state.get((user, item), False) if rng.random() < 0.8 else True
                 started = time.monotonic()
+                op_errors: Counter[str] = Counter()
                 await self._send(http, "/v1/like" if on else "/v1/unlike",
                                  {"user_id": user, "item_type": "post",
                                   "item_id": self.item_base + item},
-                                 self.errors)
+                                 op_errors)
                 took = time.monotonic() - started
+                if op_errors:
+                    self.errors.update(op_errors)
+                    self.retried_s.append(took)
                 if took > self.slowest_write_s:
                     self.slowest_write_s, self.slowest_write_at = took, time.time() - took
                 self.state[(user, item)] = on
