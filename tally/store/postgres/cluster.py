@@ -41,9 +41,12 @@ class Unreachable(Unavailable):
 
 FENCED = "TL001"  # SQLSTATE of the write guard (schema.py, ``tally_guard``)
 COORDINATOR = 0  # the database holding the shard map's epochs (and the aggregation's state)
-# How often a process re-reads the shard map's epoch; a move waits for every process to
-# acknowledge a new epoch before the moved shards take writes again.
+# How often a process re-reads the shard map's epoch, if no notification came first (a move
+# notifies MAP_CHANNEL when it switches the map); a move waits for every process to acknowledge a
+# new epoch before the moved shards take writes again.
 SHARD_MAP_POLL_S = 0.5
+MAP_CHANNEL = "tally_shard_map"
+HEARTBEAT_S = 5.0  # an unchanged epoch is acknowledged this often (the move's liveness test)
 
 
 class ShardMoving(Unavailable):
@@ -105,6 +108,10 @@ class PgCluster:
         self._settings_map = shard_map
         self.reader = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._poller: asyncio.Task[None] | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._wake = asyncio.Event()
+        self._acked_at = 0.0
+        self._refreshed_at = 0.0
         self._users = 0
         self._lock = asyncio.Lock()
 
@@ -146,7 +153,9 @@ class PgCluster:
 
     async def refresh_map(self) -> bool:
         """Re-read the shard map's epoch (and the map, if it changed) from the coordinator, and
-        acknowledge the epoch in force, which a move waits for. True if the map changed."""
+        acknowledge the epoch in force (a move waits for that) when it changed or every
+        ``HEARTBEAT_S``. True if the map changed."""
+        self._refreshed_at = time.monotonic()
         async with self.connection(COORDINATOR) as conn:
             epoch, new = await stored_map(conn, self.map.shards, self.databases,
                                           self._settings_map)
@@ -155,16 +164,22 @@ class PgCluster:
                 self.map, self.epoch = new, epoch
                 self.map_reloads += 1
                 log.info("shard map adopted", extra={"epoch": epoch, "ranges": new.ranges()})
-            await conn.execute(
-                "INSERT INTO shard_map_readers VALUES ($1, $2, now()) ON CONFLICT (reader) "
-                "DO UPDATE SET epoch = excluded.epoch, seen_at = excluded.seen_at",
-                self.reader, self.epoch)
+            if changed or time.monotonic() - self._acked_at >= HEARTBEAT_S:
+                await conn.execute(
+                    "INSERT INTO shard_map_readers VALUES ($1, $2, now()) ON CONFLICT (reader) "
+                    "DO UPDATE SET epoch = excluded.epoch, seen_at = excluded.seen_at",
+                    self.reader, self.epoch)
+                self._acked_at = time.monotonic()
         return changed
 
     async def _poll_map(self) -> None:
+        """Re-read the map when notified, else every ``SHARD_MAP_POLL_S``."""
         while True:
-            await asyncio.sleep(SHARD_MAP_POLL_S)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SHARD_MAP_POLL_S)
+            self._wake.clear()
             try:
+                await self._listen()
                 await self.refresh_map()
             except asyncio.CancelledError:
                 raise
@@ -172,12 +187,27 @@ class PgCluster:
                 self.map_poll_failures += 1
                 log.warning("shard map poll failed", extra={"error": repr(exc)})
 
+    async def _listen(self) -> None:
+        """A connection of its own to the coordinator, listening for map switches (reopened by
+        the next poll after it is lost)."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        self._listener = None
+        conn = await asyncpg.connect(self.dsns[COORDINATOR], timeout=5,
+                                     server_settings={"application_name": "tally-map-listener"})
+        await conn.add_listener(MAP_CHANNEL, lambda *_: self._wake.set())
+        self._listener = conn
+
     async def _close_pools(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(BaseException):
                 await self._poller
             self._poller = None
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._listener.close(), 5)
+            self._listener = None
         pools, self.pools = self.pools, []
         pools += [p for p in self._standby_pools.values() if p is not None]
         self._standby_pools.clear()
@@ -284,8 +314,9 @@ class PgCluster:
         """A write met a moving shard's guard (its transaction rolled back): adopt the newest map
         at once, so that the client's retry is routed by it, and answer 503 meanwhile."""
         self.fenced += 1
-        with contextlib.suppress(Exception):
-            await self.refresh_map()
+        if time.monotonic() - self._refreshed_at > 0.05:  # once for a burst of refusals
+            with contextlib.suppress(Exception):
+                await self.refresh_map()
         raise ShardMoving(f"{what}: {exc.args[0] if exc.args else exc}; retry") from exc
 
     async def _conflict(self, what: str, exc: Exception, conflicts: int) -> int:

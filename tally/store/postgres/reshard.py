@@ -25,8 +25,9 @@ its switch (``tally shards abort``):
    in flight, so after it nothing of the range changes on the source: the last catch-up, run until
    the log is empty, leaves the target equal to the source for the range. *Exact*: every change
    before the snapshot is in the copy, every change after it is in the log, none after the fence.
-3. **switched** — one transaction on database 0 stores the new map under the next epoch. Processes
-   adopt it within ``SHARD_MAP_POLL_S`` (at once after meeting a guard) and acknowledge it.
+3. **switched** — one transaction on database 0 stores the new map under the next epoch and
+   notifies ``MAP_CHANNEL``; every process listens there (and polls every ``SHARD_MAP_POLL_S`` in
+   case a notification is lost, or at once after meeting a guard), adopts it and acknowledges it.
 4. **released** — once every live process has acknowledged the epoch, the target's guard admits the
    range and the count fence is lifted. Until then both copies are equal and no write can change
    either, so a process still routing by the old map reads the same answers as one routing by the
@@ -54,16 +55,21 @@ import asyncpg
 import orjson
 
 from tally.core.errors import InvalidInput
-from tally.store.postgres.cluster import COORDINATOR, SHARD_MAP_POLL_S, PgCluster
+from tally.store.postgres.cluster import (
+    COORDINATOR,
+    HEARTBEAT_S,
+    MAP_CHANNEL,
+    PgCluster,
+)
 from tally.store.postgres.counts import PostgresCountStore
 from tally.store.shards import ShardMap, logical_shard
 
 log = logging.getLogger("tally.reshard")
 
 STEPS = ("copying", "writes_fenced", "switched", "released", "done")
-# A process that has not polled the map for this long is taken as gone: the move does not wait
-# for its acknowledgement (the source's guard still stops it from changing a moved user).
-READER_WINDOW_S = max(20 * SHARD_MAP_POLL_S, 10.0)
+# A process that has not acknowledged the map for this long (three heartbeats) is taken as gone:
+# the move does not wait for it (the source's guard still stops it from changing a moved user).
+READER_WINDOW_S = 3 * HEARTBEAT_S
 _BATCH = 2000  # rows per copy transaction
 _CATCH_UP_SMALL = 500  # a catch-up round this small means the next one, fenced, is short
 _CATCH_UP_ROUNDS = 20
@@ -481,6 +487,7 @@ class ShardMover:
                                "DO UPDATE SET ranges = excluded.ranges", epoch, new.ranges(),
                                time.time())
             await conn.execute("UPDATE shard_map_head SET epoch = $1", epoch)
+            await conn.execute(f"NOTIFY {MAP_CHANNEL}")  # delivered at commit
         await self.cluster.refresh_map()
         log.info("shard map switched", extra={"epoch": epoch, "ranges": new.ranges()})
         self.progress(f"map switched to epoch {epoch}")
@@ -501,7 +508,7 @@ class ShardMover:
                 log.warning("shard move: processes never acknowledged the new map",
                             extra={"readers": report.readers_gone})
                 break
-            await asyncio.sleep(SHARD_MAP_POLL_S / 5)
+            await asyncio.sleep(0.01)
         await self.cluster.fetch(COORDINATOR, "DELETE FROM shard_map_readers WHERE seen_at < "
                                  "now() - interval '1 hour'")
 
