@@ -289,7 +289,10 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
                                     recounter,
                                     s.region, Limits(s.max_batch_items, s.max_bulk_ops))
     if "relay" in roles and rt.events is not None:
-        rt.relay = Relay(leases, pg.likes, rt.events, lease_period_s=lease_period_s)
+        # The relay's window is a fifth of the aggregator's: one budget for how late a count
+        # may show a like, mostly spent where a round costs most (the counts' transaction).
+        rt.relay = Relay(leases, pg.likes, rt.events, lease_period_s=lease_period_s,
+                         window_s=s.aggregate_window_ms / 5000)
     if "aggregator" in roles and rt.events is not None:
         remote = RemoteRecords(regions, s.region_name) if s.region_name else None
         rt.pool = PartitionPool(leases, rt.events, pg.counts, rt.redis,

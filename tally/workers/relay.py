@@ -42,6 +42,10 @@ class SourceRelay:
 
     def __init__(self, source: str, outbox: Outbox, events: PartitionedLog, batch: int = 1000,
                  idle_min_s: float = 0.005, idle_max_s: float = 0.1) -> None:
+        """``idle_min_s``: the pause after a round that emptied the outbox (the relay window).
+        A round costs a read, a publish and a trim whatever it carries: at a few rows per round
+        that fixed cost is most of a like's relay, NATS and aggregator CPU, so the window lets
+        the rows of a busy outbox gather first; an idle outbox is polled ever less often."""
         self.source = source
         self.outbox = outbox
         self.events = events
@@ -95,8 +99,9 @@ class Relay:
     """The relay role: leases source shards and runs a ``SourceRelay`` for each one held."""
 
     def __init__(self, leases: Leases, outbox: Outbox, events: PartitionedLog, batch: int = 1000,
-                 lease_period_s: float = 0.5) -> None:
+                 lease_period_s: float = 0.5, window_s: float = 0.005) -> None:
         self.outbox = outbox
+        self.window_s = window_s
         self.events = events
         self.batch = batch
         self.sources: dict[str, SourceRelay] = {}
@@ -111,7 +116,8 @@ class Relay:
         await self.leases.stop()
 
     async def _gain(self, source: str) -> None:
-        relay = SourceRelay(source, self.outbox, self.events, self.batch)
+        relay = SourceRelay(source, self.outbox, self.events, self.batch,
+                            idle_min_s=self.window_s, idle_max_s=max(0.1, self.window_s))
         self.sources[source] = relay
         self._tasks[source] = asyncio.create_task(relay.run(), name=f"tally-relay-{source}")
 

@@ -48,6 +48,15 @@ async def test_an_older_version_never_overwrites_a_newer_one(counts: RedisCounts
     assert await counts.get([KEYS[0]]) == {KEYS[0]: 11}
 
 
+async def test_a_large_round_is_guarded_key_by_key(counts: RedisCounts) -> None:
+    """More keys than one script call takes (PUT_CHUNK), some of them newer already."""
+    many = [("like", f"post:big{i}") for i in range(1200)]
+    await counts.put({k: 1 for k in many[::2]}, version=9)  # half the keys: newer
+    await counts.put({k: 2 for k in many}, version=8)
+    got = await counts.get(many)
+    assert got == {k: 1 if i % 2 == 0 else 2 for i, k in enumerate(many)}
+
+
 async def test_a_read_fill_never_replaces_an_aggregator_value(counts: RedisCounts) -> None:
     await counts.put({KEYS[0]: 10}, version=5)
     await counts.fill({KEYS[0]: 9, KEYS[1]: 4})

@@ -47,6 +47,22 @@ redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'EX', ARGV[3])
 return 1
 """
 
+# The same for many keys in one call (a single server: keys of any slot). ARGV: version, ttl
+# seconds, then one count per key.
+_CAS_MANY = """
+local version, written = tonumber(ARGV[1]), 0
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  local v = cur and tonumber(string.match(cur, '^(%d+):'))
+  if not (v and v > version) then
+    redis.call('SET', key, ARGV[1] .. ':' .. ARGV[i + 2], 'EX', ARGV[2])
+    written = written + 1
+  end
+end
+return written
+"""
+PUT_CHUNK = 500  # keys per script call: one call holds the server for its whole run
+
 
 def count_key(key: CountKey) -> str:
     counter, item = key
@@ -70,6 +86,7 @@ class RedisCounts:
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self._r: Any = None
+        self._put_many: Any = None
 
     async def start(self) -> None:
         opts: dict[str, Any] = {"socket_timeout": self.timeout_s,
@@ -94,7 +111,7 @@ class RedisCounts:
     async def close(self) -> None:
         if self._r is not None:
             await self._r.aclose()
-            self._r = None
+            self._r = self._put_many = None
 
     async def ping(self) -> bool:
         return bool(await self._r.ping())
@@ -118,11 +135,22 @@ class RedisCounts:
         Raises ``Unavailable`` when Redis fails: the aggregator keeps the values and retries."""
         if not counts:
             return
-        pipe = self._r.pipeline(transaction=False)
-        for key, value in counts.items():
-            pipe.eval(_CAS, 1, count_key(key), version, value, self.ttl_s)
         try:
-            await pipe.execute()
+            if self.cluster:  # keys of many slots: one script call per key, pipelined per node
+                pipe = self._r.pipeline(transaction=False)
+                for key, value in counts.items():
+                    pipe.eval(_CAS, 1, count_key(key), version, value, self.ttl_s)
+                await pipe.execute()
+                return
+            # One script call per chunk of keys: a round of the aggregator is one or a few
+            # commands, not one per count (EVALSHA: the script is sent once).
+            if self._put_many is None:
+                self._put_many = self._r.register_script(_CAS_MANY)
+            items = list(counts.items())
+            for start in range(0, len(items), PUT_CHUNK):
+                chunk = items[start:start + PUT_CHUNK]
+                await self._put_many(keys=[count_key(k) for k, _ in chunk],
+                                     args=[version, self.ttl_s, *(v for _, v in chunk)])
         except RedisError as exc:
             raise Unavailable(f"redis: {exc!r}") from exc
 
