@@ -24,6 +24,7 @@ from tally.service.reads import HOT_SAMPLE, CountReader
 from tally.service.regions import RegionRouter
 from tally.settings import Settings, region_peers
 from tally.store.jetstream.eventlog import EventLog
+from tally.store.jetstream.synchold import JetStreamHold
 from tally.store.peers.forward import HttpRemoteWriter
 from tally.store.ports import ReconcileChunk, Recounter
 from tally.store.postgres.build import PostgresConfig, build_postgres
@@ -282,9 +283,13 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
                              sample=HOT_SAMPLE)
         recounter = CacheDroppingRecounter(pg.recounter, rt.redis)
         if s.region_name:
+            # Every region holds its peers' synchronous changes, whatever its own counters do.
+            hold = JetStreamHold(s.nats_url, s.nats_stream, s.region_name, list(region_peers(s)),
+                                 s.log_max_age_s)
             rt.router = RegionRouter(
                 s.region_name, pg.likes, regions, HttpRemoteWriter(region_peers(s), _region_key(s)),
-                Placement.initial([s.region_name, *region_peers(s)]))
+                Placement.initial([s.region_name, *region_peers(s)]), hold, s.sync_counters,
+                rt.metrics.sync_wait.observe)
         rt.service = CounterService(schema_of(s), rt.router or pg.likes, pg.counts, reader,
                                     recounter,
                                     s.region, Limits(s.max_batch_items, s.max_bulk_ops))

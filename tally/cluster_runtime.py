@@ -187,7 +187,15 @@ class ClusterRuntime:
                      ("counter", "tally_region_forwarded_ops", "Writes forwarded to their home "
                       "region", self.router.forwarded, {}),
                      ("counter", "tally_region_forward_seconds", "Time spent forwarding",
-                      self.router.forward_seconds, {})]
+                      self.router.forward_seconds, {}),
+                     ("counter", "tally_region_sync_held_ops", "Synchronous toggles a peer "
+                      "region's log held before they were acknowledged", self.router.held_ops, {}),
+                     ("counter", "tally_region_sync_refused_ops", "Synchronous toggles refused "
+                      "(503) because no peer region's log held them in time",
+                      self.router.hold_refusals, {}),
+                     ("counter", "tally_region_sync_alone_ops", "Synchronous toggles acknowledged "
+                      "without a peer because every peer region was failed over (at risk like "
+                      "async ones until a peer rejoins)", self.router.held_alone, {})]
         if self.relay is not None:
             for name, src in self.relay.sources.items():
                 rows += [("counter", "tally_relay_published", "Outbox events published",

@@ -49,6 +49,10 @@ class Metrics:
         self.loop_lag = Histogram("tally_event_loop_lag_seconds",
                                   "How late the event loop woke a 10 ms sleeper",
                                   buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.sync_wait = Histogram("tally_region_sync_wait_seconds",
+                                   "Time a synchronous write waited for a peer region's log to "
+                                   "hold it (replication = sync)", buckets=LATENCY_BUCKETS,
+                                   registry=self.registry)
         self.gc_pause = Histogram("tally_gc_pause_seconds",
                                   "Garbage collections by generation: each stops every thread",
                                   ["generation"], buckets=LATENCY_BUCKETS, registry=self.registry)

@@ -3,10 +3,11 @@
 Each runs against the settings of the regions it touches (their PostgreSQL and JetStream), from
 any machine that reaches them, and composes the stores like ``tally.bootstrap``.
 
-Failover (``failed`` -> ``to``), run for every surviving region: store the next placement epoch
-(the failed region's users now homed at ``to``; the APIs read it within
-``PLACEMENT_POLL_S``) and fence the failed region out of the survivor's stream (its source
-removed), so nothing it acknowledged but never replicated can slip in later uncontrolled.
+Failover (``failed`` -> ``to``), run for every surviving region: fence the failed region out of
+the survivor's stream (its source removed), so nothing it acknowledged but never replicated can
+slip in later uncontrolled; at ``to``, apply what the failed region's synchronous writes left in
+the holding streams (``apply_held``); then store the next placement epoch (the failed region's
+users now homed at ``to``; the APIs read it within ``PLACEMENT_POLL_S``).
 
 Rejoin (``returning`` back, ``survivor`` took its users), once the returning region's engines and
 relay run again and its outbox is drained into its own stream:
@@ -24,6 +25,8 @@ relay run again and its outbox is drained into its own stream:
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -32,11 +35,14 @@ from tally.core.model import CountKey, Event
 from tally.core.regions import Placement, Rejoin, newest, rejoin_decision
 from tally.runtime import schema_of
 from tally.settings import Settings, region_peers
-from tally.store.jetstream.eventlog import EventLog
-from tally.store.ports import Conflict, ToggleKey
+from tally.store.jetstream.eventlog import EventLog, partition_of
+from tally.store.jetstream.synchold import JetStreamHold
+from tally.store.ports import Conflict, HeldState, ToggleKey
 from tally.store.postgres.build import PostgresStores, build_postgres
 from tally.store.postgres.regions import PostgresRegions
 from tally.store.rediscache.counts import RedisCounts
+
+log = logging.getLogger("tally.regions")
 
 
 @dataclass
@@ -87,9 +93,118 @@ async def failover(survivor: Settings, failed: str, to: str) -> Placement:
         current = await h.placement()
         nxt = current if current.moved.get(failed) == to else current.failover(
             failed, to, time.time())
-        await h.regions.put_placement(nxt)
         await h.log.set_sources([p for p in await h.sourced() if p != failed])
+        await _fence_held(survivor, failed, True)
+        if h.name == to and nxt is not current:
+            # Before the new epoch: no decision of it may exist while the old one is completed.
+            report = await apply_held(h, failed)
+            log.info("failover applied the held synchronous states", extra={
+                "failed": failed, "to": to, "held": report.held, "applied": report.applied,
+                "agreed": report.agreed, "unread": report.unread})
+        await h.regions.put_placement(nxt)
         return nxt
+
+
+@dataclass
+class HeldReport:
+    held: int = 0  # (user, item) states the holding streams kept for the failed region
+    agreed: int = 0  # the survivor's records had them already (replicated in time)
+    applied: int = 0  # the survivor lacked them: written, and their counts changed
+    unread: list[str] = field(default_factory=list)  # other survivors whose streams failed
+
+
+async def apply_held(h: RegionHandle, failed: str, drain_timeout_s: float = 60.0
+                     ) -> HeldReport:
+    """Complete the survivor with every synchronous state ``failed`` acknowledged.
+
+    Each such state is in a holding stream of some other region (``synchold``): this region's,
+    or another survivor's (read across the leaf link). First the survivor's aggregators apply
+    everything its stream holds (its source of ``failed`` is fenced already, so that is final);
+    then per (user, item) the newest held state is compared with the survivor's record: the
+    same state, or a record newer than it (a decision made after it), stands; otherwise the
+    state is written, and its count changed (+1/-1) in a commit serialized with the partition's
+    aggregator. Running it again changes nothing. No watermark moves: if ``failed`` rejoins with
+    its disks, its late events meet records that agree already.
+    """
+    report = HeldReport()
+    s = h.settings
+    hold = _hold_of(s)
+    await hold.start()
+    try:
+        states = await hold.held(failed)
+        for peer in region_peers(s):
+            if peer == failed:
+                continue
+            try:
+                states += await hold.held(failed, domain=peer)
+            except Exception as exc:
+                log.warning("a survivor's holding stream could not be read", extra={
+                    "peer": peer, "error": repr(exc)})
+                report.unread.append(peer)
+    finally:
+        await hold.close()
+    if not states:
+        return report
+    await _wait_applied(h, drain_timeout_s)
+    latest: dict[ToggleKey, HeldState] = {}
+    for st in states:
+        key = (st.counter, st.user, st.item)
+        if key not in latest or st.ts > latest[key].ts:
+            latest[key] = st
+    report.held = len(latest)
+    records = await h.regions.records(list(latest))
+    take: list[tuple[ToggleKey, bool, float]] = []
+    events: dict[int, list[Event]] = {}
+    for key, st in latest.items():
+        rec_on, rec_ts = records.get(key, (None, None))
+        if bool(rec_on) == st.on or (rec_ts is not None and rec_ts >= st.ts):
+            report.agreed += 1  # held already, or a newer decision (after it) stands
+            continue
+        report.applied += 1
+        take.append((key, st.on, st.ts))
+        run = events.setdefault(partition_of(st.counter, st.item, s.log_partitions), [])
+        # Numbered from 1 only for ``coalesce`` (it skips what is at or below a position).
+        run.append(Event(len(run) + 1, st.counter, st.item, st.user, 1 if st.on else -1, st.ts,
+                         failed, f"{failed}.held"))
+    # Records first: a crash before the counts' commit leaves counts a recount repairs.
+    await h.regions.force(take)
+    for p, evs in sorted(events.items()):
+        batch = coalesce(evs, s.rollups)
+        batch.positions = {}  # additive, fenced by the consumer's lock, no watermark moved
+        await h.pg.counts.apply_batch(batch, f"agg-p{p}", {})
+        h.touched.update(batch.deltas)
+    await _drop_cached(s, h.touched)
+    return report
+
+
+def _hold_of(s: Settings) -> JetStreamHold:
+    return JetStreamHold(s.nats_url, s.nats_stream, s.region_name, list(region_peers(s)),
+                         s.log_max_age_s)
+
+
+async def _fence_held(s: Settings, origin: str, fenced: bool) -> None:
+    hold = _hold_of(s)
+    await hold.start()
+    try:
+        await hold.fence(origin, fenced)
+    finally:
+        await hold.close()
+
+
+async def _wait_applied(h: RegionHandle, timeout_s: float) -> None:
+    """Until the survivor's aggregators applied every message its stream held at the call."""
+    target = await h.log.last_seqs()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        behind = {p: seq for p, seq in target.items()
+                  if (await h.pg.counts.watermarks(f"agg-p{p}")).get(f"js:p{p}", 0) < seq}
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{h.name}: aggregators did not apply partitions {sorted(behind)} "
+                               f"in {timeout_s:.0f} s; the failover stopped before its new epoch "
+                               "(run it again once they do)")
+        await asyncio.sleep(0.1)
 
 
 async def placement_of(region: Settings) -> Placement:
@@ -126,6 +241,7 @@ async def rejoin(survivor: Settings, returning: Settings) -> RejoinReport:
             await _rejoin_partition(sv, rt, p, placement, report)
         await _drop_cached(survivor, sv.touched)
         await sv.log.set_sources(sorted({*await sv.sourced(), rt.name}))
+        await _fence_held(survivor, rt.name, False)
     return report
 
 

@@ -165,6 +165,12 @@ class Settings:
     region_key_file: str = _s("", G.REGIONS, "File holding the API key this region presents to "
                                              "its peers' APIs when it forwards a write (a key in "
                                              "their api_keys_file)")
+    sync_counters: list[str] = _s([], G.REGIONS, "Toggle counters with replication = \"sync\": a "
+                                                 "change is acknowledged only once another "
+                                                 "region's log holds it (zero loss with a region, "
+                                                 "at one inter-region round trip per write; with "
+                                                 "no peer reachable their writes are refused with "
+                                                 "503). Other counters replicate asynchronously")
 
     def counter_defs(self) -> dict[str, CounterConfig]:
         return {c.name: c for c in (CounterConfig(**raw) for raw in self.counters)}
@@ -296,6 +302,20 @@ def _validate_regions(s: Settings) -> None:
             raise ConfigError(f"region name {name!r} must match [a-z][a-z0-9]{{0,15}}")
     if len(set(names)) != len(names):
         raise ConfigError("region names must be distinct")
+    if s.sync_counters and not s.region_peers:
+        raise ConfigError("sync_counters needs region_peers: another region must hold the change")
+
+
+def _validate_sync_counters(s: Settings) -> None:
+    """Only toggles: their copy held by a peer is a state, applied at a failover by comparing
+    records; an increment's copy would need per-event de-duplication there."""
+    if s.sync_counters and not s.region_name:
+        raise ConfigError("sync_counters needs region_name and region_peers")
+    kinds = {c.get("name"): c.get("kind") for c in s.counters if isinstance(c, dict)}
+    for name in s.sync_counters:
+        if kinds.get(name) != "toggle":
+            raise ConfigError(f"sync_counters: {name!r} is not a toggle counter (only toggles can "
+                              "replicate synchronously)")
 
 
 def validate(s: Settings) -> Settings:
@@ -333,4 +353,5 @@ def validate(s: Settings) -> Settings:
         validate_counter_configs(s.counters)
     except InvalidInput as exc:  # a settings problem, reported as one (the CLI catches these)
         raise ConfigError(f"{exc.field}: {exc.message}", exc.field) from exc
+    _validate_sync_counters(s)
     return s

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class RegionCluster:
     root: Path = DEFAULT_ROOT
     partitions: int = 8
     die_with_parent: bool = False  # tests: engines die with the test process
+    sync_counters: tuple[str, ...] = ()  # counters with replication = "sync" in every region
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()
@@ -159,7 +161,7 @@ class RegionCluster:
                   "api_keys_file": str(keys), "region_key_file": str(self.root / "region-key"),
                   "admin_token_file": str(self.root / "admin-token"),
                   # The ledger and the probes send many requests for few users.
-                  "rate_per_user": 0.0}
+                  "rate_per_user": 0.0, "sync_counters": list(self.sync_counters)}
         lines = ["# written by `tally cluster up --regions`", "[tally]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         self.config(region).write_text("\n".join(lines) + "\n")
@@ -207,6 +209,18 @@ class RegionCluster:
         state = self._state()
         names = [n for n, e in state.items() if e["region"] == region]
         return [n for n in names if self._stop(n, signal.SIGKILL, 10.0)]
+
+    def wipe(self, region: str) -> list[str]:
+        """Delete a failed region's data (PostgreSQL, JetStream, Redis, Tally's own): its disks
+        are lost with it. Refused while any of its processes runs."""
+        state = self._state()
+        if any(alive(e["pid"]) for e in state.values() if e["region"] == region):
+            raise EngineError(f"{region} still runs: `tally cluster fail {region}` first")
+        home = self.root / region
+        gone = [d for d in ("pg", "nats", "redis", "data") if (home / d).exists()]
+        for d in gone:
+            shutil.rmtree(home / d)
+        return gone
 
     def partition(self, a: str, b: str) -> None:
         self.net.partition(a, b)

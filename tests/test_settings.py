@@ -29,7 +29,7 @@ def test_settings_are_grouped_and_each_group_is_declared_together() -> None:
                            "cluster", "regions"}
     changes = sum(1 for a, b in itertools.pairwise(groups) if a != b)
     assert changes == len(set(groups)) - 1  # each group's rows are contiguous in the table
-    assert len(groups) <= 47  # 38, the security group (issue 16) added 6, regions 3
+    assert len(groups) <= 48  # 38, the security group (issue 16) added 6, regions 4
 
 
 def test_regions_are_validated() -> None:
@@ -46,6 +46,19 @@ def test_regions_are_validated() -> None:
             load(env={**base, **bad})
     with pytest.raises(ConfigError, match="backend 'cluster'"):
         load(env={"TALLY_REGION_NAME": "us"})
+
+
+def test_sync_counters_are_toggles_of_a_region_with_peers() -> None:
+    region = {"TALLY_BACKEND": "cluster", "TALLY_POSTGRES_DSNS": "postgresql://h/db",
+              "TALLY_REGION_NAME": "us", "TALLY_REGION_PEERS": "eu=http://10.0.0.2:8080"}
+    assert load(env={**region, "TALLY_SYNC_COUNTERS": "like"}).sync_counters == ["like"]
+    for bad, why in [({**region, "TALLY_SYNC_COUNTERS": "view"}, "not a toggle counter"),
+                     ({**region, "TALLY_SYNC_COUNTERS": "nope"}, "not a toggle counter"),
+                     ({**region, "TALLY_REGION_PEERS": "", "TALLY_SYNC_COUNTERS": "like"},
+                      "needs region_peers"),
+                     ({"TALLY_SYNC_COUNTERS": "like"}, "needs region_name")]:
+        with pytest.raises(ConfigError, match=why):
+            load(env=bad)
 
 
 def test_env_overrides(tmp_path: Path) -> None:

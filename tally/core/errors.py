@@ -93,10 +93,17 @@ class NotFound(TallyError):
 
 
 class Unavailable(TallyError):
-    """A backend could not take the write; the client may retry (writes are idempotent)."""
+    """A backend could not take the write; the client may retry (writes are idempotent).
+    ``retry_after_s``: when retrying is worth it, sent as Retry-After."""
 
     status = 503
     code = "unavailable"
+
+    def __init__(self, message: str, field: str | None = None,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, field)
+        if retry_after_s is not None:
+            self.headers = ((b"retry-after", str(max(1, math.ceil(retry_after_s))).encode()),)
 
 
 class ConfigError(TallyError):

@@ -8,18 +8,30 @@ as is, so the acting user sees their own change at once wherever they wrote. A r
 toggles have several homes is split per home: all or nothing holds within each home region, not
 across them (as across databases of one region, a failed request is retried whole; toggles are
 idempotent). Increments are not homed: any region counts them (a sum has no conflicts).
+
+Synchronous counters (``sync_counters``, replication = "sync"): after the home region's commit,
+the resulting state of each of their toggles is held by a peer region's log (``PeerHold``)
+before the write is answered. Every toggle op is held, a no-op too: a client retrying a write
+whose first answer was lost (or refused because no peer answered) must not be acknowledged on
+the strength of a commit no peer holds. When no peer holds it the write is refused (503,
+Retry-After): it stays committed here and replicates asynchronously, but is not promised.
+One exception: a region left serving alone by failovers (every peer failed over by an operator,
+the placement says so) acknowledges on its own, as PostgreSQL's non-strict synchronous mode
+does; otherwise losing one of two regions would stop every synchronous write until it rejoined.
+Those writes are counted (``held_alone``): they are at risk as async ones are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Protocol
 
+from tally.core.errors import Unavailable
 from tally.core.model import Op, OpResult, ToggleOp
 from tally.core.regions import Placement, newest
-from tally.store.ports import LikeStore, RegionStore
+from tally.store.ports import HeldState, LikeStore, PeerHold, RegionStore
 
 
 class RemoteWriter(Protocol):
@@ -31,21 +43,36 @@ class RemoteWriter(Protocol):
 
 class RegionRouter:
     def __init__(self, region: str, local: LikeStore, store: RegionStore, remote: RemoteWriter,
-                 initial: Placement) -> None:
+                 initial: Placement, peer_hold: PeerHold | None = None,
+                 sync_counters: Collection[str] = (),
+                 on_hold: Callable[[float], None] | None = None) -> None:
+        """``peer_hold``: where synchronous states are held (None: regions without one);
+        ``on_hold``: told each hold's wait in seconds (a histogram)."""
         self.region = region
         self.local = local
         self.store = store
         self.remote = remote
         self.placement = initial
+        self.peer_hold = peer_hold
+        self.sync_counters = frozenset(sync_counters)
+        self._on_hold = on_hold or (lambda _s: None)
         self.forwarded = 0
         self.forward_seconds = 0.0
+        self.held_ops = 0
+        self.hold_seconds = 0.0
+        self.hold_refusals = 0
+        self.held_alone = 0
 
     async def start(self) -> None:
+        if self.peer_hold is not None:
+            await self.peer_hold.start()
         await self.store.put_placement(self.placement)  # epoch 1 once, never changed
         await self.refresh()
 
     async def close(self) -> None:
         await self.remote.close()
+        if self.peer_hold is not None:
+            await self.peer_hold.close()
 
     async def refresh(self) -> None:
         """Take the newest placement stored in this region (failover writes a new epoch)."""
@@ -57,7 +84,7 @@ class RegionRouter:
     async def write(self, ops: Sequence[Op]) -> list[OpResult]:
         homes = [self.home(op) for op in ops]
         if all(h == self.region for h in homes):
-            return await self.local.write(ops)
+            return await self._write_here(ops)
         by_home: dict[str, list[int]] = {}
         for i, h in enumerate(homes):
             by_home.setdefault(h, []).append(i)
@@ -71,13 +98,42 @@ class RegionRouter:
 
     async def _write_at(self, home: str, ops: list[Op]) -> list[OpResult]:
         if home == self.region:
-            return await self.local.write(ops)
+            return await self._write_here(ops)
         t0 = time.perf_counter()
         try:
             return await self.remote.write(home, ops)
         finally:
             self.forwarded += len(ops)
             self.forward_seconds += time.perf_counter() - t0
+
+    async def _write_here(self, ops: Sequence[Op]) -> list[OpResult]:
+        results = await self.local.write(ops)
+        if self.sync_counters:
+            await self._hold([op for op in ops if isinstance(op, ToggleOp)
+                              and op.counter in self.sync_counters])
+        return results
+
+    async def _hold(self, ops: list[ToggleOp]) -> None:
+        if not ops:
+            return
+        if self.peer_hold is None:
+            raise Unavailable("synchronous counters need a peer region's log, and none is "
+                              "configured", retry_after_s=1.0)
+        now = time.time()  # after the commit: the newest state of each (user, item) wins
+        t0 = time.perf_counter()
+        try:
+            await self.peer_hold.hold([HeldState(op.counter, op.user, op.item, op.on, now)
+                                       for op in ops])
+        except Unavailable:
+            if self.placement.serving() == [self.region]:
+                self.held_alone += len(ops)
+                return
+            self.hold_refusals += len(ops)
+            raise
+        waited = time.perf_counter() - t0
+        self.held_ops += len(ops)
+        self.hold_seconds += waited
+        self._on_hold(waited)
 
     async def has(self, counter: str, user: str, items: Sequence[str]) -> list[bool]:
         """From this region's records (the home region's, replicated: stale by the lag)."""

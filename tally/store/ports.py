@@ -260,3 +260,24 @@ class RegionStore(Protocol):
     async def add_conflicts(self, conflicts: Sequence[Conflict]) -> None: ...
 
     async def conflicts(self) -> list[Conflict]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeldState:
+    """A synchronous toggle's state as its home region acknowledged it, at ``ts`` (after its
+    commit): what a peer region holds for a failover to apply."""
+
+    counter: str
+    user: str
+    item: str
+    on: bool
+    ts: float
+
+
+class PeerHold(Lifecycle, Protocol):
+    """Another region's log, holding a home region's synchronous changes before they are
+    acknowledged (``replication = "sync"``)."""
+
+    async def hold(self, states: Sequence[HeldState]) -> str:
+        """Returns once a peer region's log stored them (fsynced): the region that did.
+        Raises ``Unavailable`` (with a retry delay) when no peer takes them in time."""

@@ -69,7 +69,9 @@ def _refusal(region: str, resp: httpx.Response) -> TallyError:
         retry_after = float(resp.headers.get("retry-after", "1") or 1)
         return RateLimited(f"region {region}: {_message(resp)}", None, retry_after)
     if resp.status_code >= 500 or resp.status_code in (401, 403):
-        return Unavailable(f"region {region} answered {resp.status_code}: {_message(resp)}")
+        wait = resp.headers.get("retry-after")  # e.g. no peer of the home holds a sync write
+        return Unavailable(f"region {region} answered {resp.status_code}: {_message(resp)}",
+                           retry_after_s=float(wait) if wait and wait.isdigit() else None)
     return InvalidInput(f"region {region} refused a forwarded write: {_message(resp)}")
 
 
