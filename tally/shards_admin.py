@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from tally import logs
 from tally import settings as settings_mod
 from tally.core.errors import ConfigError, InvalidInput
 
@@ -29,6 +30,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     from tally.store.postgres.reshard import ShardMover, parse_range
 
     s = settings_mod.load(args.config)
+    logs.setup(s.log_level)  # the move's step lines, structured, on stderr beside the progress
     if s.backend != "cluster":
         raise ConfigError("tally shards needs backend 'cluster' (the embedded SQLite store has "
                           "no shard map)")

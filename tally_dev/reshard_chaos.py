@@ -13,14 +13,18 @@ state is read back, every count compared with the ledger, and the server's own r
 from __future__ import annotations
 
 import asyncio
+import shutil
 import statistics
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 
+from tally.store.shards import ShardMap, logical_shard
 from tally_dev.chaos.ledger import Ledger
 from tally_dev.cluster import DevCluster, Layout
 
@@ -44,7 +48,33 @@ def _pct(values: list[float], q: float) -> float:
     return round(sorted(values)[min(int(q * len(values)), len(values) - 1)], 3) if values else 0.0
 
 
-async def run(dev: DevCluster, settle_s: float, users: int, items: int) -> dict[str, Any]:
+async def prefill(config: Path, rows: int) -> float:
+    """Add ``rows`` like records (state off, as an unlike leaves them) of users of database 0, so
+    that the first move copies a realistic volume beside the ledger's few hundred pairs; they
+    change no count and no answer the ledger checks. Returns the seconds it took."""
+    started = time.monotonic()
+    s = tomllib.loads(config.read_text())["tally"]
+    shards = int(s.get("logical_shards", 4096))
+    table = ShardMap.build(shards, len(s["postgres_dsns"]))
+    users = [f"pf{n}" for n in range(rows * 3)]
+    mine = [(u, logical_shard(u, shards)) for u in users if table.db_of(u) == 0][:rows]
+    conn = await asyncpg.connect(s["postgres_dsns"][0])
+    try:
+        for start in range(0, len(mine), 20_000):
+            part = mine[start:start + 20_000]
+            await conn.execute(
+                "INSERT INTO toggles (counter, user_id, item, state, version, updated_at, shard) "
+                "SELECT 'like', u, 'post:999999', false, 2, 0, s FROM unnest($1::text[], "
+                "$2::int[]) AS k(u, s) ON CONFLICT DO NOTHING",
+                [u for u, _ in part], [sh for _, sh in part])
+    finally:
+        await conn.close()
+    return time.monotonic() - started
+
+
+async def run(dev: DevCluster, settle_s: float, users: int, items: int,
+              prefill_rows: int) -> dict[str, Any]:
+    prefill_s = await prefill(dev.config, prefill_rows) if prefill_rows else 0.0
     ledger = Ledger(dev.urls("api"), users=users, items=items, clients=8)
     tasks = ledger.start()
     moves = []
@@ -58,6 +88,7 @@ async def run(dev: DevCluster, settle_s: float, users: int, items: int) -> dict[
             retried = ledger.retried_s[retried_before:]
             moves.append({"range": f"{first}-{last}", "to": to,
                           "took_s": round(time.monotonic() - started, 2),
+                          "copy_s": report.get("copy_s"),
                           "write_pause_s": report["write_pause_s"],
                           "count_pause_s": report["count_pause_s"],
                           "copied": report["copied"], "fenced_keys": report["fenced_keys"],
@@ -73,7 +104,8 @@ async def run(dev: DevCluster, settle_s: float, users: int, items: int) -> dict[
         await ledger.stop(tasks)
     verdict = await ledger.verify(dev.urls("api")[0])
     pauses = [m["write_pause_s"] for m in moves if m["write_pause_s"] is not None]
-    return {"moves": moves, "verify": verdict,
+    return {"prefill_rows": prefill_rows, "prefill_s": round(prefill_s, 1),
+            "moves": moves, "verify": verdict,
             "write_pause_p50_s": round(statistics.median(pauses), 4) if pauses else None,
             "write_pause_max_s": max(pauses) if pauses else None}
 
@@ -87,14 +119,19 @@ def main(argv: list[str] | None = None) -> int:
                                                                "the moves")
     p.add_argument("--users", type=int, default=300)
     p.add_argument("--items", type=int, default=40)
+    p.add_argument("--prefill", type=int, default=200_000,
+                   help="like records (state off) added to database 0 before the load, so the "
+                        "first move copies about a quarter of them")
     p.add_argument("--out", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     dev = DevCluster(Path(args.dir), Layout(partitions=8),
                      settings={"aggregate_window_ms": 20.0, "lease_period_ms": 200.0,
                                "log_level": "WARNING"})
+    if dev.root.exists() and not any(row["running"] for row in dev.status()):
+        shutil.rmtree(dev.root)  # a finished run's databases: the moves start from the even split
     dev.up()
     try:
-        out = asyncio.run(run(dev, args.settle_s, args.users, args.items))
+        out = asyncio.run(run(dev, args.settle_s, args.users, args.items, args.prefill))
     finally:
         dev.down()
     text = orjson.dumps(out, option=orjson.OPT_INDENT_2).decode()

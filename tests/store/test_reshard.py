@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 
 import pytest
 
@@ -59,3 +60,23 @@ def test_ranges_parse_or_say_how_to_write_them() -> None:
     for bad in ("a-b", "3-", "-3", ""):
         with pytest.raises(InvalidInput, match="FIRST-LAST"):
             parse_range(bad)
+
+
+async def test_the_stored_map_outlives_a_change_of_the_settings(
+        pg_database: Callable[[], str]) -> None:
+    dsns = [pg_database(), pg_database()]
+    first = PgCluster(dsns, ShardMap.build(64, 2), pool_max=2)
+    await first.start()
+    await first.close()
+    dsns.append(pg_database())  # a server added: an even split over three would remap 2/3 of ids
+    grown = PgCluster(dsns, ShardMap.build(64, 3), pool_max=2)
+    await grown.start()
+    try:
+        assert (grown.epoch, grown.map.ranges()) == (0, ["0-31=0", "32-63=1"])
+        mover = ShardMover(grown)
+        move = await mover.plan(48, 63, 2)  # the new server takes shards by a move
+        assert (move.source, move.target) == (1, 2)
+        assert (await mover.run(move)).epoch == 1
+        assert grown.map.ranges() == ["0-31=0", "32-47=1", "48-63=2"]
+    finally:
+        await grown.close()

@@ -59,20 +59,31 @@ class ShardMoving(Unavailable):
 
 
 async def stored_map(conn: asyncpg.Connection, shards: int, databases: int,
-                     fallback: ShardMap) -> tuple[int, ShardMap]:
-    """The coordinator's current shard map and its epoch (epoch 0: the settings' map)."""
+                     initial: ShardMap) -> tuple[int, ShardMap]:
+    """The coordinator's shard map in force and its epoch. The first process to start on fresh
+    databases stores ``initial`` (the settings' map) as epoch 0; from then on the stored map wins,
+    so a later change of the settings (a database appended to an even split) cannot move data
+    under the processes' feet: moving is ``tally shards move``'s job."""
     row = await conn.fetchrow("SELECT h.epoch, m.ranges FROM shard_map_head h "
                               "LEFT JOIN shard_maps m ON m.epoch = h.epoch")
-    if row is None or row[0] == 0 or row[1] is None:
-        return 0, fallback
-    return int(row[0]), ShardMap.build(shards, databases, list(row[1]))
+    if row is None or row[1] is None:
+        await conn.execute("INSERT INTO shard_maps VALUES (0, $1, $2) ON CONFLICT (epoch) "
+                           "DO NOTHING", initial.ranges(), time.time())
+        row = await conn.fetchrow("SELECT 0, ranges FROM shard_maps WHERE epoch = 0")
+    try:
+        return int(row[0]), ShardMap.build(shards, databases, list(row[1]))
+    except ConfigError as exc:
+        raise ConfigError(f"the shard map stored on postgres_dsns[0] (epoch {row[0]}) does not "
+                          f"fit the settings ({databases} databases, {shards} logical shards): "
+                          f"{exc.message}") from exc
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Release a pooled connection without asyncpg's reset query (a round trip per operation).
 
     The stores leave no session state behind: no SET, cursors, LISTEN or advisory locks (leases
-    use connections of their own). asyncpg still rolls back a transaction left open.
+    and the shard map's listener use connections of their own). asyncpg still rolls back a
+    transaction left open.
     """
 
 
@@ -106,6 +117,7 @@ class PgCluster:
         self.map_poll_failures = 0
         self.epoch = 0  # of the shard map in force (0: the settings' map)
         self._settings_map = shard_map
+        self._map_loaded = False
         self.reader = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._poller: asyncio.Task[None] | None = None
         self._listener: asyncpg.Connection | None = None
@@ -157,10 +169,18 @@ class PgCluster:
         ``HEARTBEAT_S``. True if the map changed."""
         self._refreshed_at = time.monotonic()
         async with self.connection(COORDINATOR) as conn:
-            epoch, new = await stored_map(conn, self.map.shards, self.databases,
-                                          self._settings_map)
-            changed = epoch != self.epoch
+            head = await conn.fetchval("SELECT epoch FROM shard_map_head")
+            changed = False
+            if head != self.epoch or not self._map_loaded:
+                epoch, new = await stored_map(conn, self.map.shards, self.databases,
+                                              self._settings_map)
+                changed = epoch != self.epoch or new.table != self.map.table
+                self._map_loaded = True
             if changed:
+                if epoch == 0 and self.map is self._settings_map:
+                    log.warning("the shard_map setting differs from the stored map, which "
+                                "stays in force (tally shards status shows it)",
+                                extra={"stored": new.ranges()})
                 self.map, self.epoch = new, epoch
                 self.map_reloads += 1
                 log.info("shard map adopted", extra={"epoch": epoch, "ranges": new.ranges()})

@@ -113,6 +113,7 @@ class MoveReport:
     catch_up_rounds: int = 0
     caught_up_keys: int = 0
     fenced_keys: int = 0  # keys copied after the write fence (the last catch-up)
+    copy_s: float | None = None  # the bulk copy (None when resumed past it)
     write_pause_s: float | None = None  # fence to release (None when resumed past the fence)
     count_pause_s: float | None = None
     readers_waited: int = 0
@@ -123,6 +124,7 @@ class MoveReport:
         return {"id": self.id, "move": self.move.describe(), "epoch": self.epoch,
                 "copied": self.copied, "catch_up_rounds": self.catch_up_rounds,
                 "caught_up_keys": self.caught_up_keys, "fenced_keys": self.fenced_keys,
+                "copy_s": self.copy_s,
                 "write_pause_s": self.write_pause_s, "count_pause_s": self.count_pause_s,
                 "readers_waited": self.readers_waited, "readers_gone": self.readers_gone,
                 "deleted": self.deleted}
@@ -219,7 +221,9 @@ class ShardMover:
         t_counts = t_fence = None
         if step == "copying":
             await self._prepare(move)
+            t_copy = time.monotonic()
             await self._copy(move, report)
+            report.copy_s = round(time.monotonic() - t_copy, 3)
             await self._catch_up(move, report, until=_CATCH_UP_SMALL)
             t_counts = time.monotonic()
             await self._move_counts(move, report)
@@ -345,6 +349,7 @@ class ShardMover:
             total = await conn.fetchval("SELECT count(*) FROM toggles WHERE shard BETWEEN $1 "
                                         "AND $2", move.first, move.last)
             batch: list[Sequence[Any]] = []
+            shown = time.monotonic()
             cursor = conn.cursor(f"SELECT {_TOGGLE_COLUMNS} FROM toggles WHERE shard BETWEEN "
                                  "$1 AND $2", move.first, move.last, prefetch=_BATCH)
             async for row in cursor:
@@ -352,8 +357,11 @@ class ShardMover:
                 if len(batch) == _BATCH:
                     await self._put(move.target, toggles=batch)
                     report.copied["toggles"] += len(batch)
-                    self.progress(f"copied {report.copied['toggles']:,} of {total:,} toggles")
                     batch = []
+                    if time.monotonic() - shown >= 1.0:
+                        shown = time.monotonic()
+                        self.progress(f"copied {report.copied['toggles']:,} of {total:,} "
+                                      "toggles")
             if batch:
                 await self._put(move.target, toggles=batch)
                 report.copied["toggles"] += len(batch)
