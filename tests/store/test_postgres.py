@@ -224,3 +224,44 @@ async def test_concurrent_single_likes_share_transactions(pg_shared_dsns: list[s
         assert await likes.has("like", "g-repeat", [item]) == [True]
     finally:
         await stores.close()
+
+
+async def test_distinct_toggles_of_one_database_follow_the_toggle_rule(
+        pg_shared_dsns: list[str]) -> None:
+    """The one-statement batch (batch.py): every case of tally.core.toggle's rule in one request,
+    each answered as the rule says, one outbox row per real change, numbers contiguous."""
+    from tally.core.model import ToggleOp
+    from tally.core.toggle import step
+    from tally.store.postgres.build import PostgresConfig, build_postgres
+
+    stores = build_postgres(PostgresConfig(pg_shared_dsns, logical_shards=64))
+    await stores.start()
+    try:
+        likes, sm = stores.likes, stores.cluster.map
+        tag = time.time_ns()
+        users = [u for u in (f"b{tag}-{i}" for i in range(200)) if sm.db_of(u) == 0][:8]
+        item = f"post:b{tag}"
+        before = [False, False, True, True, False, True, False, True]  # each user's state
+        await likes.write([ToggleOp("like", item, u, True, "eu")
+                           for u, on in zip(users, before, strict=True) if on])
+        wanted = [True, False, False, True, True, False, True, True]
+        ops = [ToggleOp("like", item, u, on, "eu") for u, on in zip(users, wanted, strict=True)]
+        head = {s: await likes.outbox_head(s) for s in likes.sources_of(0)}
+        results = await likes.write(ops)
+        deltas = [step(was, on) for was, on in zip(before, wanted, strict=True)]
+        assert [r.changed for r in results] == [d != 0 for d in deltas]
+        assert [r.state for r in results] == wanted
+        # Nothing applied yet: each answer is this request's own deltas so far.
+        running = [sum(deltas[:n + 1]) for n in range(len(deltas))]
+        assert [r.count for r in results] == [max(x, 0) for x in running]
+        moved = [s for s in head if await likes.outbox_head(s) != head[s]]
+        assert len(moved) == 1  # one slot numbered the whole batch
+        rows = [e for e in await likes.pending(moved[0], head[moved[0]], 100) if e.item == item]
+        assert [e.delta for e in rows] == [d for d in deltas if d]
+        assert [e.seq for e in rows] == list(range(head[moved[0]] + 1, head[moved[0]] + 1 + len(rows)))
+        assert [r.seq for r in results if r.changed] == [e.seq for e in rows]
+        assert await likes.has("like", users[0], [item]) == [True]
+        for user, on in zip(users, wanted, strict=True):
+            assert await likes.has("like", user, [item]) == [on]
+    finally:
+        await stores.close()

@@ -38,6 +38,7 @@ import asyncpg
 from tally.core.errors import InvalidInput, Unavailable
 from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
 from tally.core.toggle import step
+from tally.store.postgres.batch import distinct_keys, write_toggles
 from tally.store.postgres.cluster import PgCluster, ShardMoving, read_counts
 from tally.store.postgres.groupcommit import GroupCommit
 from tally.store.postgres.single import Planned, write_one
@@ -147,8 +148,12 @@ class PostgresLikeStore:
 
     async def _write(self, ops: Sequence[Op]) -> list[OpResult]:
         ops, now = list(ops), time.time()
+        toggles = [op for op in ops if isinstance(op, ToggleOp)]
+        dbs = {self.map.db_of(op.user) for op in toggles}
         if len(ops) == 1:
             planned, counts = await self._write_single(ops[0], now)
+        elif len(toggles) == len(ops) and len(dbs) == 1 and distinct_keys(toggles):
+            planned, counts = await self._write_toggles(dbs.pop(), toggles, now)
         else:
             groups = self.map.group(range(len(ops)), lambda i: self.route(ops[i]))
             # Read before writing, never while a transaction holds a connection: a transaction
@@ -180,6 +185,21 @@ class PostgresLikeStore:
 
         planned, stored = await self.cluster.retrying("write", attempt, retry_safe([op]))
         return {0: planned}, ({item_key: stored} if here else counts)
+
+    async def _write_toggles(self, db: int, ops: list[ToggleOp], now: float
+                             ) -> tuple[dict[int, Planned], dict[CountKey, int]]:
+        """Toggles of distinct records, all in database ``db``: one statement (``batch.py``)."""
+        elsewhere = {(op.counter, op.item) for op in ops if self.map.db_of(op.item) != db}
+        counts = await read_counts(self.cluster, elsewhere) if elsewhere else {}
+        shards = [self.map.shard_of(op.user) for op in ops]
+
+        async def attempt() -> tuple[dict[int, Planned], dict[CountKey, int]]:
+            async with self.cluster.connection(db) as conn:
+                return await write_toggles(conn, ops, shards, self._source(db), now)
+
+        planned, here = await self.cluster.retrying("write", attempt, True)
+        counts.update((key, n) for key, n in here.items() if key not in elsewhere)
+        return planned, counts
 
     def _source(self, db: int) -> str:
         """The outbox slot a transaction numbers its rows in: any one, so commits spread."""
