@@ -49,6 +49,7 @@ CHAOS_ROUNDS ?= 50
 chaos-storage: $(STAMP) engines
 	TALLY_CHAOS_ROUNDS=$(CHAOS_ROUNDS) TALLY_CHAOS_SECONDS=600 \
 	TALLY_CHAOS_PROFILES=full,extra,normal TALLY_CHAOS_PG_PROFILES=on,off \
+	TALLY_CHAOS_NATS_PROFILES=always,2m \
 	TALLY_FAULTS_REPORT=chaos-storage.jsonl \
 	timeout 4500 $(BIN)/pytest -q -s -p no:cacheprovider -o timeout=1500 tests/faults
 
