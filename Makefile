@@ -42,16 +42,20 @@ chaos: $(STAMP) engines chaos-storage chaos-regions chaos-reshard
 	timeout 1200 $(BIN)/tally chaos --out chaos-results.json
 
 # Storage faults on the FUSE filesystem of tally_dev/faultfs (docs/storage-faults.md): up to 50
-# power-loss rounds per SQLite durability profile and per PostgreSQL synchronous_commit (10
-# minutes each at most), a failed fsync, a full disk, the lying-disk controls. One JSON line per
+# power-loss rounds per SQLite durability profile, per PostgreSQL synchronous_commit and per
+# JetStream sync interval (10 minutes each at most), 25 of the whole cluster (25 minutes at most),
+# 10 of Redis alone per appendfsync, a failed fsync, a full disk, the controls. One JSON line per
 # result in chaos-storage.jsonl.
 CHAOS_ROUNDS ?= 50
 chaos-storage: $(STAMP) engines
 	TALLY_CHAOS_ROUNDS=$(CHAOS_ROUNDS) TALLY_CHAOS_SECONDS=600 \
 	TALLY_CHAOS_PROFILES=full,extra,normal TALLY_CHAOS_PG_PROFILES=on,off \
 	TALLY_CHAOS_NATS_PROFILES=always,2m \
+	TALLY_CHAOS_CLUSTER_ROUNDS=25 TALLY_CHAOS_CLUSTER_SECONDS=1500 \
+	TALLY_CHAOS_REDIS_PROFILES=everysec TALLY_CHAOS_REDIS_CUT=everysec,always \
+	TALLY_CHAOS_REDIS_ROUNDS=10 \
 	TALLY_FAULTS_REPORT=chaos-storage.jsonl \
-	timeout 4500 $(BIN)/pytest -q -s -p no:cacheprovider -o timeout=1500 tests/faults
+	timeout 7200 $(BIN)/pytest -q -s -p no:cacheprovider -o timeout=1800 tests/faults
 
 # Two regions in network namespaces under a client ledger (docs/regions.md): load with
 # forwarding and the cross-region visibility probe, a partition and heal, a region SIGKILLed under

@@ -22,4 +22,4 @@ def faultfs(tmp_path: Path) -> Iterator[FaultFS]:
     try:
         yield fs
     finally:
-        fs.unmount()
+        fs.unmount(grace_s=2.0)  # the test is done with the data: no need to wait the daemon out

@@ -194,11 +194,11 @@ def integrity(db: Path) -> list[str]:
     return problems
 
 
-async def check_recovered(server: Server, ledger: Ledger) -> Check:
-    """Reads every pair back; settles the in-doubt ones; counts the acknowledged states lost.
-    Then whether the counts converge to a recount of the like records; both files must be sound."""
+async def read_back(url: str, ledger: Ledger) -> tuple[int, int]:
+    """Reads every pair back through ``/v1/has``; settles the in-doubt ones. Returns the
+    acknowledged states lost (an older state came back) and the in-doubt ops settled."""
     losses = resolved = 0
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
         items = [{"item_type": "post", "item_id": i} for i in range(ITEMS)]
         for user in range(WORKERS * USERS_PER_WORKER):
             r = await c.post("/v1/has", json={"user_id": user, "items": items})
@@ -213,14 +213,32 @@ async def check_recovered(server: Server, ledger: Ledger) -> Check:
                 elif got is not before:
                     losses += 1
                 ledger.acked[pair] = got
+    return losses, resolved
+
+
+def ledger_counts(ledger: Ledger) -> list[int]:
+    """The like count of each item by the ledger (after ``read_back`` settled every pair)."""
+    return [sum(on for (_, i), on in ledger.acked.items() if i == item) for item in range(ITEMS)]
+
+
+async def served_counts(c: httpx.AsyncClient) -> list[int]:
+    items = [{"item_type": "post", "item_id": i} for i in range(ITEMS)]
+    r = await c.post("/v1/counts", json={"items": items, "counters": ["like"]})
+    assert r.status_code == 200, r.text
+    return [x["counts"]["like"] for x in r.json()["results"]]
+
+
+async def check_recovered(server: Server, ledger: Ledger) -> Check:
+    """Reads every pair back (``read_back``), then whether the counts converge to a recount of
+    the like records; both files must be sound."""
+    losses, resolved = await read_back(server.url, ledger)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
         truth = recount(server.db)
         expected = [truth.get(("like", f"post:{i}"), 0) for i in range(ITEMS)]
-        assert expected == [sum(on for (_, i), on in ledger.acked.items() if i == item)
-                            for item in range(ITEMS)]
+        assert expected == ledger_counts(ledger)
 
         async def converged() -> bool:
-            r = await c.post("/v1/counts", json={"items": items, "counters": ["like"]})
-            return [x["counts"]["like"] for x in r.json()["results"]] == expected
+            return await served_counts(c) == expected
 
         try:
             await poll(converged, timeout_s=30)

@@ -58,7 +58,7 @@ def nats_on_faultfs() -> Iterator[tuple[FaultFS, Path]]:
     try:
         yield fs, base
     finally:
-        fs.unmount()
+        fs.unmount(grace_s=2.0)  # the test is done with the data: no need to wait the daemon out
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -54,7 +54,7 @@ def pg_on_faultfs() -> Iterator[tuple[FaultFS, PostgresEngine]]:
         yield fs, engine
     finally:
         engine.kill()
-        fs.unmount()
+        fs.unmount(grace_s=2.0)  # the test is done with the data: no need to wait the daemon out
         shutil.rmtree(base, ignore_errors=True)
 
 

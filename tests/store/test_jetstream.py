@@ -6,11 +6,14 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import pytest
 
 from tally.core.errors import ConfigError
 from tally.core.model import Event
 from tally.store.jetstream.eventlog import EventLog, decode_run, encode_run, partition_of
+from tally_dev.engines import NatsEngine
+from tests.engines import EngineFactory
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -113,3 +116,21 @@ async def test_a_recreated_stream_is_read_from_its_start(nats_url: str) -> None:
         msgs = await reader.fetch(10, 0.5)
         await reader.close()
         assert [e.seq for m in msgs for e in m.events] == [6, 7]
+
+
+async def test_close_after_the_server_died_does_not_hang_or_keep_reconnecting(
+        engine_factory: EngineFactory) -> None:
+    """A reconnecting client refuses to drain; close() then closes it outright, so it does not
+    reconnect for good and send its buffered messages to a server that comes back."""
+    server = engine_factory(NatsEngine)
+    server.start()
+    log = EventLog(server.url, "T_CLOSE", 2, publish_timeout_s=1.0)
+    await log.start()
+    client = log._nc
+    assert client is not None
+    server.kill()
+    with anyio.fail_after(10):
+        while client.is_connected:
+            await anyio.sleep(0.01)
+        await log.close()
+    assert client.is_closed

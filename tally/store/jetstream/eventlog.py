@@ -204,9 +204,18 @@ class EventLog:
         await self.ensure_stream()
 
     async def close(self) -> None:
-        if self._nc is not None and not self._nc.is_closed:
-            await self._nc.drain()
-        self._nc = self._js = None
+        """Drain (deliver what is buffered); when the server is gone, close without draining.
+
+        A client that is reconnecting refuses to drain, and left open it would go on
+        reconnecting for good and, once a server is back, send what it had buffered."""
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await asyncio.wait_for(nc.drain(), self.publish_timeout_s)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("event log closed without draining", extra={"error": repr(exc)})
+            await nc.close()
 
     async def ensure_stream(self) -> None:
         """Create the stream, or check that an existing one has this partitioning."""
