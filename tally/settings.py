@@ -123,7 +123,9 @@ class Settings:
                                   "Physical PostgreSQL databases, in shard-map order")
     logical_shards: int = _s(4096, G.CLUSTER, "Logical shards; fixed for the life of the data")
     shard_map: list[str] = _s([], G.CLUSTER, "Logical shard ranges to databases, "
-                                             "'FIRST-LAST=DB_INDEX'; empty: an even split")
+                                             "'FIRST-LAST=DB_INDEX'; empty: an even split. The "
+                                             "initial map: stored at the first start, then "
+                                             "changed only by tally shards move")
     postgres_synchronous_commit: str = _s(
         "on", G.CLUSTER, "PostgreSQL durability per transaction: 'on' waits for the WAL fsync "
                          "(and a synchronous standby's flush, if any) before a write is "

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from tally.cli import main
 from tally.core.errors import InvalidInput
 from tally.store.postgres.cluster import PgCluster
 from tally.store.postgres.reshard import ShardMover, parse_range
@@ -80,3 +82,23 @@ async def test_the_stored_map_outlives_a_change_of_the_settings(
         assert grown.map.ranges() == ["0-31=0", "32-47=1", "48-63=2"]
     finally:
         await grown.close()
+
+
+def test_the_command_dry_runs_moves_and_reports(pg_dsns: list[str], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "tally.toml"
+    config.write_text("[tally]\nbackend = 'cluster'\nlogical_shards = 64\n"
+                      f"postgres_dsns = {json.dumps(pg_dsns)}\nlog_level = 'WARNING'\n")
+    base = ["shards", "--config", str(config)]
+    assert main([*base[:1], "move", "0-15", "--to", "1", "--dry-run", *base[1:]]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["move"] == "logical shards 0-15 from database 0 to database 1"
+    assert planned["map_after"] == ["0-15=1", "16-31=0", "32-63=1"]
+    assert main([*base[:1], "move", "0-15", "--to", "7", *base[1:]]) == 2
+    assert "unknown database 7" in capsys.readouterr().err
+    assert main([*base[:1], "move", "0-15", "--to", "1", *base[1:]]) == 0
+    assert json.loads(capsys.readouterr().out)["epoch"] == 1
+    assert main([*base[:1], "status", *base[1:]]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["map"] == ["0-15=1", "16-31=0", "32-63=1"] and status["active"] is None
+    assert status["moves"][0]["step"] == "done"

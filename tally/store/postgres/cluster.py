@@ -228,6 +228,10 @@ class PgCluster:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._listener.close(), 5)
             self._listener = None
+        if self.pools and self._map_loaded:  # a move need not wait for a process that has left
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pools[COORDINATOR].execute(
+                    "DELETE FROM shard_map_readers WHERE reader = $1", self.reader), 5)
         pools, self.pools = self.pools, []
         pools += [p for p in self._standby_pools.values() if p is not None]
         self._standby_pools.clear()
