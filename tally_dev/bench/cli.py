@@ -58,7 +58,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.add_argument("--sizes", default="0,1000000,10000000", help="comma list of likes stored")
     g.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
     g.add_argument("--out", type=Path, default=Path("bench-results"))
+    g.add_argument("--keep", type=Path, help="keep each size's loaded database here and reuse "
+                                             "it on later runs (delete it when done: ~48 B a like)")
     g.set_defaults(fn=cmd_grow)
+    u = bsub.add_parser("cpu", help="CPU per request of Tally's server variants (uvicorn, "
+                                    "2 API processes, granian) under wrk, interleaved rounds")
+    u.add_argument("--variants", default="uvicorn,uvicorn-2p,granian")
+    u.add_argument("--presets", default="uniform,feed", help="wrk workloads: uniform, viral, "
+                                                             "feed, counts")
+    u.add_argument("--rounds", type=int, default=3)
+    u.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    u.add_argument("--connections", type=int, default=32)
+    u.add_argument("--out", type=Path, default=Path("bench-results"))
+    u.set_defaults(fn=cmd_cpu)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -122,9 +134,19 @@ def cmd_cluster_profile(args: argparse.Namespace) -> int:
     return 1 if any(r["errors"] for r in result["runs"]) else 0
 
 
+def cmd_cpu(args: argparse.Namespace) -> int:
+    from tally_dev.bench.cpucompare import run
+
+    result = run(args.variants.split(","), args.presets.split(","), args.rounds, args.duration,
+                 args.connections, args.out)
+    print(result["table"])
+    return 1 if any(r["errors"] for r in result["runs"]) else 0
+
+
 def cmd_grow(args: argparse.Namespace) -> int:
     from tally_dev.bench.grow import run
 
-    result = run([int(x) for x in args.sizes.split(",") if x], args.out, args.duration)
+    result = run([int(x) for x in args.sizes.split(",") if x], args.out, args.duration,
+                 keep=args.keep)
     print((args.out / "grow.md").read_text())
     return 0 if result["rows"] else 1

@@ -9,6 +9,7 @@ Zipf-drawn items (s=1 over 10 million), as the feed reads them, by users of thei
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -93,16 +94,18 @@ def disk_bytes(db: Path) -> int:
     return sum(p.stat().st_size for p in (db, counts_path(db)) if p.exists())
 
 
-def run(sizes: list[int], out: Path, duration_s: float = 6.0, show_progress: bool = True
-        ) -> dict[str, Any]:
-    """One server per size, each measured on uniform likes and the feed; results in ``out``."""
+def run(sizes: list[int], out: Path, duration_s: float = 6.0, show_progress: bool = True,
+        keep: Path | None = None) -> dict[str, Any]:
+    """One server per size, each measured on uniform likes and the feed; results in ``out``.
+    ``keep``: a directory where each size's loaded database stays (``keep/<size>``) and is
+    copied from on later runs instead of loaded again (100M likes take minutes to load)."""
     from tally_dev.bench.suite import Suite, SuitePlan
 
     work = Path(tempfile.mkdtemp(prefix="tally-grow-"))
     suite = Suite(SuitePlan(duration_s=duration_s, rounds=1), work, show_progress)
     rows: list[dict[str, Any]] = []
     try:
-        _measure_sizes(sizes, work, suite, rows, show_progress)
+        _measure_sizes(sizes, work, suite, rows, show_progress, keep)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # 0.5 GB per 10 million likes
     out.mkdir(parents=True, exist_ok=True)
@@ -112,15 +115,34 @@ def run(sizes: list[int], out: Path, duration_s: float = 6.0, show_progress: boo
     return result
 
 
+def _loaded(db: Path, size: int, keep: Path | None, show_progress: bool) -> float:
+    """``size`` likes in a new database at ``db``, loaded or copied from ``keep``; then every
+    dirty page written out (``sync``), so the run does not measure the kernel's writeback of
+    the load: gigabytes of it delayed every fsync of the first runs at 100M likes. Returns the
+    seconds the load took (0 when copied)."""
+    progress = _progress(size) if show_progress else None
+    if keep is None:
+        seconds = preload(db, size, progress=progress)
+    else:
+        kept = keep / str(size) / "tally.db"
+        seconds = 0.0
+        if not kept.exists():
+            seconds = preload(kept, size, progress=progress)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        for src in (kept, counts_path(kept)):
+            shutil.copyfile(src, db.parent / src.name)
+    os.sync()
+    return seconds
+
+
 def _measure_sizes(sizes: list[int], work: Path, suite: Suite, rows: list[dict[str, Any]],
-                   show_progress: bool) -> None:
+                   show_progress: bool, keep: Path | None = None) -> None:
     from tally_dev.bench import targets
 
     for size in sizes:
         name = f"grow-{size}"
         db = work / name / "data" / "tally.db"
-        load_s = (preload(db, size, progress=_progress(size) if show_progress else None)
-                  if size else 0.0)
+        load_s = _loaded(db, size, keep, show_progress) if size else 0.0
         stored = disk_bytes(db)
         with targets.tally_server(work, name) as server:
             if server.proc is not None:
