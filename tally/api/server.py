@@ -39,6 +39,42 @@ TOO_MANY = _raw(b"503 Service Unavailable", "too_many_connections",
                 "too many connections from this address")
 
 
+class HeadWithBody:
+    """The transport as one response's cycle sees it: the head is held until the body's first
+    write and goes out with it, in one send. uvicorn writes the two apart, and each write on a
+    socket is a system call that, on loopback, also runs the receiver's side of TCP: the two
+    sends were the largest share of the API process's time under likes. An interim answer
+    (``100 Continue``) goes out at once, and a close sends a head still held."""
+
+    __slots__ = ("_head", "_sent", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._sent = False
+
+    def write(self, data: bytes) -> None:
+        if self._sent:
+            self._transport.write(data)
+        elif self._head is not None:
+            self._sent = True
+            self._transport.write(self._head + data)
+            self._head = None
+        elif data.startswith(b"HTTP/1.1 1"):
+            self._transport.write(data)
+        else:
+            self._head = data
+
+    def close(self) -> None:
+        if self._head is not None:
+            self._transport.write(self._head)
+            self._head = None
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GuardedHttpTools(HttpToolsProtocol):
     """One per connection. The limits are class attributes set once per process by ``configure``
     (each uvicorn worker process builds its app, and calls it, from the same settings)."""
@@ -87,6 +123,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+        self.cycle.transport = HeadWithBody(self.transport)  # type: ignore[assignment]
 
     def _arm(self) -> None:
         if self.header_timeout_s > 0:

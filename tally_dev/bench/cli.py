@@ -69,6 +69,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     u.add_argument("--rounds", type=int, default=3)
     u.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     u.add_argument("--connections", type=int, default=32)
+    u.add_argument("--base", type=Path, help="also `tally serve` from this source tree (a git "
+                                             "worktree of the commit before a change)")
     u.add_argument("--out", type=Path, default=Path("bench-results"))
     u.set_defaults(fn=cmd_cpu)
 
@@ -138,7 +140,7 @@ def cmd_cpu(args: argparse.Namespace) -> int:
     from tally_dev.bench.cpucompare import run
 
     result = run(args.variants.split(","), args.presets.split(","), args.rounds, args.duration,
-                 args.connections, args.out)
+                 args.connections, args.out, args.base)
     print(result["table"])
     return 1 if any(r["errors"] for r in result["runs"]) else 0
 

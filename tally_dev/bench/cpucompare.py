@@ -93,12 +93,22 @@ def started(variant: Variant, work: Path) -> Iterator[targets.HttpServer]:
         yield server
 
 
+def from_tree(source: Path) -> Variant:
+    """``tally serve`` from another source tree (a git worktree of the commit before a change),
+    on this environment's interpreter and packages: the "before" of a before/after."""
+    return Variant(f"base:{source.name}", argv=(
+        "env", f"PYTHONPATH={source.resolve()}", sys.executable, "-m", "tally.cli", "serve",
+        "--port", "{port}"))
+
+
 def run(variants: list[str], presets: list[str], rounds: int = 3, duration_s: float = 5.0,
-        connections: int = 32, out: Path | None = None) -> dict[str, Any]:
+        connections: int = 32, out: Path | None = None, base: Path | None = None
+        ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tally-cpu-"))
     runs: list[dict[str, Any]] = []
+    chosen = ([from_tree(base)] if base else []) + [VARIANTS[name] for name in variants]
     with contextlib.ExitStack() as stack:
-        servers = {name: stack.enter_context(started(VARIANTS[name], work)) for name in variants}
+        servers = {v.name: stack.enter_context(started(v, work)) for v in chosen}
         for rnd in range(rounds):
             for preset in presets:
                 for name, server in servers.items():
