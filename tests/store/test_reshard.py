@@ -13,8 +13,10 @@ import pytest
 
 from tally.cli import main
 from tally.core.errors import InvalidInput
-from tally.store.postgres.cluster import PgCluster
-from tally.store.postgres.reshard import ShardMover, parse_range
+from tally.core.model import ToggleOp
+from tally.store.postgres.cluster import PgCluster, ShardMoving
+from tally.store.postgres.likes import PostgresLikeStore
+from tally.store.postgres.reshard import Move, MoveReport, ShardMover, parse_range
 from tally.store.shards import ShardMap
 from tests.store.reshard_load import run_move_under_load
 
@@ -102,3 +104,63 @@ def test_the_command_dry_runs_moves_and_reports(pg_dsns: list[str], tmp_path: Pa
     status = json.loads(capsys.readouterr().out)
     assert status["map"] == ["0-15=1", "16-31=0", "32-63=1"] and status["active"] is None
     assert status["moves"][0]["step"] == "done"
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashingMover(ShardMover):
+    """Dies like a killed process: right after the journal records ``at`` (or, for "copy", in the
+    middle of the catch-up)."""
+
+    def __init__(self, cluster: PgCluster, at: str) -> None:
+        super().__init__(cluster)
+        self.at = at
+
+    async def _advance(self, report: MoveReport, step: str) -> str:
+        done = await super()._advance(report, step)
+        if step == self.at:
+            raise _Crash(step)
+        return done
+
+    async def _catch_up(self, move: Move, report: MoveReport, until: int) -> int:
+        if self.at == "copy":
+            raise _Crash("copy")
+        return await super()._catch_up(move, report, until)
+
+
+async def test_a_crashed_move_resumes_at_any_step_or_aborts(pg_dsns: list[str]) -> None:
+    cluster = PgCluster(pg_dsns, ShardMap.build(64, 2), pool_max=4)
+    likes = PostgresLikeStore(cluster)
+    await likes.start()
+    users = [f"u{n}" for n in range(120)]
+    try:
+        await likes.write([ToggleOp("like", f"post:{n % 7}", u, True, "") for n, u in
+                           enumerate(users)])
+        moving = [u for u in users if 0 <= cluster.map.shard_of(u) <= 15]
+        assert moving
+        for at, to in (("copy", 1), ("writes_fenced", 0), ("switched", 1), ("released", 0)):
+            with pytest.raises(_Crash):
+                await _CrashingMover(cluster, at).run(await ShardMover(cluster).plan(0, 15, to))
+            if at in ("writes_fenced", "switched"):  # fenced until the move is resumed
+                with pytest.raises(ShardMoving):
+                    await likes.write([ToggleOp("like", "post:9", moving[0], True, "")])
+            mover = ShardMover(cluster)  # a new process runs the same command again
+            report = await mover.run(await mover.plan(0, 15, to))
+            assert await mover.active() is None
+            assert cluster.map.db_of_shard(0) == to, at
+            for n, u in enumerate(users):
+                assert await likes.has("like", u, [f"post:{n % 7}"]) == [True], (at, u)
+            assert report.deleted.get("toggles", 0) > 0 or at == "released", at
+        # Abort after the fence: the source takes the range's writes again, the target holds none.
+        with pytest.raises(_Crash):
+            await _CrashingMover(cluster, "writes_fenced").run(
+                await ShardMover(cluster).plan(0, 15, 1))
+        assert "aborted" in await ShardMover(cluster).abort()
+        await likes.write([ToggleOp("like", "post:9", moving[0], True, "")])
+        assert await likes.has("like", moving[0], ["post:9"]) == [True]
+        rows = await cluster.fetch(1, "SELECT count(*) FROM toggles WHERE shard <= 15")
+        assert rows[0][0] == 0 and cluster.map.db_of_shard(0) == 0
+    finally:
+        await likes.close()
