@@ -29,7 +29,7 @@ async def test_a_move_under_load_loses_and_doubles_nothing(pg_dsns: list[str],
     # aggregators' deciding transaction), for database 1, mid-load.
     result = await run_move_under_load(pg_dsns, nats_engine.url,  # type: ignore[attr-defined]
                                        f"RESHARD{uuid.uuid4().hex[:8]}", shards=64,
-                                       move=(0, 15, 1), load_s=6.0, move_after_s=1.5)
+                                       move=(0, 15, 1), load_s=5.0, move_after_s=1.5)
     print(json.dumps(result, indent=1))  # the figures docs/scale-out.md quotes
     assert result["ledger"]["acked"] > 200
     assert result["lost_states"] == 0

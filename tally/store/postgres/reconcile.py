@@ -31,7 +31,7 @@ import asyncpg
 
 from tally.core.model import CountKey
 from tally.store.ports import Drift, ReconcileChunk
-from tally.store.postgres.cluster import PgCluster, read_counts
+from tally.store.postgres.cluster import COORDINATOR, PgCluster, read_counts
 from tally.store.postgres.counts import PostgresCountStore
 
 # Only the toggles of the logical shards the database holds: during a move the target holds a
@@ -147,10 +147,17 @@ class PostgresRecounter:
                                      [last for _, last in held]),
                     await conn.fetch(_UNPUBLISHED, counters, items))
 
+    async def _moving(self) -> bool:
+        """Whether a shard move is in progress: it copies counts from a snapshot plus a log of
+        changes, and a repair is not in that log's reach, so repairs wait for the move's end."""
+        rows = await self.cluster.fetch(COORDINATOR, "SELECT 1 FROM shard_moves WHERE step NOT "
+                                        "IN ('done', 'aborted') LIMIT 1")
+        return bool(rows)
+
     async def _repair(self, key: CountKey, seen: _Seen) -> None:
         stalled = (seen.oldest_unpublished is not None
                    and seen.oldest_unpublished < time.time() - self.stall_s)
-        if stalled or seen.intents:
+        if stalled or seen.intents or await self._moving():
             self.skipped_repairs += 1
             return
         correction = seen.actual - seen.stored

@@ -17,13 +17,16 @@ its switch (``tally shards abort``):
    refuses the range (only the mover's own sessions may write it). Then a bulk copy from one
    REPEATABLE READ snapshot taken after the triggers, and rounds of catch-up: each takes logged
    keys off the log and copies their current rows, committing on the target before the source.
-   The count fence: the head row on database 0 names the range, so aggregators wait on those
-   counts (``PostgresCountStore.apply_batch``); pending intents are rolled forward, then the range's
-   counts are copied. Counts lag meanwhile; writes go on.
+   Counts and idempotency keys carry no shard column: their triggers log every key, and the copy
+   and the catch-up keep those of the range (hashed as the stores do). Then the count fence: the
+   head row on database 0 names the range, so aggregators wait on those counts
+   (``PostgresCountStore.apply_batch``); pending intents are rolled forward and the log is caught up
+   through its last entry: the target now holds the range's counts exactly. Counts lag from here
+   to the release; writes go on. (A reconcile repair waits for the move's end.)
 2. **writes_fenced** — the source's guard now refuses the range too (SQLSTATE TL001: the write's
    transaction rolls back and the API answers 503 with Retry-After). Creating it waits for the writes
-   in flight, so after it nothing of the range changes on the source: the last catch-up, run until
-   the log is empty, leaves the target equal to the source for the range. *Exact*: every change
+   in flight, so after it nothing of the range changes on the source: the last catch-up, through
+   the log's last entry as of then, leaves the target equal to the source for the range. *Exact*: every change
    before the snapshot is in the copy, every change after it is in the log, none after the fence.
 3. **switched** — one transaction on database 0 stores the new map under the next epoch and
    notifies ``MAP_CHANNEL``; every process listens there (and polls every ``SHARD_MAP_POLL_S`` in
@@ -71,6 +74,8 @@ STEPS = ("copying", "writes_fenced", "switched", "released", "done")
 # the move does not wait for it (the source's guard still stops it from changing a moved user).
 READER_WINDOW_S = 3 * HEARTBEAT_S
 _BATCH = 2000  # rows per copy transaction
+_CAPTURED = ("toggles", "idempotency", "counts")
+_PUT_ARG = {"idempotency": "idem", "counts": "counts"}
 _CATCH_UP_SMALL = 500  # a catch-up round this small means the next one, fenced, is short
 _CATCH_UP_ROUNDS = 20
 
@@ -226,13 +231,13 @@ class ShardMover:
             report.copy_s = round(time.monotonic() - t_copy, 3)
             await self._catch_up(move, report, until=_CATCH_UP_SMALL)
             t_counts = time.monotonic()
-            await self._move_counts(move, report)
+            await self._fence_counts(move, report)
             t_fence = time.monotonic()
             await self._guard(move.source, self.cluster.map.moved(move.first, move.last,
                                                                    move.target))
             step = await self._advance(report, "writes_fenced")
         if step == "writes_fenced":
-            report.fenced_keys = await self._catch_up(move, report, until=0)
+            report.fenced_keys = await self._catch_up_through(move, report)
             await self._drop_capture(move)
             report.epoch = await self._switch(move)
             step = await self._advance(report, "switched")
@@ -298,22 +303,23 @@ class ShardMover:
         await self._delete_range(move.target, move, "target")
         async with self.cluster.connection(move.source) as conn, conn.transaction():
             await conn.execute("SET LOCAL lock_timeout = '5s'")
-            await conn.execute("DROP TRIGGER IF EXISTS tally_capture ON toggles")
-            await conn.execute("DROP TRIGGER IF EXISTS tally_capture ON idempotency")
+            for table in _CAPTURED:
+                await conn.execute(f"DROP TRIGGER IF EXISTS tally_capture ON {table}")
             await conn.execute("TRUNCATE move_changes")
             await conn.execute(
                 "CREATE TRIGGER tally_capture AFTER INSERT OR UPDATE ON toggles FOR EACH ROW "
                 f"WHEN (NEW.shard BETWEEN {move.first:d} AND {move.last:d}) "
                 "EXECUTE FUNCTION tally_capture()")
-            await conn.execute("CREATE TRIGGER tally_capture AFTER INSERT OR UPDATE ON "
-                               "idempotency FOR EACH ROW EXECUTE FUNCTION tally_capture()")
+            for table in ("idempotency", "counts"):  # no shard column: every key is logged
+                await conn.execute(f"CREATE TRIGGER tally_capture AFTER INSERT OR UPDATE ON "
+                                   f"{table} FOR EACH ROW EXECUTE FUNCTION tally_capture()")
         self.progress("capturing changes of the range on the source")
 
     async def _drop_capture(self, move: Move) -> None:
         async with self.cluster.connection(move.source) as conn, conn.transaction():
             await conn.execute("SET LOCAL lock_timeout = '5s'")
-            await conn.execute("DROP TRIGGER IF EXISTS tally_capture ON toggles")
-            await conn.execute("DROP TRIGGER IF EXISTS tally_capture ON idempotency")
+            for table in _CAPTURED:
+                await conn.execute(f"DROP TRIGGER IF EXISTS tally_capture ON {table}")
             await conn.execute("TRUNCATE move_changes")
 
     async def _guard(self, db: int, shard_map: ShardMap) -> None:
@@ -343,7 +349,7 @@ class ShardMover:
 
     async def _copy(self, move: Move, report: MoveReport) -> None:
         """The bulk copy, from one snapshot taken after the capture triggers exist."""
-        report.copied = {"toggles": 0, "idempotency": 0}
+        report.copied = {"toggles": 0}
         async with self.cluster.connection(move.source) as conn, conn.transaction(
                 isolation="repeatable_read", readonly=True):
             total = await conn.fetchval("SELECT count(*) FROM toggles WHERE shard BETWEEN $1 "
@@ -365,18 +371,21 @@ class ShardMover:
             if batch:
                 await self._put(move.target, toggles=batch)
                 report.copied["toggles"] += len(batch)
-            idem: list[Sequence[Any]] = []
-            async for row in self._scan(conn, move, "idempotency"):
-                idem.append(row)
-                if len(idem) == _BATCH:
-                    await self._put(move.target, idem=idem)
-                    report.copied["idempotency"] += len(idem)
-                    idem = []
-            if idem:
-                await self._put(move.target, idem=idem)
-                report.copied["idempotency"] += len(idem)
-        self.progress(f"copied {report.copied['toggles']:,} toggles and "
-                      f"{report.copied['idempotency']:,} idempotency keys")
+            for table in ("idempotency", "counts"):
+                report.copied[table] = 0
+                rows: list[Sequence[Any]] = []
+                async for row in self._scan(conn, move, table):
+                    rows.append(row)
+                    if len(rows) == _BATCH:
+                        await self._put(move.target, **{_PUT_ARG[table]: rows})
+                        report.copied[table] += len(rows)
+                        rows = []
+                if rows:
+                    await self._put(move.target, **{_PUT_ARG[table]: rows})
+                    report.copied[table] += len(rows)
+        self.progress(f"copied {report.copied['toggles']:,} toggles, "
+                      f"{report.copied['idempotency']:,} idempotency keys and "
+                      f"{report.copied['counts']:,} counts")
 
     async def _scan(self, conn: asyncpg.Connection, move: Move,
                     table: str) -> AsyncIterator[tuple[Any, ...]]:
@@ -410,36 +419,43 @@ class ShardMover:
             await write(c)
 
     async def _catch_up(self, move: Move, report: MoveReport, until: int) -> int:
-        """Copy the logged keys' current rows until a round takes ``until`` keys or fewer (0: until
-        the log is empty, which after the write fence means the target equals the source)."""
+        """Unfenced catch-up: copy the logged keys' current rows until a round takes ``until``
+        keys or fewer (so that the fenced rounds that follow are short), at most
+        ``_CATCH_UP_ROUNDS`` rounds."""
         moved = 0
-        # Fenced (until 0), nothing new is logged: the rounds end once the log is read through.
-        for _ in range(_CATCH_UP_ROUNDS if until else 10_000):
-            taken = await self._drain(move)
+        for _ in range(_CATCH_UP_ROUNDS):
+            taken, _ = await self._drain(move)
             moved += taken
             report.catch_up_rounds += 1
             report.caught_up_keys += taken
-            if taken <= until or (until == 0 and taken == 0):
+            if taken <= until:
                 break
         self.progress(f"caught up {moved:,} changed keys")
         return moved
 
-    async def _drain(self, move: Move, limit: int = 5000) -> int:
-        """One catch-up round. The keys leave the log in the source transaction that reads their
-        rows, which commits only after the target has the rows: a crash in between copies them
-        again (the copy is idempotent). A change committed after the read logs its key anew."""
+    async def _drain(self, move: Move, limit: int = 5000) -> tuple[int, int]:
+        """One catch-up round; returns (keys taken, highest log id taken). The keys leave the log
+        in the source transaction that reads their rows, which commits only after the target has
+        the rows: a crash in between copies them again (the copy is idempotent). A change
+        committed after the read logs its key anew."""
         shards = self.cluster.map.shards
+
+        def moving(key: str) -> bool:
+            return move.first <= logical_shard(key, shards) <= move.last
+
         async with self.cluster.connection(move.source) as src, src.transaction():
             keys = await src.fetch(
                 "DELETE FROM move_changes WHERE id IN (SELECT id FROM move_changes ORDER BY id "
-                "LIMIT $1) RETURNING tbl, k1, k2, k3", limit)
+                "LIMIT $1) RETURNING id, tbl, k1, k2, k3", limit)
             if not keys:
-                return 0
-            toggle_keys = sorted({(k[1], k[2], k[3]) for k in keys if k[0] == "toggles"})
-            idem_keys = sorted({(k[1], k[2]) for k in keys if k[0] == "idempotency"
-                                and move.first <= logical_shard(k[2], shards) <= move.last})
+                return 0, 0
+            toggle_keys = sorted({(k[2], k[3], k[4]) for k in keys if k[1] == "toggles"})
+            idem_keys = sorted({(k[2], k[3]) for k in keys
+                                if k[1] == "idempotency" and moving(k[3])})
+            count_keys = sorted({(k[2], k[3]) for k in keys if k[1] == "counts" and moving(k[3])})
             toggles: list[tuple[Any, ...]] = []
             idem: list[tuple[Any, ...]] = []
+            counts: list[tuple[Any, ...]] = []
             if toggle_keys:
                 toggles = [tuple(r) for r in await src.fetch(
                     f"SELECT {', '.join('t.' + c.strip() for c in _TOGGLE_COLUMNS.split(','))} "
@@ -451,8 +467,30 @@ class ShardMover:
                     "SELECT d.counter, d.key, d.expires_at FROM idempotency d JOIN "
                     "unnest($1::text[], $2::text[]) AS k(c, key) ON d.counter = k.c "
                     "AND d.key = k.key", *_columns(idem_keys, 2))]
-            await self._put(move.target, toggles=toggles, idem=idem)
-            return len(keys)
+            if count_keys:
+                counts = [tuple(r) for r in await src.fetch(
+                    "SELECT n.item, n.counter, n.count FROM counts n JOIN unnest($1::text[], "
+                    "$2::text[]) AS k(c, i) ON n.counter = k.c AND n.item = k.i",
+                    *_columns(count_keys, 2))]
+            await self._put(move.target, toggles=toggles, idem=idem, counts=counts)
+            return len(keys), max(int(k[0]) for k in keys)
+
+    async def _catch_up_through(self, move: Move, report: MoveReport) -> int:
+        """Catch up through the log's last entry as of now. Called once the range is fenced (its
+        counts, or its writes): every change of the range is then in the log already, while the
+        changes logged after it (keys of other shards: the idempotency and count triggers log every
+        key) need not be waited for. Returns the keys taken."""
+        rows = await self.cluster.fetch(move.source, "SELECT max(id) FROM move_changes")
+        mark = rows[0][0] or 0
+        moved = 0
+        for _ in range(10_000):  # bounded: each round takes the oldest entries, up to the mark
+            taken, highest = await self._drain(move)
+            moved += taken
+            report.catch_up_rounds += 1
+            report.caught_up_keys += taken
+            if taken == 0 or highest >= mark:
+                break
+        return moved
 
     async def _set_count_fence(self, move: Move | None) -> None:
         """Name (or clear) the range whose counts aggregators must not apply. The update waits for
@@ -461,30 +499,17 @@ class ShardMover:
         await self.cluster.fetch(COORDINATOR, "UPDATE shard_map_head SET counts_fence_first = $1, "
                                  "counts_fence_last = $2", first, last)
 
-    async def _move_counts(self, move: Move, report: MoveReport) -> None:
+    async def _fence_counts(self, move: Move, report: MoveReport) -> None:
         """Fence the range's counts, finish every batch decided before the fence (intents), then
-        copy the counts, replacing whatever the target held of the range."""
+        catch up the log through its last entry as of then: no count of the range changes on the
+        source after that, so the target holds every one of them exactly."""
         await self._set_count_fence(move)
         consumers = await self.cluster.fetch(COORDINATOR,
                                              "SELECT DISTINCT consumer FROM intents")
         for row in consumers:
             await self.counts.finish_intents(row[0])
-        await self._delete_range(move.target, move, "target", tables=("counts",))
-        copied = 0
-        async with self.cluster.connection(move.source) as src, src.transaction(
-                isolation="repeatable_read", readonly=True):
-            batch: list[Sequence[Any]] = []
-            async for row in self._scan(src, move, "counts"):
-                batch.append(row)
-                if len(batch) == _BATCH:
-                    await self._put(move.target, counts=batch)
-                    copied += len(batch)
-                    batch = []
-            if batch:
-                await self._put(move.target, counts=batch)
-                copied += len(batch)
-        report.copied["counts"] = copied
-        self.progress(f"counts fenced; copied {copied:,} counts")
+        await self._catch_up_through(move, report)
+        self.progress("counts of the range fenced and caught up")
 
     async def _switch(self, move: Move) -> int:
         """Store the new map under the next epoch, in one transaction on database 0."""

@@ -102,6 +102,8 @@ BEGIN
     IF TG_TABLE_NAME = 'toggles' THEN
         INSERT INTO move_changes (tbl, k1, k2, k3) VALUES ('toggles', NEW.counter, NEW.user_id,
                                                            NEW.item);
+    ELSIF TG_TABLE_NAME = 'counts' THEN
+        INSERT INTO move_changes (tbl, k1, k2) VALUES ('counts', NEW.counter, NEW.item);
     ELSE
         INSERT INTO move_changes (tbl, k1, k2) VALUES ('idempotency', NEW.counter, NEW.key);
     END IF;
