@@ -96,11 +96,14 @@ def _toml_value(value: Any) -> str:
 class DevCluster:
     def __init__(self, root: Path = DEFAULT_ROOT, layout: Layout = Layout(),
                  settings: dict[str, Any] | None = None,
-                 pg_settings: dict[str, str] | None = None) -> None:
+                 pg_settings: dict[str, str] | None = None,
+                 process_env: dict[str, str] | None = None) -> None:
         """``pg_settings``: extra postgresql.conf lines of the shard databases (non-HA layout),
-        e.g. the statement statistics a profile reads."""
+        e.g. the statement statistics a profile reads. ``process_env``: extra environment of the
+        Tally processes (a profile runs another checkout's code with PYTHONPATH)."""
         self.root = root.resolve()
         self.pg_settings = pg_settings or {}
+        self.process_env = process_env or {}
         self.layout = layout
         self.overrides = settings or {}
         self.config = self.root / "cluster.toml"
@@ -165,7 +168,7 @@ class DevCluster:
         for role, count in (("aggregator", self.layout.aggregators),
                             ("relay", self.layout.relays), ("api", self.layout.apis)):
             for i in range(count):
-                proc = TallyProcess(self.root / "procs", role, i, self.config)
+                proc = TallyProcess(self.root / "procs", role, i, self.config, self.process_env)
                 proc.start(timeout_s=60)
                 self.processes[proc.name] = proc
                 self._save()

@@ -51,6 +51,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     c.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
     c.add_argument("--rounds", type=int, default=2, help="interleaved rounds (medians)")
     c.add_argument("--connections", type=int, default=32)
+    c.add_argument("--baseline", type=Path, help="another checkout of Tally (e.g. a git "
+                   "worktree of an earlier commit) run as a second cluster in the same rounds")
     c.add_argument("--out", type=Path, default=Path("bench-results"))
     c.set_defaults(fn=cmd_cluster_profile)
     g = bsub.add_parser("grow", help="Tally embedded with N likes stored vs empty (loads them "
@@ -131,7 +133,7 @@ def cmd_cluster_profile(args: argparse.Namespace) -> int:
     from tally_dev.bench.clusterprof import ProfilePlan, run
 
     result = run(args.out, ProfilePlan(duration_s=args.duration, rounds=args.rounds,
-                                       connections=args.connections))
+                                       connections=args.connections, baseline=args.baseline))
     print((args.out / "cluster-profile.md").read_text())
     return 1 if any(r["errors"] for r in result["runs"]) else 0
 

@@ -65,6 +65,9 @@ class ProfilePlan:
     connections: int = 32
     presets: tuple[str, ...] = ("uniform", "viral")
     params: Params = Params()
+    # Another checkout of Tally (e.g. ``git worktree add /tmp/base <commit>``) run as a second
+    # cluster, "cluster-base", in the same rounds: a change's before and after side by side.
+    baseline: Path | None = None
 
 
 def sql_role(query: str) -> str:
@@ -194,31 +197,45 @@ class Profiler:
 
     def run(self) -> dict[str, Any]:
         started, load_before = time.time(), os.getloadavg()
-        layout = Layout(apis=1, relays=1, aggregators=1, partitions=4, databases=1)
-        cluster = DevCluster(self.work / "cluster", layout, settings={"log_level": "WARNING"},
-                             pg_settings=STATS)
         with contextlib.ExitStack() as stack:
-            cluster.up()
-            stack.callback(cluster.down)
-            groups = {row["name"]: row["pid"] for row in cluster.status()}
-            pgs = [(e, "tally") for e in cluster.engines.values() if isinstance(e, PostgresEngine)]
-            for engine, db in pgs:
-                engine.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", database=db)
-            nats = cluster.engines["nats"]
-            assert isinstance(nats, NatsEngine)
-            cluster_probe = Probe(groups, pgs, nats, cluster.engines["redis"].url)
-            port = urlsplit(cluster.urls("api")[0]).port or 80
+            clusters = {"cluster": stack.enter_context(_cluster(self.work / "cluster"))}
+            if self.plan.baseline is not None:
+                clusters["cluster-base"] = stack.enter_context(
+                    _cluster(self.work / "cluster-base", self.plan.baseline))
             peer_port, peer_probe = stack.enter_context(_pg_peer(self.work))
             for rnd in range(self.plan.rounds):
                 for preset in self.plan.presets:
-                    self.measure("cluster", port, cluster_probe, preset, rnd, cluster)
+                    for name, (cluster, port, probe) in clusters.items():
+                        self.measure(name, port, probe, preset, rnd, cluster)
                     self.measure("pg", peer_port, peer_probe, preset, rnd, None)
         return {"machine": machine(), "command": " ".join(sys.argv), "started": started,
                 "wall_s": round(time.time() - started, 1),
                 "load_average": {"before": load_before, "after": os.getloadavg()},
                 "plan": {"duration_s": self.plan.duration_s, "rounds": self.plan.rounds,
-                         "connections": self.plan.connections},
+                         "connections": self.plan.connections,
+                         "baseline": str(self.plan.baseline or "")},
                 "runs": self.runs}
+
+
+@contextlib.contextmanager
+def _cluster(root: Path, code: Path | None = None) -> Iterator[tuple[DevCluster, int, Probe]]:
+    """The suite's smallest cluster, running this checkout's code or ``code``'s."""
+    layout = Layout(apis=1, relays=1, aggregators=1, partitions=4, databases=1)
+    env = {"PYTHONPATH": str(code.resolve())} if code is not None else None
+    cluster = DevCluster(root, layout, settings={"log_level": "WARNING"}, pg_settings=STATS,
+                         process_env=env)
+    try:
+        cluster.up()
+        groups = {row["name"]: row["pid"] for row in cluster.status()}
+        pgs = [(e, "tally") for e in cluster.engines.values() if isinstance(e, PostgresEngine)]
+        for engine, db in pgs:
+            engine.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", database=db)
+        nats = cluster.engines["nats"]
+        assert isinstance(nats, NatsEngine)
+        port = urlsplit(cluster.urls("api")[0]).port or 80
+        yield cluster, port, Probe(groups, pgs, nats, cluster.engines["redis"].url)
+    finally:
+        cluster.down()
 
 
 @contextlib.contextmanager
@@ -255,7 +272,7 @@ def markdown(result: dict[str, Any]) -> str:
              "per like by role served | PG statements / transactions / WAL bytes per like | "
              "NATS msgs in+out, Redis commands per like |", "|---|---|---:|---|---|---|---|"]
     for preset in dict.fromkeys(r["preset"] for r in runs):
-        for target in ("cluster", "pg"):
+        for target in ("cluster-base", "cluster", "pg"):
             rows = [r for r in runs if r["preset"] == preset and r["target"] == target]
             if not rows:
                 continue
@@ -280,15 +297,16 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{med['pg_statements']:.2f} ("
                 + ", ".join(f"{k} {v:.2f}" for k, v in stm.items()) + ") / "
                 f"{med['pg_transactions']:.2f} / {med['pg_wal_bytes']:,.0f} | {msgs} |")
-    lines += ["", "| round | workload | cluster likes/s | naive PostgreSQL likes/s | ratio |",
-              "|---|---|---:|---:|---:|"]
+    lines += ["", "| round | workload | system | likes/s | naive PostgreSQL likes/s | ratio |",
+              "|---|---|---|---:|---:|---:|"]
     for r in runs:
-        if r["target"] != "cluster":
+        if not r["target"].startswith("cluster"):
             continue
         peer = next((p for p in runs if p["target"] == "pg" and p["preset"] == r["preset"]
                      and p["round"] == r["round"]), None)
         if peer and peer["throughput_per_s"]:
-            lines.append(f"| {r['round'] + 1} | {r['preset']} | {r['throughput_per_s']:,.0f} | "
+            lines.append(f"| {r['round'] + 1} | {r['preset']} | {r['target']} | "
+                         f"{r['throughput_per_s']:,.0f} | "
                          f"{peer['throughput_per_s']:,.0f} | "
                          f"{r['throughput_per_s'] / peer['throughput_per_s']:.2f}x |")
     return "\n".join(lines) + "\n"
@@ -299,7 +317,12 @@ def run(out: Path, plan: ProfilePlan, show_progress: bool = True) -> dict[str, A
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tally-clusterprof-"))
     os.chmod(work, 0o755)  # PostgreSQL runs as an unprivileged user and must reach its directory
-    result = Profiler(plan, work, show_progress).run()
+    here = Path.cwd()
+    os.chdir(work)  # the processes' sys.path[0]: not a checkout, or it would shadow --baseline
+    try:
+        result = Profiler(plan, work, show_progress).run()
+    finally:
+        os.chdir(here)
     shutil.rmtree(work, ignore_errors=True)
     (out / "cluster-profile.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     (out / "cluster-profile.md").write_text(markdown(result))
