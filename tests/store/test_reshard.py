@@ -111,8 +111,8 @@ class _Crash(Exception):
 
 
 class _CrashingMover(ShardMover):
-    """Dies like a killed process: right after the journal records ``at`` (or, for "copy", in the
-    middle of the catch-up)."""
+    """Dies like a killed process: right after the journal records step ``at`` (or, for "copy",
+    in the middle of the copy's catch-up)."""
 
     def __init__(self, cluster: PgCluster, at: str) -> None:
         super().__init__(cluster)
@@ -123,6 +123,12 @@ class _CrashingMover(ShardMover):
         if step == self.at:
             raise _Crash(step)
         return done
+
+    async def _switch(self, move: Move, report: MoveReport) -> int:
+        epoch = await super()._switch(move, report)  # journals "switched" with the new map
+        if self.at == "switched":
+            raise _Crash("switched")
+        return epoch
 
     async def _catch_up(self, move: Move, report: MoveReport, until: int) -> int:
         if self.at == "copy":

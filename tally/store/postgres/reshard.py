@@ -76,6 +76,8 @@ READER_WINDOW_S = 3 * HEARTBEAT_S
 _BATCH = 2000  # rows per copy transaction
 _CAPTURED = ("toggles", "idempotency", "counts")
 _PUT_ARG = {"idempotency": "idem", "counts": "counts"}
+_JOURNAL = ("UPDATE shard_moves SET step = $2, updated_at = $3, detail = $4::jsonb "
+            "WHERE id = $1")
 _CATCH_UP_SMALL = 500  # a catch-up round this small means the next one, fenced, is short
 _CATCH_UP_ROUNDS = 20
 
@@ -121,6 +123,9 @@ class MoveReport:
     copy_s: float | None = None  # the bulk copy (None when resumed past it)
     write_pause_s: float | None = None  # fence to release (None when resumed past the fence)
     count_pause_s: float | None = None
+    # Where the write pause went: installing the source's guard (waiting for the writes in
+    # flight), the last catch-up, the switch, the processes' acknowledgements, the release.
+    pause_parts: dict[str, float] = field(default_factory=dict)
     readers_waited: int = 0
     readers_gone: list[str] = field(default_factory=list)
     deleted: dict[str, int] = field(default_factory=dict)
@@ -131,8 +136,26 @@ class MoveReport:
                 "caught_up_keys": self.caught_up_keys, "fenced_keys": self.fenced_keys,
                 "copy_s": self.copy_s,
                 "write_pause_s": self.write_pause_s, "count_pause_s": self.count_pause_s,
+                "pause_parts": self.pause_parts,
                 "readers_waited": self.readers_waited, "readers_gone": self.readers_gone,
                 "deleted": self.deleted}
+
+
+class _Laps:
+    """Durations of consecutive phases, in seconds, into ``parts``."""
+
+    def __init__(self, parts: dict[str, float]) -> None:
+        self.parts = parts
+        self.at = time.monotonic()
+
+    def start(self) -> float:
+        self.at = time.monotonic()
+        return self.at
+
+    def __call__(self, name: str) -> None:
+        now = time.monotonic()
+        self.parts[name] = round(now - self.at, 4)
+        self.at = now
 
 
 def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
@@ -224,6 +247,7 @@ class ShardMover:
         report.id, step = await self._journal_open(move)
         log.info("shard move", extra={"move": report.id, "step": step, "what": move.describe()})
         t_counts = t_fence = None
+        lap = _Laps(report.pause_parts)
         if step == "copying":
             await self._prepare(move)
             t_copy = time.monotonic()
@@ -232,24 +256,29 @@ class ShardMover:
             await self._catch_up(move, report, until=_CATCH_UP_SMALL)
             t_counts = time.monotonic()
             await self._fence_counts(move, report)
-            t_fence = time.monotonic()
+            t_fence = lap.start()
             await self._guard(move.source, self.cluster.map.moved(move.first, move.last,
                                                                    move.target))
             step = await self._advance(report, "writes_fenced")
+            lap("fence")
         if step == "writes_fenced":
             report.fenced_keys = await self._catch_up_through(move, report)
-            await self._drop_capture(move)
-            report.epoch = await self._switch(move)
-            step = await self._advance(report, "switched")
+            lap("last_catch_up")
+            report.epoch = await self._switch(move, report)
+            step = "switched"
+            lap("switch")
         if step == "switched":
             await self._await_readers(report)
+            lap("acknowledged")
             await self._release(move)
+            lap("release")
             if t_fence is not None and t_counts is not None:
                 now = time.monotonic()
                 report.write_pause_s = round(now - t_fence, 4)
                 report.count_pause_s = round(now - t_counts, 4)
             step = await self._advance(report, "released")
         if step == "released":
+            await self._drop_capture(move)
             await self._cleanup(move, report)
             await self._advance(report, "done")
         return report
@@ -288,9 +317,8 @@ class ShardMover:
         return int(rows[0][0]), "copying"
 
     async def _advance(self, report: MoveReport, step: str) -> str:
-        await self.cluster.fetch(
-            COORDINATOR, "UPDATE shard_moves SET step = $2, updated_at = $3, detail = $4::jsonb "
-            "WHERE id = $1", report.id, step, time.time(), orjson.dumps(report.as_dict()).decode())
+        await self.cluster.fetch(COORDINATOR, _JOURNAL, report.id, step, time.time(),
+                                 orjson.dumps(report.as_dict()).decode())
         log.info("shard move step", extra={"move": report.id, "step": step,
                                            "what": report.move.describe()})
         self.progress(f"step {step}")
@@ -511,8 +539,9 @@ class ShardMover:
         await self._catch_up_through(move, report)
         self.progress("counts of the range fenced and caught up")
 
-    async def _switch(self, move: Move) -> int:
-        """Store the new map under the next epoch, in one transaction on database 0."""
+    async def _switch(self, move: Move, report: MoveReport) -> int:
+        """Store the new map under the next epoch and journal the step, in one transaction on
+        database 0 (a crash leaves either both or neither)."""
         new = self.cluster.map.moved(move.first, move.last, move.target)
         async with self.cluster.connection(COORDINATOR) as conn, conn.transaction():
             epoch = int(await conn.fetchval("SELECT epoch FROM shard_map_head FOR UPDATE")) + 1
@@ -520,6 +549,9 @@ class ShardMover:
                                "DO UPDATE SET ranges = excluded.ranges", epoch, new.ranges(),
                                time.time())
             await conn.execute("UPDATE shard_map_head SET epoch = $1", epoch)
+            report.epoch = epoch
+            await conn.execute(_JOURNAL, report.id, "switched", time.time(),
+                               orjson.dumps(report.as_dict()).decode())
             await conn.execute(f"NOTIFY {MAP_CHANNEL}")  # delivered at commit
         await self.cluster.refresh_map()
         log.info("shard map switched", extra={"epoch": epoch, "ranges": new.ranges()})
