@@ -23,6 +23,7 @@ from tally.service.counters import CounterService, Limits
 from tally.service.reads import HOT_SAMPLE, CountReader
 from tally.service.regions import RegionRouter
 from tally.settings import Settings, region_peers
+from tally.store.etcd.witness import EtcdWitness
 from tally.store.jetstream.eventlog import EventLog
 from tally.store.jetstream.synchold import JetStreamHold
 from tally.store.peers.forward import HttpRemoteWriter
@@ -34,6 +35,7 @@ from tally.store.rediscache.buckets import RedisBuckets
 from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.store.sqlite.store import SqliteStore
 from tally.workers.aggregator import Aggregator
+from tally.workers.failover import FailoverAgent
 from tally.workers.partitions import PartitionPool, RemoteRecords
 from tally.workers.relay import Relay
 
@@ -233,6 +235,25 @@ def _region_key(s: Settings) -> str | None:
         raise ConfigError(f"region_key_file {s.region_key_file}: {exc.strerror}") from exc
 
 
+def _failover_agent(s: Settings, router: RegionRouter, regions: PostgresRegions,
+                    events: EventLog | None) -> FailoverAgent:
+    """Automatic failover through the witness quorum; the router decides only while it may."""
+    log = events
+
+    async def sources() -> list[str]:
+        return sorted(await log.sources()) if log is not None else []
+
+    async def set_sources(peers: Sequence[str]) -> None:
+        if log is not None:
+            await log.set_sources(peers)
+
+    agent = FailoverAgent(s.region_name, EtcdWitness(s.region_witness_urls, s.region_name,
+                                                     s.region_witness_ttl_s),
+                          regions, router.placement, router.adopt, sources, set_sources)
+    router.may_decide = agent.may_decide
+    return agent
+
+
 def postgres_config(settings: Settings) -> PostgresConfig:
     return PostgresConfig(
         dsns=list(settings.postgres_dsns), logical_shards=settings.logical_shards,
@@ -265,7 +286,8 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
     pg = build_postgres(postgres_config(s))
     rt = ClusterRuntime(s, roles, Metrics(), SpaceSaving(), pg.likes, pg.counts)
     regions = PostgresRegions(pg.cluster, schema_of(s).toggles)
-    if roles & {"relay", "aggregator"}:
+    witness_api = "api" in roles and bool(s.region_name and s.region_witness_urls)
+    if roles & {"relay", "aggregator"} or witness_api:  # the witness fences failed sources
         rt.events = EventLog(s.nats_url, s.nats_stream, s.log_partitions,
                              replicas=s.nats_replicas, max_age_s=s.log_max_age_s,
                              region=s.region_name, peers=list(region_peers(s)))
@@ -290,6 +312,8 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
                 s.region_name, pg.likes, regions, HttpRemoteWriter(region_peers(s), _region_key(s)),
                 Placement.initial([s.region_name, *region_peers(s)]), hold, s.sync_counters,
                 rt.metrics.sync_wait.observe)
+            if witness_api:
+                rt.failover = _failover_agent(s, rt.router, regions, rt.events)
         rt.service = CounterService(schema_of(s), rt.router or pg.likes, pg.counts, reader,
                                     recounter,
                                     s.region, Limits(s.max_batch_items, s.max_bulk_ops))

@@ -29,6 +29,7 @@ from tally.store.postgres.counts import PostgresCountStore
 from tally.store.postgres.likes import PostgresLikeStore
 from tally.store.rediscache.buckets import RedisBuckets
 from tally.store.rediscache.counts import RedisCounts, TieredCounts
+from tally.workers.failover import FailoverAgent
 from tally.workers.partitions import PartitionPool
 from tally.workers.relay import Relay
 
@@ -58,6 +59,7 @@ class ClusterRuntime:
     relay: Relay | None = None
     pool: PartitionPool | None = None
     router: RegionRouter | None = None  # with regions, in the api role
+    failover: FailoverAgent | None = None  # with a witness quorum, in the api role
     region_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # peer -> its lag
     region_held: dict[str, int] = field(default_factory=dict)  # origin -> messages held here
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -72,6 +74,10 @@ class ClusterRuntime:
         if self.router is not None:
             await self.router.start()
             self._every(PLACEMENT_POLL_S, self.router.refresh)
+        if self.failover is not None:
+            await self.failover.witness.start()
+            await self.failover.tick()  # logs and carries on when the quorum is not there yet
+            self._every(self.settings.region_witness_ttl_s / 5, self.failover.tick)
         if self.events is not None and self.settings.region_name:
             self._every(1.0, self._poll_sources)
         if self.relay is not None:
@@ -91,6 +97,8 @@ class ClusterRuntime:
             await self.pool.stop()
         if self.relay is not None:
             await self.relay.stop()
+        if self.failover is not None:
+            await self.failover.witness.close()  # revokes the lease: no wait for its expiry
         if self.router is not None:
             await self.router.close()
         if self.tiered is not None:
@@ -129,6 +137,10 @@ class ClusterRuntime:
         if self.router is not None:
             detail.update(placement_epoch=self.router.placement.epoch,
                           forwarded_ops=self.router.forwarded)
+        if self.failover is not None:
+            detail.update(witness_may_decide=self.failover.may_decide(),
+                          witness_lease_left_s=round(self.failover.lease_left_s(), 2),
+                          auto_failovers=self.failover.failovers)
         if self.tiered is not None:
             detail["redis"] = "bypassed" if self.tiered.breaker.is_open else "ok"
         if self.relay is not None:
@@ -195,7 +207,17 @@ class ClusterRuntime:
                       self.router.hold_refusals, {}),
                      ("counter", "tally_region_sync_alone_ops", "Synchronous toggles acknowledged "
                       "without a peer because every peer region was failed over (at risk like "
-                      "async ones until a peer rejoins)", self.router.held_alone, {})]
+                      "async ones until a peer rejoins)", self.router.held_alone, {}),
+                     ("counter", "tally_region_fenced_ops", "Toggles refused while the region "
+                      "could not renew its witness lease", self.router.fenced_ops, {})]
+        if self.failover is not None:
+            f = self.failover
+            rows += [("gauge", "tally_region_witness_lease_seconds", "Seconds this process may "
+                      "still decide for its region's users (0: fenced)", f.lease_left_s(), {}),
+                     ("counter", "tally_region_auto_failovers", "Failovers this process decided "
+                      "in the witness quorum", f.failovers, {}),
+                     ("counter", "tally_region_witness_renew_failures", "Lease renewals that "
+                      "did not reach the quorum", f.renew_failures, {})]
         if self.relay is not None:
             for name, src in self.relay.sources.items():
                 rows += [("counter", "tally_relay_published", "Outbox events published",

@@ -36,3 +36,7 @@ def setup(level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    # One line per request between regions (forwarded writes, witness lease renewals) would
+    # drown the log; their failures are logged by Tally's own code.
+    if root.level <= logging.INFO:
+        logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -19,7 +19,9 @@ relay run again and its outbox is drained into its own stream:
    and the returning region's record set to the survivor's, the newer epoch's state);
 3. the survivor's watermarks move past those changes, and its stream sources the returning
    region again: what arrives then is skipped, not counted a second time;
-4. the caller repairs counts against a recount (``reconcile``), in the returning region first:
+4. the returning region's own sources are restarted (JetStream's retry backoff after a long
+   cut or a restart would hold them back for tens of seconds);
+5. the caller repairs counts against a recount (``reconcile``), in the returning region first:
    it counted its own late changes, and receives the survivor's re-decisions of them.
 """
 
@@ -242,7 +244,19 @@ async def rejoin(survivor: Settings, returning: Settings) -> RejoinReport:
         await _drop_cached(survivor, sv.touched)
         await sv.log.set_sources(sorted({*await sv.sourced(), rt.name}))
         await _fence_held(survivor, rt.name, False)
+        await restart_sources(rt)
     return report
+
+
+async def restart_sources(h: RegionHandle) -> None:
+    """Restart a region's sources now. JetStream retries a source that kept failing (the region
+    was cut off or restarted before its peers were reachable) with a growing backoff, measured
+    at about 30 s before it resumed; removed and added again, a source starts at once, after
+    what the stream already holds of it."""
+    peers = await h.sourced()
+    if peers:
+        await h.log.set_sources([])
+        await h.log.set_sources(peers)
 
 
 async def _rejoin_partition(sv: RegionHandle, rt: RegionHandle, p: int, placement: Placement,
@@ -307,6 +321,14 @@ async def _drop_cached(s: Settings, keys: set[CountKey]) -> None:
         await redis.delete(list(keys))
     finally:
         await redis.close()
+
+
+async def source_again(region: Settings, peer: str) -> None:
+    """After a rejoin, a region other than the survivor sources the returned ``peer`` again
+    (three regions or more): its late changes arrive as replicated ones, records newer-wins, and
+    the recount after the rejoin repairs what a conflict's loser added to the counts."""
+    async with RegionHandle(region) as h:
+        await h.log.set_sources(sorted({*await h.sourced(), peer}))
 
 
 async def conflicts(region: Settings) -> list[Conflict]:

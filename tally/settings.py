@@ -173,6 +173,16 @@ class Settings:
                                                  "at one inter-region round trip per write; with "
                                                  "no peer reachable their writes are refused with "
                                                  "503). Other counters replicate asynchronously")
+    region_witness_urls: list[str] = _s([], G.REGIONS, "etcd client URLs of the quorum shared by "
+                                                       "the regions (a member per region and a "
+                                                       "witness in a third place), this region's "
+                                                       "first: automatic failover of a region "
+                                                       "whose lease expired. Empty: failover is "
+                                                       "the operator's (`tally region failover`)")
+    region_witness_ttl_s: float = _s(10.0, G.REGIONS, "Lease of each API process in the witness "
+                                                      "quorum: a region silent this long is "
+                                                      "failed over; one that cannot renew stops "
+                                                      "deciding for its users before it expires")
 
     def counter_defs(self) -> dict[str, CounterConfig]:
         return {c.name: c for c in (CounterConfig(**raw) for raw in self.counters)}
@@ -288,8 +298,8 @@ def region_peers(s: Settings) -> dict[str, str]:
 
 def _validate_regions(s: Settings) -> None:
     if not s.region_name:
-        if s.region_peers:
-            raise ConfigError("region_peers needs region_name")
+        if s.region_peers or s.region_witness_urls:
+            raise ConfigError("region_peers and region_witness_urls: each needs region_name")
         return
     if s.backend != "cluster":
         raise ConfigError("regions need backend 'cluster'")
@@ -304,6 +314,11 @@ def _validate_regions(s: Settings) -> None:
             raise ConfigError(f"region name {name!r} must match [a-z][a-z0-9]{{0,15}}")
     if len(set(names)) != len(names):
         raise ConfigError("region names must be distinct")
+    for url in s.region_witness_urls:
+        if not url.startswith("http"):
+            raise ConfigError(f"region_witness_urls: {url!r} is not http://HOST:PORT")
+    if not 2.0 <= s.region_witness_ttl_s <= 300.0:
+        raise ConfigError("region_witness_ttl_s must be within 2-300 s")
     if s.sync_counters and not s.region_peers:
         raise ConfigError("sync_counters needs region_peers: another region must hold the change")
 

@@ -116,9 +116,14 @@ def register(sub: Any, add: Adder) -> None:
     sp.add_argument("--partitions", type=int, default=8, help="event-log partitions (up)")
     sp.add_argument("--regions", type=int, default=0,
                     help="up: this many regions (us, eu, ap), each in its own network namespace")
-    sp = add("region", regions_cmd, "regions of a dev cluster: failover FROM --to TO, conflicts")
-    sp.add_argument("action", choices=("failover", "conflicts"))
-    sp.add_argument("region", nargs="?", help="failover: the failed region")
+    sp.add_argument("--witness", action="store_true",
+                    help="up --regions: automatic failover through an etcd quorum (a member per "
+                    "region, and a witness member in a namespace of its own for two regions)")
+    sp = add("region", regions_cmd, "regions of a dev cluster: failover FROM --to TO, rejoin "
+             "REGION (failed over while it ran), restore REGION (its users back), conflicts")
+    sp.add_argument("action", choices=("failover", "rejoin", "restore", "conflicts"))
+    sp.add_argument("region", nargs="?", help="failover: the failed region; rejoin, restore: "
+                    "the region")
     sp.add_argument("--to", help="failover: the region that takes its users")
     sp.add_argument("--dir", default="/tmp/tally-cluster")
     from tally_dev.chaos.cli import add_parser as add_chaos

@@ -24,6 +24,7 @@ from tally_dev.engines import (
     RedisEngine,
     http_ok,
 )
+from tally_dev.ha import ETCD_INSTALL, EtcdEngine, etcd_bin
 from tally_dev.netns import RegionNet
 
 
@@ -152,6 +153,41 @@ class NetRedis(RedisEngine):
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
+
+
+class NetEtcd(EtcdEngine):
+    """One member of the regions' witness quorum (etcd 3.4), in its region's namespace or the
+    witness's own; ``members`` maps every member's name to its (address, client port, peer
+    port)."""
+
+    def __init__(self, root: Path, member: str, members: dict[str, tuple[str, int, int]],
+                 net: RegionNet) -> None:
+        self.host, port, _peer = members[member]
+        super().__init__(root, member, {m: p for m, (_h, _c, p) in members.items()}, port)
+        self.name = f"etcd-{member}"
+        self.members = members
+        self.prefix = net.exec_prefix(member)
+
+    def _command(self) -> list[str]:
+        etcd = etcd_bin()
+        if etcd is None:
+            raise EngineError(f"etcd not found; install with: {ETCD_INSTALL}")
+        peer = f"http://{self.host}:{self.members[self.member][2]}"
+        cluster = ",".join(f"{m}=http://{h}:{p}" for m, (h, _c, p) in self.members.items())
+        # A fresh data dir joins as "new"; a kept one (recover) ignores these flags.
+        return [*self.prefix, str(etcd), "--name", self.member, "--data-dir", str(self.data),
+                "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                "--initial-cluster-token", "tally-regions", "--heartbeat-interval", "100",
+                "--election-timeout", "1000", "--logger", "zap", "--log-outputs", "stderr"]
+
+    def _ready(self) -> bool:
+        return _open(self.host, self.port)  # quorum needs the others: see healthy()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
 
 class NetTally(Engine):

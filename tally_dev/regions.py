@@ -6,7 +6,12 @@ Per region: PostgreSQL (one database), NATS with JetStream in the region's domai
 leaf nodes and the others connect to it. Every process is named ``<kind>-<region>`` in the state
 file, with its pid, so ``fail`` can SIGKILL a whole region (engines included) from any shell and
 ``recover`` restart it on the same ports and data. ``partition``/``heal`` cut and restore the
-kernel's routes between two namespaces. ``failover`` and the rejoin in ``recover`` are the
+kernel's routes between two namespaces.
+
+With ``witness=True`` every region also runs an etcd member and, when the regions are even in
+number, a witness member runs in a namespace of its own (``witness``, a place that is no
+region): the quorum of ``tally.workers.failover``'s automatic failover. The witness takes
+``fail``, ``recover`` and ``partition`` like a region. ``failover`` and the rejoin in ``recover`` are the
 product's own operations (``tally.regions_admin``), run with each region's config.
 """
 
@@ -31,11 +36,12 @@ from tally_dev.cluster import _stop_group, _toml_value
 from tally_dev.engines import Engine, EngineError, free_port, missing_binaries
 from tally_dev.netns import RegionNet, available
 from tally_dev.ops import alive, read_state
-from tally_dev.region_engines import NetNats, NetPostgres, NetRedis, NetTally
+from tally_dev.region_engines import NetEtcd, NetNats, NetPostgres, NetRedis, NetTally
 
 DEFAULT_ROOT = Path("/tmp/tally-regions")
 NAMES = ("us", "eu", "ap")
-KINDS = ("postgres", "nats", "redis", "tally")
+WITNESS = "witness"  # the namespace of the quorum's member that is no region
+KINDS = ("etcd", "postgres", "nats", "redis", "tally")
 
 
 @dataclass
@@ -68,7 +74,20 @@ class RegionCluster:
     @property
     def net(self) -> RegionNet:
         lay = self.layout()
-        return RegionNet(lay["net"], tuple(lay["regions"]))
+        places = tuple(lay["regions"]) + ((WITNESS,) if WITNESS in lay.get("quorum", {}) else ())
+        return RegionNet(lay["net"], places)
+
+    @property
+    def quorum(self) -> dict[str, tuple[str, int, int]]:
+        """The witness quorum's members: name -> (address, client port, peer port)."""
+        net = self.net
+        return {m: (net.address(m), p["client"], p["peer"])
+                for m, p in self.layout().get("quorum", {}).items()}
+
+    def etcd(self, member: str) -> NetEtcd:
+        engine = NetEtcd(self.root / member / "etcd", member, self.quorum, self.net)
+        engine.die_with_parent = self.die_with_parent
+        return engine
 
     def config(self, region: str) -> Path:
         return self.root / region / "tally.toml"
@@ -85,13 +104,18 @@ class RegionCluster:
                             self.layout()["ports"][hub]["leaf"], net, region, hub),
             "redis": NetRedis(home / "redis", ports["redis"], net, region),
             "tally": NetTally(home / "procs", ports["api"], net, region, self.config(region))}
+        if region in self.quorum:
+            engines["etcd"] = self.etcd(region)
         for e in engines.values():
             e.die_with_parent = self.die_with_parent
         return engines
 
     # -- up, down -----------------------------------------------------------------------------
 
-    def up(self, count: int = 2, net: int = 7) -> None:
+    def up(self, count: int = 2, net: int = 7, witness: bool = False,
+           witness_ttl_s: float = 10.0) -> None:
+        """``witness``: automatic failover through an etcd quorum (a member per region, plus one
+        in the witness namespace when the regions are even in number)."""
         if (why := available()) is not None or (why := "; ".join(str(m) for m in missing_binaries())):
             raise EngineError(why)
         if any(alive(e["pid"]) for e in self._state().values()):
@@ -102,11 +126,16 @@ class RegionCluster:
             regions = list(NAMES[:count])
             ports = {r: {k: free_port() for k in ("pg", "nats", "monitor", "leaf", "redis", "api")}
                      for r in regions}
+            members = ([*regions, WITNESS] if count % 2 == 0 else regions) if witness else []
+            quorum = {m: {"client": free_port(), "peer": free_port()} for m in members}
             self.layout_file.write_text(json.dumps({"net": net, "regions": regions,
-                                                    "ports": ports,
+                                                    "ports": ports, "quorum": quorum,
+                                                    "witness_ttl_s": witness_ttl_s,
                                                     "partitions": self.partitions}))
         self.net.create()
         try:
+            if WITNESS in self.quorum:
+                self._start(WITNESS, "etcd", self.etcd(WITNESS))
             for region in self.regions:
                 self._start_engines(region)
             for region in self.regions:
@@ -117,8 +146,9 @@ class RegionCluster:
 
     def _start_engines(self, region: str) -> None:
         engines = self.engines(region)
-        for kind in ("postgres", "nats", "redis"):
-            self._start(region, kind, engines[kind])
+        for kind in ("etcd", "postgres", "nats", "redis"):
+            if kind in engines:
+                self._start(region, kind, engines[kind])
         # A cache that was SIGKILLed may have lost (everysec) the newest values an aggregator set,
         # and keep older ones nothing would replace: it is rebuilt from PostgreSQL instead.
         redis = engines["redis"]
@@ -162,6 +192,11 @@ class RegionCluster:
                   "admin_token_file": str(self.root / "admin-token"),
                   # The ledger and the probes send many requests for few users.
                   "rate_per_user": 0.0, "sync_counters": list(self.sync_counters)}
+        quorum = self.quorum
+        if quorum:  # this region's member first
+            values["region_witness_urls"] = [f"http://{h}:{c}" for m, (h, c, _p) in
+                                             sorted(quorum.items(), key=lambda m: m[0] != region)]
+            values["region_witness_ttl_s"] = self.layout()["witness_ttl_s"]
         lines = ["# written by `tally cluster up --regions`", "[tally]"]
         lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         self.config(region).write_text("\n".join(lines) + "\n")
@@ -183,7 +218,9 @@ class RegionCluster:
         stopped = []
         state = self._state()
         for name in sorted(state, key=lambda n: KINDS.index(n.split("-")[0]), reverse=True):
-            if self._stop(name, state[name]["signal"], 20.0):
+            # An etcd leader hands its leadership over before it exits, which waits for a dead
+            # member in vain: its data is fsynced, a kill after 3 s loses nothing.
+            if self._stop(name, state[name]["signal"], 3.0 if name.startswith("etcd") else 20.0):
                 stopped.append(name)
         with contextlib.suppress(FileNotFoundError):
             self.state_file.unlink()
@@ -238,25 +275,62 @@ class RegionCluster:
                 epoch = placed.epoch
         return epoch
 
+    def restore(self, region: str, timeout_s: float = 30.0) -> int:
+        """Give a failed-over (and rejoined) region its users back: a new epoch, stored first in
+        the region that took them, and only once that region's API decides by it, in the
+        others (so no two regions decide for them at once). Returns the epoch."""
+        other = next(r for r in self.regions if r != region)
+        placed = asyncio.run(regions_admin.placement_of(load(self.config(other))))
+        if region not in placed.moved:
+            raise EngineError(f"{region} was not failed over: nothing to restore")
+        taker = placed.moved[region]
+        nxt = placed.restore(region, time.time())
+        asyncio.run(regions_admin.adopt_placement(load(self.config(taker)), nxt))
+        deadline = time.monotonic() + timeout_s
+        while (self.readiness(taker).get("placement_epoch") or 0) < nxt.epoch:
+            if time.monotonic() > deadline:
+                raise EngineError(f"{taker} did not take epoch {nxt.epoch} in {timeout_s:.0f} s")
+            time.sleep(0.1)
+        for r in self.regions:
+            if r != taker:
+                asyncio.run(regions_admin.adopt_placement(load(self.config(r)), nxt))
+        return nxt.epoch
+
     def recover(self, region: str, survivor: str | None = None) -> regions_admin.RejoinReport:
         """Restart the region with its data; if it was failed over, rejoin it to ``survivor``
         (default: the region its users moved to) and repair counts by a recount."""
         self.net.link(region, up=True)
+        if region == WITNESS:
+            self._start(region, "etcd", self.etcd(region))
+            return regions_admin.RejoinReport()
         self._start_engines(region)
-        survivor_cfg = load(self.config(survivor or self._taker(region)))
-        placed = asyncio.run(regions_admin.placement_of(survivor_cfg))
+        other = load(self.config(next(r for r in self.regions if r != region)))
+        placed = asyncio.run(regions_admin.placement_of(other))
         if region not in placed.moved:
             self._start(region, "tally")
             return regions_admin.RejoinReport()
         asyncio.run(regions_admin.adopt_placement(load(self.config(region)), placed))
         self._start(region, "tally")  # its relay drains the outbox into its own stream
+        return self.rejoin(region, survivor)
+
+    def rejoin(self, region: str, survivor: str | None = None) -> regions_admin.RejoinReport:
+        """The rejoin of a failed-over region whose processes run (``recover`` started them, or
+        it was only cut off and fenced itself): its outbox drained, its late changes decided at
+        the survivor (default: the region its users moved to), every region converged and
+        recounted."""
+        other = load(self.config(next(r for r in self.regions if r != region)))
+        placed = asyncio.run(regions_admin.placement_of(other))
+        if region not in placed.moved:
+            raise EngineError(f"{region} was not failed over: nothing to rejoin")
+        survivor = survivor or placed.moved[region]
         self.wait_drained(region)
-        report = asyncio.run(regions_admin.rejoin(survivor_cfg, load(self.config(region))))
+        report = asyncio.run(regions_admin.rejoin(load(self.config(survivor)),
+                                                  load(self.config(region))))
+        for third in self.regions:
+            if third not in (region, survivor):
+                asyncio.run(regions_admin.source_again(load(self.config(third)), region))
         self.wait_converged()
         return report
-
-    def _taker(self, region: str) -> str:
-        return next(r for r in self.regions if r != region)
 
     def wait_drained(self, region: str, timeout_s: float = 60.0) -> None:
         """Until the region's outbox is all in its log and its aggregators applied the log."""

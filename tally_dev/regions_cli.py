@@ -23,7 +23,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     rc = RegionCluster(Path(args.dir), partitions=args.partitions)
     try:
         if args.action == "up":
-            rc.up(args.regions)
+            rc.up(args.regions, witness=args.witness)
             print(f"{args.regions} regions up; configs {rc.root}/<region>/tally.toml")
         elif args.action == "down":
             print(f"stopped: {', '.join(rc.down()) or 'nothing was running'}")
@@ -84,6 +84,13 @@ def cmd_region(args: argparse.Namespace) -> int:
                 raise EngineError("failover needs --to REGION")
             print(f"placement epoch {rc.failover(args.region, args.to)}: {args.region}'s users "
                   f"now write at {args.to}")
+        elif args.action == "restore":
+            print(f"placement epoch {rc.restore(args.region)}: {args.region}'s users write "
+                  "there again")
+        elif args.action == "rejoin":
+            report = rc.rejoin(args.region)
+            print(f"rejoined {args.region}: {report.late} late changes, {report.applied} "
+                  f"applied, {report.agreed} agreed, {len(report.conflicts)} conflicts")
         else:
             for region in rc.regions:
                 for c in asyncio.run(regions_admin.conflicts(load(rc.config(region)))):

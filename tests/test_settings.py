@@ -29,7 +29,7 @@ def test_settings_are_grouped_and_each_group_is_declared_together() -> None:
                            "cluster", "regions"}
     changes = sum(1 for a, b in itertools.pairwise(groups) if a != b)
     assert changes == len(set(groups)) - 1  # each group's rows are contiguous in the table
-    assert len(groups) <= 48  # 38, the security group (issue 16) added 6, regions 4
+    assert len(groups) <= 50  # 38, the security group (issue 16) added 6, regions 4, the witness 2
 
 
 def test_regions_are_validated() -> None:
@@ -41,7 +41,11 @@ def test_regions_are_validated() -> None:
                      ({"TALLY_REGION_NAME": "us", "TALLY_REGION_PEERS": "eu"}, "NAME=http"),
                      ({"TALLY_REGION_NAME": "us", "TALLY_REGION_PEERS": "us=http://x"},
                       "distinct"),
-                     ({"TALLY_REGION_NAME": "US_1"}, "must match")]:
+                     ({"TALLY_REGION_NAME": "US_1"}, "must match"),
+                     ({"TALLY_REGION_WITNESS_URLS": "http://e:2379"}, "needs region_name"),
+                     ({"TALLY_REGION_NAME": "us", "TALLY_REGION_WITNESS_URLS": "e:2379"},
+                      "not http"),
+                     ({"TALLY_REGION_NAME": "us", "TALLY_REGION_WITNESS_TTL_S": "1"}, "2-300")]:
         with pytest.raises(ConfigError, match=why):
             load(env={**base, **bad})
     with pytest.raises(ConfigError, match="backend 'cluster'"):

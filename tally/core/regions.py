@@ -96,6 +96,10 @@ class Placement:
         moved = {src: dst for src, dst in self.moved.items() if src != region}
         return Placement(self.regions, self.epoch + 1, moved, dict(self.overrides), now)
 
+    def restore_all(self) -> Placement:
+        """This map without its failovers: where each user lives when every region serves."""
+        return Placement(self.regions, self.epoch, {}, dict(self.overrides), self.since)
+
     def override(self, user: str, region: str, now: float) -> Placement:
         return Placement(self.regions, self.epoch + 1, dict(self.moved),
                          {**self.overrides, user: region}, now)

@@ -19,6 +19,14 @@ One exception: a region left serving alone by failovers (every peer failed over 
 the placement says so) acknowledges on its own, as PostgreSQL's non-strict synchronous mode
 does; otherwise losing one of two regions would stop every synchronous write until it rejoined.
 Those writes are counted (``held_alone``): they are at risk as async ones are.
+
+A toggle that changes nothing, by a user this region took over in a failover, is still recorded
+as a decision (its time): an unlike of a like the failed region acknowledged but never
+replicated is the user's newer intent, and the rejoin must not apply that like over it.
+
+With automatic failover (``tally.workers.failover``) a region decides for its users only while
+its witness lease is safe (``may_decide``): a region cut off from the quorum's majority may have
+been failed over already, so its users' toggles fail with 503 until it learns the new epoch.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ class RegionRouter:
         self.hold_seconds = 0.0
         self.hold_refusals = 0
         self.held_alone = 0
+        self.may_decide: Callable[[], bool] | None = None  # set with a witness: the lease check
+        self.fenced_ops = 0
 
     async def start(self) -> None:
         if self.peer_hold is not None:
@@ -76,7 +86,11 @@ class RegionRouter:
 
     async def refresh(self) -> None:
         """Take the newest placement stored in this region (failover writes a new epoch)."""
-        self.placement = newest(self.placement, await self.store.placement()) or self.placement
+        self.adopt(await self.store.placement())
+
+    def adopt(self, placement: Placement | None) -> None:
+        """Take ``placement`` if its epoch is newer than the one in force."""
+        self.placement = newest(self.placement, placement) or self.placement
 
     def home(self, op: Op) -> str:
         return self.placement.home_of(op.user) if isinstance(op, ToggleOp) else self.region
@@ -84,7 +98,7 @@ class RegionRouter:
     async def write(self, ops: Sequence[Op]) -> list[OpResult]:
         homes = [self.home(op) for op in ops]
         if all(h == self.region for h in homes):
-            return await self._write_here(ops)
+            return await self._decide(ops)
         by_home: dict[str, list[int]] = {}
         for i, h in enumerate(homes):
             by_home.setdefault(h, []).append(i)
@@ -96,9 +110,29 @@ class RegionRouter:
                 results[i] = res
         return [r for r in results if r is not None]
 
+    async def _decide(self, ops: Sequence[Op]) -> list[OpResult]:
+        """Ops this region decides: toggles only while its witness lease is safe."""
+        if self.may_decide is not None and not self.may_decide() and any(
+                isinstance(op, ToggleOp) for op in ops):
+            self.fenced_ops += len(ops)
+            raise Unavailable(f"region {self.region} lost its witness quorum: it may have been "
+                              "failed over, so it decides no toggles until it knows")
+        results = await self._write_here(ops)
+        noops = [((op.counter, op.user, op.item), op.on, time.time())
+                 for op, res in zip(ops, results, strict=True)
+                 if isinstance(op, ToggleOp) and not res.changed and self.took_over(op.user)]
+        if noops:
+            await self.store.record_noops(noops)
+        return results
+
+    def took_over(self, user: str) -> bool:
+        """Whether this region decides for the user only because a failover moved them here:
+        the failed region may come back with changes of theirs this region never saw."""
+        return self.placement.home_of(user) != self.placement.restore_all().home_of(user)
+
     async def _write_at(self, home: str, ops: list[Op]) -> list[OpResult]:
         if home == self.region:
-            return await self._write_here(ops)
+            return await self._decide(ops)
         t0 = time.perf_counter()
         try:
             return await self.remote.write(home, ops)

@@ -257,6 +257,9 @@ class RegionStore(Protocol):
 
     async def force(self, states: Sequence[tuple[ToggleKey, bool, float]]) -> None: ...
 
+    async def record_noops(self, states: Sequence[tuple[ToggleKey, bool, float]]) -> None:
+        """Writes that changed nothing, recorded as decisions at their time (no event)."""
+
     async def add_conflicts(self, conflicts: Sequence[Conflict]) -> None: ...
 
     async def conflicts(self) -> list[Conflict]: ...
@@ -281,3 +284,26 @@ class PeerHold(Lifecycle, Protocol):
     async def hold(self, states: Sequence[HeldState]) -> str:
         """Returns once a peer region's log stored them (fsynced): the region that did.
         Raises ``Unavailable`` (with a retry delay) when no peer takes them in time."""
+
+
+class Witness(Lifecycle, Protocol):
+    """The quorum every region shares for automatic failover (etcd: a member per region and a
+    witness member in a third place). Every call needs the quorum, so a process cut off from
+    the majority gets ``Unavailable``, never a stale answer."""
+
+    async def keepalive(self) -> float:
+        """Renew this process's lease (granting a new one if it expired) and return its TTL in
+        seconds, counted from before the call was sent."""
+
+    async def alive(self) -> set[str]:
+        """Regions with at least one process holding a lease."""
+
+    async def members(self) -> set[str]:
+        """Regions that ever held a lease (a region never started is not failed over)."""
+
+    async def placement(self) -> tuple[Placement | None, int]:
+        """The placement stored in the quorum and its revision (0: none stored)."""
+
+    async def swap_placement(self, placement: Placement, revision: int) -> bool:
+        """Store ``placement`` only if the stored one is still at ``revision``: exactly one of
+        several deciders that read the same revision succeeds."""

@@ -8,6 +8,9 @@
   applying any set of changes in any order, any number of times, end in the same records: the
   aggregators call it at least once per remote change, before the counts' commit.
 - The conflicts listed by a rejoin (database 0).
+- No-op decisions: a toggle write that changed nothing, by a user this region decides for since
+  a failover, moves the record's time (``record_noops``): the rejoin's rule then sees the user's
+  newer intent and lists a late change of the failed region as a conflict instead of applying it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ _RECORDS = (
     "SELECT t.counter, t.user_id, t.item, t.state, t.updated_at FROM toggles t "
     "JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(c, u, i) "
     "ON t.counter = k.c AND t.user_id = k.u AND t.item = k.i")
+# A no-op write recorded as a decision: the record's time moves on, its state only if the record
+# is missing (an unlike of a like never received); a record in another state changed meanwhile,
+# which was a decision already.
+_NOOP = (
+    "INSERT INTO toggles AS t (counter, user_id, item, state, version, updated_at, shard) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bigint[], "
+    "$6::float8[], $7::int[]) "
+    "ON CONFLICT (counter, user_id, item) DO UPDATE SET updated_at = excluded.updated_at "
+    "WHERE t.state = excluded.state AND t.updated_at < excluded.updated_at")
 _FORCE = (
     "INSERT INTO toggles AS t (counter, user_id, item, state, version, updated_at, shard) "
     "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::bigint[], "
@@ -70,6 +82,11 @@ class PostgresRegions:
         rows = [(k, ev.delta > 0, ev.ts) for k, ev in latest.items()]
         await self._write(_UPSERT, rows)
         return len(latest)
+
+    async def record_noops(self, states: Sequence[tuple[ToggleKey, bool, float]]) -> None:
+        """Record writes that changed nothing as decisions at their time (no event: no count
+        changes), so a rejoin knows the user acted in this epoch."""
+        await self._write(_NOOP, states)
 
     async def force(self, states: Sequence[tuple[ToggleKey, bool, float]]) -> None:
         """Set records whatever they hold (a rejoin makes the loser of a conflict hold the
