@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tally import regions_admin
 from tally.cluster_runtime import ROLES, ClusterRuntime
 from tally.core.breaker import Breaker
 from tally.core.errors import ConfigError
@@ -18,7 +19,7 @@ from tally.core.lru import LRU
 from tally.core.model import CountKey
 from tally.core.regions import Placement
 from tally.metrics import Metrics, Sample
-from tally.runtime import AppRuntime, cancel_all, periodic, schema_of
+from tally.runtime import AppRuntime, cancel_all, periodic, postgres_config, schema_of
 from tally.service.counters import CounterService, Limits
 from tally.service.reads import HOT_SAMPLE, CountReader
 from tally.service.regions import RegionRouter
@@ -28,7 +29,7 @@ from tally.store.jetstream.eventlog import EventLog
 from tally.store.jetstream.synchold import JetStreamHold
 from tally.store.peers.forward import HttpRemoteWriter
 from tally.store.ports import ReconcileChunk, Recounter
-from tally.store.postgres.build import PostgresConfig, build_postgres
+from tally.store.postgres.build import build_postgres
 from tally.store.postgres.leases import PgLeases
 from tally.store.postgres.regions import PostgresRegions
 from tally.store.rediscache.buckets import RedisBuckets
@@ -235,32 +236,19 @@ def _region_key(s: Settings) -> str | None:
         raise ConfigError(f"region_key_file {s.region_key_file}: {exc.strerror}") from exc
 
 
-def _failover_agent(s: Settings, router: RegionRouter, regions: PostgresRegions,
-                    events: EventLog | None) -> FailoverAgent:
-    """Automatic failover through the witness quorum; the router decides only while it may."""
-    log = events
+def _failover_agent(s: Settings, router: RegionRouter, regions: PostgresRegions
+                    ) -> FailoverAgent:
+    """Automatic failover through the witness quorum; the router decides only while it may.
+    A failover decided in the quorum is completed here by the operator's own steps."""
 
-    async def sources() -> list[str]:
-        return sorted(await log.sources()) if log is not None else []
-
-    async def set_sources(peers: Sequence[str]) -> None:
-        if log is not None:
-            await log.set_sources(peers)
+    async def take_over(failed: str, placement: Placement) -> None:
+        await regions_admin.complete_failover(s, failed, placement)
 
     agent = FailoverAgent(s.region_name, EtcdWitness(s.region_witness_urls, s.region_name,
                                                      s.region_witness_ttl_s),
-                          regions, router.placement, router.adopt, sources, set_sources)
+                          regions, router.placement, router.adopt, take_over)
     router.may_decide = agent.may_decide
     return agent
-
-
-def postgres_config(settings: Settings) -> PostgresConfig:
-    return PostgresConfig(
-        dsns=list(settings.postgres_dsns), logical_shards=settings.logical_shards,
-        shard_map=list(settings.shard_map), pool_max=settings.postgres_pool_max,
-        synchronous_commit=settings.postgres_synchronous_commit,
-        outbox_slots=settings.outbox_slots, failover_s=settings.postgres_failover_s,
-        region=settings.region_name, application_name=f"tally-{settings.role}")
 
 
 class CacheDroppingRecounter:
@@ -287,7 +275,7 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
     rt = ClusterRuntime(s, roles, Metrics(), SpaceSaving(), pg.likes, pg.counts)
     regions = PostgresRegions(pg.cluster, schema_of(s).toggles)
     witness_api = "api" in roles and bool(s.region_name and s.region_witness_urls)
-    if roles & {"relay", "aggregator"} or witness_api:  # the witness fences failed sources
+    if roles & {"relay", "aggregator"}:
         rt.events = EventLog(s.nats_url, s.nats_stream, s.log_partitions,
                              replicas=s.nats_replicas, max_age_s=s.log_max_age_s,
                              region=s.region_name, peers=list(region_peers(s)))
@@ -313,7 +301,7 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
                 Placement.initial([s.region_name, *region_peers(s)]), hold, s.sync_counters,
                 rt.metrics.sync_wait.observe)
             if witness_api:
-                rt.failover = _failover_agent(s, rt.router, regions, rt.events)
+                rt.failover = _failover_agent(s, rt.router, regions)
         rt.service = CounterService(schema_of(s), rt.router or pg.likes, pg.counts, reader,
                                     recounter,
                                     s.region, Limits(s.max_batch_items, s.max_bulk_ops))

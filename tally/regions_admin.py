@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from tally.core.coalesce import coalesce
 from tally.core.model import CountKey, Event
 from tally.core.regions import Placement, Rejoin, newest, rejoin_decision
-from tally.runtime import schema_of
+from tally.runtime import postgres_config, schema_of
 from tally.settings import Settings, region_peers
 from tally.store.jetstream.eventlog import EventLog, partition_of
 from tally.store.jetstream.synchold import JetStreamHold
@@ -59,8 +59,6 @@ class RegionHandle:
     """One region's PostgreSQL and JetStream, opened from its settings."""
 
     def __init__(self, s: Settings) -> None:
-        from tally.bootstrap import postgres_config
-
         self.settings = s
         self.name = s.region_name
         self.pg: PostgresStores = build_postgres(postgres_config(s))
@@ -95,16 +93,28 @@ async def failover(survivor: Settings, failed: str, to: str) -> Placement:
         current = await h.placement()
         nxt = current if current.moved.get(failed) == to else current.failover(
             failed, to, time.time())
-        await h.log.set_sources([p for p in await h.sourced() if p != failed])
-        await _fence_held(survivor, failed, True)
-        if h.name == to and nxt is not current:
-            # Before the new epoch: no decision of it may exist while the old one is completed.
-            report = await apply_held(h, failed)
-            log.info("failover applied the held synchronous states", extra={
-                "failed": failed, "to": to, "held": report.held, "applied": report.applied,
-                "agreed": report.agreed, "unread": report.unread})
-        await h.regions.put_placement(nxt)
+        await _take_over(h, failed, nxt, nxt is not current)
         return nxt
+
+
+async def complete_failover(survivor: Settings, failed: str, placement: Placement) -> None:
+    """A failover decided elsewhere (in the witness quorum, ``tally.workers.failover``), done in
+    this region by the same steps as ``failover``, with the map decided there."""
+    async with RegionHandle(survivor) as h:
+        await _take_over(h, failed, placement, (await h.placement()).epoch < placement.epoch)
+
+
+async def _take_over(h: RegionHandle, failed: str, nxt: Placement, new: bool) -> None:
+    to = nxt.moved[failed]
+    await h.log.set_sources([p for p in await h.sourced() if p != failed])
+    await _fence_held(h.settings, failed, True)
+    if h.name == to and new:
+        # Before the new epoch: no decision of it may exist while the old one is completed.
+        report = await apply_held(h, failed)
+        log.info("failover applied the held synchronous states", extra={
+            "failed": failed, "to": to, "held": report.held, "applied": report.applied,
+            "agreed": report.agreed, "unread": report.unread})
+    await h.regions.put_placement(nxt)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from tally.core.model import Counter, Kind, Schema
 from tally.metrics import Metrics
 from tally.service.counters import CounterService
 from tally.settings import Settings
+from tally.store.postgres.build import PostgresConfig
 
 log = logging.getLogger("tally")
 
@@ -66,3 +67,13 @@ class AppRuntime(Protocol):
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         """(ready, details such as lag) for /readyz."""
+
+
+def postgres_config(settings: Settings) -> PostgresConfig:
+    """The PostgreSQL stores' configuration, for the runtime and the operators' tools alike."""
+    return PostgresConfig(
+        dsns=list(settings.postgres_dsns), logical_shards=settings.logical_shards,
+        shard_map=list(settings.shard_map), pool_max=settings.postgres_pool_max,
+        synchronous_commit=settings.postgres_synchronous_commit,
+        outbox_slots=settings.outbox_slots, failover_s=settings.postgres_failover_s,
+        region=settings.region_name, application_name=f"tally-{settings.role}")

@@ -25,7 +25,7 @@ def _progress(line: str) -> None:
 
 async def _run(args: argparse.Namespace) -> dict[str, Any]:
     # Imported here: the other commands of the CLI need no database driver.
-    from tally.bootstrap import postgres_config
+    from tally.runtime import postgres_config
     from tally.store.postgres.build import build_postgres
     from tally.store.postgres.reshard import ShardMover, parse_range
 

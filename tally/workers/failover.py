@@ -13,19 +13,21 @@ Every API process of every region runs a ``FailoverAgent``. Each ``tick`` (``ttl
    a process whose lease had expired decides nothing before it has adopted the quorum's map;
 3. if a region that once held a lease holds none now, fails it over to this region: the same
    new epoch as ``tally region failover``, stored by a transaction on the placement key's
-   revision (exactly one decider wins), then in this region, and the failed region's source
-   removed from this region's stream (the rejoin decides what it held back).
+   revision (exactly one decider wins), then completed here by the operator's own steps
+   (``take_over``: the failed region fenced out of the stream, its synchronous states
+   applied, the epoch stored) before this region's router decides by it.
 
-Every region adopts a new epoch from the quorum, and removes from its stream the source of a
-region the epoch newly moved. With two regions and no third member there is no majority once
-the link is cut: nothing is decided automatically (``docs/regions.md``).
+Every region adopts a new epoch from the quorum; one that newly moves a peer is completed by
+``take_over`` in every surviving region (each fences the failed region out of its stream).
+With two regions and no third member there is no majority once the link is cut: nothing is
+decided automatically (``docs/regions.md``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
 from tally.core.errors import Unavailable
 from tally.core.regions import Placement, newest
@@ -37,25 +39,24 @@ log = logging.getLogger("tally.failover")
 # it, so the rest (2 s of a 10 s lease) covers a write in flight when the share runs out.
 SAFE_SHARE = 0.8
 
-SetSources = Callable[[Sequence[str]], Awaitable[None]]
-Sources = Callable[[], Awaitable[Sequence[str]]]
+TakeOver = Callable[[str, Placement], Awaitable[None]]
 
 
 class FailoverAgent:
     def __init__(self, region: str, witness: Witness, store: RegionStore,
                  initial: Placement, on_placement: Callable[[Placement], None],
-                 sources: Sources | None = None, set_sources: SetSources | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 take_over: TakeOver, clock: Callable[[], float] = time.monotonic) -> None:
         """``on_placement``: hands a newly adopted map to the router at once (before this
-        process may decide again); ``sources``/``set_sources``: this region's stream's sourced
-        peers (None in a process without the log: another process of the region fences)."""
+        process may decide again); ``take_over(failed, placement)``: the operator's failover
+        steps in this region (``tally.regions_admin.complete_failover``: the failed region
+        fenced out of its stream, at the region taking the users their synchronous states
+        applied, then the epoch stored), run before this region decides by the new map."""
         self.region = region
         self.witness = witness
         self.store = store
         self.placement = initial
         self.on_placement = on_placement
-        self.sources = sources
-        self.set_sources = set_sources
+        self.take_over = take_over
         self.clock = clock
         self.valid_until = 0.0  # clock() before which this process may decide
         self.failovers = 0  # decided by this process
@@ -99,21 +100,22 @@ class FailoverAgent:
         before = self.placement
         if placement.epoch < before.epoch:
             return
+        newly = [r for r in placement.moved if r not in before.moved and r != self.region]
+        if newly and self.region not in placement.moved:
+            for failed in newly:
+                try:
+                    await self.take_over(failed, placement)
+                except Exception:  # the map waits: the next tick tries again
+                    log.exception("failover could not be completed here", extra={
+                        "region": self.region, "failed": failed, "epoch": placement.epoch})
+                    return
+            self.placement = placement
+            self.on_placement(placement)
+            return
         self.placement = placement
         self.on_placement(placement)  # the router first: it decides by it from now on
         if placement.epoch > before.epoch:
             await self.store.put_placement(placement)
-        newly = [r for r in placement.moved if r not in before.moved and r != self.region]
-        if newly and self.region not in placement.moved:
-            await self._fence_out(newly)
-
-    async def _fence_out(self, failed: Sequence[str]) -> None:
-        if self.sources is None or self.set_sources is None:
-            return
-        keep = [p for p in await self.sources() if p not in failed]
-        await self.set_sources(keep)
-        log.warning("failed regions fenced out of this region's stream",
-                    extra={"region": self.region, "failed": sorted(failed)})
 
     async def _fail_over_the_silent(self) -> None:
         placement = self.placement

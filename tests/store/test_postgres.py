@@ -147,8 +147,8 @@ async def test_reordered_databases_are_refused(pg_shared_dsns: list[str]) -> Non
 
 
 async def test_stores_built_from_settings_share_one_cluster(pg_shared_dsns: list[str]) -> None:
-    from tally.bootstrap import postgres_config
     from tally.core.model import ToggleOp
+    from tally.runtime import postgres_config
     from tally.settings import Settings
     from tally.store.postgres.build import build_postgres
 

@@ -116,15 +116,17 @@ class Region:
         self.routed: list[Placement] = []  # what the router was handed, in order
         self.sourced = [n for n in names if n != name]
         self.store = MemRegions()
+        self.taken: list[tuple[str, int]] = []
         self.agent = FailoverAgent(name, ModelWitness(q, name), self.store,
                                    Placement.initial(names), self.routed.append,
-                                   self.sources, self.set_sources, clock=lambda: q.now)
+                                   self.take_over, clock=lambda: q.now)
 
-    async def sources(self) -> list[str]:
-        return list(self.sourced)
-
-    async def set_sources(self, peers: Sequence[str]) -> None:
-        self.sourced = list(peers)
+    async def take_over(self, failed: str, placement: Placement) -> None:
+        """What ``regions_admin.complete_failover`` does to the parts modelled here."""
+        assert self.routed[-1].epoch < placement.epoch  # before the router decides by it
+        self.sourced = [p for p in self.sourced if p != failed]
+        self.taken.append((failed, placement.epoch))
+        await self.store.put_placement(placement)
 
 
 def regions(names: Sequence[str]) -> tuple[Quorum, dict[str, Region]]:
@@ -154,6 +156,7 @@ def test_a_silent_region_is_failed_over_exactly_once_by_the_majority() -> None:
             assert rs[name].agent.placement == q.placement
             assert rs[name].routed[-1] == q.placement
             assert "ap" not in rs[name].sourced  # fenced out of the survivors' streams
+            assert rs[name].taken == [("ap", 2)]  # completed once in each survivor
         assert not rs["ap"].agent.may_decide()
 
     asyncio.run(go())
