@@ -60,9 +60,13 @@ chaos-storage: $(STAMP) engines
 # Two regions in network namespaces under a client ledger (docs/regions.md): load with
 # forwarding and the cross-region visibility probe, a partition and heal, a region SIGKILLed under
 # load, a failover and rejoin with a staged conflict. Needs root (ip netns). Results in
-# chaos-regions.json; exits non-zero if any count differs from the ledger.
+# chaos-regions.json; exits non-zero if any count differs from the ledger. Then automatic failover
+# through the witness quorum (no majority, a cut, a kill; the no-op and late-views rejoin cases)
+# and three regions (a leaf killed, failed over and rejoined, a cut, the leaf-node hub lost):
+# chaos-failover.json, non-zero on a count off the ledger or a pair decided twice in one epoch.
 chaos-regions: $(STAMP) engines
 	timeout 1200 $(BIN)/python -m tally_dev.regions_chaos --out chaos-regions.json
+	timeout 1200 $(BIN)/python -m tally_dev.regions_failover --out chaos-failover.json
 
 # Online resharding on the dev cluster under a client ledger (docs/scale-out.md): three
 # `tally shards move` runs mid-load (off database 0, onto it, and back); each move's write pause and
