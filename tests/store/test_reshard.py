@@ -54,6 +54,9 @@ async def test_bad_moves_are_refused_with_what_to_do(pg_dsns: list[str]) -> None
             with pytest.raises(InvalidInput, match=message):
                 await mover.plan(*args)
         assert await mover.abort() == "no move in progress"
+        async with ShardMover(cluster)._exclusive():  # another mover is running
+            with pytest.raises(InvalidInput, match="another tally shards process"):
+                await mover.run(await mover.plan(0, 3, 1))
     finally:
         await cluster.close()
 

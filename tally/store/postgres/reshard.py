@@ -48,6 +48,7 @@ primary; and counts and idempotency keys carry no shard column to filter on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -76,6 +77,7 @@ READER_WINDOW_S = 3 * HEARTBEAT_S
 _BATCH = 2000  # rows per copy transaction
 _CAPTURED = ("toggles", "idempotency", "counts")
 _PUT_ARG = {"idempotency": "idem", "counts": "counts"}
+_MOVER_LOCK = 7_426_002  # advisory lock on database 0 held by the one running mover
 _JOURNAL = ("UPDATE shard_moves SET step = $2, updated_at = $3, detail = $4::jsonb "
             "WHERE id = $1")
 _CATCH_UP_SMALL = 500  # a catch-up round this small means the next one, fenced, is short
@@ -242,7 +244,24 @@ class ShardMover:
 
     # -- the move -----------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """One mover at a time (a session advisory lock on database 0, released with its
+        connection, also when the process dies): running the command twice cannot interleave."""
+        conn = await asyncpg.connect(self.cluster.dsns[COORDINATOR], timeout=10)
+        try:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _MOVER_LOCK):
+                raise InvalidInput("another tally shards process is moving or aborting right "
+                                   "now; wait for it (tally shards status)", "range")
+            yield
+        finally:
+            await conn.close()
+
     async def run(self, move: Move) -> MoveReport:
+        async with self._exclusive():
+            return await self._run(move)
+
+    async def _run(self, move: Move) -> MoveReport:
         report = MoveReport(move)
         report.id, step = await self._journal_open(move)
         log.info("shard move", extra={"move": report.id, "step": step, "what": move.describe()})
@@ -285,6 +304,10 @@ class ShardMover:
 
     async def abort(self) -> str:
         """Undo a move that has not switched the map; after the switch, move the range back."""
+        async with self._exclusive():
+            return await self._abort()
+
+    async def _abort(self) -> str:
         active = await self.active()
         if active is None:
             return "no move in progress"
