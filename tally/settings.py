@@ -103,8 +103,10 @@ class Settings:
     cache_size: int = _s(200_000, G.CACHE, "Entries in the in-process count cache")
     cache_ttl_s: float = _s(30.0, G.CACHE,
                             "Seconds a cached count may be served before it is re-read")
-    hot_ttl_s: float = _s(1.0, G.CACHE,
-                          "Seconds a hot item's count is served from memory in cluster mode")
+    hot_ttl_s: float = _s(0.25, G.CACHE,
+                          "Seconds a hot item's count is served from memory in cluster mode (and "
+                          "in the extra API processes of embedded mode): its staleness, for one "
+                          "read of the count store per period per process")
 
     backend: str = _s("sqlite", G.STORAGE, "Storage: 'sqlite' (embedded, one process) or "
                                            "'cluster' (PostgreSQL, NATS JetStream, Redis)")

@@ -188,7 +188,7 @@ async def visibility(rc: RegionCluster, samples: int, base_item: int
 async def mismatches(ledger: Ledger, items: range, settle_s: float = 5.0
                      ) -> dict[str, dict[int, tuple[int, int]]]:
     """Counts that differ from the ledger, read through each region's API; read again for up to
-    ``settle_s``: an API serves a hot item from memory for ``hot_ttl_s`` (1 s) after the count
+    ``settle_s``: an API serves a hot item from memory for ``hot_ttl_s`` (0.25 s) after the count
     store has it."""
     want = ledger.expected(items)
     out: dict[str, dict[int, tuple[int, int]]] = {}

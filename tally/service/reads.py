@@ -22,7 +22,7 @@ HOT_SAMPLE = 8
 
 class CountReader:
     def __init__(self, store: CountStore, cache: LRU[CountKey, int], hot: SpaceSaving,
-                 cache_all: bool = True, hot_ttl_s: float = 1.0, hot_share: float = 0.01,
+                 cache_all: bool = True, hot_ttl_s: float = 0.25, hot_share: float = 0.01,
                  sample: int = 1) -> None:
         """``cache_all``: the aggregator writes through to this cache (embedded mode), so every
         key may be cached for the cache's TTL; otherwise only hot keys are, for ``hot_ttl_s``."""
