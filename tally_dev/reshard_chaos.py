@@ -86,6 +86,11 @@ async def run(dev: DevCluster, settle_s: float, users: int, items: int,
             started = time.monotonic()
             report = await _move(dev.config, first, last, to)
             retried = ledger.retried_s[retried_before:]
+            # Every write in flight at any moment between the fence and the release, refused or
+            # held behind the guard's lock: what the pause cost the clients.
+            fenced, released = report["fenced_at"], report["released_at"]
+            touched = [took for began, took in ledger.writes
+                       if fenced and released and began < released and began + took > fenced]
             moves.append({"range": f"{first}-{last}", "to": to,
                           "took_s": round(time.monotonic() - started, 2),
                           "copy_s": report.get("copy_s"),
@@ -99,11 +104,17 @@ async def run(dev: DevCluster, settle_s: float, users: int, items: int,
                           "client_503s": ledger.errors["HTTP 503"] - errors_before,
                           "client_retried_writes": len(retried),
                           "client_retried_p50_s": _pct(retried, 0.5),
-                          "client_retried_max_s": _pct(retried, 1.0)})
+                          "client_retried_max_s": _pct(retried, 1.0),
+                          "writes_overlapping_pause": len(touched),
+                          "overlapping_p50_s": _pct(touched, 0.5),
+                          "overlapping_max_s": _pct(touched, 1.0)})
             await asyncio.sleep(settle_s)
     finally:
         await ledger.stop(tasks)
     verdict = await ledger.verify(dev.urls("api")[0])
+    every = [took for _, took in ledger.writes]
+    verdict["all_writes_p50_s"] = _pct(every, 0.5)
+    verdict["all_writes_p99_s"] = _pct(every, 0.99)
     pauses = [m["write_pause_s"] for m in moves if m["write_pause_s"] is not None]
     return {"prefill_rows": prefill_rows, "prefill_s": round(prefill_s, 1),
             "moves": moves, "verify": verdict,

@@ -39,6 +39,7 @@ class Ledger:
     read_errors: Counter[str] = field(default_factory=Counter)
     reads: int = 0
     retried_s: list[float] = field(default_factory=list)  # first attempt -> ack, ops retried
+    writes: list[tuple[float, float]] = field(default_factory=list)  # (started, took), wall s
     slowest_write_s: float = 0.0  # first attempt -> acknowledgement, worst operation
     slowest_write_at: float = 0.0
     slowest_read_s: float = 0.0
@@ -77,6 +78,7 @@ class Ledger:
                                   "item_id": self.item_base + item},
                                  op_errors)
                 took = time.monotonic() - started
+                self.writes.append((time.time() - took, took))
                 if op_errors:
                     self.errors.update(op_errors)
                     self.retried_s.append(took)

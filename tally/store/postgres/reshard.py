@@ -128,6 +128,8 @@ class MoveReport:
     # Where the write pause went: installing the source's guard (waiting for the writes in
     # flight), the last catch-up, the switch, the processes' acknowledgements, the release.
     pause_parts: dict[str, float] = field(default_factory=dict)
+    fenced_at: float | None = None  # wall clock (time.time()) of the write fence and release
+    released_at: float | None = None
     readers_waited: int = 0
     readers_gone: list[str] = field(default_factory=list)
     deleted: dict[str, int] = field(default_factory=dict)
@@ -138,7 +140,8 @@ class MoveReport:
                 "caught_up_keys": self.caught_up_keys, "fenced_keys": self.fenced_keys,
                 "copy_s": self.copy_s,
                 "write_pause_s": self.write_pause_s, "count_pause_s": self.count_pause_s,
-                "pause_parts": self.pause_parts,
+                "pause_parts": self.pause_parts, "fenced_at": self.fenced_at,
+                "released_at": self.released_at,
                 "readers_waited": self.readers_waited, "readers_gone": self.readers_gone,
                 "deleted": self.deleted}
 
@@ -276,6 +279,7 @@ class ShardMover:
             t_counts = time.monotonic()
             await self._fence_counts(move, report)
             t_fence = lap.start()
+            report.fenced_at = time.time()
             await self._guard(move.source, self.cluster.map.moved(move.first, move.last,
                                                                    move.target))
             step = await self._advance(report, "writes_fenced")
@@ -290,6 +294,7 @@ class ShardMover:
             await self._await_readers(report)
             lap("acknowledged")
             await self._release(move)
+            report.released_at = time.time()
             lap("release")
             if t_fence is not None and t_counts is not None:
                 now = time.monotonic()
