@@ -61,6 +61,11 @@ async def test_bad_moves_are_refused_with_what_to_do(pg_dsns: list[str]) -> None
         await cluster.close()
 
 
+def test_a_fenced_write_is_a_retryable_503() -> None:
+    refused = ShardMoving("write: logical shard 3 is not held by this database; retry")
+    assert (refused.status, dict(refused.headers)[b"retry-after"]) == (503, b"1")
+
+
 def test_ranges_parse_or_say_how_to_write_them() -> None:
     assert parse_range("0-255") == (0, 255)
     assert parse_range("7") == (7, 7)
