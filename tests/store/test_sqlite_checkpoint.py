@@ -133,3 +133,31 @@ async def test_a_failed_checkpoint_io_stops_the_counts(tmp_path: Path) -> None:
             await store.aggregate("aggregator", 1000, [])
     finally:
         await store.close()
+
+
+async def test_start_settles_every_wal_before_the_counts_derive_from_it(db: Path) -> None:
+    """A WAL left with frames (here by another connection that stays open, as a crashed server
+    leaves one) is copied into its database file and emptied before the counts writer starts:
+    see ``settle_wal`` (tests/faults/test_settle_wal.py shows it against a power cut)."""
+    s = SqliteStore(db)
+    await s.start()
+    await s.write([like(u, "post:1") for u in range(30)])
+    await s.close()
+    held = []
+    for path in (db, counts_path(db)):
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("CREATE TABLE IF NOT EXISTS left_behind (x)")
+        conn.execute("INSERT INTO left_behind VALUES (1)")
+        held.append(conn)
+    try:
+        assert all(Path(f"{p}-wal").stat().st_size > 0 for p in (db, counts_path(db)))
+        s = SqliteStore(db)
+        await s.start()
+        try:
+            assert [Path(f"{p}-wal").stat().st_size for p in (db, counts_path(db))] == [0, 0]
+        finally:
+            await s.close()
+    finally:
+        for conn in held:
+            conn.close()

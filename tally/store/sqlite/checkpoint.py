@@ -13,9 +13,12 @@ every connection, this one included).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 log = logging.getLogger("tally.sqlite")
 
@@ -97,3 +100,41 @@ class Checkpointer:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.tick()
+
+
+def settle_wal(path: Path, attempts: int = 50) -> bool:
+    """At start, before anything is derived from a file: copy its whole WAL into the database
+    file and start the WAL over, durably (a TRUNCATE checkpoint, then an fsync of the emptied
+    WAL). Returns whether it did (False: the WAL stayed busy; a warning is logged).
+
+    Why: after a failed fsync and a restart of the process (not of the machine), the WAL holds
+    frames the kernel could not write but still serves from its cache, marked clean: they read as
+    committed, yet a power cut takes them, and with them every later frame (the WAL's checksums
+    chain), so counts derived from them, or commits appended behind them, would not survive it.
+    A checkpoint writes their pages into the database file anew and syncs it; the WAL, emptied and
+    synced, leaves no older frame on disk to shadow those pages after a cut. After a clean stop
+    there is no WAL and nothing to do."""
+    wal = Path(f"{path}-wal")
+    if not wal.exists():
+        return True
+    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+    try:
+        conn.execute("PRAGMA synchronous=FULL")  # the checkpoint syncs the database file
+        for _ in range(attempts):
+            busy, _frames, _copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if not busy:
+                break
+            time.sleep(0.1)
+        else:
+            log.warning("could not settle the WAL at start: it stayed busy",
+                        extra={"file": str(path)})
+            return False
+    finally:
+        conn.close()
+    if wal.exists():
+        fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)  # SQLite truncates the WAL without syncing that
+        finally:
+            os.close(fd)
+    return True

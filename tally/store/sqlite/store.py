@@ -26,11 +26,11 @@ from tally.core.model import CountKey, Event, Op, OpResult, ToggleOp
 from tally.store.ports import Applied, ReconcileChunk
 from tally.store.shards import logical_shard
 from tally.store.sqlite.aggregate import apply_range, log_range
-from tally.store.sqlite.checkpoint import BACKSTOP_PAGES, Checkpointer
+from tally.store.sqlite.checkpoint import BACKSTOP_PAGES, Checkpointer, settle_wal
 from tally.store.sqlite.ops import SOURCE, log_head, source_of, stored_counts
 from tally.store.sqlite.ops import watermark as _watermark
 from tally.store.sqlite.reconcile import reconcile_chunk
-from tally.store.sqlite.schema import connect, likes_path, likes_schema
+from tally.store.sqlite.schema import connect, counts_path, likes_path, likes_schema
 from tally.store.sqlite.writer import MAX_OPS, GroupCommitWriter, Tx, WalSync, pipelines_sync
 from tally.store.sqlite.writer_process import (
     WriterClient,
@@ -169,6 +169,9 @@ class SqliteStore:
         await asyncio.to_thread(self._check_shards)
         for proc in self.writer_processes[1:]:
             await proc.start()
+        # Before the counts derive anything: what a restart can read must be on disk (settle_wal).
+        for file in (counts_path(self.path), *(likes_path(self.path, k) for k in range(self.shards))):
+            await asyncio.to_thread(settle_wal, file)
         self.counts_writer.start()
         self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="tally-sqlite-read")
         self.checkpointer.start()
