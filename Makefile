@@ -64,9 +64,14 @@ chaos-storage: $(STAMP) engines
 # through the witness quorum (no majority, a cut, a kill; the no-op and late-views rejoin cases)
 # and three regions (a leaf killed, failed over and rejoined, a cut, the leaf-node hub lost):
 # chaos-failover.json, non-zero on a count off the ledger or a pair decided twice in one epoch.
+# Then replication = "sync" (likes) beside async (saves) through a region lost with its disks:
+# chaos-regions-sync.json, non-zero on a like lost or a count off the ledger less the listed
+# losses; and the cross-region visibility probe under load with its per-stage breakdown.
 chaos-regions: $(STAMP) engines
 	timeout 1200 $(BIN)/python -m tally_dev.regions_chaos --out chaos-regions.json
 	timeout 1200 $(BIN)/python -m tally_dev.regions_failover --out chaos-failover.json
+	timeout 1200 $(BIN)/python -m tally_dev.regions_sync --out chaos-regions-sync.json
+	timeout 900 $(BIN)/python -m tally_dev.regions_visibility --out chaos-regions-visibility.json
 
 # Online resharding on the dev cluster under a client ledger (docs/scale-out.md): three
 # `tally shards move` runs mid-load (off database 0, onto it, and back); each move's write pause and

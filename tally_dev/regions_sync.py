@@ -129,7 +129,7 @@ class SyncLedger:
         return out
 
     def item_ids(self) -> list[int]:
-        return [*range(self.items), CUT_ITEM]
+        return [*range(self.items), CUT_ITEM, CUT_ITEM + 1]
 
     def expected(self, counter: str) -> dict[int, int]:
         out = dict.fromkeys(self.item_ids(), 0)
@@ -188,6 +188,23 @@ async def drifts(rc: RegionCluster, region: str, repair: bool) -> list[dict[str,
         return [d for line in r.text.splitlines() if line for d in json.loads(line)["drifts"]]
 
 
+async def hold_waits(rc: RegionCluster) -> dict[str, dict[str, float]]:
+    """Per region, from its /metrics: synchronous toggles held, refused and acknowledged alone,
+    and the mean wait for a peer's acknowledgement."""
+    out: dict[str, dict[str, float]] = {}
+    async with httpx.AsyncClient(headers=rc.headers(admin=True)) as http:
+        for region in rc.regions:
+            text = (await http.get(f"{rc.api(region)}/metrics", timeout=5.0)).text
+            got = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+                   if line.startswith("tally_region_sync")}
+            n = got.get("tally_region_sync_wait_seconds_count", 0.0)
+            out[region] = {"held": got.get("tally_region_sync_held_ops_total", 0.0),
+                           "refused": got.get("tally_region_sync_refused_ops_total", 0.0),
+                           "mean_wait_ms": round(1000 * got.get(
+                               "tally_region_sync_wait_seconds_sum", 0.0) / n, 1) if n else 0.0}
+    return out
+
+
 def _eu_drained(rc: RegionCluster, region: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -226,6 +243,7 @@ async def run(rc: RegionCluster, users: int = 60, items: int = 12, clients: int 
     await visibility(rc, 1, 9_999)  # cross-domain sourcing starts a few seconds after creation
     await load_for(phase_s)
     out["latency"] = {k: summary(v) for k, v in sorted(led.latency.items())}
+    out["hold_waits"] = await hold_waits(rc)
     out["refused_while_cut"] = await refused_while_cut(rc, led)
     out["refused_503_during_load"] = led.refused
     kill: dict[str, Any] = {}
@@ -245,9 +263,12 @@ async def run(rc: RegionCluster, users: int = 60, items: int = 12, clients: int 
     t0 = time.monotonic()
     out["failover_epoch"] = await asyncio.to_thread(rc.failover, "us", "eu")
     out["failover_s"] = round(time.monotonic() - t0, 2)
+    user = next(f"u{u}" for u in range(users) if led.home(f"u{u}") == "us")
+    async with httpx.AsyncClient(headers=rc.headers()) as http:  # us's users write again at eu
+        await led.write(http, (user, CUT_ITEM + 1, SYNC), True, "eu", deadline_s=60.0)
+    out["failover_to_first_like_s"] = round(time.monotonic() - t0, 2)
     out["killed"], out["wiped"] = kill["killed"], kill["wiped"]
     out["unknown_outcome_at_kill"] = len(led.pending)
-    await asyncio.sleep(0.6)  # the APIs take the new placement within 0.5 s
     lost = await led.lost("eu", kill["t"])
     out["checked"] = {c: sum(1 for t in led.state if t[2] == c and t not in led.pending)
                       for c in (SYNC, ASYNC)}
