@@ -72,6 +72,12 @@ class NodeUnderTest(NatsEngine):
     def unrecoverable(self) -> bool:
         return UNRECOVERABLE in self.log_since_start()
 
+    def complaint(self) -> str:
+        """The server's first warning or error of this start (why the stream was not recovered)."""
+        said = [line for line in self.log_since_start().splitlines()
+                if "[ERR]" in line or "[WRN]" in line]
+        return said[0].split("] ", 2)[-1].strip()[:300] if said else ""
+
 
 UNRECOVERABLE = "could not be recovered"
 
@@ -199,7 +205,13 @@ async def test_jetstream_power_loss_loses_no_acknowledged_message(
     ledger = StreamLedger()
     rounds = losses = undone = stored = lost_reports = streams_lost = 0
     disorder: list[str] = []
+    complaint = ""
     started = time.monotonic()
+    await anyio.to_thread.run_sync(engine.start)
+    log = EventLog(engine.url, STREAM, PARTITIONS)
+    await log.start()  # the stream, then a clean restart: its own files are on disk whatever
+    await log.close()  # the sync interval, so a loss shows as messages missing from it
+    await anyio.to_thread.run_sync(engine.stop)
     await anyio.to_thread.run_sync(engine.start)
     try:
         while rounds < ROUNDS and (rounds == 0 or time.monotonic() - started < BUDGET_S):
@@ -210,6 +222,7 @@ async def test_jetstream_power_loss_loses_no_acknowledged_message(
             await anyio.to_thread.run_sync(engine.start)
             if engine.unrecoverable():  # every acknowledged event is gone with the stream
                 losses, streams_lost, rounds = ledger.total_acked(), streams_lost + 1, rounds + 1
+                complaint = engine.complaint()
                 break
             check = await check_stream(engine.url, ledger)
             # Cumulative: every earlier round's acknowledged events are checked again.
@@ -226,7 +239,7 @@ async def test_jetstream_power_loss_loses_no_acknowledged_message(
            acknowledged_publishes=ledger.acks, acknowledged_events=ledger.total_acked(),
            stored_events=stored, unsynced_bytes_dropped=undone, losses=losses,
            out_of_order_runs=len(disorder), lost_data_reports=lost_reports,
-           rounds_stream_gone=streams_lost)
+           rounds_stream_gone=streams_lost, server_error=complaint)
     assert ledger.acks > rounds
     if sync_interval != "always":
         # Nothing is left unsynced under ``always`` (every write is synced before its ack), so
