@@ -137,6 +137,7 @@ class Run:
         self.items = range(items)
         self.clients = clients
         self.users = [f"u{u}" for u in range(users)]
+        self.pairs_off: dict[str, list[dict[str, Any]]] = {}
 
     def homed(self, region: str) -> list[str]:
         return [u for u in self.users if self.led.home(u) == region]
@@ -163,6 +164,19 @@ class Run:
         if extra is not None:
             more = await mismatches(self.led, extra)
             out = {r: {**out[r], **more[r]} for r in out}
+        for region, off in out.items():  # name the pairs: what a count off the ledger is made of
+            if off:
+                self.pairs_off[region] = await self.differ(region, set(off))
+        return out
+
+    async def differ(self, region: str, items: set[int]) -> list[dict[str, Any]]:
+        """The pairs of ``items`` whose record in ``region`` is not the ledger's state."""
+        out = []
+        async with httpx.AsyncClient(headers=self.rc.headers()) as http:
+            for (user, item), on in sorted(self.led.state.items()):
+                if item in items and await _has(self.rc, http, region, user, item) != on:
+                    out.append({"user": user, "item": item, "ledger": on,
+                                "acked_at": self.led.acked_at[(user, item)]})
         return out
 
 
@@ -239,6 +253,7 @@ async def run_witness(rc: RegionCluster, users: int = 60, items: int = 12, clien
             "split_brain": await split_brain(rc),
             "read_failures_eu": led.read_failures.get("eu", 0)}
         out["after_cut"] = await run.converged(range(940, 954))
+        out["cut"]["since"] = await _since(rc)
 
         # 3. us back home, then killed under load: eu takes over by itself
         epoch1 = await asyncio.to_thread(rc.restore, "us")
@@ -294,6 +309,12 @@ async def _lacking(run: Run, region: str, before: float) -> list[tuple[str, int]
                     await _has(led.rc, http, region, user, item) != on:
                 out.append((user, item))
     return out
+
+
+async def _since(rc: RegionCluster) -> float:
+    """When the newest placement epoch began (its decision time)."""
+    async with RegionHandle(load(rc.config(rc.regions[-1]))) as h:
+        return (await h.placement()).since
 
 
 async def _both_decide(rc: RegionCluster, epoch: int = 0) -> bool:
