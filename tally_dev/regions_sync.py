@@ -188,18 +188,19 @@ async def drifts(rc: RegionCluster, region: str, repair: bool) -> list[dict[str,
         return [d for line in r.text.splitlines() if line for d in json.loads(line)["drifts"]]
 
 
-async def hold_waits(rc: RegionCluster) -> dict[str, dict[str, float]]:
+async def hold_waits(rc: RegionCluster, regions: list[str]) -> dict[str, dict[str, float]]:
     """Per region, from its /metrics: synchronous toggles held, refused and acknowledged alone,
     and the mean wait for a peer's acknowledgement."""
     out: dict[str, dict[str, float]] = {}
     async with httpx.AsyncClient(headers=rc.headers(admin=True)) as http:
-        for region in rc.regions:
+        for region in regions:
             text = (await http.get(f"{rc.api(region)}/metrics", timeout=5.0)).text
             got = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
                    if line.startswith("tally_region_sync")}
             n = got.get("tally_region_sync_wait_seconds_count", 0.0)
             out[region] = {"held": got.get("tally_region_sync_held_ops_total", 0.0),
                            "refused": got.get("tally_region_sync_refused_ops_total", 0.0),
+                           "alone": got.get("tally_region_sync_alone_ops_total", 0.0),
                            "mean_wait_ms": round(1000 * got.get(
                                "tally_region_sync_wait_seconds_sum", 0.0) / n, 1) if n else 0.0}
     return out
@@ -243,7 +244,7 @@ async def run(rc: RegionCluster, users: int = 60, items: int = 12, clients: int 
     await visibility(rc, 1, 9_999)  # cross-domain sourcing starts a few seconds after creation
     await load_for(phase_s)
     out["latency"] = {k: summary(v) for k, v in sorted(led.latency.items())}
-    out["hold_waits"] = await hold_waits(rc)
+    out["hold_waits"] = await hold_waits(rc, rc.regions)
     out["refused_while_cut"] = await refused_while_cut(rc, led)
     out["refused_503_during_load"] = led.refused
     kill: dict[str, Any] = {}
@@ -277,6 +278,8 @@ async def run(rc: RegionCluster, users: int = 60, items: int = 12, clients: int 
     await led.settle()
     await asyncio.to_thread(_eu_drained, rc, "eu")
     out["drifts_eu"] = await drifts(rc, "eu", repair=True)  # counts vs a recount
+    # eu alone after the failover: its likes acknowledged without a peer, and counted as such
+    out["hold_waits_eu_alone"] = (await hold_waits(rc, ["eu"]))["eu"]
     out["lost_after_settle"] = await led.lost("eu", kill["t"])
     got = await led.counts("eu")
     lost_saves: dict[int, int] = {}

@@ -43,5 +43,6 @@ def test_sync_likes_survive_a_region_lost_with_its_disks(engines_dir: Path) -> N
     assert out["lost"][ASYNC]  # async: what eu lacked at the kill is lost, and listed
     assert max(x["acked_before_kill_s"] for x in out["lost"][ASYNC]) <= out["async_window_s"]
     assert out["after_failover"] == {SYNC: {}, ASYNC: {}}  # counts = ledger, less listed losses
+    assert out["hold_waits_eu_alone"]["alone"] >= 1  # the survivor, alone, takes likes again
     assert out["drifts_eu"] == []  # counts = a recount of eu's records
     assert out["latency"][f"{SYNC} direct"]["n"] > 0 and out["latency"][f"{ASYNC} direct"]["n"] > 0
