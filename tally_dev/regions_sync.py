@@ -30,10 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
+from nats.errors import NoRespondersError
+from nats.js.errors import NoStreamResponseError
 
 from tally import regions_admin
 from tally.core.regions import hash_home
 from tally.settings import load
+from tally.store.jetstream.synchold import hold_subject, holding_stream
 from tally_dev.regions import RegionCluster
 from tally_dev.regions_chaos import pct, visibility
 
@@ -206,6 +210,22 @@ async def hold_waits(rc: RegionCluster, regions: list[str]) -> dict[str, dict[st
     return out
 
 
+async def fenced(rc: RegionCluster, region: str, origin: str) -> bool:
+    """Whether a synchronous publish of ``origin``'s, made at ``region``'s NATS (where it would
+    arrive over the leaf link), finds no holding stream to acknowledge it: the failover's fence."""
+    s = load(rc.config(region))
+    nc = await nats.connect(s.nats_url)
+    try:
+        await nc.jetstream(timeout=2.0).publish(
+            hold_subject(s.nats_stream, origin), b'{"origin": "probe", "states": []}',
+            stream=holding_stream(s.nats_stream, origin))
+        return False
+    except (NoRespondersError, NoStreamResponseError):
+        return True
+    finally:
+        await nc.close()
+
+
 def _eu_drained(rc: RegionCluster, region: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -245,6 +265,7 @@ async def run(rc: RegionCluster, users: int = 60, items: int = 12, clients: int 
     await load_for(phase_s)
     out["latency"] = {k: summary(v) for k, v in sorted(led.latency.items())}
     out["hold_waits"] = await hold_waits(rc, rc.regions)
+    out["us_sync_fenced_at_eu_before"] = await fenced(rc, "eu", "us")  # held there: acknowledged
     out["refused_while_cut"] = await refused_while_cut(rc, led)
     out["refused_503_during_load"] = led.refused
     kill: dict[str, Any] = {}
@@ -264,6 +285,7 @@ async def run(rc: RegionCluster, users: int = 60, items: int = 12, clients: int 
     t0 = time.monotonic()
     out["failover_epoch"] = await asyncio.to_thread(rc.failover, "us", "eu")
     out["failover_s"] = round(time.monotonic() - t0, 2)
+    out["us_sync_fenced_at_eu"] = await fenced(rc, "eu", "us")
     user = next(f"u{u}" for u in range(users) if led.home(f"u{u}") == "us")
     async with httpx.AsyncClient(headers=rc.headers()) as http:  # us's users write again at eu
         await led.write(http, (user, CUT_ITEM + 1, SYNC), True, "eu", deadline_s=60.0)

@@ -39,6 +39,8 @@ def test_sync_likes_survive_a_region_lost_with_its_disks(engines_dir: Path) -> N
     assert {"pg", "nats", "redis"} <= set(out["wiped"]) and out["checked"][SYNC] > 0
     # the kill found acknowledged likes eu lacked (replication stalled), then held ones applied
     assert out["at_risk_at_kill"][SYNC] and out["at_risk_at_kill"][ASYNC]
+    assert not out["us_sync_fenced_at_eu_before"]  # eu held us's synchronous states ...
+    assert out["us_sync_fenced_at_eu"]  # ... and after the failover a running us gets no ack
     assert out["lost"][SYNC] == []  # zero acknowledged likes lost with the region's disks
     assert out["lost"][ASYNC]  # async: what eu lacked at the kill is lost, and listed
     assert max(x["acked_before_kill_s"] for x in out["lost"][ASYNC]) <= out["async_window_s"]
