@@ -173,6 +173,12 @@ class ClusterRuntime:
              pg.map_poll_failures, {}),
             ("counter", "tally_counts_fence_waits", "Count batches that waited for a shard "
              "move's count fence", self.counts.fenced_waits, {})]
+        if "api" in self.roles and self.likes.group is not None:
+            group = self.likes.group
+            rows += [("counter", "tally_group_commit_batches", "Transactions that carried "
+                      "concurrent single likes together (group commit)", group.batches, {}),
+                     ("counter", "tally_group_commit_ops", "Single likes written by group "
+                      "commit (over the batches: likes per transaction)", group.ops, {})]
         if self.tiered is not None:
             t = self.tiered
             rows += [("counter", "tally_redis_hits", "Count reads answered by Redis", t.hits, {}),

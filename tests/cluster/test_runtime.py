@@ -87,6 +87,9 @@ async def test_likes_flow_through_the_log_to_counts_and_redis(
     assert body["partitions"] == [0, 1, 2, 3] and len(body["sources"]) == 8
     metrics = (await c.get("/metrics")).text
     assert "tally_partition_events" in metrics and "tally_relay_published" in metrics
+    grouped = [float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("tally_group_commit_ops_total ")]
+    assert grouped and grouped[0] > 0  # the single likes above went through group commit
 
 
 @pytest.mark.parametrize("role", ["api", "relay", "aggregator"])
