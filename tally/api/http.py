@@ -21,6 +21,7 @@ import msgspec
 from prometheus_client import Counter, Histogram
 
 from tally.api.auth import LOOPBACK, Guard, Principal
+from tally.api.deadlines import Deadlines
 from tally.api.limits import Limiter
 from tally.core.errors import (
     BadJson,
@@ -266,6 +267,7 @@ class HttpApp:
         self.router, self.metrics, self.max_body = router, metrics, max_body
         self.startup, self.shutdown = startup, shutdown
         self.guard, self.limiter, self.body_timeout_s = guard, limiter, body_timeout_s
+        self._deadlines = Deadlines()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -331,15 +333,28 @@ class HttpApp:
 
     async def _body(self, scope: Scope, receive: Receive) -> tuple[bytes, str | None]:
         """The body within the body timeout (408 past it; the server's own header timeout
-        covers the headers, tally.api.server)."""
+        covers the headers, tally.api.server). The deadline is a dict entry (``Deadlines``),
+        not a timer: almost every body is already in when the request is routed."""
         if not self.body_timeout_s:
             return await self._read_body(scope, receive)
+        task = asyncio.current_task()
+        assert task is not None
+        expired: list[bool] = []
+
+        def expire() -> None:
+            expired.append(True)
+            task.cancel()
+
+        self._deadlines.set(task, self.body_timeout_s, expire, task.get_loop())
         try:
-            async with asyncio.timeout(self.body_timeout_s):
-                return await self._read_body(scope, receive)
-        except TimeoutError:
+            return await self._read_body(scope, receive)
+        except asyncio.CancelledError:
+            if not expired or task.uncancel() > 0:
+                raise
             raise RequestTimeout(f"request body not received within {self.body_timeout_s:g} s",
                                  "body") from None
+        finally:
+            self._deadlines.clear(task)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, str | None]:
         """The whole body, refused (413) as soon as it is known to be over the limit."""

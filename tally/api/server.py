@@ -126,6 +126,9 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.cycle.transport = HeadWithBody(self.transport)  # type: ignore[assignment]
 
     def _arm(self) -> None:
+        """A timer, exact to the deadline (``Deadlines`` would act up to a tick late, while a
+        slow client may still be sending: its next line would then meet a closed socket and
+        reset the connection before it reads the 408)."""
         if self.header_timeout_s > 0:
             self._header_timer = self.loop.call_later(self.header_timeout_s, self._too_slow)
 
