@@ -44,6 +44,8 @@ def test_a_short_profile_measures_every_role(tmp_path: Path) -> None:
     for row in by_target.values():
         assert row["ok"] > 0 and row["errors"] == 0
         assert row["pg_statements"] > 0 and row["pg_wal_bytes"] > 0
+    # The peer as a capable engineer writes it: one statement per like, no pool reset query.
+    assert by_target["pg"]["pg_statements"] <= 1.1
     cluster = by_target["cluster"]
     assert set(cluster["cpu_us"]) == {"api", "relay", "aggregator", "postgres", "nats", "redis"}
     assert all(v > 0 for k, v in cluster["cpu_us"].items() if k != "redis")
