@@ -295,7 +295,7 @@ def build_cluster(settings: Settings) -> ClusterRuntime:
         if s.region_name:
             # Every region holds its peers' synchronous changes, whatever its own counters do.
             hold = JetStreamHold(s.nats_url, s.nats_stream, s.region_name, list(region_peers(s)),
-                                 s.log_max_age_s)
+                                 s.log_max_age_s, connect_in_background=True)
             rt.router = RegionRouter(
                 s.region_name, pg.likes, regions, HttpRemoteWriter(region_peers(s), _region_key(s)),
                 Placement.initial([s.region_name, *region_peers(s)]), hold, s.sync_counters,

@@ -19,6 +19,8 @@ the rejoin lifts the fence.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -66,13 +68,18 @@ class JetStreamHold:
     and keeps, in its own domain, the holding streams of its peers."""
 
     def __init__(self, url: str, stream: str, region: str, peers: Sequence[str],
-                 max_age_s: float) -> None:
+                 max_age_s: float, connect_in_background: bool = False) -> None:
+        """``connect_in_background``: ``start`` returns at once and connects (and creates the
+        holding streams) in a task, retrying: an API serves reads, and asynchronous writes, with
+        its region's NATS down; synchronous writes are refused (503) until it is connected."""
         self.url = url
         self.stream = stream
         self.region = region
         self.peers = [p for p in peers if p != region]
         self.max_age_s = max_age_s
+        self.connect_in_background = connect_in_background
         self._nc: NATS | None = None
+        self._connecting: asyncio.Task[None] | None = None
 
     @property
     def nc(self) -> NATS:
@@ -82,10 +89,36 @@ class JetStreamHold:
         return self._nc
 
     async def start(self) -> None:
+        if self.connect_in_background:
+            self._connecting = asyncio.create_task(self._connect_until_done(),
+                                                   name="tally-sync-connect")
+        else:
+            await self._connect()
+
+    async def _connect_until_done(self) -> None:
+        delay = 0.5
+        while self._nc is None:  # ends once connected, or when cancelled by close()
+            try:
+                await self._connect()
+            except Exception as exc:
+                log.warning("synchronous replication link not connected; retrying", extra={
+                    "error": repr(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _connect(self) -> None:
         servers = [u.strip() for u in self.url.split(",") if u.strip()]
-        self._nc = await nats.connect(servers, name="tally-sync", max_reconnect_attempts=-1,
-                                      reconnect_time_wait=0.5, connect_timeout=5)
-        js = self._nc.jetstream(timeout=5.0)
+        nc = await nats.connect(servers, name="tally-sync", max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.5, connect_timeout=5)
+        try:
+            await self._ensure_holding(nc)
+        except BaseException:
+            await nc.close()
+            raise
+        self._nc = nc
+
+    async def _ensure_holding(self, nc: NATS) -> None:
+        js = nc.jetstream(timeout=5.0)
         for peer in self.peers:
             try:
                 await js.stream_info(holding_stream(self.stream, peer))
@@ -103,6 +136,11 @@ class JetStreamHold:
                     raise
 
     async def close(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+            self._connecting = None
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.drain()
         self._nc = None
