@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -108,6 +109,7 @@ def run(variants: list[str], presets: list[str], rounds: int = 3, duration_s: fl
     runs: list[dict[str, Any]] = []
     chosen = ([from_tree(base)] if base else []) + [VARIANTS[name] for name in variants]
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, True)  # last out: after every server stopped
         servers = {v.name: stack.enter_context(started(v, work)) for v in chosen}
         for rnd in range(rounds):
             for preset in presets:
