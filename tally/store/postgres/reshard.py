@@ -357,26 +357,21 @@ class ShardMover:
         holds none of it; the source logs every change of it from now on."""
         await self._guard(move.target, self.cluster.map)
         await self._delete_range(move.target, move, "target")
-        async with self.cluster.connection(move.source) as conn, conn.transaction():
-            await conn.execute("SET LOCAL lock_timeout = '5s'")
-            for table in _CAPTURED:
-                await conn.execute(f"DROP TRIGGER IF EXISTS tally_capture ON {table}")
-            await conn.execute("TRUNCATE move_changes")
-            await conn.execute(
-                "CREATE TRIGGER tally_capture AFTER INSERT OR UPDATE ON toggles FOR EACH ROW "
-                f"WHEN (NEW.shard BETWEEN {move.first:d} AND {move.last:d}) "
-                "EXECUTE FUNCTION tally_capture()")
-            for table in ("idempotency", "counts"):  # no shard column: every key is logged
-                await conn.execute(f"CREATE TRIGGER tally_capture AFTER INSERT OR UPDATE ON "
-                                   f"{table} FOR EACH ROW EXECUTE FUNCTION tally_capture()")
+        await self._ddl(move.source, [
+            *(f"DROP TRIGGER IF EXISTS tally_capture ON {table}" for table in _CAPTURED),
+            "TRUNCATE move_changes",
+            "CREATE TRIGGER tally_capture AFTER INSERT OR UPDATE ON toggles FOR EACH ROW "
+            f"WHEN (NEW.shard BETWEEN {move.first:d} AND {move.last:d}) "
+            "EXECUTE FUNCTION tally_capture()",
+            # no shard column: every key is logged, the mover keeps those of the range
+            *(f"CREATE TRIGGER tally_capture AFTER INSERT OR UPDATE ON {table} FOR EACH ROW "
+              "EXECUTE FUNCTION tally_capture()" for table in ("idempotency", "counts"))])
         self.progress("capturing changes of the range on the source")
 
     async def _drop_capture(self, move: Move) -> None:
-        async with self.cluster.connection(move.source) as conn, conn.transaction():
-            await conn.execute("SET LOCAL lock_timeout = '5s'")
-            for table in _CAPTURED:
-                await conn.execute(f"DROP TRIGGER IF EXISTS tally_capture ON {table}")
-            await conn.execute("TRUNCATE move_changes")
+        await self._ddl(move.source, [
+            *(f"DROP TRIGGER IF EXISTS tally_capture ON {table}" for table in _CAPTURED),
+            "TRUNCATE move_changes"])
 
     async def _guard(self, db: int, shard_map: ShardMap) -> None:
         """Make database ``db`` refuse writes of every logical shard ``shard_map`` does not place
@@ -384,24 +379,32 @@ class ShardMover:
         moment): after this commits, no transaction writes a refused shard there."""
         runs = shard_map.not_owned(db)
         when = " OR ".join(f"NEW.shard BETWEEN {f:d} AND {last:d}" for f, last in runs)
-        for attempt in range(10):
+        statements = []
+        for table in ("toggles", "outbox"):
+            statements.append(f"DROP TRIGGER IF EXISTS tally_guard ON {table}")
+            if when:
+                statements.append(f"CREATE TRIGGER tally_guard BEFORE INSERT OR UPDATE ON "
+                                  f"{table} FOR EACH ROW WHEN ({when}) "
+                                  "EXECUTE FUNCTION tally_guard()")
+        await self._ddl(db, statements)
+
+    async def _ddl(self, db: int, statements: Sequence[str]) -> None:
+        """Replace triggers in one transaction. Its table locks wait for the writes in flight, and
+        every new write of those tables (any shard) queues behind them meanwhile: a short
+        ``lock_timeout`` bounds that stall when a long transaction is in the way, then retries."""
+        for attempt in range(20):
             try:
                 async with self.cluster.connection(db) as conn, conn.transaction():
-                    # Bounded: a long transaction must not hold every new write behind our lock.
-                    await conn.execute("SET LOCAL lock_timeout = '2s'")
-                    for table in ("toggles", "outbox"):
-                        await conn.execute(f"DROP TRIGGER IF EXISTS tally_guard ON {table}")
-                        if when:
-                            await conn.execute(
-                                f"CREATE TRIGGER tally_guard BEFORE INSERT OR UPDATE ON {table} "
-                                f"FOR EACH ROW WHEN ({when}) EXECUTE FUNCTION tally_guard()")
+                    await conn.execute("SET LOCAL lock_timeout = '500ms'")
+                    for sql in statements:
+                        await conn.execute(sql)
                 return
             except asyncpg.LockNotAvailableError:
-                log.warning("guard: lock not available, retrying", extra={"db": db,
-                                                                           "attempt": attempt})
+                log.warning("shard move: tables busy, retrying", extra={"db": db,
+                                                                        "attempt": attempt})
                 await asyncio.sleep(0.2)
-        raise RuntimeError(f"could not install the write guard on database {db}: its tables "
-                           "stayed locked by long transactions")
+        raise RuntimeError(f"shard move: the tables of database {db} stayed locked by long "
+                           "transactions; run the move again later")
 
     async def _copy(self, move: Move, report: MoveReport) -> None:
         """The bulk copy, from one snapshot taken after the capture triggers exist."""
