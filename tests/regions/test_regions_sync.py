@@ -29,7 +29,7 @@ def test_sync_likes_survive_a_region_lost_with_its_disks(engines_dir: Path) -> N
                        sync_counters=(SYNC,))
     rc.up(2, net=random.randrange(200, 250))
     try:
-        out = asyncio.run(run(rc, users=40, items=8, clients=4, phase_s=3.0))
+        out = asyncio.run(run(rc, users=40, items=8, clients=4, phase_s=2.0))
     finally:
         rc.down()
     print(json.dumps(out, indent=1, default=str))
