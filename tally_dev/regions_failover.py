@@ -137,7 +137,7 @@ class Run:
         self.items = range(items)
         self.clients = clients
         self.users = [f"u{u}" for u in range(users)]
-        self.pairs_off: dict[str, list[dict[str, Any]]] = {}
+        self.pairs_off: dict[str, list[dict[str, Any]]] = {}  # region -> per check
 
     def homed(self, region: str) -> list[str]:
         return [u for u in self.users if self.led.home(u) == region]
@@ -166,7 +166,9 @@ class Run:
             out = {r: {**out[r], **more[r]} for r in out}
         for region, off in out.items():  # name the pairs: what a count off the ledger is made of
             if off:
-                self.pairs_off[region] = await self.differ(region, set(off))
+                self.pairs_off.setdefault(region, []).append({
+                    "records_off_ledger": await self.differ(region, set(off)),
+                    "stored_counts": await _stored(self.rc, region, set(off))})
         return out
 
     async def differ(self, region: str, items: set[int]) -> list[dict[str, Any]]:
@@ -296,6 +298,7 @@ async def run_witness(rc: RegionCluster, users: int = 60, items: int = 12, clien
         out["kill"]["split_brain"] = await split_brain(rc)  # us's log readable again
         out["after_kill"] = await run.converged(range(940, 955))
     out["write_retries"] = led.retries
+    out["pairs_off_ledger"] = run.pairs_off
     return out
 
 
@@ -309,6 +312,14 @@ async def _lacking(run: Run, region: str, before: float) -> list[tuple[str, int]
                     await _has(led.rc, http, region, user, item) != on:
                 out.append((user, item))
     return out
+
+
+async def _stored(rc: RegionCluster, region: str, items: set[int]) -> dict[int, int]:
+    """The like counts PostgreSQL holds in ``region`` (no cache between): beside the counts the
+    API served, they tell a wrong record from a stale cached count."""
+    async with RegionHandle(load(rc.config(region))) as h:
+        got = await h.pg.counts.get([("like", f"post:{i}") for i in sorted(items)])
+    return {i: got.get(("like", f"post:{i}"), 0) for i in sorted(items)}
 
 
 async def _since(rc: RegionCluster) -> float:
@@ -399,6 +410,7 @@ async def run_three(rc: RegionCluster, users: int = 60, items: int = 12, clients
                               "conflicts": len(report.conflicts)}
         out["after_hub_back"] = await run.converged(range(960, 963))
     out["write_retries"] = led.retries
+    out["pairs_off_ledger"] = run.pairs_off
     return out
 
 
