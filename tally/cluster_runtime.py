@@ -244,6 +244,12 @@ class ClusterRuntime:
                          ("gauge", "tally_partition_pending_messages", "Log messages unapplied",
                           float(w.stats.pending_msgs), labels),
                          ("gauge", "tally_partition_lag_seconds", "Age of the oldest unapplied",
-                          w.stats.lag_seconds, labels)]
+                          w.stats.lag_seconds, labels),
+                         ("counter", "tally_partition_cache_losses", "Times the count cache "
+                          "was found to have lost acknowledged puts (a restart)",
+                          w.stats.cache_losses, labels),
+                         ("counter", "tally_partition_cache_reputs", "Counts re-put into the "
+                          "count cache from the count store after a loss",
+                          w.stats.cache_reputs, labels)]
         return rows
 

@@ -187,13 +187,21 @@ class PartitionedLog(Lifecycle, Protocol):
 class CountCache(Lifecycle, Protocol):
     """Absolute counts in a shared cache, versioned so an older write never replaces a newer one.
 
-    A lost write is healed by the next one or by the entry's expiry; raises ``Unavailable`` when
-    the cache cannot be reached."""
+    A write it lost after acknowledging it (a restart) shows as a mark below what its writer set;
+    raises ``Unavailable`` when the cache cannot be reached."""
 
     async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]: ...
 
-    async def put(self, counts: Mapping[CountKey, int], version: int) -> None:
-        """Set absolute counts at ``version``; a key holding a newer version is left alone."""
+    async def put(self, counts: Mapping[CountKey, int], version: int, mark: str | None = None,
+                  floor: int = 0) -> bool:
+        """Set absolute counts at ``version``; a key holding a newer version is left alone.
+
+        ``mark`` names a writer's mark: after the counts it rises to ``version``, unless the
+        cache holds it below ``floor`` (it lost puts made under it: returns False, mark unmoved)."""
+
+    async def mark(self, name: str) -> int | None:
+        """The version up to which the cache holds every put made under mark ``name``; None
+        when it has no such mark (or cannot keep one)."""
 
     async def delete(self, keys: Sequence[CountKey]) -> None: ...
 

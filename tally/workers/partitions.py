@@ -10,7 +10,13 @@ each partition it holds. A worker:
    redeliveries and relay retries) and calls ``CountStore.apply_batch`` with the new positions
    and ``expect`` = the positions it started from. The store moves the watermarks and adds the
    deltas in one transaction, only if the watermarks are still where this worker left them;
-4. writes the new absolute counts to the count cache (Redis), versioned by log position.
+4. writes the new absolute counts to the count cache (Redis), versioned by log position, under
+   the partition's cache mark; and at most every second (first on taking the partition) reads
+   the mark back. A mark below what this worker set (or, on taking the partition, below the
+   committed position) means the cache lost puts it had acknowledged (Redis restarted without
+   its last second, or a predecessor died between its commit and its cache write): the worker
+   re-reads the log from the mark to the committed position and re-puts those keys' counts
+   from the count store, at the committed position as version, so no value goes back.
 
 With regions, a partition holds every region's changes (source names start with the origin
 region), and step 3 first writes the other regions' toggle changes not yet applied into the
@@ -51,6 +57,10 @@ log = logging.getLogger("tally.partitions")
 
 FETCH_MSGS = 256
 MAX_DIRTY = 100_000
+MARK_CHECK_S = 1.0  # a lost cache write is seen within this (plus the re-put)
+# Log positions re-read at most to re-put after a cache loss: a restart loses about a second of
+# puts; a longer outage (dirty values dropped) beyond this is left to the TTL.
+REPUT_SPAN = 100_000
 
 
 class Fenced(Exception):
@@ -70,6 +80,8 @@ class PartitionStats:
     first_apply_at: float | None = None  # first batch applied after taking it
     last_error: str | None = None
     cache_write_failures: int = 0
+    cache_losses: int = 0  # times the cache mark was found below what was put
+    cache_reputs: int = 0  # counts re-put from the count store after a loss
 
 
 def consumer_name(partition: int) -> str:
@@ -98,6 +110,9 @@ class PartitionWorker:
         # Keys of a batch whose apply raised: it may have committed (and been rolled forward
         # since), so their cached values are rewritten from the count store before going on.
         self._unsure: tuple[list[CountKey], int] | None = None
+        self._mark: int | None = None  # the cache mark as this worker last set or found it
+        self._mark_checked = 0.0  # monotonic time of the last read of the mark (0: due now)
+        self._reput_from: int | None = None  # a loss seen: re-put the log's keys after this
 
     async def run(self) -> None:
         """Apply the partition until cancelled; restarts from the committed position on errors."""
@@ -144,6 +159,7 @@ class PartitionWorker:
 
     async def _apply_loop(self, reader: LogReader, marks: dict[str, int]) -> None:
         while True:
+            await self._check_cache(marks)
             started = time.monotonic()
             msgs = await reader.fetch(FETCH_MSGS, timeout_s=max(self.window_s, 0.5))
             if not msgs:
@@ -220,6 +236,70 @@ class PartitionWorker:
                                     marks.get(stream_position(self.partition), 0))
         self._unsure = None
 
+    async def _check_cache(self, marks: dict[str, int]) -> None:
+        """Read the cache mark (at most every ``MARK_CHECK_S``); re-put what the cache lost.
+
+        Failures wait for the next check: the cache is optional, applying goes on without it."""
+        if self.cache is None or time.monotonic() - self._mark_checked < MARK_CHECK_S:
+            return
+        self._mark_checked = time.monotonic()
+        committed = marks.get(stream_position(self.partition), 0)
+        try:
+            found = await self.cache.mark(self.consumer)
+        except (Unavailable, OSError, TimeoutError):
+            return
+        expected = committed if self._mark is None else self._mark
+        if self._reput_from is None and found is not None and found < expected:
+            self._reput_from = found
+            self.stats.cache_losses += 1
+            log.warning("count cache lost writes (restarted?): re-putting from the count store",
+                        extra={"partition": self.partition, "cache_mark": found,
+                               "expected_mark": expected, "committed": committed})
+        if self._reput_from is None:
+            # None: a cache without this mark (new, emptied, or one that keeps none): the
+            # next put creates it.
+            self._mark = max(found or 0, self._mark or 0)
+            return
+        try:
+            await self._reput(self._reput_from, committed)
+        except (Unavailable, OSError) as exc:  # the cache or the store: retried next check
+            log.warning("re-put after a cache loss failed; will retry",
+                        extra={"partition": self.partition, "error": repr(exc)})
+        except (LogGap, TimeoutError) as exc:  # the log no longer holds them: the TTL heals
+            log.error("cannot re-read the log to re-put lost cache writes; the TTL heals them",
+                      extra={"partition": self.partition, "error": repr(exc)})
+            self._reput_from, self._mark = None, found or 0
+
+    async def _reput(self, since: int, committed: int) -> None:
+        """Counts, from the store, of every key the log changed in (since, committed], put at
+        ``committed``: the store holds exactly that much of this partition's log (a zombie's
+        store may hold more: the version still only claims what it holds)."""
+        assert self.cache is not None
+        started = time.monotonic()
+        keys: set[CountKey] = set()
+        reader = await self.events.reader(self.partition, max(since, committed - REPUT_SPAN))
+        try:
+            while reader.position < committed:
+                msgs = await reader.fetch(FETCH_MSGS, timeout_s=5.0)
+                if not msgs:
+                    raise TimeoutError(f"partition {self.partition}: the log stopped at "
+                                       f"{reader.position} before {committed}")
+                keys.update((ev.counter, ev.item) for m in msgs if m.stream_seq <= committed
+                            for ev in m.events)
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.close()
+        got = await self.counts.get(list(keys))
+        if await self.cache.put({k: got.get(k, 0) for k in keys}, committed, self.consumer,
+                                floor=since):
+            self._reput_from, self._mark = None, committed
+        else:  # lost again meanwhile: the next check starts over from the mark found then
+            self._reput_from, self._mark_checked = None, 0.0
+        self.stats.cache_reputs += len(keys)
+        log.info("count cache re-put", extra={"partition": self.partition, "since": since,
+                                              "committed": committed, "keys": len(keys),
+                                              "seconds": round(time.monotonic() - started, 3)})
+
     async def _write_cache(self, counts: dict[CountKey, int], version: int) -> None:
         if self.cache is None:
             return
@@ -235,13 +315,23 @@ class PartitionWorker:
         for key, (version, value) in self._dirty.items():
             by_version.setdefault(version, {})[key] = value
         try:
-            for version, counts in by_version.items():
-                await self.cache.put(counts, version)
+            # Oldest first: the mark vouches for every put before it. No mark before the first
+            # check, nor while a loss waits for its re-put: it would vouch for what is lost.
+            for version in sorted(by_version):
+                if self._mark is None or self._reput_from is not None:
+                    await self.cache.put(by_version[version], version)
+                elif await self.cache.put(by_version[version], version, self.consumer,
+                                          floor=self._mark):
+                    self._mark = max(self._mark, version)
+                else:
+                    self._mark_checked = 0.0  # lost puts under the mark: check (and re-put) now
             self._dirty.clear()
         except (Unavailable, OSError, TimeoutError) as exc:
             self.stats.cache_write_failures += 1
             if len(self._dirty) > MAX_DIRTY:
-                self._dirty.clear()  # the TTL heals what is dropped here
+                self._dirty.clear()  # re-put from the mark once the cache is back
+                if self._reput_from is None and self._mark is not None:
+                    self._reput_from = self._mark
             log.warning("count cache write failed; will retry", extra={"error": repr(exc),
                                                                  "partition": self.partition})
 

@@ -67,6 +67,30 @@ async def test_a_read_fill_never_replaces_an_aggregator_value(counts: RedisCount
     assert await counts.get(KEYS[:2]) == {}
 
 
+async def test_a_mark_rises_with_puts_and_stays_where_a_loss_left_it(counts: RedisCounts
+                                                                    ) -> None:
+    """The mark vouches for every put under it; one found below the writer's floor (Redis
+    restarted without its last puts) is reported and not raised, so later puts hide nothing."""
+    if counts.cluster:
+        assert await counts.put({KEYS[0]: 1}, version=3, mark="t-cl", floor=0)
+        assert await counts.mark("t-cl") is None  # a cluster keeps none: nothing vouched for
+        return
+    name = f"t-{id(counts)}"
+    assert await counts.mark(name) is None
+    assert await counts.put({KEYS[0]: 1}, version=5, mark=name, floor=0)
+    many = {("like", f"post:mark{i}"): i for i in range(1200)}  # several chunks: mark last
+    assert await counts.put(many, version=7, mark=name, floor=5)
+    assert await counts.mark(name) == 7
+    assert await counts.put({}, version=6, mark=name, floor=7)  # never goes down
+    assert await counts.mark(name) == 7
+    await counts.client.set("tc:mark:" + name, "5")  # what a restart keeps of the log
+    assert not await counts.put({KEYS[0]: 2}, version=9, mark=name, floor=7)
+    assert await counts.mark(name) == 5
+    assert await counts.get([KEYS[0]]) == {KEYS[0]: 2}  # the counts are written all the same
+    assert await counts.put({}, version=9, mark=name, floor=5)  # the re-put, from where it was
+    assert await counts.mark(name) == 9
+
+
 @pytest.fixture
 async def sqlite_counts(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     async with open_sqlite(tmp_path / "t.db") as store:

@@ -90,6 +90,49 @@ async def test_redelivered_and_overlapping_runs_are_applied_once(
         await cache.close()
 
 
+async def test_cache_writes_lost_by_a_redis_restart_are_put_again(
+        store: SqliteStore, log: EventLog, redis_url: str,
+        pg_database: Callable[[], str]) -> None:
+    """Redis comes back with an earlier state of its data (a power cut under appendfsync
+    everysec keeps a prefix of its writes): the counts and marks as they were before the last
+    batches. The workers see their marks behind and re-put those keys from the store; nothing
+    else changes them (no more events, a TTL of an hour)."""
+    s0 = events("s0", range(1, 301))
+    await log.publish("s0", s0[:200])
+    cache = RedisCounts(redis_url, ttl_s=3600)
+    await cache.start()
+    pool = PartitionPool(PgLeases(pg_database()), log, store, cache, window_s=0.01, rollups=[])
+    pool.start()
+    try:
+        await settled(store, log)
+        want = expected(s0[:200])
+        deadline = time.monotonic() + 10
+        while await cache.get(list(want)) != want:
+            assert time.monotonic() < deadline, "Redis never got the applied counts"
+            await asyncio.sleep(0.02)
+        names = [f"tc:{{{item}}}:{counter}" for counter, item in want]
+        names += [f"tc:mark:{consumer_name(p)}" for p in range(PARTITIONS)]
+        snapshot = dict(zip(names, await cache.client.mget(names), strict=True))
+        assert all(v is not None for v in snapshot.values())
+        await log.publish("s0", s0[200:])
+        await settled(store, log)
+        want = expected(s0)
+        while await cache.get(list(want)) != want:
+            assert time.monotonic() < deadline, "Redis never got the applied counts"
+            await asyncio.sleep(0.02)
+        await cache.client.mset(snapshot)  # the restart: back to the earlier prefix
+        assert await cache.get(list(want)) != want
+        deadline = time.monotonic() + 10
+        while await cache.get(list(want)) != want:
+            assert time.monotonic() < deadline, "the lost cache writes were never put again"
+            await asyncio.sleep(0.05)
+        assert sum(w.stats.cache_losses for w in pool.workers.values()) >= 1
+        assert sum(w.stats.cache_reputs for w in pool.workers.values()) >= 1
+    finally:
+        await pool.stop()
+        await cache.close()
+
+
 async def test_two_workers_on_one_partition_never_double_apply(store: SqliteStore,
                                                                log: EventLog) -> None:
     """No lease at all: the conditional watermark update alone keeps the counts exact."""

@@ -12,6 +12,16 @@ with an older one. The read path fills misses from PostgreSQL with version 0 and
 absent), so a fill never replaces an aggregator's value. Every key has a TTL: cold items leave
 Redis, and any cache value is at worst that old (``redis_ttl_s``).
 
+Redis may lose its last second of writes in a power cut (``appendfsync everysec``), leaving an
+older value that no later write replaces until the key's next change or its TTL. Aggregators keep
+a *mark* per partition (``tc:mark:<name>``, no TTL), advanced after each put by the same script:
+the version up to which every put under the mark is in Redis. Redis's persistence keeps a prefix
+of its writes (the AOF is replayed up to where it was cut, an incomplete MULTI dropped), so after
+a restart the mark it holds still vouches for every write before it, and a mark found below what
+the aggregator set tells it which puts to make again (``tally.workers.partitions``). A put whose
+mark is found behind leaves it there, so no later put hides the loss. A Redis Cluster spreads the
+keys of one put over nodes that restart apart: no one mark can vouch for them (``mark`` is None).
+
 Redis is optional on the read path: ``TieredCounts`` answers from PostgreSQL when Redis fails or
 is slow (short socket timeouts), and a circuit breaker then skips Redis for a couple of seconds
 so reads do not each pay the timeout.
@@ -48,19 +58,29 @@ return 1
 """
 
 # The same for many keys in one call (a single server: keys of any slot). ARGV: version, ttl
-# seconds, then one count per key.
+# seconds, mark floor (-1: no mark), then one count per key. With a mark, its key is the last of
+# KEYS: after the counts, the mark goes up to the version unless it was found below the floor
+# (Redis lost puts made under it). Returns the mark as found (-1: none), or -1 without a mark.
 _CAS_MANY = """
-local version, written = tonumber(ARGV[1]), 0
-for i, key in ipairs(KEYS) do
-  local cur = redis.call('GET', key)
+local version, floor = tonumber(ARGV[1]), tonumber(ARGV[3])
+local n, found = #KEYS, -1
+if floor >= 0 then
+  n = n - 1
+  found = tonumber(redis.call('GET', KEYS[#KEYS])) or -1
+end
+for i = 1, n do
+  local cur = redis.call('GET', KEYS[i])
   local v = cur and tonumber(string.match(cur, '^(%d+):'))
   if not (v and v > version) then
-    redis.call('SET', key, ARGV[1] .. ':' .. ARGV[i + 2], 'EX', ARGV[2])
-    written = written + 1
+    redis.call('SET', KEYS[i], ARGV[1] .. ':' .. ARGV[i + 3], 'EX', ARGV[2])
   end
 end
-return written
+if floor >= 0 and (found < 0 or found >= floor) and found < version then
+  redis.call('SET', KEYS[#KEYS], ARGV[1])
+end
+return found
 """
+MARK_PREFIX = "tc:mark:"
 PUT_CHUNK = 500  # keys per script call: one call holds the server for its whole run
 
 
@@ -129,30 +149,50 @@ class RedisCounts:
                 out[key] = parsed
         return out
 
-    async def put(self, counts: Mapping[CountKey, int], version: int) -> None:
+    async def put(self, counts: Mapping[CountKey, int], version: int, mark: str | None = None,
+                  floor: int = 0) -> bool:
         """Absolute counts from an aggregator; a key holding a newer version is left alone.
 
+        With ``mark``, then advances that mark to ``version``, unless Redis holds it below
+        ``floor`` (the caller's last mark): then returns False and leaves the mark where it is.
         Raises ``Unavailable`` when Redis fails: the aggregator keeps the values and retries."""
-        if not counts:
-            return
         try:
             if self.cluster:  # keys of many slots: one script call per key, pipelined per node
-                pipe = self._r.pipeline(transaction=False)
-                for key, value in counts.items():
-                    pipe.eval(_CAS, 1, count_key(key), version, value, self.ttl_s)
-                await pipe.execute()
-                return
+                if counts:
+                    pipe = self._r.pipeline(transaction=False)
+                    for key, value in counts.items():
+                        pipe.eval(_CAS, 1, count_key(key), version, value, self.ttl_s)
+                    await pipe.execute()
+                return True
             # One script call per chunk of keys: a round of the aggregator is one or a few
-            # commands, not one per count (EVALSHA: the script is sent once).
+            # commands, not one per count (EVALSHA: the script is sent once). The mark goes with
+            # the last chunk: every earlier chunk is before it in Redis's log.
             if self._put_many is None:
                 self._put_many = self._r.register_script(_CAS_MANY)
             items = list(counts.items())
-            for start in range(0, len(items), PUT_CHUNK):
+            found = -1
+            for start in range(0, max(len(items), 1), PUT_CHUNK):
                 chunk = items[start:start + PUT_CHUNK]
-                await self._put_many(keys=[count_key(k) for k, _ in chunk],
-                                     args=[version, self.ttl_s, *(v for _, v in chunk)])
+                marked = [MARK_PREFIX + mark] if mark and start + PUT_CHUNK >= len(items) else []
+                if not chunk and not marked:
+                    break
+                keys = [count_key(k) for k, _ in chunk] + marked
+                found = int(await self._put_many(keys=keys, args=[
+                    version, self.ttl_s, floor if marked else -1, *(v for _, v in chunk)]))
+            return not (mark is not None and 0 <= found < floor)
         except RedisError as exc:
             raise Unavailable(f"redis: {exc!r}") from exc
+
+    async def mark(self, name: str) -> int | None:
+        """The version up to which Redis holds every put made under mark ``name`` (None: no such
+        mark, or a Redis Cluster, which keeps none). Raises ``Unavailable`` when Redis fails."""
+        if self.cluster:
+            return None
+        try:
+            raw = await self._r.get(MARK_PREFIX + name)
+        except RedisError as exc:
+            raise Unavailable(f"redis: {exc!r}") from exc
+        return None if raw is None else int(raw)
 
     async def fill(self, counts: Mapping[CountKey, int]) -> None:
         """Read-path fill from PostgreSQL: version 0, only where no value exists."""
