@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -56,6 +56,27 @@ class LRU(Generic[K, V]):
         shard.move_to_end(key)
         self.hits += 1
         return entry[1]
+
+    def get_many(self, keys: Sequence[K]) -> list[V | None]:
+        """``get`` of each key, with one clock reading for all: a feed asks for fifty at once,
+        and per key the call and the clock were most of a lookup's cost."""
+        now, shards, mask = self._clock(), self._shards, self._mask
+        out: list[V | None] = []
+        hits = 0
+        for key in keys:
+            shard = shards[hash(key) & mask]
+            entry = shard.get(key)
+            if entry is None or entry[0] < now:
+                if entry is not None:
+                    del shard[key]
+                out.append(None)
+            else:
+                shard.move_to_end(key)
+                hits += 1
+                out.append(entry[1])
+        self.hits += hits
+        self.misses += len(out) - hits
+        return out
 
     def put(self, key: K, value: V, ttl_s: float | None = None) -> None:
         shard = self._shard(key)

@@ -70,3 +70,17 @@ def test_a_large_cache_is_sharded_and_keeps_its_bound_and_recent_keys() -> None:
     assert len(c) == size
     assert all(k in c for k in hot)
     assert c.get(1) is None  # the oldest untouched key: evicted
+
+
+def test_get_many_is_get_of_each_key() -> None:
+    clock = Clock()
+    c: LRU[str, int] = LRU(3, 5.0, clock)
+    c.put("a", 1)
+    c.put("b", 2, ttl_s=1.0)
+    c.put("c", 3)
+    clock.now = 1.5
+    assert c.get_many(["a", "b", "x", "a"]) == [1, None, None, 1]
+    assert (c.hits, c.misses, "b" in c) == (2, 2, False)  # the expired entry is dropped
+    c.put("d", 4)
+    c.put("e", 5)  # over the bound: "c" goes, the least recently used ("a" was read since)
+    assert c.get_many(["c", "a", "d", "e"]) == [None, 1, 4, 5]
