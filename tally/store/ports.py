@@ -63,11 +63,22 @@ class Outbox(Lifecycle, Protocol):
     def sources(self) -> list[str]:
         """Every source (outbox) of the store; ``Event.source`` of its rows."""
 
+    def source_groups(self) -> list[list[str]]:
+        """Sources that share a fate (one database's): a relay reads, publishes and trims a
+        group's rows in one round, so a database that fails holds up only its own group."""
+
     async def pending(self, source: str, after_seq: int, limit: int) -> list[Event]:
         """Rows of one source not yet trimmed, after ``after_seq``, oldest first."""
 
+    async def pending_many(self, after: Mapping[str, int], limit: int) -> dict[str, list[Event]]:
+        """``pending`` of several sources (source -> position), up to ``limit`` rows each, one
+        round trip per database; sources with no rows are absent."""
+
     async def trim(self, source: str, through_seq: int) -> int:
         """Delete the rows of ``source`` up to ``through_seq`` (published); returns how many."""
+
+    async def trim_many(self, through: Mapping[str, int]) -> int:
+        """``trim`` of several sources (source -> sequence), one round trip per database."""
 
     async def outbox_head(self, source: str) -> int:
         """The newest sequence number the source ever handed out (0 when none)."""
@@ -174,8 +185,11 @@ class PartitionedLog(Lifecycle, Protocol):
     partitions: int
 
     async def publish(self, source: str, events: Sequence[Event]) -> int:
-        """Store one source's events (in seq order); returns once every one is stored.
-        Within a partition, a source's events are stored in the order given."""
+        """``publish_runs({source: events})``."""
+
+    async def publish_runs(self, runs: Mapping[str, Sequence[Event]]) -> int:
+        """Store several sources' events (each in seq order); returns once every one is stored.
+        Within a partition, each source's events are stored in the order given."""
 
     async def last_seqs(self) -> dict[int, int]:
         """The newest log position stored in each partition (absent when empty)."""

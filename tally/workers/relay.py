@@ -1,8 +1,9 @@
 """The relay: copies each source shard's outbox to the event log, at least once, then trims it.
 
 Per source the relay is strictly sequential: read the oldest untrimmed rows (in sequence order),
-publish them (``PartitionedLog.publish`` returns only when every message is stored), trim them, read
-the next. A failed publish is retried with the same rows from the first unacknowledged one, so
+publish them (``PartitionedLog.publish_runs`` returns only when every message is stored), trim
+them, read the next. The sources of one database go through these steps together, in one round
+(``GroupRelay``). A failed publish is retried with the same rows from the first unacknowledged one, so
 within a partition no event of a source is ever stored for the first time after a later event
 of the same source (the rule the consumers' sequence watermarks rely on; see
 ``tally.store.jetstream.eventlog``).
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tally.store.ports import Leases, Outbox, PartitionedLog
@@ -37,66 +39,96 @@ class SourceStats:
     last_error: str | None = None
 
 
-class SourceRelay:
-    """Publishes one source shard while this process holds its lease."""
+class SourceCursor:
+    """One source's place in its group: rows at or below ``published_through`` are acknowledged
+    (and trimmed, or being)."""
 
-    def __init__(self, source: str, outbox: Outbox, events: PartitionedLog, batch: int = 1000,
-                 idle_min_s: float = 0.005, idle_max_s: float = 0.1) -> None:
-        """``idle_min_s``: the pause after a round that emptied the outbox (the relay window).
+    def __init__(self) -> None:
+        self.stats = SourceStats()
+        self.published_through = 0
+
+
+class GroupRelay:
+    """Publishes the held sources of one group (one database's outbox slots) round by round.
+
+    A round reads every held source's oldest untrimmed rows in one query, publishes them together
+    (one message per partition carries every source's run, ``PartitionedLog.publish_runs``) and
+    trims them in one statement: the fixed cost of a round (a read, a fsynced message per
+    partition touched, a trim) is paid once per group, not once per source. A failed round is
+    retried whole; each source's rows still go out in order, the next round only after this one
+    is acknowledged, so the ordering rule of the module docstring holds per source."""
+
+    def __init__(self, sources: Iterable[str], outbox: Outbox, events: PartitionedLog,
+                 batch: int = 1000, idle_min_s: float = 0.005, idle_max_s: float = 0.1) -> None:
+        """``idle_min_s``: the pause after a round that emptied the outboxes (the relay window).
         A round costs a read, a publish and a trim whatever it carries: at a few rows per round
         that fixed cost is most of a like's relay, NATS and aggregator CPU, so the window lets
-        the rows of a busy outbox gather first; an idle outbox is polled ever less often."""
-        self.source = source
+        the rows of a busy outbox gather first; idle outboxes are polled ever less often."""
         self.outbox = outbox
         self.events = events
         self.batch = batch
         self.idle_min_s = idle_min_s
         self.idle_max_s = idle_max_s
-        self.stats = SourceStats()
-        self._published_through = 0  # rows at or below are acknowledged (and trimmed, or being)
+        self.sources = {source: SourceCursor() for source in sources}
 
     async def run(self) -> None:
         backoff, idle = 0.05, self.idle_min_s
         while True:
             try:
-                moved = await self.step()
+                moved, full = await self.round()
                 backoff = 0.05
-                # Polling: back off while the outbox stays empty (CPU and queries on an idle
-                # shard), and poll again at once after a full batch.
+                # Polling: back off while the outboxes stay empty (CPU and queries on an idle
+                # database), and poll again at once after a full batch.
                 idle = self.idle_min_s if moved else min(idle * 2, self.idle_max_s)
-                if moved < self.batch:
+                if not full:
                     await asyncio.sleep(idle)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # retry the same rows: nothing was trimmed
                 if cancelled():
                     raise asyncio.CancelledError from exc
-                self.stats.failures += 1
-                self.stats.last_error = repr(exc)
+                for cursor in self.sources.values():
+                    cursor.stats.failures += 1
+                    cursor.stats.last_error = repr(exc)
                 log.warning("relay round failed; retrying from the first unpublished row",
-                            extra={"source": self.source, "error": repr(exc),
+                            extra={"sources": sorted(self.sources), "error": repr(exc),
                                    "retry_in_s": backoff})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
     async def step(self) -> int:
-        """Publish and trim the oldest untrimmed rows; returns how many."""
-        rows = await self.outbox.pending(self.source, self._published_through, self.batch)
-        self.stats.backlog = len(rows)
-        if not rows:
-            self.stats.lag_seconds = 0.0
-            return 0
-        self.stats.lag_seconds = max(time.time() - min(r.ts for r in rows), 0.0)
-        await self.events.publish(self.source, rows)
-        self._published_through = rows[-1].seq
-        await self.outbox.trim(self.source, rows[-1].seq)
-        self.stats.published += len(rows)
-        self.stats.batches += 1
-        return len(rows)
+        """One round; returns how many rows were published and trimmed."""
+        return (await self.round())[0]
+
+    async def round(self) -> tuple[int, bool]:
+        """Publish and trim the held sources' oldest untrimmed rows: (rows, a source was full)."""
+        cursors = dict(self.sources)  # a source given up during the round is finished with it
+        if not cursors:
+            return 0, False
+        runs = await self.outbox.pending_many(
+            {source: c.published_through for source, c in cursors.items()}, self.batch)
+        now = time.time()
+        for source, cursor in cursors.items():
+            rows = runs.get(source, [])
+            cursor.stats.backlog = len(rows)
+            cursor.stats.lag_seconds = max(now - rows[0].ts, 0.0) if rows else 0.0
+        if not runs:
+            return 0, False
+        await self.events.publish_runs(runs)
+        through = {source: rows[-1].seq for source, rows in runs.items()}
+        for source, seq in through.items():
+            cursors[source].published_through = seq
+        await self.outbox.trim_many(through)
+        for source, rows in runs.items():
+            cursors[source].stats.published += len(rows)
+            cursors[source].stats.batches += 1
+        return (sum(len(rows) for rows in runs.values()),
+                any(len(rows) >= self.batch for rows in runs.values()))
 
 
 class Relay:
-    """The relay role: leases source shards and runs a ``SourceRelay`` for each one held."""
+    """The relay role: leases source shards and runs a ``GroupRelay`` for each group of which
+    it holds at least one source."""
 
     def __init__(self, leases: Leases, outbox: Outbox, events: PartitionedLog, batch: int = 1000,
                  lease_period_s: float = 0.5, window_s: float = 0.005) -> None:
@@ -104,10 +136,17 @@ class Relay:
         self.window_s = window_s
         self.events = events
         self.batch = batch
-        self.sources: dict[str, SourceRelay] = {}
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.groups: dict[int, GroupRelay] = {}
+        self._group_of = {source: n for n, group in enumerate(outbox.source_groups())
+                          for source in group}
+        self._tasks: dict[int, asyncio.Task[None]] = {}
         self.leases = LeaseSet(leases, "relay", sorted(outbox.sources()), self._gain, self._lose,
                                lease_period_s)
+
+    @property
+    def sources(self) -> dict[str, SourceCursor]:
+        """The sources held, each with its stats."""
+        return {s: c for group in self.groups.values() for s, c in group.sources.items()}
 
     def start(self) -> None:
         self.leases.start()
@@ -116,19 +155,30 @@ class Relay:
         await self.leases.stop()
 
     async def _gain(self, source: str) -> None:
-        relay = SourceRelay(source, self.outbox, self.events, self.batch,
-                            idle_min_s=self.window_s, idle_max_s=max(0.1, self.window_s))
-        self.sources[source] = relay
-        self._tasks[source] = asyncio.create_task(relay.run(), name=f"tally-relay-{source}")
+        n = self._group_of[source]
+        group = self.groups.get(n)
+        if group is None:
+            group = self.groups[n] = GroupRelay(
+                (), self.outbox, self.events, self.batch, idle_min_s=self.window_s,
+                idle_max_s=max(0.1, self.window_s))
+            self._tasks[n] = asyncio.create_task(group.run(), name=f"tally-relay-group-{n}")
+        group.sources[source] = SourceCursor()
 
     async def _lose(self, source: str) -> None:
-        task = self._tasks.pop(source, None)
-        self.sources.pop(source, None)
-        if task is not None:
-            await stop_task(task, f"relay {source}")
+        n = self._group_of[source]
+        group = self.groups.get(n)
+        if group is None:
+            return
+        group.sources.pop(source, None)
+        if not group.sources:
+            del self.groups[n]
+            task = self._tasks.pop(n, None)
+            if task is not None:
+                await stop_task(task, f"relay group {n}")
 
     def lag(self) -> tuple[int, float]:
         """(rows read but not yet published in the last rounds, oldest age) over held sources."""
-        rows = sum(s.stats.backlog for s in self.sources.values())
-        age = max((s.stats.lag_seconds for s in self.sources.values()), default=0.0)
+        sources = self.sources.values()
+        rows = sum(s.stats.backlog for s in sources)
+        age = max((s.stats.lag_seconds for s in sources), default=0.0)
         return rows, age

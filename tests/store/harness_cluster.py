@@ -1,6 +1,6 @@
 """The cluster adapters under the contract suites: PostgreSQL shards for the records, the change
 log delivered through the relay and the JetStream log by partition workers, and counts read
-through Redis (``TieredCounts``). ``pump`` is the real path: ``SourceRelay.step`` per outbox
+through Redis (``TieredCounts``). ``pump`` is the real path: ``GroupRelay.step`` per outbox
 source, then ``PartitionWorker.drain`` per log partition."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tally.store.postgres.reconcile import PostgresRecounter
 from tally.store.rediscache.counts import RedisCounts, TieredCounts
 from tally.store.shards import ShardMap
 from tally.workers.partitions import PartitionWorker
-from tally.workers.relay import SourceRelay
+from tally.workers.relay import GroupRelay
 from tests.store.harness import Harness
 
 PARTITIONS = 2
@@ -71,7 +71,7 @@ async def make_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     async def pump() -> int:
         likes: PostgresLikeStore = box["likes"]
         for source in likes.sources():
-            relay = SourceRelay(source, likes, box["log"])
+            relay = GroupRelay([source], likes, box["log"])
             while await relay.step():
                 pass
         total = 0

@@ -28,7 +28,7 @@ from tally.store.postgres.likes import PostgresLikeStore
 from tally.store.postgres.reshard import MoveReport, ShardMover
 from tally.store.shards import ShardMap
 from tally.workers.partitions import PartitionWorker
-from tally.workers.relay import SourceRelay
+from tally.workers.relay import GroupRelay
 
 PARTITIONS = 4
 
@@ -105,7 +105,7 @@ class Pipeline:
     """Relay every outbox source to the log and apply every partition, again and again."""
 
     def __init__(self, likes: PostgresLikeStore, log: EventLog, counts: PostgresCountStore):
-        self.relays = [SourceRelay(s, likes, log) for s in likes.sources()]
+        self.relays = [GroupRelay([s], likes, log) for s in likes.sources()]
         self.workers = [PartitionWorker(p, log, counts, None, 0.0, ("day", "region"))
                         for p in range(PARTITIONS)]
 

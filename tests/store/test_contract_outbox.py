@@ -34,6 +34,25 @@ async def test_each_real_change_has_one_row(harness: Harness) -> None:
     assert sorted(r.seq or 0 for r in res if r.changed) == sorted(e.seq for e in rows)
 
 
+async def test_several_sources_are_read_and_trimmed_in_one_call(harness: Harness) -> None:
+    harness.need("likes", "outbox")
+    for i in range(40):
+        await harness.likes.write([like(f"u{i}", item=f"post:{i % 5}")])
+    for group in harness.outbox.source_groups():
+        each = {src: await harness.outbox.pending(src, 1, 3) for src in group}
+        assert await harness.outbox.pending_many(dict.fromkeys(group, 1), 3) == {
+            src: rows for src, rows in each.items() if rows}
+        heads = {src: await harness.outbox.outbox_head(src) for src in group}
+        rows = {src: await harness.outbox.pending(src, 0, 1000) for src in group}
+        through = {src: head // 2 for src, head in heads.items()}
+        assert await harness.outbox.trim_many(through) == sum(through.values())
+        for src in group:
+            assert await harness.outbox.pending(src, 0, 1000) == [
+                e for e in rows[src] if e.seq > through[src]]
+    assert sorted(s for g in harness.outbox.source_groups() for s in g) == sorted(
+        harness.outbox.sources())
+
+
 async def test_numbers_are_contiguous_and_never_reused_after_trim(harness: Harness) -> None:
     harness.need("likes", "outbox")
     for i in range(30):

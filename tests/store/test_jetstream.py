@@ -7,11 +7,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
+import orjson
 import pytest
 
 from tally.core.errors import ConfigError
 from tally.core.model import Event
-from tally.store.jetstream.eventlog import EventLog, decode_run, encode_run, partition_of
+from tally.store.jetstream.eventlog import (
+    EventLog,
+    decode_run,
+    encode_run,
+    encode_runs,
+    partition_of,
+)
 from tally_dev.engines import NatsEngine
 from tests.engines import EngineFactory
 
@@ -31,6 +38,30 @@ def test_partition_is_stable_and_in_range() -> None:
 def test_a_run_round_trips() -> None:
     evs = events("s3", range(5, 9))
     assert decode_run(encode_run("s3", evs)) == evs
+    several = events("s1", range(1, 3)) + events("s2", range(7, 9))
+    assert decode_run(encode_runs([("s1", several[:2]), ("s2", several[2:])])) == several
+
+
+def test_a_message_of_the_single_source_format_is_still_read() -> None:
+    evs = events("s3", range(5, 7))
+    old = orjson.dumps({"source": "s3", "events": [
+        [e.seq, e.counter, e.item, e.user, e.delta, e.ts, e.region] for e in evs]})
+    assert decode_run(old) == evs
+
+
+async def test_one_message_per_partition_carries_every_source_of_a_round(nats_url: str) -> None:
+    async with open_log(nats_url, "T_RUNS", 4) as log:
+        runs = {"s0": events("s0", range(1, 41)), "s1": events("s1", range(1, 41)),
+                "s2": events("s2", range(1, 700))}
+        touched = await log.publish_runs(runs)
+        # Partitions hold 40 + 40 + ~175 events: one message each, one chunk more where a
+        # partition's events pass MAX_RUN (500).
+        assert touched == 4 and log.published_msgs == 4
+        for p in range(4):
+            part = await read_all(log, p)
+            for src, evs in runs.items():
+                assert [e for e in part if e.source == src] == [
+                    e for e in evs if partition_of(e.counter, e.item, 4) == p]
 
 
 @asynccontextmanager

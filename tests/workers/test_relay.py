@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tally.core.model import CountKey, ToggleOp
+from tally.core.model import CountKey, Event, ToggleOp
 from tally.store.jetstream.eventlog import EventLog
 from tally.store.postgres.cluster import PgCluster
 from tally.store.postgres.leases import PgLeases
@@ -18,7 +18,7 @@ from tally.store.postgres.likes import PostgresLikeStore
 from tally.store.shards import ShardMap
 from tally.store.sqlite.store import SqliteStore
 from tally.workers.partitions import PartitionPool
-from tally.workers.relay import Relay
+from tally.workers.relay import GroupRelay, Relay
 from tally_dev.engines import NatsEngine
 from tests.engines import EngineFactory
 
@@ -125,3 +125,40 @@ async def test_a_nats_crash_mid_relay_loses_and_doubles_nothing(
         await relay.stop()
         await log.close()
         await counts.close()
+
+
+async def test_a_round_publishes_one_message_per_partition_for_every_source_of_a_database(
+        likes: PostgresLikeStore, nats_url: str) -> None:
+    log = EventLog(nats_url, "T_GROUP", 3)
+    await log.start()
+    try:
+        group = likes.source_groups()[0]
+        ops = toggles(400)
+        for start in range(0, len(ops), 4):  # a random slot per transaction: until two have rows
+            await likes.write(ops[start:start + 4])
+            before = {s: await likes.pending(s, 0, 1000) for s in group}
+            if sum(1 for rows in before.values() if rows) >= 2:
+                break
+        assert sum(1 for rows in before.values() if rows) >= 2
+        relay = GroupRelay(group, likes, log)
+        moved = await relay.step()
+        assert moved == sum(len(rows) for rows in before.values())
+        assert log.published_msgs <= 3  # one per partition, whatever the number of slots
+        assert [await likes.pending(s, 0, 1000) for s in group] == [[]] * len(group)
+        assert all(relay.sources[s].published_through == rows[-1].seq
+                   for s, rows in before.items() if rows)
+        got = [(e.source, e.seq) for p in range(3) for e in await _read(log, p)]
+        assert sorted(got) == sorted((e.source, e.seq) for rows in before.values() for e in rows)
+    finally:
+        await log.close()
+
+
+async def _read(log: EventLog, partition: int) -> list[Event]:
+    reader = await log.reader(partition, 0)
+    try:
+        out: list[Event] = []
+        while msgs := await reader.fetch(100, 0.3):
+            out.extend(ev for m in msgs for ev in m.events)
+        return out
+    finally:
+        await reader.close()

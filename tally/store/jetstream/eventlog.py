@@ -8,8 +8,12 @@ the cluster config set it), so a publish is acknowledged only after the message 
 Messages are kept ``max_age`` (retention by limits): an aggregator further behind than that
 would miss events, which the lag metrics are there to catch long before.
 
-One message carries a contiguous run of one source shard's events for one partition, in source
-sequence order (``{"source": ..., "events": [[seq, counter, item, user, delta, ts, region], ...]}``).
+One message carries, for one partition, a contiguous run of events of each of one or more source
+shards, each run in source sequence order
+(``{"runs": [[source, [[seq, counter, item, user, delta, ts, region], ...]], ...]}``): a relay
+round publishes all the sources it read (one database's outbox slots) in one message per
+partition, so a message, and its fsync, carries the round's likes of every slot. Messages written
+before that format (``{"source": ..., "events": [...]}``, one source) are still read.
 
 Why ordering matters. Consumers do not trust the broker's de-duplication window (two minutes by
 default, and nothing across a long outage). Each consumer keeps, per source shard, the newest
@@ -50,9 +54,10 @@ is reopened from the committed position.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,15 +83,20 @@ def partition_of(counter: str, item: str, partitions: int) -> int:
 
 
 def encode_run(source: str, events: Sequence[Event]) -> bytes:
-    return orjson.dumps({"source": source, "events": [
-        [e.seq, e.counter, e.item, e.user, e.delta, e.ts, e.region] for e in events]})
+    return encode_runs([(source, events)])
+
+
+def encode_runs(runs: Sequence[tuple[str, Sequence[Event]]]) -> bytes:
+    return orjson.dumps({"runs": [
+        [source, [[e.seq, e.counter, e.item, e.user, e.delta, e.ts, e.region] for e in events]]
+        for source, events in runs]})
 
 
 def decode_run(data: bytes) -> list[Event]:
     body = orjson.loads(data)
-    source = body["source"]
+    runs = body["runs"] if "runs" in body else [[body["source"], body["events"]]]
     return [Event(seq=r[0], counter=r[1], item=r[2], user=r[3], delta=r[4], ts=r[5], region=r[6],
-                  source=source) for r in body["events"]]
+                  source=source) for source, rows in runs for r in rows]
 
 
 def stream_name(stream: str, region: str) -> str:
@@ -238,23 +248,31 @@ class EventLog:
                               "count is fixed for the life of a stream")
 
     async def publish(self, source: str, events: Sequence[Event]) -> int:
-        """Publish one source's events (in seq order); returns once every message is stored.
+        return await self.publish_runs({source: events})
+
+    async def publish_runs(self, runs: Mapping[str, Sequence[Event]]) -> int:
+        """Publish several sources' events (each in seq order); returns once every message is
+        stored; returns the number of partitions written.
 
         Raises on any failure; the caller retries the same events (see the module docstring).
         """
-        runs: dict[int, list[Event]] = {}
-        for ev in events:
-            runs.setdefault(partition_of(ev.counter, ev.item, self.partitions), []).append(ev)
-        await asyncio.gather(*(self._publish_partition(source, p, run)
-                               for p, run in runs.items()))
-        return len(runs)
+        parts: dict[int, list[tuple[str, Event]]] = {}
+        for source, events in runs.items():  # a partition's list: each source's in seq order
+            for ev in events:
+                parts.setdefault(partition_of(ev.counter, ev.item, self.partitions), []).append(
+                    (source, ev))
+        await asyncio.gather(*(self._publish_partition(p, run) for p, run in parts.items()))
+        return len(parts)
 
-    async def _publish_partition(self, source: str, partition: int, run: list[Event]) -> None:
+    async def _publish_partition(self, partition: int, run: list[tuple[str, Event]]) -> None:
+        """The chunks one after another, each awaited: a source's events stay in order."""
         for start in range(0, len(run), MAX_RUN):
-            chunk = run[start:start + MAX_RUN]
-            msg_id = f"{source}:{chunk[0].seq}-{chunk[-1].seq}:p{partition}"
-            ack = await self.js.publish(self.subject(partition), encode_run(source, chunk),
-                                        stream=self.stream, headers={"Nats-Msg-Id": msg_id})
+            chunk = [(source, [ev for _, ev in pairs]) for source, pairs
+                     in itertools.groupby(run[start:start + MAX_RUN], lambda p: p[0])]
+            msg_id = ",".join(f"{source}:{evs[0].seq}-{evs[-1].seq}" for source, evs in chunk)
+            ack = await self.js.publish(self.subject(partition), encode_runs(chunk),
+                                        stream=self.stream,
+                                        headers={"Nats-Msg-Id": f"{msg_id}:p{partition}"})
             self.published_msgs += 1
             if ack.duplicate:
                 self.duplicates += 1

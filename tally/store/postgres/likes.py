@@ -30,7 +30,7 @@ import contextlib
 import random
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -69,8 +69,16 @@ _APPEND = (
     "INSERT INTO outbox (source, seq, shard, counter, item, user_id, delta, ts, region) "
     "SELECT $1, * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], "
     "$7::bigint[], $8::float8[], $9::text[])")
-_PENDING = ("SELECT seq, counter, item, user_id, delta, ts, region FROM outbox "
-            "WHERE source = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+# Several sources of one database in one round trip: each its own oldest rows after its position.
+_PENDING = """
+SELECT s.source, o.seq, o.counter, o.item, o.user_id, o.delta, o.ts, o.region
+FROM unnest($1::text[], $2::bigint[]) AS s(source, after) CROSS JOIN LATERAL (
+    SELECT seq, counter, item, user_id, delta, ts, region FROM outbox
+    WHERE source = s.source AND seq > s.after ORDER BY seq LIMIT $3) AS o
+ORDER BY s.source, o.seq
+"""
+_TRIM = ("DELETE FROM outbox USING unnest($1::text[], $2::bigint[]) AS t(source, through) "
+         "WHERE outbox.source = t.source AND outbox.seq <= t.through")
 
 ToggleKey = tuple[str, str, str]  # (counter, user, item)
 
@@ -353,16 +361,37 @@ class PostgresLikeStore:
             raise InvalidInput(f"unknown outbox source {source!r}", "source")
         return int(db)
 
+    def source_groups(self) -> list[list[str]]:
+        return [self.sources_of(db) for db in range(self.cluster.databases)]
+
     async def pending(self, source: str, after_seq: int, limit: int) -> list[Event]:
-        rows = await self.cluster.fetch(self._db_of_source(source), _PENDING, source, after_seq,
-                                        limit)
-        return [Event(r[0], r[1], r[2], r[3], r[4], r[5], r[6], source) for r in rows]
+        return (await self.pending_many({source: after_seq}, limit)).get(source, [])
+
+    async def pending_many(self, after: Mapping[str, int], limit: int) -> dict[str, list[Event]]:
+        out: dict[str, list[Event]] = {}
+        for db, group in self._by_db(after).items():
+            rows = await self.cluster.fetch(db, _PENDING, list(group), list(group.values()), limit)
+            for r in rows:
+                out.setdefault(r[0], []).append(Event(r[1], r[2], r[3], r[4], r[5], r[6], r[7],
+                                                      r[0]))
+        return out
 
     async def trim(self, source: str, through_seq: int) -> int:
-        async with self.cluster.connection(self._db_of_source(source)) as conn:
-            status = await conn.execute("DELETE FROM outbox WHERE source = $1 AND seq <= $2",
-                                        source, through_seq)
-        return int(status.split()[-1])
+        return await self.trim_many({source: through_seq})
+
+    async def trim_many(self, through: Mapping[str, int]) -> int:
+        removed = 0
+        for db, group in self._by_db(through).items():
+            async with self.cluster.connection(db) as conn:
+                status = await conn.execute(_TRIM, list(group), list(group.values()))
+            removed += int(status.split()[-1])
+        return removed
+
+    def _by_db(self, positions: Mapping[str, int]) -> dict[int, dict[str, int]]:
+        out: dict[int, dict[str, int]] = {}
+        for source, seq in positions.items():
+            out.setdefault(self._db_of_source(source), {})[source] = seq
+        return out
 
     async def outbox_head(self, source: str) -> int:
         rows = await self.cluster.fetch(self._db_of_source(source),
