@@ -1,4 +1,4 @@
-"""Group commit's queueing (tally/store/postgres/groupcommit.py), with a recording writer: the
+"""Group commit's queueing (tally/store/groupcommit.py), with a recording writer: the
 PostgreSQL behaviour is in test_postgres.py (test_concurrent_single_likes_share_transactions)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from tally.store.postgres.groupcommit import GroupCommit
+from tally.store.groupcommit import GroupCommit
 
 pytestmark = pytest.mark.anyio
 

@@ -3,6 +3,7 @@ bucket, and a limiter whose Redis is down falls back to its own buckets."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -33,6 +34,29 @@ async def test_two_processes_share_one_bucket(redis_url: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_concurrent_takes_share_a_script_call_and_the_limit(redis_url: str) -> None:
+    counts = RedisCounts(redis_url)
+    await counts.start()
+    try:
+        buckets, rate = RedisBuckets(counts), Rate(1.0, 6.0)
+        await buckets.take(f"user:{uuid.uuid4()}", rate, 0.0, 1.0)  # the script loaded
+
+        async def script_calls() -> int:
+            stats = await counts.client.info("commandstats")
+            return sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("evalsha",
+                                                                                   "eval"))
+
+        before = await script_calls()
+        hot, others = f"user:{uuid.uuid4()}", [f"user:{uuid.uuid4()}" for _ in range(10)]
+        waits = await asyncio.gather(*(buckets.take(hot, rate, 0.0, 1.0) for _ in range(20)),
+                                     *(buckets.take(name, rate, 0.0, 1.0) for name in others))
+        assert waits[:6] == [0.0] * 6 and all(w > 0 for w in waits[6:20])  # one bucket's six
+        assert waits[20:] == [0.0] * 10  # each other user's own bucket
+        assert await script_calls() - before <= 2  # 30 takes: the first alone, then the rest
+    finally:
+        await counts.close()
 
 
 async def test_a_limiter_falls_back_to_local_buckets_when_redis_is_down() -> None:

@@ -38,9 +38,9 @@ import asyncpg
 from tally.core.errors import InvalidInput, Unavailable
 from tally.core.model import CountKey, Event, IncrOp, Op, OpResult, ToggleOp
 from tally.core.toggle import step
+from tally.store.groupcommit import GroupCommit
 from tally.store.postgres.batch import distinct_keys, write_toggles
 from tally.store.postgres.cluster import PgCluster, ShardMoving, read_counts
-from tally.store.postgres.groupcommit import GroupCommit
 from tally.store.postgres.single import Planned, write_one
 from tally.store.shards import ShardMap
 
@@ -106,7 +106,7 @@ class PostgresLikeStore:
         self.prefix = f"{region}.pg" if region else "pg"
         self.cluster = cluster
         self.slots = outbox_slots
-        # Single likes from concurrent requests share transactions (see groupcommit.py).
+        # Single likes from concurrent requests share transactions (see tally/store/groupcommit.py).
         self.group: GroupCommit[Op, OpResult] | None = (
             GroupCommit(self._write_group, in_flight=2) if group_commit else None)
 

@@ -1,4 +1,7 @@
-"""Group commit: concurrent single likes to one database travel in one transaction.
+"""Group commit: concurrent single operations to one engine travel in one round trip.
+
+Shared by the backends: the PostgreSQL like store (likes in one transaction, below) and the
+shared rate-limit buckets (``tally.store.rediscache.buckets``: takes in one script call).
 
 A like is durable when its commit's WAL is flushed, and PostgreSQL pays that flush, a
 transaction and its statements per commit, whatever the commit holds. One request per like, as
