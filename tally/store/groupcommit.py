@@ -30,8 +30,6 @@ from typing import Generic, TypeVar
 Op = TypeVar("Op")
 Result = TypeVar("Result")
 
-_Waiting = tuple[Op, "asyncio.Future[Result]"]
-
 
 class GroupCommit(Generic[Op, Result]):
     """Per-database queues of single operations, written ``max_batch`` at a time by ``run``."""
