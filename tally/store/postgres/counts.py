@@ -43,14 +43,35 @@ _ADD = ("INSERT INTO counts (item, counter, count) "
         "SELECT i, c, d FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(c, i, d) "
         "ORDER BY c, i ON CONFLICT (counter, item) DO UPDATE SET count = counts.count + excluded.count "
         "RETURNING counter, item, count")
-_ROLLUP = ("INSERT INTO rollups (counter, item_type, dimension, bucket, value) "
-           "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) "
-           "AS r(c, t, d, b, v) ORDER BY 1, 2, 3, 4 "
-           "ON CONFLICT (counter, item_type, dimension, bucket) "
-           "DO UPDATE SET value = rollups.value + excluded.value")
-_MARKS = ("INSERT INTO watermarks (consumer, source, seq) SELECT $1, s, q "
-          "FROM unnest($2::text[], $3::bigint[]) AS w(s, q) ORDER BY s "
-          "ON CONFLICT (consumer, source) DO UPDATE SET seq = excluded.seq")
+# The consumer's row, locked, and the map's head, share-locked: the decision's fence.
+_HEAD = ("SELECT c.last_intent, h.epoch, h.counts_fence_first, h.counts_fence_last "
+         "FROM consumers c, shard_map_head h WHERE c.consumer = $1 "
+         "FOR UPDATE OF c FOR SHARE OF h")
+# Read once the lock is held, in a statement of its own (its snapshot then sees what the lock's
+# previous holder committed): a pending intent, and the batch's sources' stored watermarks.
+_STATE = ("SELECT EXISTS (SELECT 1 FROM intents WHERE consumer = $1), "
+          "array_agg(source), array_agg(seq) FROM watermarks "
+          "WHERE consumer = $1 AND source = ANY($2)")
+# The decision's writes in one statement: database 0's counts (returned), the rollups and the
+# watermarks. Each part locks its rows in key order; rollup rows are the only ones several
+# consumers share, so the parts' order among themselves cannot deadlock two decisions.
+_APPLY = """
+WITH rolled AS (
+    INSERT INTO rollups (counter, item_type, dimension, bucket, value)
+    SELECT * FROM unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::bigint[])
+        AS r(c, t, d, b, v) ORDER BY 1, 2, 3, 4
+    ON CONFLICT (counter, item_type, dimension, bucket)
+    DO UPDATE SET value = rollups.value + excluded.value
+), marked AS (
+    INSERT INTO watermarks (consumer, source, seq)
+    SELECT $9, s, q FROM unnest($10::text[], $11::bigint[]) AS w(s, q) ORDER BY s
+    ON CONFLICT (consumer, source) DO UPDATE SET seq = excluded.seq
+)
+INSERT INTO counts (item, counter, count)
+SELECT i, c, d FROM unnest($1::text[], $2::text[], $3::bigint[]) AS k(c, i, d) ORDER BY c, i
+ON CONFLICT (counter, item) DO UPDATE SET count = counts.count + excluded.count
+RETURNING counter, item, count
+"""
 
 Part = list[tuple[str, str, int]]  # (counter, item, delta) of one database
 
@@ -162,32 +183,30 @@ class PostgresCountStore:
         counts or switches the map waits for this transaction, and the next one sees it."""
         epoch, shards = routed
         async with self.cluster.connection(COORDINATOR) as conn, conn.transaction():
-            await conn.execute("INSERT INTO consumers VALUES ($1, 0) ON CONFLICT DO NOTHING",
-                               consumer)
-            row = await conn.fetchrow(
-                "SELECT c.last_intent, h.epoch, h.counts_fence_first, h.counts_fence_last "
-                "FROM consumers c, shard_map_head h WHERE c.consumer = $1 "
-                "FOR UPDATE OF c FOR SHARE OF h", consumer)
+            row = await conn.fetchrow(_HEAD, consumer)
+            if row is None:  # the consumer's first batch: its row, then the same lock
+                await conn.execute("INSERT INTO consumers VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                                   consumer)
+                row = await conn.fetchrow(_HEAD, consumer)
             last, stored_epoch, first, final = row
             if stored_epoch != epoch:
                 return _STALE_MAP
             if first is not None and any(first <= s <= final for s in shards):
                 return _FENCED
-            if await conn.fetchval("SELECT 1 FROM intents WHERE consumer = $1 LIMIT 1", consumer):
+            intent_pending, sources, seqs = await conn.fetchrow(_STATE, consumer,
+                                                                list(batch.positions))
+            if intent_pending:
                 return _PENDING
-            stored = dict(await conn.fetch(
-                "SELECT source, seq FROM watermarks WHERE consumer = $1 AND source = ANY($2)",
-                consumer, list(batch.positions)))
+            stored = dict(zip(sources or [], seqs or [], strict=True))
             if any(stored.get(src, 0) != expect.get(src, 0) for src in batch.positions):
                 return None
-            counts = await add_counts(conn, parts.get(COORDINATOR, []))
-            if batch.rollups:
-                rows = sorted((*k, v) for k, v in batch.rollups.items())
-                await conn.execute(_ROLLUP, *([r[n] for r in rows] for n in range(5)))
-            if batch.positions:
-                sources = sorted(batch.positions)
-                await conn.execute(_MARKS, consumer, sources,
-                                   [batch.positions[s] for s in sources])
+            local = parts.get(COORDINATOR, [])
+            rollups = sorted((*k, v) for k, v in batch.rollups.items())
+            marks = sorted(batch.positions.items())
+            rows = await conn.fetch(_APPLY, *([r[n] for r in local] for n in range(3)),
+                                    *([r[n] for r in rollups] for n in range(5)), consumer,
+                                    [m[0] for m in marks], [m[1] for m in marks])
+            counts = {(r[0], r[1]): int(r[2]) for r in rows}
             remote = {db: part for db, part in parts.items() if db != COORDINATOR and part}
             intent = None
             if remote:
