@@ -292,6 +292,7 @@ async def _rejoin_partition(sv: RegionHandle, rt: RegionHandle, p: int, placemen
             last[key] = ev
     records = await sv.regions.records(list(last))
     take: list[tuple[ToggleKey, bool, float]] = []
+    agreed: list[Event] = []
     forced: list[tuple[ToggleKey, bool, float]] = []
     for key, ev in last.items():
         on = ev.delta > 0
@@ -299,6 +300,7 @@ async def _rejoin_partition(sv: RegionHandle, rt: RegionHandle, p: int, placemen
         verdict = rejoin_decision(on, ev.ts, rec_on, rec_ts, placement.since)
         if verdict is Rejoin.AGREE:
             report.agreed += 1
+            agreed.append(ev)
         elif verdict is Rejoin.APPLY:
             take.append((key, on, ev.ts))
             merged.append(ev)  # its delta (+1 on, -1 off) is the record's change
@@ -310,6 +312,13 @@ async def _rejoin_partition(sv: RegionHandle, rt: RegionHandle, p: int, placemen
                 forced.append((key, rec_on, rec_ts))
     # Records first: a crash before the commit below leaves counts that a recount repairs.
     await sv.regions.force(take)
+    # An agreed change is stamped too (newer-wins: the state stays, its time moves on). Once the
+    # survivor sources the returning region again, an aggregator that has not yet seen this
+    # commit's watermarks writes the late changes' records before its own commit is refused;
+    # an older change of the same pair (a like before the late unlike, in an earlier window)
+    # would otherwise win over a record the rejoin left untouched. Measured: a like record left
+    # on at the survivor that the returning region and the client had unliked.
+    await sv.regions.apply_remote(agreed)
     await sv.regions.add_conflicts(report.conflicts)
     await rt.regions.force(forced)
     merged.sort(key=lambda e: (e.source, e.seq))
