@@ -264,6 +264,7 @@ async def run_witness(rc: RegionCluster, users: int = 60, items: int = 12, clien
         await asyncio.sleep(phase_s)
         t_kill, t0 = time.time(), time.monotonic()
         out["killed"] = rc.fail("us")
+        t_dead = time.time()  # what us acknowledged until here may be lost with it
 
         async def eu_took() -> bool:
             return await _epoch(rc, "eu") > epoch1
@@ -273,14 +274,14 @@ async def run_witness(rc: RegionCluster, users: int = 60, items: int = 12, clien
         kill_first_write_s = time.monotonic() - t0
         await asyncio.sleep(phase_s)
         await run.stop_load(load)
-        risky = await led.at_risk("eu", "us", t_kill)
+        risky = await led.at_risk("eu", "us", t_dead)
         out["kill"] = {
             "failover_after_s": kill_failover_s,
             "first_us_user_write_at_eu_after_s": kill_first_write_s,
             "at_risk_likes": len(risky), "window_s": t_kill - min(risky) if risky else 0.0,
-            "read_failures_eu": led.read_failures.get("eu", 0)}
+            "kill_took_s": t_dead - t_kill, "read_failures_eu": led.read_failures.get("eu", 0)}
         if not recover:  # eu alone: its counts are the ledger's, but for what us took along
-            taken = {item for _user, item in await _lacking(run, "eu", t_kill)}
+            taken = {item for _user, item in await _lacking(run, "eu", t_dead)}
             want, off = led.expected(run.items), {}
             for _ in range(20):  # a hot item is served from memory for up to hot_ttl_s
                 got = await led.counts("eu", run.items)
