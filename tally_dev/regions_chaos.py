@@ -58,7 +58,8 @@ class Ledger:
         return hash_home(user, tuple(sorted(self.rc.regions)))
 
     async def write(self, http: httpx.AsyncClient, pair: Pair, on: bool,
-                    region: str | None = None, deadline_s: float = 120.0) -> None:
+                    region: str | None = None, deadline_s: float = 120.0,
+                    settling: bool = False) -> None:
         user, item = pair
         body = {"user_id": user, "item_type": "post", "item_id": item}
         t_end = time.monotonic() + deadline_s
@@ -79,7 +80,7 @@ class Ledger:
             self.retries += 1
             if time.monotonic() > t_end:
                 raise AssertionError(f"{pair} never acknowledged")
-            if self.stop and region is None:  # a load client stopping: settle it later
+            if self.stop and region is None and not settling:  # stopping: settle it later
                 self.pending[pair] = on
                 return
             await asyncio.sleep(0.05)
@@ -88,7 +89,9 @@ class Ledger:
         """Retry the writes whose outcome was unknown until acknowledged (idempotent)."""
         async with httpx.AsyncClient(headers=self.rc.headers()) as http:
             for pair, on in list(self.pending.items()):
-                await self.write(http, pair, on, deadline_s=60.0)
+                # Until acknowledged: a first attempt at a dead region must not drop the write
+                # (its first attempt may have been decided there before the kill).
+                await self.write(http, pair, on, deadline_s=60.0, settling=True)
                 del self.pending[pair]
 
     async def at_risk(self, region: str, home: str, before: float) -> list[float]:

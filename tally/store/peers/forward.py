@@ -40,12 +40,11 @@ class HttpRemoteWriter:
         headers = {"authorization": f"Bearer {key}"} if key else {}
         # A dead region's address drops packets: give up connecting after a second, so a client's
         # retry soon finds the placement that moved its user (a failover takes effect in 0.5 s).
-        # A request sent into a cut link waits in the kernel's send queue, and TCP retransmits
-        # it when the link heals, long after this side answered 503 and the client retried and
-        # moved on: the home region would then decide the stale write over the client's newer
-        # ones (measured: an unlike applied 45 s late, after a cut, over an acknowledged like).
-        # TCP_USER_TIMEOUT makes the kernel drop unacknowledged data after the same time as the
-        # request's own timeout, so a forwarded write arrives in time or never.
+        # A request sent into a cut link waits in the kernel's send queue, and TCP keeps
+        # retransmitting it after this side gave up (503, the client retries elsewhere and moves
+        # on); delivered when the link heals, the home region would decide the stale write over
+        # the client's newer ones. TCP_USER_TIMEOUT makes the kernel drop unacknowledged data
+        # after the request's own timeout, so a forwarded write arrives in time or never.
         options = ([(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout_s * 1000))]
                    if hasattr(socket, "TCP_USER_TIMEOUT") else [])
         transport = httpx.AsyncHTTPTransport(
