@@ -44,6 +44,18 @@ WITNESS = "witness"  # the namespace of the quorum's member that is no region
 KINDS = ("etcd", "postgres", "nats", "redis", "tally")
 
 
+def _distinct_port(taken: set[int]) -> int:
+    """A free port none of the layout's others has: two calls of ``free_port`` may return the
+    same number (nothing holds it in between), and a region's servers then collide (seen: NATS's
+    leaf port taken by the region's etcd member)."""
+    for _ in range(100):
+        port = free_port()
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise EngineError("no distinct free port found")
+
+
 @dataclass
 class RegionCluster:
     root: Path = DEFAULT_ROOT
@@ -124,10 +136,13 @@ class RegionCluster:
         self.root.chmod(0o711)  # PostgreSQL runs as an unprivileged user that must enter it
         if not self.layout_file.exists():
             regions = list(NAMES[:count])
-            ports = {r: {k: free_port() for k in ("pg", "nats", "monitor", "leaf", "redis", "api")}
+            taken: set[int] = set()
+            ports = {r: {k: _distinct_port(taken)
+                         for k in ("pg", "nats", "monitor", "leaf", "redis", "api")}
                      for r in regions}
             members = ([*regions, WITNESS] if count % 2 == 0 else regions) if witness else []
-            quorum = {m: {"client": free_port(), "peer": free_port()} for m in members}
+            quorum = {m: {"client": _distinct_port(taken), "peer": _distinct_port(taken)}
+                      for m in members}
             self.layout_file.write_text(json.dumps({"net": net, "regions": regions,
                                                     "ports": ports, "quorum": quorum,
                                                     "witness_ttl_s": witness_ttl_s,
