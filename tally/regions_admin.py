@@ -109,6 +109,9 @@ async def _take_over(h: RegionHandle, failed: str, nxt: Placement, new: bool) ->
     await h.log.set_sources([p for p in await h.sourced() if p != failed])
     await _fence_held(h.settings, failed, True)
     if h.name == to and new:
+        # The old epoch's replicated decisions first: one applied after a decision of the new
+        # epoch on the same pair would be refused by its record (older) but counted.
+        await _wait_applied(h, 60.0)
         # Before the new epoch: no decision of it may exist while the old one is completed.
         report = await apply_held(h, failed)
         log.info("failover applied the held synchronous states", extra={
