@@ -57,9 +57,9 @@ import asyncio
 import itertools
 import logging
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import orjson
@@ -101,6 +101,37 @@ def decode_run(data: bytes) -> list[Event]:
 
 def stream_name(stream: str, region: str) -> str:
     return f"{stream}_{region.upper()}" if region else stream
+
+
+T = TypeVar("T")
+
+
+async def read_to_end(js: JetStreamContext, subject: str, stream: str,
+                      decode: Callable[[bytes], list[T]], after_ts: float = 0.0) -> list[T]:
+    """Every message ``stream`` holds on ``subject`` (stored after ``after_ts`` if given),
+    decoded in order, through a throwaway unacknowledged consumer: for the rare reads of a whole
+    history (a rejoin, a failover), not for the aggregators' path."""
+    start = (api.DeliverPolicy.BY_START_TIME, datetime.fromtimestamp(after_ts, UTC)
+             ) if after_ts else (api.DeliverPolicy.ALL, None)
+    sub = await js.pull_subscribe(
+        subject, stream=stream,
+        config=api.ConsumerConfig(deliver_policy=start[0], opt_start_time=start[1],
+                                  ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0,
+                                  mem_storage=True, num_replicas=1))
+    out: list[T] = []
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(256, timeout=1.0)
+            except TimeoutError:
+                break
+            for m in msgs:
+                out += decode(m.data)
+            if msgs[-1].metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return out
 
 
 class EventLog:
@@ -158,27 +189,8 @@ class EventLog:
                             ) -> list[Event]:
         """Every event a region's stream holds that ``origin`` wrote to one partition, in order,
         from messages stored after ``after_ts`` (a rejoin reads what a survivor never got)."""
-        start = (api.DeliverPolicy.BY_START_TIME, datetime.fromtimestamp(after_ts, UTC)
-                 ) if after_ts else (api.DeliverPolicy.ALL, None)
-        sub = await self.js.pull_subscribe(
-            self._subject(origin, str(partition)), stream=self.stream,
-            config=api.ConsumerConfig(deliver_policy=start[0], opt_start_time=start[1],
-                                      ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0,
-                                      mem_storage=True, num_replicas=1))
-        out: list[Event] = []
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(256, timeout=1.0)
-                except TimeoutError:
-                    break
-                for m in msgs:
-                    out += decode_run(m.data)
-                if msgs[-1].metadata.num_pending == 0:
-                    break
-        finally:
-            await sub.unsubscribe()
-        return out
+        return await read_to_end(self.js, self._subject(origin, str(partition)), self.stream,
+                                 decode_run, after_ts)
 
     async def held(self) -> dict[str, int]:
         """Messages this region's stream holds per origin region: another region's figure for

@@ -32,7 +32,7 @@ from nats.js import api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from tally.core.errors import Unavailable
-from tally.store.jetstream.eventlog import stream_name
+from tally.store.jetstream.eventlog import read_to_end, stream_name
 from tally.store.ports import HeldState
 
 log = logging.getLogger("tally.jetstream")
@@ -182,22 +182,5 @@ class JetStreamHold:
         """Every state the holding stream of ``origin`` stores, in order: in this region's
         domain, or in ``domain``'s (read across the leaf link, as sources do)."""
         js = self.nc.jetstream(timeout=5.0, domain=domain)
-        sub = await js.pull_subscribe(
-            hold_subject(self.stream, origin), stream=holding_stream(self.stream, origin),
-            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL,
-                                      ack_policy=api.AckPolicy.NONE, inactive_threshold=30.0,
-                                      mem_storage=True, num_replicas=1))
-        out: list[HeldState] = []
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(256, timeout=1.0)
-                except TimeoutError:
-                    break
-                for m in msgs:
-                    out += decode_states(m.data)
-                if msgs[-1].metadata.num_pending == 0:
-                    break
-        finally:
-            await sub.unsubscribe()
-        return out
+        return await read_to_end(js, hold_subject(self.stream, origin),
+                                 holding_stream(self.stream, origin), decode_states)
