@@ -264,6 +264,17 @@ class DevCluster:
     def urls(self, role: str) -> list[str]:
         return [e["url"] for n, e in self._state().items() if n.startswith(f"{role}-")]
 
+    def settled(self, timeout_s: float) -> bool:
+        """Waits until the event log has no backlog (outbox rows unpublished, messages
+        unapplied); False if it still has one after ``timeout_s``."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout_s:
+            lag = log_lag(self.status())
+            if lag["outbox_rows"] <= 0 and lag["log_messages"] <= 0:
+                return True
+            time.sleep(0.1)
+        return False
+
 
 def log_lag(rows: list[dict[str, Any]]) -> dict[str, float]:
     """The event log's lag from the processes' readiness: outbox rows waiting, messages unapplied."""

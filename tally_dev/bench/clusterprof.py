@@ -42,7 +42,7 @@ from tally_dev.bench import cpu, loadgen, targets
 from tally_dev.bench.loadgen import RunSpec
 from tally_dev.bench.report import machine, run_dict
 from tally_dev.bench.workloads import Params
-from tally_dev.cluster import DevCluster, Layout, log_lag
+from tally_dev.cluster import DevCluster, Layout
 from tally_dev.engines import HOST, EngineError, NatsEngine, PostgresEngine
 
 STATS = {"shared_preload_libraries": "'pg_stat_statements'", "pg_stat_statements.track": "top",
@@ -250,13 +250,8 @@ def _pg_peer(work: Path) -> Iterator[tuple[int, Probe]]:
 
 
 def _settle(cluster: DevCluster, timeout_s: float = 30.0) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        lag = log_lag(cluster.status())
-        if lag["outbox_rows"] <= 0 and lag["log_messages"] <= 0:
-            return
-        time.sleep(0.1)
-    raise EngineError(f"the cluster's event log did not catch up in {timeout_s:.0f} s")
+    if not cluster.settled(timeout_s):
+        raise EngineError(f"the cluster's event log did not catch up in {timeout_s:.0f} s")
 
 
 def _median(values: list[float]) -> float:
