@@ -6,6 +6,7 @@ tests cover the child's own account of unapplied deltas, its restart, and the sh
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import pytest
 from tally.core.errors import ConfigError, Unavailable
 from tally.store.sqlite.pending import LoggedSince
 from tally.store.sqlite.store import SqliteStore
+from tally.store.sqlite.writer_process import WRITES_IN_FLIGHT
 from tests.helpers import like, poll, recount
 
 K, L = ("like", "post:1"), ("like", "post:2")
@@ -91,6 +93,41 @@ async def test_a_killed_writer_fails_writes_in_flight_and_comes_back(store: Sqli
     await store.aggregate("agg", 1_000, [])
     assert await store.get([K, L]) == {K: 51, L: 1}
     assert store.write_stats()[1] >= 52  # committed operations, counted across both children
+
+
+@pytest.mark.anyio
+async def test_writes_held_behind_those_in_flight_go_together_and_answer_exactly(
+        store: SqliteStore) -> None:
+    (proc,) = store.writer_processes
+    # Each call below is its own event-loop turn's write: the first WRITES_IN_FLIGHT go out at
+    # once, the rest wait for an answer and then go as one message.
+    futures = [proc.write([like(n, "post:1")]) for n in range(8)]
+    assert proc._writes == WRITES_IN_FLIGHT and len(proc._held.waiters) == 8 - WRITES_IN_FLIGHT
+    results = [(await f)[0] for f in futures]
+    assert [r.count for r in results] == list(range(1, 9)) and all(r.changed for r in results)
+    assert proc._writes == 0 and not proc._held.waiters
+
+
+@pytest.mark.anyio
+async def test_held_writes_fail_with_the_writer_and_later_ones_are_served(
+        store: SqliteStore) -> None:
+    (proc,) = store.writer_processes
+    assert proc.pid is not None
+    futures = [proc.write([like(n, "post:1")]) for n in range(6)]
+    os.kill(proc.pid, signal.SIGKILL)
+    outcomes = [await asyncio.gather(f, return_exceptions=True) for f in futures]
+    # A write already sent may have committed before the kill; a held one never left.
+    assert all(isinstance(o[0], Unavailable) for o in outcomes[WRITES_IN_FLIGHT:])
+    assert proc._writes == 0 and not proc._held.waiters
+
+    async def served() -> bool:
+        try:
+            await store.write([like("late", "post:2")])
+        except Unavailable:
+            return False
+        return True
+
+    await poll(served, timeout_s=30)
 
 
 @pytest.mark.anyio
