@@ -64,8 +64,9 @@ def api_routes(rt: AppRuntime) -> list[Route]:  # noqa: C901 (one small closure 
     async def item_counts(req: Request) -> bytes:
         p = req.params
         items = svc.items([(p["item_type"], p["item_id"])])
-        (counts,) = await svc.counts(items, svc.counter_names(req.query_list("counter"), "counter"))
-        return _encode(s.ItemCounts(p["item_type"], split_item(items[0])[1], counts))
+        counts = await svc.counts(items, svc.counter_names(req.query_list("counter"), "counter"))
+        return _encode(s.ItemCounts(p["item_type"], split_item(items[0])[1],
+                                    {c: col[0] for c, col in counts.items()}))
 
     async def batch_counts(req: Request) -> bytes:
         body = decode(s.CountsRequest, req)
@@ -75,14 +76,8 @@ def api_routes(rt: AppRuntime) -> list[Route]:  # noqa: C901 (one small closure 
         items = svc.items([(r.item_type, r.item_id) for r in body.items])
         counters = svc.counter_names(body.counters)
         counts = await svc.counts(items, counters)
-        if viewer is None:
-            return _encode(s.CountsResponse([
-                s.BatchItemCounts(t, i, c)
-                for (t, i), c in zip(map(split_item, items), counts, strict=True)]))
-        states = await svc.states(viewer, items, counters)
-        return _encode(s.CountsResponse([
-            s.BatchItemCounts(t, i, c, {name: flags[n] for name, flags in states.items()})
-            for n, ((t, i), c) in enumerate(zip(map(split_item, items), counts, strict=True))]))
+        states = None if viewer is None else await svc.states(viewer, items, counters)
+        return s.counts_json(items, counts, states)
 
     async def has_many(req: Request) -> bytes:
         body = decode(s.HasRequest, req)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -85,11 +85,21 @@ class LRU(Generic[K, V]):
         if len(shard) > self._shard_size:
             shard.popitem(last=False)
 
-    def put_if_absent(self, key: K, value: V) -> None:
-        """Store a value read from the table unless a fresher one was written meanwhile."""
-        entry = self._shard(key).get(key)
-        if entry is None or entry[0] < self._clock():
-            self.put(key, value)
+    def put_if_absent(self, entries: Mapping[K, V]) -> None:
+        """Store values read from the table, each unless a fresher one was written meanwhile
+        (one clock reading for all: a feed's misses arrive together)."""
+        now, shards, mask, size = self._clock(), self._shards, self._mask, self._shard_size
+        expires = now + self.ttl_s
+        for key, value in entries.items():
+            shard = shards[hash(key) & mask]
+            entry = shard.get(key)
+            if entry is None:
+                shard[key] = (expires, value)
+                if len(shard) > size:
+                    shard.popitem(last=False)
+            elif entry[0] < now:
+                shard[key] = (expires, value)
+                shard.move_to_end(key)
 
     def discard(self, key: K) -> None:
         self._shard(key).pop(key, None)

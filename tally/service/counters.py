@@ -13,6 +13,8 @@ from typing import Any
 
 from tally.core.errors import InvalidInput, LimitExceeded
 from tally.core.model import (
+    INT64_MAX,
+    INT64_MIN,
     MAX_INCR,
     IncrOp,
     Kind,
@@ -118,7 +120,14 @@ class CounterService:
         if len(refs) > self.limits.max_batch_items:
             raise LimitExceeded(f"at most {self.limits.max_batch_items} items per request", field)
         items: list[str] = []
+        types = self.schema.item_types
         for n, (item_type, item_id) in enumerate(refs):
+            # A feed's usual item, checked here: a known type and an int64 id (``bool`` is not
+            # ``int`` by type). Anything else goes through the full check, which names the field.
+            if (type(item_id) is int and INT64_MIN <= item_id <= INT64_MAX
+                    and type(item_type) is str and item_type in types):
+                items.append(f"{item_type}:{item_id}")
+                continue
             try:
                 items.append(self.schema.item(item_type, item_id))
             except InvalidInput as exc:
@@ -139,10 +148,15 @@ class CounterService:
             self._on_write()
         return results
 
-    async def counts(self, items: Sequence[str], counters: Sequence[str]) -> list[dict[str, int]]:
-        keys = [(c, item) for item in items for c in counters]
-        found = await self.reader.get(keys)
-        return [{c: max(found.get((c, item), 0), 0) for c in counters} for item in items]
+    async def counts(self, items: Sequence[str], counters: Sequence[str]) -> dict[str, list[int]]:
+        """Each counter's counts of ``items``, a list per counter in the items' order (as
+        ``states``): a feed's answer is built from them by position."""
+        keys = [(c, item) for c in counters for item in items]
+        values = await self.reader.get(keys)
+        if values and min(values) < 0:  # a count is never shown below zero
+            values = [v if v > 0 else 0 for v in values]
+        n = len(items)
+        return {c: values[k * n:(k + 1) * n] for k, c in enumerate(counters)}
 
     async def has(self, counter: Any, user: Any, items: Sequence[str]) -> list[bool]:
         c = self.schema.counter(counter, "counter", Kind.TOGGLE)

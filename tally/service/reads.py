@@ -33,31 +33,39 @@ class CountReader:
         self.cache_all = cache_all
         self.hot_ttl_s = hot_ttl_s
         self.hot_share = hot_share
-        self._inflight: dict[CountKey, asyncio.Future[int]] = {}
+        self._inflight: dict[CountKey, asyncio.Future[dict[CountKey, int]]] = {}
         self.coalesced = 0
         # Sampling: a viral key still dominates the sketch, at 1/sample of the cost per read.
         self.sample = sample
         self._rng = random.Random()
         self._next_sampled = self._gap() if sample > 1 else 0  # reads to skip before the next
 
-    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
-        out: dict[CountKey, int] = {}
-        waits: list[tuple[CountKey, asyncio.Future[int]]] = []
-        mine: list[CountKey] = []
+    async def get(self, keys: Sequence[CountKey]) -> list[int]:
+        """Each key's count, in the order asked (0 for a key never counted). A list, not a
+        mapping: a feed's fifty answers go straight into its response by position."""
         self._feed_sketch(keys)
-        for key, value in zip(keys, self.cache.get_many(keys), strict=True):
-            if value is not None:
-                out[key] = value
-            elif (fut := self._inflight.get(key)) is not None:
-                waits.append((key, fut))
-            elif key not in out:
+        values = self.cache.get_many(keys)
+        if None not in values:
+            return values  # type: ignore[return-value]  # every key was cached
+        missing = [n for n, value in enumerate(values) if value is None]
+        inflight = self._inflight
+        mine: list[CountKey] = []
+        waits: dict[CountKey, asyncio.Future[dict[CountKey, int]]] = {}
+        for n in missing:
+            key = keys[n]
+            if (fut := inflight.get(key)) is not None:
+                waits[key] = fut
+            else:
                 mine.append(key)
-        if mine:
-            out.update(await self._fetch(mine))
-        for key, fut in waits:
-            self.coalesced += 1
-            out[key] = await fut
-        return out
+        got = await self._fetch(mine) if mine else {}
+        for n in missing:
+            key = keys[n]
+            if (fut := waits.get(key)) is None:
+                values[n] = got[key]
+            else:
+                self.coalesced += 1
+                values[n] = (await fut)[key]
+        return values  # type: ignore[return-value]  # every None was filled
 
     def _gap(self) -> int:
         return int(math.log(1.0 - self._rng.random()) / math.log(1.0 - 1.0 / self.sample))
@@ -77,32 +85,32 @@ class CountReader:
         self._next_sampled = i - n
 
     async def _fetch(self, keys: list[CountKey]) -> dict[CountKey, int]:
-        loop = asyncio.get_running_loop()
-        futures = {k: loop.create_future() for k in dict.fromkeys(keys)}
-        self._inflight.update(futures)
+        """One store read for ``keys``; who wants one of them meanwhile waits for this read (one
+        future for the batch, whose result holds every key's count, instead of one per key)."""
+        batch: asyncio.Future[dict[CountKey, int]] = asyncio.get_running_loop().create_future()
+        unique = dict.fromkeys(keys, batch)
+        self._inflight.update(unique)
         try:
-            found = await self.store.get(list(futures))
+            found = await self.store.get(list(unique))
         except BaseException as exc:
-            for fut in futures.values():
-                fut.set_exception(exc)
-                fut.exception()  # mark retrieved: the caller below re-raises it
+            batch.set_exception(exc)
+            batch.exception()  # mark retrieved: the caller below re-raises it
             raise
         finally:
-            for k in futures:
+            for k in unique:
                 self._inflight.pop(k, None)
-        result = {}
-        for key, fut in futures.items():
-            value = found.get(key, 0)
-            result[key] = value
-            fut.set_result(value)
-            self._remember(key, value)
+        result = {key: found.get(key, 0) for key in unique}
+        batch.set_result(result)
+        self._remember(result)
         return result
 
-    def _remember(self, key: CountKey, value: int) -> None:
+    def _remember(self, counts: dict[CountKey, int]) -> None:
         if self.cache_all:
-            self.cache.put_if_absent(key, value)
-        elif self.hot.is_hot(key[1], self.hot_share):
-            self.cache.put(key, value, ttl_s=self.hot_ttl_s)
+            self.cache.put_if_absent(counts)
+            return
+        for key, value in counts.items():
+            if self.hot.is_hot(key[1], self.hot_share):
+                self.cache.put(key, value, ttl_s=self.hot_ttl_s)
 
     def applied(self, counts: dict[CountKey, int]) -> None:
         """New absolute counts from the aggregator: refresh the cached ones (embedded) or drop

@@ -39,13 +39,16 @@ def test_put_if_absent_keeps_a_fresher_value() -> None:
     clock = Clock()
     c: LRU[str, int] = LRU(10, 5.0, clock)
     c.put("a", 2)  # written by the aggregator
-    c.put_if_absent("a", 1)  # an older read finishing late
+    c.put_if_absent({"a": 1})  # an older read finishing late
     assert c.get("a") == 2
-    c.put_if_absent("b", 7)
-    assert c.get("b") == 7
+    c.put_if_absent({"b": 7, "c": 8})
+    assert c.get("b") == 7 and c.get("c") == 8
     clock.now = 6.0
-    c.put_if_absent("a", 3)  # the old entry expired: the read is fresher
+    c.put_if_absent({"a": 3})  # the old entry expired: the read is fresher
     assert c.get("a") == 3
+    small: LRU[str, int] = LRU(2, 5.0, clock)
+    small.put_if_absent({"x": 1, "y": 2, "z": 3})
+    assert len(small) == 2 and small.get("x") is None and small.get("z") == 3
     c.discard("a")
     c.discard("missing")
     assert c.get("a") is None

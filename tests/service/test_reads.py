@@ -58,14 +58,14 @@ async def test_concurrent_misses_are_one_read(store: CountingStore) -> None:
     got: list[int] = []
 
     async def read() -> None:
-        got.append((await r.get([key]))[key])
+        got.append((await r.get([key]))[0])
 
     async with anyio.create_task_group() as tg:
         for _ in range(20):
             tg.start_soon(read)
     assert got == [7] * 20
     assert len(store.reads) == 1 and r.coalesced == 19
-    assert (await r.get([key, ("like", "post:none")])) == {key: 7, ("like", "post:none"): 0}
+    assert (await r.get([key, ("like", "post:none"), key])) == [7, 0, 7]
     assert store.reads[-1] == [("like", "post:none")]  # the cached key was not read again
 
 
@@ -73,14 +73,14 @@ async def test_aggregator_writes_through(store: CountingStore) -> None:
     r = reader(store)
     key = ("like", "post:1")
     agg = Aggregator(store, store, window_s=0.001, on_applied=r.applied)
-    assert await r.get([key]) == {key: 0}
+    assert await r.get([key]) == [0]
     await store.write([like(1, "post:1"), like(2, "post:1")])
     await agg.drain()
     reads = len(store.reads)
-    assert await r.get([key]) == {key: 2}
+    assert await r.get([key]) == [2]
     assert len(store.reads) == reads  # served from the cache the aggregator updated
     r.forget([key])
-    assert await r.get([key]) == {key: 2}
+    assert await r.get([key]) == [2]
     assert len(store.reads) == reads + 1
 
 
@@ -101,4 +101,23 @@ async def test_a_failed_read_fails_every_waiter(store: CountingStore) -> None:
             tg.start_soon(read)
     assert len(errors) == 3 and len(store.reads) == 1 and r.coalesced == 2
     store.fail = False
-    assert await r.get([key]) == {key: 0}  # nothing in flight is left behind
+    assert await r.get([key]) == [0]  # nothing in flight is left behind
+
+
+async def test_a_read_waits_for_the_keys_in_flight_and_fetches_the_rest(
+        store: CountingStore) -> None:
+    await store.write([like(1, "post:a"), like(1, "post:b"), like(2, "post:b"), like(1, "post:c")])
+    await Aggregator(store, store, window_s=0.001).drain()
+    r = reader(store)
+    a, b, c = (("like", f"post:{x}") for x in "abc")
+    got: dict[str, list[int]] = {}
+
+    async def read(name: str, keys: list[CountKey]) -> None:
+        got[name] = await r.get(keys)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read, "first", [a, b])
+        await anyio.sleep(0.001)  # the first read is in flight
+        tg.start_soon(read, "second", [c, b, c])
+    assert got == {"first": [1, 2], "second": [1, 2, 1]}
+    assert store.reads[-2:] == [[a, b], [c]] and r.coalesced == 1
