@@ -1,5 +1,5 @@
 """Deadlines against stalling clients, kept by one sleeper per process instead of a timer per
-request: the body deadline (``HttpApp._body``).
+request: the body deadline (``HttpApp.read_body``).
 
 Nearly every request meets its deadline. A timer each (``asyncio.timeout``) allocates a handle,
 schedules it and cancels it again on every request, several times the cost of reading a body

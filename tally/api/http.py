@@ -85,6 +85,18 @@ class Response:
     media_type: bytes = b"application/json"
 
 
+@dataclass(slots=True)
+class Answer:
+    """What the application answers, for the server to write: a whole body or a stream."""
+
+    endpoint: str  # the route template, for the metrics
+    status: int
+    payload: bytes
+    media: bytes
+    extra: tuple[tuple[bytes, bytes], ...] = ()  # headers beside content-type and -length
+    stream: AsyncIterator[bytes] | None = None
+
+
 Handler = Callable[[Request], Awaitable[bytes | Response]]
 
 
@@ -278,45 +290,53 @@ class HttpApp:
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
+        answer = await self.answer(scope, lambda: self.read_body(scope, receive))
+        headers = [(b"content-type", answer.media), *answer.extra]
+        if answer.stream is None:
+            headers.append((b"content-length", str(len(answer.payload)).encode()))
+            await send({"type": "http.response.start", "status": answer.status,
+                        "headers": headers})
+            await send({"type": "http.response.body", "body": answer.payload})
+        else:
+            await send({"type": "http.response.start", "status": answer.status,
+                        "headers": headers})
+            async for chunk in answer.stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        self.observe(answer, scope["method"], start)
+
+    def observe(self, answer: Answer, method: str, start: float) -> None:
+        self.metrics.observe(answer.endpoint, method, answer.status, time.perf_counter() - start)
+
+    async def answer(self, scope: Scope,
+                     body: Callable[[], Awaitable[tuple[bytes, str | None]]]) -> Answer:
+        """The answer to a request, whatever server delivers it: ``body`` reads the request's
+        body and content type (called only for a method that has one, after the credential)."""
         method, path = scope["method"], scope["path"]
-        endpoint, status, stream = "unmatched", 500, None
-        extra: tuple[tuple[bytes, bytes], ...] = ()
+        endpoint = "unmatched"
         try:
             route, params, who, routing_error = self._route(scope, method, path)
             # The body before a routing error, so a request over the limit is refused whole,
             # routed or not; but after the credential, so a stranger cannot make us read it.
-            body, ctype = (b"", None) if method == "GET" else await self._body(scope, receive)
+            content, ctype = (b"", None) if method == "GET" else await body()
             if route is None:
                 raise routing_error or NotFound("Not Found", "path")
             endpoint = route.path
             if self.limiter is not None and route.access != "public":
                 await self.limiter.check_key(who)
-            answer = await route.handler(Request(method, path, params, body,
+            result = await route.handler(Request(method, path, params, content,
                                                  scope.get("query_string", b""), ctype, who,
                                                  self.limiter))
-            if type(answer) is bytes:
-                status, payload, media = 200, answer, JSON[1]
-            else:
-                assert isinstance(answer, Response)
-                status, media = answer.status, answer.media_type
-                payload = answer.body if isinstance(answer.body, bytes) else b""
-                stream = None if isinstance(answer.body, bytes) else answer.body
+            if type(result) is bytes:
+                return Answer(endpoint, 200, result, JSON[1])
+            assert isinstance(result, Response)
+            if isinstance(result.body, bytes):
+                return Answer(endpoint, result.status, result.body, result.media_type)
+            return Answer(endpoint, result.status, b"", result.media_type, stream=result.body)
         except TallyError as exc:
             if isinstance(exc, BodyTooLarge):
                 endpoint = self.router.endpoint_of(path)
-            status, payload, media = exc.status, error_body(exc), JSON[1]
-            extra = exc.headers
-        headers = [(b"content-type", media), *extra]
-        if stream is None:
-            headers.append((b"content-length", str(len(payload)).encode()))
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": payload})
-        else:
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            async for chunk in stream:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-        self.metrics.observe(endpoint, method, status, time.perf_counter() - start)
+            return Answer(endpoint, exc.status, error_body(exc), JSON[1], exc.headers)
 
     def _route(self, scope: Scope, method: str, path: str
                ) -> tuple[Route | None, dict[str, str], Principal, TallyError | None]:
@@ -331,7 +351,7 @@ class HttpApp:
         return route, params, self.guard.principal(route.access, scope["headers"],
                                                    scope.get("client")), None
 
-    async def _body(self, scope: Scope, receive: Receive) -> tuple[bytes, str | None]:
+    async def read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, str | None]:
         """The body within the body timeout (408 past it; the server's own header timeout
         covers the headers, tally.api.server). The deadline is a dict entry (``Deadlines``),
         not a timer: almost every body is already in when the request is routed."""
@@ -356,14 +376,27 @@ class HttpApp:
         finally:
             self._deadlines.clear(task)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, str | None]:
-        """The whole body, refused (413) as soon as it is known to be over the limit."""
+    async def whole_body(self, scope: Scope, body: bytes) -> tuple[bytes, str | None]:
+        """A body the server already holds whole (``tally.api.server``): the same checks as
+        ``_read_body``, without the reads."""
+        ctype = self._content_type(scope)
+        if len(body) > self.max_body:
+            raise self._too_large()
+        return body, ctype
+
+    def _content_type(self, scope: Scope) -> str | None:
+        """The content type; 413 at once if the declared length is over the limit."""
         ctype = None
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 raise self._too_large()
             if name == b"content-type":
                 ctype = value.decode("latin-1")
+        return ctype
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[bytes, str | None]:
+        """The whole body, refused (413) as soon as it is known to be over the limit."""
+        ctype = self._content_type(scope)
         message = await receive()
         body = message.get("body", b"")
         if not message.get("more_body", False):

@@ -1,21 +1,35 @@
-"""The HTTP server's guards against slow and hostile clients, as uvicorn's httptools protocol with
-two additions: a deadline for a request's headers and a cap on connections per client address.
+"""The HTTP server: uvicorn's httptools protocol with two guards and a shorter path for our
+own application's requests.
 
+The guards: a deadline for a request's headers and a cap on connections per client address.
 uvicorn itself bounds idle keep-alive connections (``timeout_keep_alive``) and all connections of
 the process (``limit_concurrency``, 503 past it), but a client that sends one header line every
 few seconds holds its connection for ever, and one address may open as many connections as the
-server has. The body has its own deadline in the app (``HttpApp._body``), which can answer 408 in
-JSON because the request is routed by then.
+server has. The body has its own deadline in the app (``HttpApp.read_body``), which can answer
+408 in JSON because the request is routed by then.
+
+The shorter path: uvicorn hands each request to the application as ASGI messages (a scope, a
+``receive`` and two ``send`` calls of dicts, each checked and turned into bytes) through its
+proxy-headers middleware. For a request of ours that none of that serves (``_plain``), the
+protocol calls the application's ``answer`` with the body it already holds and writes the head
+and body in one send. uvicorn still parses, times out idle connections, queues pipelined requests,
+refuses past ``limit_concurrency`` and shuts down; the application and its errors are the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
+from tally.api.http import HttpApp
 from tally.settings import Settings
 
 log = logging.getLogger("tally.server")
@@ -135,7 +149,81 @@ class GuardedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
-        self.cycle.transport = HeadWithBody(self.transport)  # type: ignore[assignment]
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """Our application's requests skip the ASGI messages (``_answer``) when nothing about
+        them needs uvicorn's own handling; every other request, and every other application
+        (uvicorn's 503 past ``limit_concurrency``), takes uvicorn's path."""
+        target = _direct_target(app) if app is self.app else None
+        if target is None or not _plain(cycle):
+            if cycle.scope["method"] != "HEAD":  # uvicorn writes no body after a HEAD's head
+                cycle.transport = HeadWithBody(self.transport)  # type: ignore[assignment]
+            super()._start_asgi_task(cycle, app)
+            return
+        task = self.loop.create_task(self._answer(target, cycle))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _answer(self, app: HttpApp, cycle: RequestResponseCycle) -> None:
+        """One request answered by the application without ASGI's message dicts, and its
+        answer written in one send: what ``RequestResponseCycle.run_asgi``, ``receive`` and
+        ``send`` do for such a request, as uvicorn does it (same head, same keep-alive and
+        close, same 500 on an error the application did not answer)."""
+        try:
+            start = time.perf_counter()
+            scope: Any = cycle.scope
+            receive: Any = cycle.receive
+            if cycle.more_body:  # not all in yet: read it as uvicorn's receive would
+                answer = await app.answer(scope, lambda: app.read_body(scope, receive))
+            else:
+                body = bytes(cycle.body)
+                answer = await app.answer(scope, lambda: app.whole_body(scope, body))
+            if answer.stream is not None:  # a stream: uvicorn's send, chunk by chunk
+                cycle.transport = HeadWithBody(self.transport)  # type: ignore[assignment]
+                headers = [(b"content-type", answer.media), *answer.extra]
+                await cycle.send({"type": "http.response.start", "status": answer.status,
+                                  "headers": headers})
+                async for chunk in answer.stream:
+                    await cycle.send({"type": "http.response.body", "body": chunk,
+                                      "more_body": True})
+                await cycle.send({"type": "http.response.body", "body": b""})
+            else:
+                await self._write(cycle, answer.status, answer.media, answer.extra,
+                                  answer.payload)
+            app.observe(answer, scope["method"], start)
+        except BaseException as exc:
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not cycle.response_started:
+                await cycle.send_500_response()
+            else:
+                self.transport.close()
+        finally:
+            cycle.on_response = lambda: None
+
+    async def _write(self, cycle: RequestResponseCycle, status: int, media: bytes,
+                     extra: tuple[tuple[bytes, bytes], ...], payload: bytes) -> None:
+        """The head and body of a whole answer in one write, then the cycle completed as
+        uvicorn's ``send`` completes it. The headers are the application's own (no check for
+        injected line breaks needed), after uvicorn's defaults (date, server)."""
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected:
+            return
+        cycle.response_started = True
+        parts = [STATUS_LINE[status], _defaults(cycle.default_headers),
+                 b"content-type: ", media, b"\r\n"]
+        for name, value in extra:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"content-length: ", str(len(payload)).encode(), b"\r\n")
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts += (b"\r\n", payload)
+        self.transport.write(b"".join(parts))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            self.transport.close()
+        cycle.on_response()
 
     def _arm(self) -> None:
         """A timer, exact to the deadline (``Deadlines`` would act up to a tick late, while a
@@ -156,6 +244,36 @@ class GuardedHttpTools(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(HEADER_TIMEOUT)
             self.transport.close()
+
+
+def _direct_target(app: Any) -> HttpApp | None:
+    """Our application under uvicorn's proxy-headers middleware (which only rewrites the
+    client of a request with ``x-forwarded-*`` headers: those take uvicorn's path)."""
+    while not isinstance(app, HttpApp):
+        if type(app).__name__ != "ProxyHeadersMiddleware":
+            return None
+        app = app.app
+    return app
+
+
+def _plain(cycle: RequestResponseCycle) -> bool:
+    """A request uvicorn's own path adds nothing to: no ``100 Continue`` owed, no access log
+    line, not HEAD (no body in the answer), no forwarded client to rewrite."""
+    if cycle.waiting_for_100_continue or cycle.access_log or cycle.scope["method"] == "HEAD":
+        return False
+    return not any(name.startswith(b"x-forwarded-") for name, _value in cycle.scope["headers"])
+
+
+_default_head: tuple[list[tuple[bytes, bytes]] | None, bytes] = (None, b"")
+
+
+def _defaults(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """uvicorn's default headers as head lines; uvicorn makes a new list when the date
+    changes (once a second), so the lines are joined once per list."""
+    global _default_head
+    if _default_head[0] is not headers:
+        _default_head = (headers, b"".join(n + b": " + v + b"\r\n" for n, v in headers))
+    return _default_head[1]
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
