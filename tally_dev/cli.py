@@ -32,6 +32,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.regions or regions_cli.is_regions(args.dir) or args.action in regions_cli.CLUSTER_VERBS:
         return regions_cli.cmd_cluster(args)
     cluster = DevCluster(Path(args.dir), Layout(partitions=args.partitions, ha=args.ha,
+                                                api_workers=args.api_workers,
                                                 relays=2 if args.ha else 1,
                                                 synchronous=not args.async_replication))
     try:
@@ -114,6 +115,9 @@ def register(sub: Any, add: Adder) -> None:
     sp.add_argument("--json", action="store_true", help="status as JSON")
     sp.add_argument("--dir", default="/tmp/tally-cluster", help="where data, config and logs go")
     sp.add_argument("--partitions", type=int, default=8, help="event-log partitions (up)")
+    sp.add_argument("--api-workers", type=int, default=1,
+                    help="up: processes of each API on its one port (on 2 cores 1 serves more; "
+                         "see docs/performance.md)")
     sp.add_argument("--regions", type=int, default=0,
                     help="up: this many regions (us, eu, ap), each in its own network namespace")
     sp.add_argument("--witness", action="store_true",

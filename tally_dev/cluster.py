@@ -46,6 +46,7 @@ DEFAULT_ROOT = Path("/tmp/tally-cluster")  # PostgreSQL's unprivileged user must
 @dataclass(frozen=True)
 class Layout:
     apis: int = 2
+    api_workers: int = 1  # processes of each API, on its one port (``tally serve --workers``)
     relays: int = 1
     aggregators: int = 2
     partitions: int = 8
@@ -167,8 +168,11 @@ class DevCluster:
         """Aggregators and relays first (they create the stream), then the APIs."""
         for role, count in (("aggregator", self.layout.aggregators),
                             ("relay", self.layout.relays), ("api", self.layout.apis)):
+            env = dict(self.process_env)
+            if role == "api" and self.layout.api_workers > 1:
+                env["TALLY_WORKERS"] = str(self.layout.api_workers)
             for i in range(count):
-                proc = TallyProcess(self.root / "procs", role, i, self.config, self.process_env)
+                proc = TallyProcess(self.root / "procs", role, i, self.config, env)
                 proc.start(timeout_s=60)
                 self.processes[proc.name] = proc
                 self._save()

@@ -70,9 +70,12 @@ class Outbox(Lifecycle, Protocol):
     async def pending(self, source: str, after_seq: int, limit: int) -> list[Event]:
         """Rows of one source not yet trimmed, after ``after_seq``, oldest first."""
 
-    async def pending_many(self, after: Mapping[str, int], limit: int) -> dict[str, list[Event]]:
+    async def pending_many(self, after: Mapping[str, int], limit: int,
+                           trim: bool = False) -> dict[str, list[Event]]:
         """``pending`` of several sources (source -> position), up to ``limit`` rows each, one
-        round trip per database; sources with no rows are absent."""
+        round trip per database; sources with no rows are absent. ``trim``: first delete each
+        source's rows at or below its position (``trim_many``), in the same round trip: for a
+        caller whose position is what it has published."""
 
     async def trim(self, source: str, through_seq: int) -> int:
         """Delete the rows of ``source`` up to ``through_seq`` (published); returns how many."""

@@ -9,6 +9,9 @@ of the same source (the rule the consumers' sequence watermarks rely on; see
 ``tally.store.jetstream.eventlog``).
 A row is trimmed only after its publish is acknowledged, so a crash at any point re-publishes,
 never loses; duplicates are dropped by the consumers' watermarks, whatever the outage length.
+The running relay trims a round's rows with the next round's read (one round trip, not two), so
+a relay that stops or loses a source leaves at most its last round for the next owner to publish
+again.
 
 Several relays may run: sources are shared by ``LeaseSet``, so each
 source has one relay at a time. A relay that lost its lease without noticing can only publish
@@ -40,12 +43,13 @@ class SourceStats:
 
 
 class SourceCursor:
-    """One source's place in its group: rows at or below ``published_through`` are acknowledged
-    (and trimmed, or being)."""
+    """One source's place in its group: rows at or below ``published_through`` are acknowledged,
+    and those at or below ``trimmed_through`` deleted."""
 
     def __init__(self) -> None:
         self.stats = SourceStats()
         self.published_through = 0
+        self.trimmed_through = 0
 
 
 class GroupRelay:
@@ -97,16 +101,28 @@ class GroupRelay:
                 backoff = min(backoff * 2, 2.0)
 
     async def step(self) -> int:
-        """One round; returns how many rows were published and trimmed."""
-        return (await self.round())[0]
+        """One round and its trim; returns how many rows were published and trimmed."""
+        moved = (await self.round())[0]
+        through = {source: c.published_through for source, c in self.sources.items()
+                   if c.published_through > c.trimmed_through}
+        if through:
+            await self.outbox.trim_many(through)
+            for source, seq in through.items():
+                self.sources[source].trimmed_through = seq
+        return moved
 
     async def round(self) -> tuple[int, bool]:
-        """Publish and trim the held sources' oldest untrimmed rows: (rows, a source was full)."""
+        """Trim what the last round published, then publish the held sources' next rows:
+        (rows, a source was full)."""
         cursors = dict(self.sources)  # a source given up during the round is finished with it
         if not cursors:
             return 0, False
+        trim = any(c.published_through > c.trimmed_through for c in cursors.values())
         runs = await self.outbox.pending_many(
-            {source: c.published_through for source, c in cursors.items()}, self.batch)
+            {source: c.published_through for source, c in cursors.items()}, self.batch, trim)
+        if trim:
+            for cursor in cursors.values():
+                cursor.trimmed_through = cursor.published_through
         now = time.time()
         for source, cursor in cursors.items():
             rows = runs.get(source, [])
@@ -115,11 +131,8 @@ class GroupRelay:
         if not runs:
             return 0, False
         await self.events.publish_runs(runs)
-        through = {source: rows[-1].seq for source, rows in runs.items()}
-        for source, seq in through.items():
-            cursors[source].published_through = seq
-        await self.outbox.trim_many(through)
         for source, rows in runs.items():
+            cursors[source].published_through = rows[-1].seq
             cursors[source].stats.published += len(rows)
             cursors[source].stats.batches += 1
         return (sum(len(rows) for rows in runs.values()),

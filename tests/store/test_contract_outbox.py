@@ -53,6 +53,22 @@ async def test_several_sources_are_read_and_trimmed_in_one_call(harness: Harness
         harness.outbox.sources())
 
 
+async def test_a_read_may_trim_what_lies_at_or_below_its_positions(harness: Harness) -> None:
+    """The relay's round: the rows it published last time go in the read of the next ones."""
+    harness.need("likes", "outbox")
+    for i in range(40):
+        await harness.likes.write([like(f"u{i}", item=f"post:{i % 5}")])
+    for group in harness.outbox.source_groups():
+        rows = {src: await harness.outbox.pending(src, 0, 1000) for src in group}
+        at = {src: len(found) // 2 for src, found in rows.items()}
+        expected = {src: [e for e in found if e.seq > at[src]][:3] for src, found in rows.items()}
+        assert await harness.outbox.pending_many(at, 3, trim=True) == {
+            src: got for src, got in expected.items() if got}
+        for src in group:
+            assert await harness.outbox.pending(src, 0, 1000) == [
+                e for e in rows[src] if e.seq > at[src]]
+
+
 async def test_numbers_are_contiguous_and_never_reused_after_trim(harness: Harness) -> None:
     harness.need("likes", "outbox")
     for i in range(30):

@@ -127,6 +127,30 @@ async def test_a_nats_crash_mid_relay_loses_and_doubles_nothing(
         await counts.close()
 
 
+async def test_a_round_trims_what_the_round_before_published(
+        likes: PostgresLikeStore, nats_url: str) -> None:
+    """The running relay's trim rides on its next read; ``step`` trims at once."""
+    log = EventLog(nats_url, "T_FOLD", 3)
+    await log.start()
+    try:
+        group = likes.source_groups()[0]
+        relay = GroupRelay(group, likes, log)
+        await likes.write(toggles(20))
+        first = sum([len(await likes.pending(s, 0, 1000)) for s in group])
+        assert first and (await relay.round())[0] == first
+        assert sum([len(await likes.pending(s, 0, 1000)) for s in group]) == first  # not yet
+        await likes.write(toggles(40)[20:])
+        second = sum([len(await likes.pending(s, 0, 1000)) for s in group]) - first
+        assert (await relay.round())[0] == second
+        left = [e.seq for s in group for e in await likes.pending(s, 0, 1000)]
+        assert len(left) == second  # the first round's rows went with the second's read
+        assert await relay.step() == 0
+        assert [await likes.pending(s, 0, 1000) for s in group] == [[]] * len(group)
+        assert all(c.trimmed_through == c.published_through for c in relay.sources.values())
+    finally:
+        await log.close()
+
+
 async def test_a_round_publishes_one_message_per_partition_for_every_source_of_a_database(
         likes: PostgresLikeStore, nats_url: str) -> None:
     log = EventLog(nats_url, "T_GROUP", 3)

@@ -77,6 +77,14 @@ FROM unnest($1::text[], $2::bigint[]) AS s(source, after) CROSS JOIN LATERAL (
     WHERE source = s.source AND seq > s.after ORDER BY seq LIMIT $3) AS o
 ORDER BY s.source, o.seq
 """
+# The relay's round: trim what the previous round published (rows at or below each position) and
+# read what follows, in one round trip. The SELECT reads the statement's snapshot, from before the
+# DELETE, but only rows after the positions, which the DELETE does not touch.
+_TRIM_AND_PENDING = """
+WITH trimmed AS (
+    DELETE FROM outbox USING unnest($1::text[], $2::bigint[]) AS t(source, through)
+    WHERE outbox.source = t.source AND outbox.seq <= t.through)
+""" + _PENDING
 _TRIM = ("DELETE FROM outbox USING unnest($1::text[], $2::bigint[]) AS t(source, through) "
          "WHERE outbox.source = t.source AND outbox.seq <= t.through")
 
@@ -367,10 +375,12 @@ class PostgresLikeStore:
     async def pending(self, source: str, after_seq: int, limit: int) -> list[Event]:
         return (await self.pending_many({source: after_seq}, limit)).get(source, [])
 
-    async def pending_many(self, after: Mapping[str, int], limit: int) -> dict[str, list[Event]]:
+    async def pending_many(self, after: Mapping[str, int], limit: int,
+                           trim: bool = False) -> dict[str, list[Event]]:
         out: dict[str, list[Event]] = {}
+        sql = _TRIM_AND_PENDING if trim else _PENDING
         for db, group in self._by_db(after).items():
-            rows = await self.cluster.fetch(db, _PENDING, list(group), list(group.values()), limit)
+            rows = await self.cluster.fetch(db, sql, list(group), list(group.values()), limit)
             for r in rows:
                 out.setdefault(r[0], []).append(Event(r[1], r[2], r[3], r[4], r[5], r[6], r[7],
                                                       r[0]))
