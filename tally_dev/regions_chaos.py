@@ -47,6 +47,9 @@ class Ledger:
     items: int
     state: dict[Pair, bool] = field(default_factory=dict)
     acked_at: dict[Pair, float] = field(default_factory=dict)
+    # When the request that was acknowledged was sent: a region lost at t may have decided
+    # every write sent before t, though its answer is read (and ``acked_at`` stamped) later.
+    sent_at: dict[Pair, float] = field(default_factory=dict)
     latency: dict[str, list[float]] = field(default_factory=lambda: {"direct": [], "forwarded": []})
     pending: dict[Pair, bool] = field(default_factory=dict)  # unknown outcome, settled later
     retries: int = 0
@@ -65,7 +68,7 @@ class Ledger:
         t_end = time.monotonic() + deadline_s
         while True:
             at = region or random.choice(self.rc.regions)
-            t0 = time.perf_counter()
+            t0, sent = time.perf_counter(), time.time()
             try:
                 r = await http.post(f"{self.rc.api(at)}/v1/{'like' if on else 'unlike'}",
                                     json=body, timeout=5.0)
@@ -73,7 +76,7 @@ class Ledger:
                     kind = "direct" if self.home(user) == at else "forwarded"
                     self.latency[kind].append(time.perf_counter() - t0)
                     self.state[pair] = on
-                    self.acked_at[pair] = time.time()
+                    self.acked_at[pair], self.sent_at[pair] = time.time(), sent
                     return
             except httpx.TransportError:
                 pass
@@ -96,7 +99,9 @@ class Ledger:
 
     async def at_risk(self, region: str, home: str, before: float) -> list[float]:
         """Ack times of the pairs homed at ``home`` whose acknowledged state ``region`` does
-        not hold: what a loss of ``home`` at ``before`` would take with it, in async mode."""
+        not hold: what a loss of ``home`` at ``before`` would take with it, in async mode
+        (requests sent before it: ``home`` may have decided them, whenever their answer was
+        read)."""
         by_user: dict[str, list[int]] = {}
         for (user, item) in self.state:
             if self.home(user) == home and (user, item) not in self.pending:
@@ -108,7 +113,7 @@ class Ledger:
                     "user_id": user, "items": [{"item_type": "post", "item_id": i}
                                                for i in items]}, timeout=5.0)
                 for i, res in zip(items, r.json()["results"], strict=True):
-                    if res["on"] != self.state[(user, i)] and self.acked_at[(user, i)] < before:
+                    if res["on"] != self.state[(user, i)] and self.sent_at[(user, i)] < before:
                         out.append(self.acked_at[(user, i)])
         return out
 
@@ -245,9 +250,10 @@ async def run(rc: RegionCluster, users: int = 120, items: int = 24, clients: int
     load_task = asyncio.create_task(load(phase_s))
     await asyncio.sleep(phase_s / 2)
     t_kill = time.time()
-    rc.fail("us")
+    await asyncio.to_thread(rc.fail, "us")  # the clients go on reading their answers
+    t_dead = time.time()
     await load_task
-    risky = await led.at_risk("eu", "us", t_kill)
+    risky = await led.at_risk("eu", "us", t_dead)
     out["async_kill"] = {"at_risk_likes": len(risky),
                          "window_s": t_kill - min(risky) if risky else 0.0}
     await asyncio.to_thread(rc.recover, "us")

@@ -96,7 +96,7 @@ async def _status(rc: RegionCluster, http: httpx.AsyncClient, region: str, user:
         return 0
     if r.status_code == 200:
         led.state[(user, item)] = True
-        led.acked_at[(user, item)] = time.time()
+        led.acked_at[(user, item)] = led.sent_at[(user, item)] = time.time()
     return r.status_code
 
 
@@ -178,6 +178,7 @@ class Run:
             for (user, item), on in sorted(self.led.state.items()):
                 if item in items and await _has(self.rc, http, region, user, item) != on:
                     out.append({"user": user, "item": item, "ledger": on,
+                                "sent_at": self.led.sent_at[(user, item)],
                                 "acked_at": self.led.acked_at[(user, item)]})
         return out
 
@@ -263,8 +264,10 @@ async def run_witness(rc: RegionCluster, users: int = 60, items: int = 12, clien
         load = run.start_load(readers=["eu"])
         await asyncio.sleep(phase_s)
         t_kill, t0 = time.time(), time.monotonic()
-        out["killed"] = rc.fail("us")
-        t_dead = time.time()  # what us acknowledged until here may be lost with it
+        # In a thread: the clients go on reading answers meanwhile. A write us answered just
+        # before its death may still be read after it: at risk is what was sent before t_dead.
+        out["killed"] = await asyncio.to_thread(rc.fail, "us")
+        t_dead = time.time()
 
         async def eu_took() -> bool:
             return await _epoch(rc, "eu") > epoch1
@@ -279,7 +282,8 @@ async def run_witness(rc: RegionCluster, users: int = 60, items: int = 12, clien
             "failover_after_s": kill_failover_s,
             "first_us_user_write_at_eu_after_s": kill_first_write_s,
             "at_risk_likes": len(risky), "window_s": t_kill - min(risky) if risky else 0.0,
-            "kill_took_s": t_dead - t_kill, "read_failures_eu": led.read_failures.get("eu", 0)}
+            "kill_took_s": t_dead - t_kill, "read_failures_eu": led.read_failures.get("eu", 0),
+            "t_kill": t_kill, "t_dead": t_dead}
         if not recover:  # eu alone: its counts are the ledger's, but for what us took along
             taken = {item for _user, item in await _lacking(run, "eu", t_dead)}
             want, off = led.expected(run.items), {}
@@ -291,6 +295,10 @@ async def run_witness(rc: RegionCluster, users: int = 60, items: int = 12, clien
                     break
                 await asyncio.sleep(0.25)
             out["kill"]["eu_off_ledger_not_at_risk"] = off
+            if off:  # name the pairs: a wrong record, or a count unlike its records
+                out["kill"]["pairs_off_ledger"] = {
+                    "records_off_ledger": await run.differ("eu", set(off)),
+                    "stored_counts": await _stored(rc, "eu", set(off))}
             return out
         t0 = time.monotonic()
         report = await asyncio.to_thread(rc.recover, "us")
@@ -304,12 +312,13 @@ async def run_witness(rc: RegionCluster, users: int = 60, items: int = 12, clien
 
 
 async def _lacking(run: Run, region: str, before: float) -> list[tuple[str, int]]:
-    """The pairs whose acknowledged state (before ``before``) ``region``'s records lack."""
+    """The pairs whose acknowledged state (its request sent before ``before``) ``region``'s
+    records lack."""
     led = run.led
     out = []
     async with httpx.AsyncClient(headers=led.rc.headers()) as http:
         for (user, item), on in list(led.state.items()):
-            if item < len(run.items) and led.acked_at[(user, item)] < before and \
+            if item < len(run.items) and led.sent_at[(user, item)] < before and \
                     await _has(led.rc, http, region, user, item) != on:
                 out.append((user, item))
     return out
