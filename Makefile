@@ -62,15 +62,17 @@ chaos-storage: $(STAMP) engines
 # load, a failover and rejoin with a staged conflict. Needs root (ip netns). Results in
 # chaos-regions.json; exits non-zero if any count differs from the ledger. Then automatic failover
 # through the witness quorum (no majority, a cut, a kill; the no-op and late-views rejoin cases)
-# and three regions (a leaf killed, failed over and rejoined, a cut, the leaf-node hub lost):
+# and three regions with the leaf-node hub in the witness place (a leaf killed, failed over and
+# rejoined, a cut, us lost with replication between eu and ap going on, the hub lost and back):
 # chaos-failover.json, non-zero on a count off the ledger or a pair decided twice in one epoch.
-# Then replication = "sync" (likes) beside async (saves) through a region lost with its disks:
-# chaos-regions-sync.json, non-zero on a like lost or a count off the ledger less the listed
+# Then replication = "sync" (likes) beside async (saves) through a region lost with its disks, in
+# two regions and in three: chaos-regions-sync.json and chaos-regions-sync3.json, non-zero on a like lost or a count off the ledger less the listed
 # losses; and the cross-region visibility probe under load with its per-stage breakdown.
 chaos-regions: $(STAMP) engines
 	timeout 1200 $(BIN)/python -m tally_dev.regions_chaos --out chaos-regions.json
 	timeout 1200 $(BIN)/python -m tally_dev.regions_failover --out chaos-failover.json
 	timeout 1200 $(BIN)/python -m tally_dev.regions_sync --out chaos-regions-sync.json
+	timeout 1200 $(BIN)/python -m tally_dev.regions_sync --regions 3 --out chaos-regions-sync3.json
 	timeout 900 $(BIN)/python -m tally_dev.regions_visibility --out chaos-regions-visibility.json
 
 # Online resharding on the dev cluster under a client ledger (docs/scale-out.md): three

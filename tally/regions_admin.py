@@ -69,7 +69,11 @@ class RegionHandle:
 
     async def __aenter__(self) -> RegionHandle:
         await self.pg.start()
-        await self.log.start()
+        try:
+            await self.log.start()
+        except BaseException:  # a region whose NATS is down (or still starting): no pool left
+            await self.pg.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -270,6 +274,13 @@ async def restart_sources(h: RegionHandle) -> None:
     if peers:
         await h.log.set_sources([])
         await h.log.set_sources(peers)
+
+
+async def resume_sources(region: Settings) -> None:
+    """``restart_sources`` from a region's settings: after a link every source crossed came
+    back (the leaf-node hub restarted), so replication resumes now, not after the backoff."""
+    async with RegionHandle(region) as h:
+        await restart_sources(h)
 
 
 async def _rejoin_partition(sv: RegionHandle, rt: RegionHandle, p: int, placement: Placement,

@@ -123,6 +123,10 @@ def register(sub: Any, add: Adder) -> None:
     sp.add_argument("--witness", action="store_true",
                     help="up --regions: automatic failover through an etcd quorum (a member per "
                     "region, and a witness member in a namespace of its own for two regions)")
+    sp.add_argument("--leaf-hub", choices=("region", "witness"), default="region",
+                    help="up --regions: where the regions' NATS leaf nodes meet: the first region "
+                    "(its loss cuts replication between the others) or a NATS server in the "
+                    "witness place, no region (three regions or more)")
     sp = add("region", regions_cmd, "regions of a dev cluster: failover FROM --to TO, rejoin "
              "REGION (failed over while it ran), restore REGION (its users back), conflicts")
     sp.add_argument("action", choices=("failover", "rejoin", "restore", "conflicts"))

@@ -8,10 +8,12 @@ by ``setpriv`` inside the namespace, since ``ip netns exec`` itself needs root.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +117,47 @@ class NetNats(NatsEngine):
 
     def _ready(self) -> bool:
         return http_ok(f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true")
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+
+class NetNatsHub(NatsEngine):
+    """The leaf-node hub when it is no region: a NATS server without JetStream in a place of its
+    own (the witness's), every region's NATS a leaf of it. Leaf-node graphs must be trees, so
+    with the hub in a region, that region's loss cuts replication between the others; a hub
+    outside the regions survives the loss of any region (not its own loss)."""
+
+    def __init__(self, root: Path, port: int, monitor_port: int, leaf_port: int, net: RegionNet,
+                 place: str) -> None:
+        super().__init__(root, port, monitor_port)
+        self.name = f"nats-{place}"
+        self.host = net.address(place)
+        self.prefix = net.exec_prefix(place)
+        self.leaf_port = leaf_port
+
+    def _prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            f"server_name: hub\nlisten: {self.host}:{self.port}\n"
+            f"http: {self.host}:{self.monitor_port}\nping_interval: 2s\nping_max: 2\n"
+            f"leafnodes {{\n  listen: {self.host}:{self.leaf_port}\n}}\n")
+
+    def _command(self) -> list[str]:
+        return [*self.prefix, str(require_binary("nats", nats_bin())), "-c", str(self.config)]
+
+    def _ready(self) -> bool:
+        return http_ok(f"http://{self.host}:{self.monitor_port}/healthz")
+
+    def leaves(self) -> int:
+        """Leaf nodes connected now (0 when the hub does not answer)."""
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.monitor_port}/leafz",
+                                        timeout=2.0) as resp:
+                return int(json.loads(resp.read()).get("leafnodes", 0))
+        except (OSError, ValueError):
+            return 0
 
     @property
     def url(self) -> str:

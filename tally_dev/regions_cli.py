@@ -23,7 +23,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     rc = RegionCluster(Path(args.dir), partitions=args.partitions)
     try:
         if args.action == "up":
-            rc.up(args.regions, witness=args.witness)
+            rc.up(args.regions, witness=args.witness, hub=args.leaf_hub)
             print(f"{args.regions} regions up; configs {rc.root}/<region>/tally.toml")
         elif args.action == "down":
             print(f"stopped: {', '.join(rc.down()) or 'nothing was running'}")
@@ -68,6 +68,12 @@ def _print_status(status: dict[str, object]) -> None:
               f"placement epoch {r['placement_epoch']}, outbox backlog {r['outbox_backlog']}, "
               f"log pending {r['log_pending_messages']}, missing from peers {lag.get(name)}")
         for p in r["processes"]:
+            print(f"  {p['name']:14} {'running' if p['running'] else 'DOWN':8} pid {p['pid']:<8} "
+                  f"{p['url']}")
+    witness = status.get("witness")
+    if isinstance(witness, list) and witness:
+        print(f"witness place (leaf-node hub: {status.get('leaf_hub')}):")
+        for p in witness:
             print(f"  {p['name']:14} {'running' if p['running'] else 'DOWN':8} pid {p['pid']:<8} "
                   f"{p['url']}")
     print(f"cut: {status['cut'] or 'none'}")

@@ -21,9 +21,11 @@ own, leases of ``witness_ttl_s``):
    rejoined, counts equal the ledger.
 
 ``run_three`` (three regions, an etcd member in each, no witness needed): load; ap killed, failed
-over automatically, recovered and rejoined; eu|ap cut under load and healed; and the leaf-node
-hub (us) killed: whether eu's likes still reach ap while it is down. Counts in all three equal
-the ledger after each step that converges.
+over automatically, recovered and rejoined; eu|ap cut under load and healed; us killed: whether
+eu's likes still reach ap while it is down (they do with the leaf-node hub in the witness place,
+``--leaf-hub witness``, the default here; not with the hub in us, ``--leaf-hub region``); with the
+hub outside, the hub itself lost and back: replication waits for it, then resumes. Counts in all
+three equal the ledger after each step that converges.
 """
 
 from __future__ import annotations
@@ -407,20 +409,50 @@ async def run_three(rc: RegionCluster, users: int = 60, items: int = 12, clients
         await run.stop_load(load)
         out["epoch_change_during_cut"] = await _epoch(rc, "us") - epoch1
         out["after_cut_heal"] = await run.converged()
-        # the leaf-node hub (us, the first region) killed: does eu's like reach ap?
+        # us killed (the leaf-node hub too, unless the hub is in the witness place): does a
+        # like decided at eu still reach ap?
+        out["leaf_hub"] = rc.hub
         eu_user = run.homed("eu")[0]
         await led.write(http, (eu_user, 961), True, "eu")
-        out["hub_up_eu_like_reaches_ap"] = await _arrives(rc, http, eu_user, 961, "ap", 10.0)
+        out["us_up_eu_like_reaches_ap"] = await _arrives(rc, http, eu_user, 961, "ap", 10.0)
         rc.fail("us")
+        t0 = time.monotonic()
         await led.write(http, (eu_user, 962), True, "eu")
-        out["hub_down_eu_like_reaches_ap_within_10s"] = await _arrives(rc, http, eu_user, 962,
-                                                                       "ap", 10.0)
+        arrived = await _arrives(rc, http, eu_user, 962, "ap", 10.0)
+        out["us_down_eu_like_reaches_ap_within_10s"] = arrived
+        if arrived:
+            out["us_down_eu_like_at_ap_after_s"] = time.monotonic() - t0
         report = await asyncio.to_thread(rc.recover, "us")
-        out["hub_recover"] = {"late": report.late, "applied": report.applied,
-                              "conflicts": len(report.conflicts)}
-        out["after_hub_back"] = await run.converged(range(960, 963))
+        out["us_recover"] = {"late": report.late, "applied": report.applied,
+                             "conflicts": len(report.conflicts)}
+        out["after_us_back"] = await run.converged(range(960, 963))
+        if rc.hub == WITNESS:
+            out["hub_lost"] = await _hub_lost(rc, run, http, eu_user)
+            out["after_hub_back"] = await run.converged(range(960, 965))
     out["write_retries"] = led.retries
     out["pairs_off_ledger"] = run.pairs_off
+    return out
+
+
+async def _hub_lost(rc: RegionCluster, run: Run, http: httpx.AsyncClient, eu_user: str
+                    ) -> dict[str, Any]:
+    """The hub outside the regions lost, then back: each region keeps deciding its own users'
+    writes and answering reads; replication between them waits for the hub and resumes after
+    it."""
+    rc.fail(WITNESS)
+    t0 = time.monotonic()
+    await run.led.write(http, (eu_user, 963), True, "eu")
+    out: dict[str, Any] = {
+        "eu_like_acknowledged_s": time.monotonic() - t0,
+        "eu_like_reaches_ap_within_5s": await _arrives(rc, http, eu_user, 963, "ap", 5.0)}
+    await asyncio.to_thread(rc.recover, WITNESS)
+    out["hub_down_s"] = time.monotonic() - t0
+
+    async def everywhere() -> bool:
+        return all([await _has(rc, http, r, eu_user, 963) for r in rc.regions])
+
+    out["hub_back_to_like_everywhere_s"] = await _until(everywhere, 120,
+                                                        "replication after the hub")
     return out
 
 
@@ -434,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttl-s", type=float, default=10.0, help="the regions' witness lease")
     p.add_argument("--net", type=int, default=9)
     p.add_argument("--only", choices=("witness", "three"))
+    p.add_argument("--leaf-hub", choices=("region", WITNESS), default=WITNESS,
+                   help="three regions: where the NATS leaf nodes meet")
     p.add_argument("--out", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     out: dict[str, Any] = {}
@@ -441,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only not in (None, name):
             continue
         rc = RegionCluster(Path(args.dir) / name, partitions=8)
-        rc.up(count, net=args.net, witness=True, witness_ttl_s=args.ttl_s)
+        rc.up(count, net=args.net, witness=True, witness_ttl_s=args.ttl_s,
+              hub=args.leaf_hub if name == "three" else "region")
         try:
             job = run_witness if name == "witness" else run_three
             out[name] = asyncio.run(job(rc, users=args.users, items=40, clients=6,

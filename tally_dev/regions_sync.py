@@ -1,14 +1,16 @@
 """Proof of ``replication = "sync"`` with a client ledger: ``python -m tally_dev.regions_sync``
 (in ``make chaos-regions``); ``tests/regions/test_regions_sync.py`` runs a short case.
 
-Two regions, ``like`` synchronous and ``save`` asynchronous, so both modes take the same load,
+Two regions (or three: ``--regions 3``, the leaf-node hub in the witness place), ``like``
+synchronous and ``save`` asynchronous, so both modes take the same load,
 the same kill and the same failover in one run. Clients own (user, item, counter) triples and
 write each sequentially through either region's API, retrying until acknowledged, so the
 ledger's last acknowledged state of each triple is exact. The run:
 
 1. load: latency of each op, per counter (sync like vs async save), direct vs forwarded;
-2. partition us|eu: a like at us is refused (503 with Retry-After: no peer holds it), a save at
-   us is taken; after the heal the like is taken;
+2. us cut from every peer (and from the hub outside the regions, if any): a like at us is
+   refused (503 with Retry-After: no peer holds it), a save at us is taken; after the heal the
+   like is taken;
 3. load again, and us is SIGKILLed in the middle of it with its disks lost (data directories
    deleted); ``tally region failover us --to eu``;
 4. every acknowledged state of every triple (outcome known) is read back at eu from its records:
@@ -38,7 +40,7 @@ from tally import regions_admin
 from tally.core.regions import hash_home
 from tally.settings import load
 from tally.store.jetstream.synchold import hold_subject, holding_stream
-from tally_dev.regions import RegionCluster
+from tally_dev.regions import WITNESS, RegionCluster
 from tally_dev.regions_chaos import pct, visibility
 
 SYNC, ASYNC = "like", "save"
@@ -159,10 +161,13 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 async def refused_while_cut(rc: RegionCluster, led: SyncLedger) -> dict[str, Any]:
-    """A sync like at us while us|eu is cut is refused (503, Retry-After); a save is taken."""
+    """A sync like at us while us is cut from every peer is refused (503, Retry-After); a save
+    is taken. The cut includes the leaf-node hub when it is no region: the holding streams are
+    reached through it."""
     user = next(f"u{u}" for u in range(led.users) if led.home(f"u{u}") == "us")
     out: dict[str, Any] = {}
-    rc.partition("us", "eu")
+    for other in [r for r in rc.regions if r != "us"] + ([WITNESS] if rc.hub == WITNESS else []):
+        rc.partition("us", other)
     try:
         await asyncio.sleep(0.5)
         async with httpx.AsyncClient(headers=rc.headers()) as http:
@@ -235,10 +240,10 @@ def _eu_drained(rc: RegionCluster, region: str, timeout_s: float = 60.0) -> None
     raise AssertionError(f"{region} did not drain in {timeout_s:.0f} s")
 
 
-async def _stall(rc: RegionCluster, region: str) -> None:
-    """Stop ``region`` sourcing its peers' logs: replication lags as over a congested link."""
+async def _stall(rc: RegionCluster, region: str, peer: str) -> None:
+    """Stop ``region`` sourcing ``peer``'s log: replication lags as over a congested link."""
     async with regions_admin.RegionHandle(load(rc.config(region))) as h:
-        await h.log.set_sources([])
+        await h.log.set_sources([p for p in await h.sourced() if p != peer])
 
 
 async def run(rc: RegionCluster, users: int = 60, items: int = 12, clients: int = 4,
@@ -271,7 +276,7 @@ async def run(rc: RegionCluster, users: int = 60, items: int = 12, clients: int 
     kill: dict[str, Any] = {}
 
     async def lose_us() -> None:
-        await _stall(rc, "eu")
+        await _stall(rc, "eu", "us")
         await asyncio.sleep(stall_s)
         kill["t"] = time.time()  # in a thread: the clients go on stamping their answers
         kill["killed"] = await asyncio.to_thread(rc.fail, "us")
@@ -322,10 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase-s", type=float, default=15.0)
     p.add_argument("--users", type=int, default=200)
     p.add_argument("--net", type=int, default=9, help="namespace net number (10.250.N.0/24)")
+    p.add_argument("--regions", type=int, choices=(2, 3), default=2)
     p.add_argument("--out", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     rc = RegionCluster(Path(args.dir), partitions=8, sync_counters=(SYNC,))
-    rc.up(2, net=args.net)
+    # Three regions: the hub outside them, so us's loss cuts no replication between eu and ap.
+    rc.up(args.regions, net=args.net, hub=WITNESS if args.regions > 2 else "region")
     try:
         out = asyncio.run(run(rc, users=args.users, items=40, clients=8, phase_s=args.phase_s))
     finally:

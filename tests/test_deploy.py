@@ -171,3 +171,15 @@ def test_region_examples_load_and_name_each_other(region: str) -> None:
     assert s.region_name == region and list(region_peers(s)) == [other]
     conf = (DEPLOY / "regions" / f"nats-{region}.conf").read_text()
     assert f"domain: {region}" in conf
+
+
+@pytest.mark.parametrize("region", ["us", "eu", "ap"])
+def test_three_region_examples_are_leaves_of_a_hub_outside_the_regions(region: str) -> None:
+    three = DEPLOY / "regions" / "three"
+    s = load(three / f"{region}.toml", env={})
+    assert s.region_name == region
+    assert sorted(region_peers(s)) == sorted({"us", "eu", "ap"} - {region})
+    conf = (three / f"nats-{region}.conf").read_text()
+    assert f"domain: {region}" in conf and "nats.witness.internal:7422" in conf
+    hub = (three / "nats-hub.conf").read_text()
+    assert "jetstream {" not in hub and "listen: 0.0.0.0:7422" in hub  # no data, no domain
