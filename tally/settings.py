@@ -66,7 +66,8 @@ class Settings:
     port: int = _s(8080, G.SERVER, "Port the HTTP API listens on")
     workers: int = _s(1, G.SERVER, "API processes on the one port (embedded SQLite: the first also "
                                     "runs the likes writer and the aggregation, the others write "
-                                    "through it and read the files directly)")
+                                    "through it and read the files directly). Metrics and rate "
+                                    "limits are per process: why the default is one")
     region: str = _s("local", G.SERVER,
                      "Region stamped on events that do not name one (for rollups)")
     log_level: str = _s("INFO", G.SERVER, "Log level (DEBUG, INFO, WARNING, ERROR)")

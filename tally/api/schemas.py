@@ -208,4 +208,6 @@ def counts_json(items: Sequence[str], counts: Mapping[str, Sequence[int]],
 
 def _members(columns: list[list[str]], n: int) -> list[str]:
     """Each item's object members, joined, from one list of members per counter."""
+    if len(columns) == 1:
+        return columns[0]
     return [",".join(t) for t in zip(*columns, strict=True)] if columns else [""] * n
