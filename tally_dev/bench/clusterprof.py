@@ -68,6 +68,10 @@ class ProfilePlan:
     # Another checkout of Tally (e.g. ``git worktree add /tmp/base <commit>``) run as a second
     # cluster, "cluster-base", in the same rounds: a change's before and after side by side.
     baseline: Path | None = None
+    # After each system's closed-loop run of a round, an open-loop run at this share of the
+    # maximum it just reached (0: none): latency and cost per like at the targets' load, where
+    # requests arrive spread out instead of in the closed loop's waves.
+    open_share: float = 0.0
 
 
 def sql_role(query: str) -> str:
@@ -171,22 +175,26 @@ class Profiler:
         self.runs: list[dict[str, Any]] = []
 
     def measure(self, target: str, port: int, probe: Probe, preset: str, rnd: int,
-                settle: DevCluster | None) -> dict[str, Any]:
+                settle: DevCluster | None, rate: float = 0.0) -> dict[str, Any]:
+        """A closed-loop run, or with ``rate`` an open-loop one offering that many likes/s."""
         p = self.plan
         if settle is not None:
             _settle(settle)
         probe.reset_statements()
         before = probe.snapshot()
-        spec = RunSpec(name=f"{target}/{preset} r{rnd + 1}", host=HOST, port=port, preset=preset,
+        name = f"{target}/{preset}" + (f"@{rate:.0f}" if rate else "") + f" r{rnd + 1}"
+        spec = RunSpec(name=name, host=HOST, port=port, preset=preset,
+                       mode="open" if rate else "closed", rate=rate,
                        duration_s=p.duration_s, warmup_s=0.0, connections=p.connections,
                        seed=rnd + 1, params=p.params, run_id=len(self.runs) + 1)
         result = run_dict(loadgen.run(spec, self.show_progress))
         if settle is not None:
             _settle(settle)  # the relay and aggregator finish this run's events: charged to it
         cost = per_like(before, probe.snapshot(), probe.statements(), result["ok"])
-        row = {"target": target, "preset": preset, "round": rnd,
+        row = {"target": target, "preset": preset, "round": rnd, "offered_per_s": rate or None,
                "throughput_per_s": result["throughput_per_s"], "ok": result["ok"],
-               "errors": result["errors"], "p99_ms": result["latency"]["p99_ms"], **cost}
+               "errors": result["errors"], "p50_ms": result["latency"]["p50_ms"],
+               "p99_ms": result["latency"]["p99_ms"], **cost}
         self.runs.append(row)
         if self.show_progress:
             total = sum(cost["cpu_us"].values())
@@ -203,16 +211,21 @@ class Profiler:
                 clusters["cluster-base"] = stack.enter_context(
                     _cluster(self.work / "cluster-base", self.plan.baseline))
             peer_port, peer_probe = stack.enter_context(_pg_peer(self.work))
+            systems: dict[str, tuple[DevCluster | None, int, Probe]] = {
+                **clusters, "pg": (None, peer_port, peer_probe)}
+            share = self.plan.open_share
             for rnd in range(self.plan.rounds):
                 for preset in self.plan.presets:
-                    for name, (cluster, port, probe) in clusters.items():
-                        self.measure(name, port, probe, preset, rnd, cluster)
-                    self.measure("pg", peer_port, peer_probe, preset, rnd, None)
+                    for name, (cluster, port, probe) in systems.items():
+                        top = self.measure(name, port, probe, preset, rnd, cluster)
+                        if share > 0 and top["throughput_per_s"] > 0:
+                            self.measure(name, port, probe, preset, rnd, cluster,
+                                         rate=round(share * top["throughput_per_s"], 1))
         return {"machine": machine(), "command": " ".join(sys.argv), "started": started,
                 "wall_s": round(time.time() - started, 1),
                 "load_average": {"before": load_before, "after": os.getloadavg()},
                 "plan": {"duration_s": self.plan.duration_s, "rounds": self.plan.rounds,
-                         "connections": self.plan.connections,
+                         "connections": self.plan.connections, "open_share": self.plan.open_share,
                          "baseline": str(self.plan.baseline or "")},
                 "runs": self.runs}
 
@@ -261,8 +274,10 @@ def _median(values: list[float]) -> float:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The profile table (medians over rounds) and the side-by-side ratio of each round."""
-    runs = result["runs"]
+    """The profile table (medians over rounds), the side-by-side ratio of each round and, with
+    open-loop runs, each one beside the closed-loop run it took its rate from."""
+    every = result["runs"]
+    runs = [r for r in every if not r.get("offered_per_s")]
     lines = ["| workload | system | likes/s (p99) | CPU us per like by role | PostgreSQL CPU us "
              "per like by role served | PG statements / transactions / WAL bytes per like | "
              "NATS msgs in+out, Redis commands per like |", "|---|---|---:|---|---|---|---|"]
@@ -304,7 +319,28 @@ def markdown(result: dict[str, Any]) -> str:
                          f"{r['throughput_per_s']:,.0f} | "
                          f"{peer['throughput_per_s']:,.0f} | "
                          f"{r['throughput_per_s'] / peer['throughput_per_s']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _open_lines(every)) + "\n"
+
+
+def _open_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Each open-loop run after the closed-loop run of the same system, preset and round."""
+    opened = [r for r in runs if r.get("offered_per_s")]
+    if not opened:
+        return []
+    lines = ["", "| round | workload | system | closed loop: likes/s, p99, CPU us/like | "
+             "open loop: offered/s, served/s, p50 / p99 ms | open loop CPU us per like by role |",
+             "|---|---|---|---|---|---|"]
+    for r in opened:
+        top = next(c for c in runs if not c.get("offered_per_s") and c["target"] == r["target"]
+                   and c["preset"] == r["preset"] and c["round"] == r["round"])
+        lines.append(
+            f"| {r['round'] + 1} | {r['preset']} | {r['target']} | "
+            f"{top['throughput_per_s']:,.0f}, {top['p99_ms']:.0f} ms, "
+            f"{sum(top['cpu_us'].values()):,.0f} | {r['offered_per_s']:,.0f}, "
+            f"{r['throughput_per_s']:,.0f}, {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
+            f"total **{sum(r['cpu_us'].values()):,.0f}**: "
+            + ", ".join(f"{k} {v:,.0f}" for k, v in r["cpu_us"].items()) + " |")
+    return lines
 
 
 def run(out: Path, plan: ProfilePlan, show_progress: bool = True) -> dict[str, Any]:

@@ -37,9 +37,15 @@ def test_costs_are_divided_by_the_likes_answered() -> None:
 @pytest.mark.timeout(240)
 def test_a_short_profile_measures_every_role(tmp_path: Path) -> None:
     plan = ProfilePlan(duration_s=1.0, rounds=1, connections=8, presets=("uniform",),
-                       params=Params(items=10_000))
+                       params=Params(items=10_000), open_share=0.5)
     result = run(tmp_path / "out", plan, show_progress=False)
-    by_target = {r["target"]: r for r in result["runs"]}
+    by_target = {r["target"]: r for r in result["runs"] if not r["offered_per_s"]}
+    opened = {r["target"]: r for r in result["runs"] if r["offered_per_s"]}
+    assert set(opened) == {"cluster", "pg"}  # each at half its own closed-loop maximum
+    for name, row in opened.items():
+        assert row["offered_per_s"] == pytest.approx(0.5 * by_target[name]["throughput_per_s"],
+                                                     abs=0.1)
+        assert row["ok"] > 0 and sum(row["cpu_us"].values()) > 0
     assert set(by_target) == {"cluster", "pg"}
     for row in by_target.values():
         assert row["ok"] > 0 and row["errors"] == 0
@@ -53,3 +59,4 @@ def test_a_short_profile_measures_every_role(tmp_path: Path) -> None:
     assert cluster["pg_statements_by_role"]["api"] > 0 and cluster["nats_in"] > 0
     md = (tmp_path / "out" / "cluster-profile.md").read_text()
     assert "| uniform | cluster |" in md and "| uniform | pg |" in md
+    assert "| 1 | uniform | cluster |" in md and "open loop" in md
