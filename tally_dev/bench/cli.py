@@ -76,6 +76,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     u.add_argument("--connections", type=int, default=32)
     u.add_argument("--base", type=Path, help="also `tally serve` from this source tree (a git "
                                              "worktree of the commit before a change)")
+    u.add_argument("--together", action="store_true", help="drive every variant at the same "
+                                                           "time in each round (a load change "
+                                                           "then falls on all of them)")
     u.add_argument("--out", type=Path, default=Path("bench-results"))
     u.set_defaults(fn=cmd_cpu)
 
@@ -148,7 +151,7 @@ def cmd_cpu(args: argparse.Namespace) -> int:
     from tally_dev.bench.cpucompare import run
 
     result = run(args.variants.split(","), args.presets.split(","), args.rounds, args.duration,
-                 args.connections, args.out, args.base)
+                 args.connections, args.out, args.base, args.together)
     print(result["table"])
     return 1 if any(r["errors"] for r in result["runs"]) else 0
 

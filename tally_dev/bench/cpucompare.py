@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,12 @@ def from_tree(source: Path) -> Variant:
 
 
 def run(variants: list[str], presets: list[str], rounds: int = 3, duration_s: float = 5.0,
-        connections: int = 32, out: Path | None = None, base: Path | None = None
-        ) -> dict[str, Any]:
+        connections: int = 32, out: Path | None = None, base: Path | None = None,
+        together: bool = False) -> dict[str, Any]:
+    """``together``: in each (round, workload) every variant is driven at the same time, each by
+    its own wrk, so a change in the machine's load during the run falls on all of them (on a
+    shared machine it moves from one 5 s run to the next far more than most changes do); each
+    then gets part of the cores, which raises CPU per request alike for all."""
     work = Path(tempfile.mkdtemp(prefix="tally-cpu-"))
     runs: list[dict[str, Any]] = []
     chosen = ([from_tree(base)] if base else []) + [VARIANTS[name] for name in variants]
@@ -113,30 +118,45 @@ def run(variants: list[str], presets: list[str], rounds: int = 3, duration_s: fl
         servers = {v.name: stack.enter_context(started(v, work)) for v in chosen}
         for rnd in range(rounds):
             for preset in presets:
-                for name, server in servers.items():
-                    assert server.proc is not None
-                    server_stats.settle(server.url)
-                    before = cpu_split(server.proc.pid, server.port)
-                    r = wrk.run(f"{name}/{preset}", server.url, preset, duration_s, connections,
-                                Params())
-                    after = cpu_split(server.proc.pid, server.port)
-                    n = max(r["ok"], 1)
-                    row = {"variant": name, "preset": preset, "round": rnd,
-                           "per_s": r["throughput_per_s"], "p99_ms": r["latency"]["p99_ms"],
-                           "errors": r["errors"],
-                           "api_us": (after["api"] - before["api"]) / n * 1e6,
-                           "other_us": (after["other"] - before["other"]) / n * 1e6}
-                    runs.append(row)
-                    print(f"  r{rnd + 1} {name:<12} {preset:<8} {row['per_s']:>8,.0f}/s p99 "
-                          f"{row['p99_ms']:6.1f} ms  API {row['api_us']:6.0f} us/req  writer "
-                          f"{row['other_us']:5.0f} us/req  errors {row['errors']}",
-                          file=sys.stderr)
+                batches = [list(servers.items())] if together else [[x] for x in servers.items()]
+                for batch in batches:
+                    for row in _measure(batch, preset, rnd, duration_s, connections):
+                        runs.append(row)
+                        print(f"  r{rnd + 1} {row['variant']:<12} {preset:<8} "
+                              f"{row['per_s']:>8,.0f}/s p99 {row['p99_ms']:6.1f} ms  API "
+                              f"{row['api_us']:6.0f} us/req  writer {row['other_us']:5.0f} "
+                              f"us/req  errors {row['errors']}", file=sys.stderr)
     md = table(runs)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cpu.json").write_bytes(orjson.dumps({"runs": runs}, option=orjson.OPT_INDENT_2))
         (out / "cpu.md").write_text(md)
     return {"runs": runs, "table": md}
+
+
+def _measure(batch: list[tuple[str, targets.HttpServer]], preset: str, rnd: int,
+             duration_s: float, connections: int) -> list[dict[str, Any]]:
+    """One wrk run per server of ``batch``, all at once, and each server's CPU over its run."""
+    before = {}
+    for _name, server in batch:
+        server_stats.settle(server.url)
+    for name, server in batch:
+        assert server.proc is not None
+        before[name] = cpu_split(server.proc.pid, server.port)
+    with ThreadPoolExecutor(len(batch)) as pool:
+        results = list(pool.map(lambda item: wrk.run(f"{item[0]}/{preset}", item[1].url, preset,
+                                                     duration_s, connections, Params()), batch))
+    rows = []
+    for (name, server), r in zip(batch, results, strict=True):
+        assert server.proc is not None
+        after = cpu_split(server.proc.pid, server.port)
+        n = max(r["ok"], 1)
+        rows.append({"variant": name, "preset": preset, "round": rnd,
+                     "per_s": r["throughput_per_s"], "p99_ms": r["latency"]["p99_ms"],
+                     "errors": r["errors"],
+                     "api_us": (after["api"] - before[name]["api"]) / n * 1e6,
+                     "other_us": (after["other"] - before[name]["other"]) / n * 1e6})
+    return rows
 
 
 def table(runs: list[dict[str, Any]]) -> str:

@@ -23,3 +23,15 @@ def test_cpu_per_request_is_split_between_api_and_writer(tmp_path: Path) -> None
     assert row["errors"] == 0 and row["per_s"] > 0
     assert row["api_us"] > 0 and row["other_us"] > 0  # a like reaches the writer child
     assert "| uniform | uvicorn |" in (tmp_path / "cpu.md").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_together_drives_every_variant_in_the_same_run(tmp_path: Path) -> None:
+    if not wrk.available():
+        pytest.skip("wrk is not installed (make engines)")
+    tree = Path(__file__).resolve().parents[2]  # this source tree, as a --base
+    result = run(["uvicorn"], ["counts"], rounds=1, duration_s=1.0, connections=4,
+                 base=tree, together=True)
+    rows = result["runs"]
+    assert [r["variant"] for r in rows] == [f"base:{tree.name}", "uvicorn"]
+    assert all(r["errors"] == 0 and r["per_s"] > 0 and r["api_us"] > 0 for r in rows)
