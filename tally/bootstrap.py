@@ -21,7 +21,7 @@ from tally.core.regions import Placement
 from tally.metrics import Metrics, Sample
 from tally.runtime import AppRuntime, cancel_all, periodic, postgres_config, schema_of
 from tally.service.counters import CounterService, Limits
-from tally.service.reads import HOT_SAMPLE, CountReader
+from tally.service.reads import HOT_SAMPLE, REPORT_SAMPLE, CountReader
 from tally.service.regions import RegionRouter
 from tally.settings import Settings, region_peers
 from tally.store.etcd.witness import EtcdWitness
@@ -157,7 +157,7 @@ def build(settings: Settings, writers_dir: Path | None = None) -> Runtime:
     hot = SpaceSaving()
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,
-                         sample=HOT_SAMPLE)
+                         sample=REPORT_SAMPLE)
     aggregator = Aggregator(store, store, window_s=settings.aggregate_window_ms / 1000,
                             rollups=settings.rollups,
                             on_applied=reader.applied, in_place=store)
