@@ -127,6 +127,15 @@ class Engine:
         """Start and wait until the engine answers; on failure, raise with its log's tail."""
         if self.running():
             return
+        self.launch()
+        self.wait_ready(timeout_s)
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (``wait_ready`` waits). With
+        ``die_with_parent``, call it from a thread that outlives the engine: the kernel's
+        parent-death signal follows the thread that forked, not the process."""
+        if self.running():
+            return
         self.root.mkdir(parents=True, exist_ok=True)
         self._prepare()
         if _listening(self.port):
@@ -137,6 +146,11 @@ class Engine:
                 self._command(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True, **self._popen_kwargs(),
                 preexec_fn=_die_with_parent if self.die_with_parent and _LINUX else None)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Until the launched engine answers; on failure, kill it and raise with its log's tail
+        (from any thread: several engines may be waited for at once)."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
