@@ -9,6 +9,10 @@ state`` for the ones that exist), unlikes switch off only rows that are on; the 
 take consecutive numbers of one outbox slot (its head row locked last, as everywhere) and get
 their outbox rows; the same statement reads the stored counts of the items. One round trip and
 one commit for the whole batch.
+
+The stored counts are read by a subquery per op, not a join: a connection keeps the statement's
+generic plan, and a plan made while ``counts`` was small (a new database) joined it by a full
+scan, which every batch then paid in proportion to the table for the connection's life.
 """
 
 from __future__ import annotations
@@ -47,9 +51,9 @@ numbered AS (SELECT ch.*, h.seq - ch.total + ch.r AS seq FROM ch, h),
 o AS (
     INSERT INTO outbox (source, seq, shard, counter, item, user_id, delta, ts, region)
     SELECT $9, seq, shard, c, i, u, CASE WHEN s THEN 1 ELSE -1 END, $8, region FROM numbered)
-SELECT k.n, numbered.seq, counts.count FROM k
-LEFT JOIN numbered ON numbered.n = k.n
-LEFT JOIN counts ON counts.counter = k.c AND counts.item = k.i"""
+SELECT k.n, numbered.seq,
+       (SELECT count FROM counts WHERE counts.counter = k.c AND counts.item = k.i) FROM k
+LEFT JOIN numbered ON numbered.n = k.n"""
 
 
 def distinct_keys(ops: Sequence[ToggleOp]) -> bool:
