@@ -51,6 +51,18 @@ def sustained(runs: list[dict[str, Any]], target: str, preset: str, p99_ms: floa
     return best
 
 
+def _lowest_step(runs: list[dict[str, Any]], preset: str, size: int) -> str:
+    """Where no open-loop step met the bound, what the lowest one measured: "0 likes/s" alone
+    does not tell a p99 just over the bound at half the maximum from a server that cannot serve."""
+    steps = _open(runs, "tally", preset)
+    if not steps:
+        return " (no open-loop step ran)"
+    r = min(steps, key=lambda r: r["offered_per_s"])
+    return (f" (the lowest step, {r['offered_per_s'] * size:,.0f} likes/s offered: "
+            f"p50 {r['latency'].get('p50_ms', 0.0):.1f} ms, p99 {r['latency'].get('p99_ms', 0.0):.1f} ms, "
+            f"{r['throughput_per_s'] * size:,.0f}/s served, {r['errors']} errors)")
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b else 0.0
 
@@ -119,7 +131,8 @@ def checks(runs: list[dict[str, Any]], extra: dict[str, Any]) -> list[dict[str, 
         ratio = _ratio(likes, pg_viral)
         out.append({"target": "viral via /v1/bulk (batching client): Tally >= 10x naive PostgreSQL",
                     "measured": f"Tally sustains {likes:,.0f} likes/s at p99 <= 50 ms in requests "
-                                f"of {size}; PostgreSQL viral {pg_viral:,.0f}/s: {ratio:.1f}x",
+                                f"of {size}{_lowest_step(runs, 'bulk', size) if not likes else ''}; "
+                                f"PostgreSQL viral {pg_viral:,.0f}/s: {ratio:.1f}x",
                     "met": ratio >= 10, "ratio": ratio})
     mem = extra.get("memory")
     if mem:

@@ -43,7 +43,10 @@ class SuitePlan:
     seed: int = 1
     # Open-loop rates as fractions of the closed-loop maximum; 0.7 is the targets' load.
     sweep: tuple[float, ...] = (0.4, 0.7, 0.9)
-    bulk_sweep: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8)
+    # Bulk from 30%: a batching client's p99 holds its bound further below the maximum than
+    # single likes do (a request of 250 waits for a whole group commit, and for any stop of the
+    # likes writer), and a sweep whose lowest step misses the bound reports no sustained rate.
+    bulk_sweep: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     rounds: int = 3  # interleaved rounds of the side-by-side maxima; the tables take the median
     compare_s: float = 4.0  # measured seconds of each side-by-side run
     peers: tuple[str, ...] = PEERS

@@ -179,3 +179,26 @@ def test_settle_waits_for_the_aggregator_to_catch_up() -> None:
         for srv in (caught_up, behind):
             srv.shutdown()
             srv.server_close()
+
+
+def test_the_bulk_check_quotes_the_lowest_step_when_none_met_the_bound() -> None:
+    from tally_dev.bench.checks import checks
+
+    def run(target: str, preset: str, per_s: float, mode: str = "closed", p99: float = 1.0,
+            size: int = 250) -> dict[str, Any]:
+        return {"target": target, "preset": preset, "mode": mode, "round": None, "tool": "loadgen",
+                "throughput_per_s": per_s, "offered_per_s": per_s if mode == "open" else None,
+                "errors": 0, "latency": {"p50_ms": 10.0, "p99_ms": p99},
+                "spec": {"params": {"bulk_size": size}}}
+
+    runs = [run("pg", "viral", 4000), run("tally", "bulk", 180),
+            run("tally", "bulk", 108, "open", p99=90.0), run("tally", "bulk", 90, "open", p99=68.0)]
+    (bulk,) = [c for c in checks(runs, {}) if c["target"].startswith("viral via /v1/bulk")]
+    assert not bulk["met"]
+    assert ("Tally sustains 0 likes/s at p99 <= 50 ms in requests of 250 (the lowest step, "
+            "22,500 likes/s offered: p50 10.0 ms, p99 68.0 ms, 22,500/s served, 0 errors)"
+            in bulk["measured"])
+    runs.append(run("tally", "bulk", 72, "open", p99=30.0))
+    (bulk,) = [c for c in checks(runs, {}) if c["target"].startswith("viral via /v1/bulk")]
+    assert bulk["measured"].startswith("Tally sustains 18,000 likes/s at p99 <= 50 ms in "
+                                       "requests of 250; PostgreSQL viral 4,000/s: 4.5x")
