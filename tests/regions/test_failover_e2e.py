@@ -18,12 +18,13 @@ from tally_dev.ha import etcd_bin
 from tally_dev.regions import RegionCluster
 from tally_dev.regions_failover import run_witness
 from tests.engines import require
+from tests.regions.failure_logs import print_logs_if_failed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-def witnessed(engines_dir: Path) -> Iterator[RegionCluster]:
+def witnessed(engines_dir: Path, request: pytest.FixtureRequest) -> Iterator[RegionCluster]:
     if (why := netns.available()) is not None:
         pytest.skip(why)
     for engine in ("postgres", "redis", "nats"):
@@ -35,6 +36,7 @@ def witnessed(engines_dir: Path) -> Iterator[RegionCluster]:
     try:
         yield rc
     finally:
+        print_logs_if_failed(request, rc)
         rc.down()
 
 

@@ -16,12 +16,13 @@ from tally_dev import netns
 from tally_dev.regions import RegionCluster
 from tally_dev.regions_chaos import run
 from tests.engines import require
+from tests.regions.failure_logs import print_logs_if_failed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-def regions(engines_dir: Path) -> Iterator[RegionCluster]:
+def regions(engines_dir: Path, request: pytest.FixtureRequest) -> Iterator[RegionCluster]:
     if (why := netns.available()) is not None:
         pytest.skip(why)
     for engine in ("postgres", "redis", "nats"):
@@ -31,6 +32,7 @@ def regions(engines_dir: Path) -> Iterator[RegionCluster]:
     try:
         yield rc
     finally:
+        print_logs_if_failed(request, rc)
         rc.down()
 
 
