@@ -134,3 +134,27 @@ async def test_a_job_queued_behind_stop_is_refused_not_lost(writer: GroupCommitW
         assert await queued == 1
     with pytest.raises(Unavailable):
         writer.submit(insert(3))
+
+
+@pytest.mark.parametrize("slow_s", [0.0, float("inf")])
+async def test_commits_at_or_over_the_slow_bound_are_counted_and_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, slow_s: float) -> None:
+    def open_db() -> sqlite3.Connection:
+        conn = connect(tmp_path / "s.db", "FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        return conn
+
+    w = GroupCommitWriter(open_db, name="likes-test", slow_commit_s=slow_s)
+    w.start()
+    try:
+        with caplog.at_level("WARNING", logger="tally.sqlite.writer"):
+            for k in range(3):
+                await w.run(insert(k))
+    finally:
+        await w.stop()
+    logged = [r for r in caplog.records if r.getMessage() == "slow commit"]
+    expected = w.commits if slow_s == 0.0 else 0
+    assert w.commits == 3 and w.slow_commits == expected and len(logged) == expected
+    for record in logged:
+        assert record.writer == "likes-test" and record.jobs == 1  # type: ignore[attr-defined]
+        assert record.commit_ms >= 0  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,13 @@ _STOP = object()
 # attached file for writing, and so the other file's writer; a deferred transaction locks only the
 # file it writes. Each file has one writer, so the upgrade never meets another.
 _BEGIN = "BEGIN"
+
+# A COMMIT that takes longer is logged with its length ("slow commit"): it holds every request of
+# the next group, and what makes it slow is not in the request path's own figures (the writers'
+# backstop checkpoint runs inside it, and a disk stall shows there too). Matched with the loop's
+# "event loop stalled" and the load generator's per-second latency, it tells stalls of the writer
+# from stalls elsewhere.
+SLOW_COMMIT_S = 0.05
 
 # Most operations committed in one transaction: a commit answers all its requests at once, so its
 # size is a floor under their latency; the bulk limit's default, so one bulk request fits.
@@ -109,7 +117,8 @@ class WalSync:
 class GroupCommitWriter:
     def __init__(self, connect: Callable[[], sqlite3.Connection], max_ops: int = MAX_OPS,
                  name: str = "tally-sqlite-writer", durable: Callable[[], None] | None = None,
-                 before_commit: Callable[[], None] | None = None) -> None:
+                 before_commit: Callable[[], None] | None = None,
+                 slow_commit_s: float = SLOW_COMMIT_S) -> None:
         """``durable``: makes the commits so far durable; the connection, once ``connect`` has
         opened it (and migrated it, synced by SQLite), then commits its own file without syncing,
         and each batch is answered after the first call that starts after its commit.
@@ -118,6 +127,8 @@ class GroupCommitWriter:
         self._connect = connect
         self._durable = durable
         self._before_commit = before_commit
+        self.slow_commit_s = slow_commit_s
+        self.slow_commits = 0
         self._unsynced: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._sync_thread: threading.Thread | None = None
         self.sync_error: OSError | None = None  # a failed sync: writes stop (see _sync_run)
@@ -261,7 +272,13 @@ class GroupCommitWriter:
                 results = self._run_all(conn, tx, batch, isolated=True)
             if self._before_commit is not None:
                 self._before_commit()
+            started = time.perf_counter()
             conn.execute("COMMIT")
+            took = time.perf_counter() - started
+            if took >= self.slow_commit_s:
+                self.slow_commits += 1
+                log.warning("slow commit", extra={"writer": self.name, "commit_ms":
+                                                  round(took * 1000, 1), "jobs": len(batch)})
         except (sqlite3.Error, OSError) as exc:
             log.error("commit failed", extra={"error": str(exc), "jobs": len(batch)})
             self.failed_commits += 1
