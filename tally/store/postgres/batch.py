@@ -10,9 +10,13 @@ take consecutive numbers of one outbox slot (its head row locked last, as everyw
 their outbox rows; the same statement reads the stored counts of the items. One round trip and
 one commit for the whole batch.
 
-The stored counts are read by a subquery per op, not a join: a connection keeps the statement's
-generic plan, and a plan made while ``counts`` was small (a new database) joined it by a full
-scan, which every batch then paid in proportion to the table for the connection's life.
+No part of the statement joins a table: a connection keeps the statement's generic plan, and a
+plan made while the tables were small (a new database) joined them by a full scan, which every
+batch then paid in proportion to the table for the connection's life. So the stored counts are
+read by a subquery per op, and an unlike first locks its row if it is on, by a lateral probe per
+op (``lk``: rows off, or changed to off meanwhile, are skipped as the UPDATE's recheck skipped
+them), then switches the locked rows off through ``ON CONFLICT``, whose conflict check is the
+primary key itself. A row it locked cannot be gone, so that INSERT never inserts.
 """
 
 from __future__ import annotations
@@ -36,10 +40,16 @@ ins AS (
     ON CONFLICT (counter, user_id, item) DO UPDATE
     SET state = true, version = t.version + 1, updated_at = excluded.updated_at
     WHERE NOT t.state RETURNING t.counter, t.user_id, t.item),
+lk AS (
+    SELECT k.* FROM (SELECT * FROM k WHERE NOT s ORDER BY c, u, i) k CROSS JOIN LATERAL (
+        SELECT FROM toggles t WHERE t.counter = k.c AND t.user_id = k.u AND t.item = k.i
+        AND t.state IS TRUE FOR UPDATE) x),
 del AS (
-    UPDATE toggles t SET state = false, version = t.version + 1, updated_at = $8
-    FROM k WHERE NOT k.s AND t.counter = k.c AND t.user_id = k.u AND t.item = k.i AND t.state
-    RETURNING t.counter, t.user_id, t.item),
+    INSERT INTO toggles AS t (counter, user_id, item, state, version, updated_at, shard)
+    SELECT c, u, i, false, 1, $8, shard FROM lk
+    ON CONFLICT (counter, user_id, item) DO UPDATE
+    SET state = false, version = t.version + 1, updated_at = excluded.updated_at
+    WHERE t.state RETURNING t.counter, t.user_id, t.item),
 ch AS (
     SELECT k.*, row_number() OVER (ORDER BY k.n) AS r, count(*) OVER () AS total
     FROM k JOIN (SELECT * FROM ins UNION ALL SELECT * FROM del) x

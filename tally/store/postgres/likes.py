@@ -48,15 +48,22 @@ _MATERIALIZE = (
     "INSERT INTO toggles (counter, user_id, item, state, version, updated_at, shard) "
     "SELECT c, u, i, false, 0, $5, s FROM unnest($1::text[], $2::text[], $3::text[], $4::int[]) "
     "AS k(c, u, i, s) ORDER BY c, u, i ON CONFLICT DO NOTHING")
+# Neither statement joins toggles: each connection keeps a generic plan, and one made on small
+# tables joined by a full scan, paid by every bulk while the table grew. _LOCK probes each key
+# (a lateral subquery that locks), in key order; _UPDATE writes rows _LOCK locked, found by the
+# primary key of ON CONFLICT (they are locked, so none is missing and the INSERT never inserts).
 _LOCK = (
-    "SELECT t.counter, t.user_id, t.item, t.state FROM toggles t "
-    "JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(c, u, i) "
-    "ON t.counter = k.c AND t.user_id = k.u AND t.item = k.i "
-    "ORDER BY t.counter, t.user_id, t.item FOR UPDATE OF t")
+    "SELECT t.counter, t.user_id, t.item, t.state "
+    "FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS k(c, u, i) "
+    "ORDER BY c, u, i) k CROSS JOIN LATERAL (SELECT counter, user_id, item, state FROM toggles "
+    "WHERE counter = k.c AND user_id = k.u AND item = k.i FOR UPDATE) t")
 _UPDATE = (
-    "UPDATE toggles t SET state = k.s, version = t.version + k.n, updated_at = $6 "
-    "FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::int[]) AS k(c, u, i, s, n) "
-    "WHERE t.counter = k.c AND t.user_id = k.u AND t.item = k.i")
+    "INSERT INTO toggles AS t (counter, user_id, item, state, version, updated_at, shard) "
+    "SELECT c, u, i, s, n, $6, sh FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], "
+    "$5::int[], $7::int[]) AS k(c, u, i, s, n, sh) ORDER BY c, u, i "
+    "ON CONFLICT (counter, user_id, item) DO UPDATE "
+    "SET state = excluded.state, version = t.version + excluded.version, "
+    "updated_at = excluded.updated_at")
 _IDEM = (
     "INSERT INTO idempotency (counter, key, expires_at) "
     "SELECT c, k, e FROM unnest($1::text[], $2::text[], $3::float8[]) AS x(c, k, e) ORDER BY c, k "
@@ -69,6 +76,9 @@ _APPEND = (
     "INSERT INTO outbox (source, seq, shard, counter, item, user_id, delta, ts, region) "
     "SELECT $1, * FROM unnest($2::bigint[], $3::int[], $4::text[], $5::text[], $6::text[], "
     "$7::bigint[], $8::float8[], $9::text[])")
+# Has-liked: a subquery per item, not a join (a generic plan made on small tables joined by a scan).
+_HAS = ("SELECT k.item FROM unnest($3::text[]) AS k(item) WHERE (SELECT t.state FROM toggles t "
+        "WHERE t.counter = $1 AND t.user_id = $2 AND t.item = k.item)")
 # Several sources of one database in one round trip: each its own oldest rows after its position.
 _PENDING = """
 SELECT s.source, o.seq, o.counter, o.item, o.user_id, o.delta, o.ts, o.region
@@ -300,7 +310,8 @@ class PostgresLikeStore:
             events.append((idx, op, delta))
         if flips:
             rows = [(*k, state[k], n) for k, n in sorted(flips.items())]
-            await conn.execute(_UPDATE, *_columns(rows, 5), now)
+            await conn.execute(_UPDATE, *_columns(rows, 5), now,
+                               [self.map.shard_of(k[1]) for k, _ in sorted(flips.items())])
 
     @staticmethod
     async def _incrs(conn: asyncpg.Connection, incrs: list[tuple[int, IncrOp]], now: float,
@@ -337,8 +348,7 @@ class PostgresLikeStore:
         if not items:
             return []
         rows = await self.cluster.read(
-            self.map.db_of(user), "SELECT t.item FROM unnest($3::text[]) AS k(item) JOIN toggles t "
-            "ON t.counter = $1 AND t.user_id = $2 AND t.item = k.item WHERE t.state",
+            self.map.db_of(user), _HAS,
             counter, user, list(items))
         on = {r[0] for r in rows}
         return [item in on for item in items]

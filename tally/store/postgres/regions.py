@@ -32,10 +32,11 @@ _UPSERT = (
     "ON CONFLICT (counter, user_id, item) DO UPDATE SET state = excluded.state, "
     "version = t.version + 1, updated_at = excluded.updated_at "
     "WHERE t.updated_at < excluded.updated_at")
+# A probe per key, not a join: a generic plan made on small tables joined toggles by a full scan.
 _RECORDS = (
-    "SELECT t.counter, t.user_id, t.item, t.state, t.updated_at FROM toggles t "
-    "JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(c, u, i) "
-    "ON t.counter = k.c AND t.user_id = k.u AND t.item = k.i")
+    "SELECT t.counter, t.user_id, t.item, t.state, t.updated_at "
+    "FROM unnest($1::text[], $2::text[], $3::text[]) AS k(c, u, i) CROSS JOIN LATERAL ("
+    "SELECT * FROM toggles WHERE counter = k.c AND user_id = k.u AND item = k.i OFFSET 0) t")
 # A no-op write recorded as a decision: the record's time moves on, its state only if the record
 # is missing (an unlike of a like never received); a record in another state changed meanwhile,
 # which was a decision already.

@@ -39,7 +39,7 @@ h AS ({_NEXT_SEQ}),
 
 CLEAR = f"""WITH changed AS (
     UPDATE toggles SET state = false, version = version + 1, updated_at = $4
-    WHERE counter = $1 AND user_id = $2 AND item = $3 AND state
+    WHERE counter = $1 AND user_id = $2 AND item = $3 AND state IS TRUE
     RETURNING 1),
 h AS ({_NEXT_SEQ}),
 {_OUTBOX}"""
