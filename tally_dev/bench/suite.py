@@ -376,6 +376,19 @@ def peer_target(work: Path, peer: str) -> Iterator[tuple[targets.HttpServer,
         yield srv, stats
 
 
+def keep_tally_logs(work: Path, out: Path) -> list[Path]:
+    """Tally's server logs (``tally serve`` of each embedded target) into ``out/logs``, before the
+    work directory goes: their "slow commit" and "event loop stalled" lines, with times, are
+    what an open-loop run's latency spikes are matched against."""
+    kept = []
+    for log in sorted(work.glob("tally*/*.log")):
+        dest = out / "logs" / f"{log.parent.name}-{log.name}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(log, dest)
+        kept.append(dest)
+    return kept
+
+
 def run_suite(out: Path, plan: SuitePlan, show_progress: bool = True) -> dict[str, Any]:
     """Runs the suite and writes result.json, results.md and the plots into ``out``."""
     from tally_dev.bench.plots import plot_all
@@ -389,6 +402,7 @@ def run_suite(out: Path, plan: SuitePlan, show_progress: bool = True) -> dict[st
     except BaseException:
         print(f"suite failed; its servers' data and logs are kept in {work}", file=sys.stderr)
         raise
+    keep_tally_logs(work, out)
     shutil.rmtree(work, ignore_errors=True)  # hundreds of MB of databases after a full suite
     (out / "result.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     result["plots"] = plot_all(result, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -202,3 +203,15 @@ def test_the_bulk_check_quotes_the_lowest_step_when_none_met_the_bound() -> None
     (bulk,) = [c for c in checks(runs, {}) if c["target"].startswith("viral via /v1/bulk")]
     assert bulk["measured"].startswith("Tally sustains 18,000 likes/s at p99 <= 50 ms in "
                                        "requests of 250; PostgreSQL viral 4,000/s: 4.5x")
+
+
+def test_the_suite_keeps_tallys_server_logs(tmp_path: Path) -> None:
+    from tally_dev.bench.suite import keep_tally_logs
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    for name in ("tally", "tally-2p", "pg"):
+        (work / name).mkdir(parents=True)
+        (work / name / f"{name}.log").write_text(f'{{"msg":"slow commit","from":"{name}"}}\n')
+    kept = keep_tally_logs(work, out)
+    assert sorted(p.name for p in kept) == ["tally-2p-tally-2p.log", "tally-tally.log"]  # not pg
+    assert (out / "logs" / "tally-tally.log").read_text().startswith('{"msg":"slow commit"')
