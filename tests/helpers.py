@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import socket
@@ -15,14 +16,17 @@ from typing import Any
 
 import anyio
 import httpx
+import uvicorn
 
 from tally.api.app import TallyApp
+from tally.api.server import GuardedHttpTools
 from tally.bootstrap import Runtime
 from tally.core.model import ToggleOp
 from tally.store.sqlite.schema import counts_path
 from tally.store.sqlite.store import SqliteStore
 from tally.store.sqlite.writer import GroupCommitWriter, Tx
 from tally.store.sqlite.writer_process import WriterConfig, child_main
+from tally_dev.engines import free_port
 
 CountMap = dict[tuple[str, str], int]
 
@@ -152,3 +156,22 @@ def snapshot(db: Path) -> dict[str, list[Any]]:
     """Every row the write path may touch, to show that a refused request wrote nothing."""
     tables = ("toggles", "changelog", "counts", "idempotency", "rollups", "watermarks")
     return {t: db_rows(db, f"SELECT * FROM {t} ORDER BY 1, 2, 3") for t in tables}
+
+
+@asynccontextmanager
+async def uvicorn_serving(app: TallyApp, options: dict[str, Any]) -> AsyncIterator[int]:
+    """The app under a real uvicorn server in this process, on a free loopback port, with the
+    options ``tally serve`` gives it (``uvicorn_options``: the guarded protocol); yields the port,
+    and forgets the guard's per-client connection counts when it stops."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                           lifespan="on", **options))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        await task
+        GuardedHttpTools.open_by_client.clear()

@@ -8,13 +8,12 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 
 from tally.api.app import create_app
-from tally.api.server import GuardedHttpTools, uvicorn_options
+from tally.api.server import uvicorn_options
 from tally.bootstrap import build
 from tally.settings import Settings
-from tally_dev.engines import free_port
+from tests.helpers import uvicorn_serving
 
 pytestmark = pytest.mark.anyio
 WAIT_S = 10.0
@@ -23,18 +22,8 @@ WAIT_S = 10.0
 @pytest.fixture
 async def port(settings: Settings) -> AsyncIterator[int]:
     app = create_app(settings, build(settings))
-    chosen = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=chosen, log_config=None,
-                                           lifespan="on", **uvicorn_options(settings)))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
+    async with uvicorn_serving(app, uvicorn_options(settings)) as chosen:
         yield chosen
-    finally:
-        server.should_exit = True
-        await task
-        GuardedHttpTools.open_by_client.clear()
 
 
 def like(user: int, extra: bytes = b"", version: bytes = b"HTTP/1.1", item: bytes = b"1") -> bytes:

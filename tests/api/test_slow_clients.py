@@ -10,13 +10,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-import uvicorn
 
 from tally.api.app import TallyApp, create_app
 from tally.api.server import GuardedHttpTools, uvicorn_options
 from tally.bootstrap import build
 from tally.settings import Settings
-from tally_dev.engines import free_port
+from tests.helpers import uvicorn_serving
 
 pytestmark = pytest.mark.anyio
 DEADLINE_S = 0.5
@@ -27,20 +26,10 @@ async def running(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncI
     monkeypatch.setattr(GuardedHttpTools, "per_client", GuardedHttpTools.per_client)  # restored
     app: TallyApp = create_app(settings, build(settings))
     app.body_timeout_s = DEADLINE_S
-    port = free_port()
     opts = uvicorn_options(settings)
     monkeypatch.setattr(GuardedHttpTools, "header_timeout_s", DEADLINE_S)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
-                                           lifespan="on", **opts))
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        await asyncio.sleep(0.02)
-    try:
+    async with uvicorn_serving(app, opts) as port:
         yield port
-    finally:
-        server.should_exit = True
-        await task
-        GuardedHttpTools.open_by_client.clear()
 
 
 async def answer(reader: asyncio.StreamReader) -> bytes:
