@@ -68,6 +68,12 @@ class Runtime:
         await self.store.close()
         log.info("tally stopped")
 
+    @property
+    def process(self) -> str:
+        """The first (or only) API process: it also runs the counts writer's aggregation rounds
+        and the checkpoints, in threads that share its interpreter lock."""
+        return "api-first"
+
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         try:
             await self.store.watermarks(self.aggregator.consumer)
@@ -191,6 +197,10 @@ class ApiProcessRuntime:
 
     async def stop(self) -> None:
         await self.store.close()
+
+    @property
+    def process(self) -> str:
+        return "api"
 
     async def readiness(self) -> tuple[bool, dict[str, object]]:
         try:

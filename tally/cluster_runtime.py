@@ -91,6 +91,11 @@ class ClusterRuntime:
                                          "databases": len(self.settings.postgres_dsns),
                                          "partitions": self.settings.log_partitions})
 
+    @property
+    def process(self) -> str:
+        """Its roles, for its logs: ``api``, ``relay``, ``aggregator``, or several joined."""
+        return "+".join(sorted(self.roles))
+
     async def stop(self) -> None:
         await cancel_all(self._tasks)
         if self.pool is not None:

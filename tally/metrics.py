@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -64,16 +65,20 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.01, warn_s: float = 0.05) -> None:
+async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.01, warn_s: float = 0.05,
+                         role: str = "api") -> None:
     """Measures how late the event loop runs a timer due every ``interval_s``, until cancelled.
     Every request that arrives during a stall waits that long, so stalls set the tail latency; a
-    stall over ``warn_s`` is logged with its length, to be matched with what ran at that moment.
+    stall over ``warn_s`` is logged with its length, to be matched with what ran at that moment,
+    and with the process it happened in (``role``: what the process runs, and its pid: the API
+    processes of ``tally serve --workers N`` log to one stream; the likes writers run no probe).
 
     A bare timer callback, not a task that sleeps: the probe runs in every process a hundred
     times a second, and a task's wake-up (its future, its step) cost several times the callback's,
     a visible share of an idle relay's or aggregator's CPU."""
     loop = asyncio.get_running_loop()
     observe = metrics.loop_lag.observe
+    where = {"role": role, "pid": os.getpid()}
     timer: asyncio.TimerHandle | None = None
 
     def wake(due: float) -> None:
@@ -82,7 +87,7 @@ async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.01, warn_s: flo
         lag = max(now - due, 0.0)
         observe(lag)
         if lag > warn_s:
-            log.warning("event loop stalled", extra={"stall_ms": round(lag * 1000, 1)})
+            log.warning("event loop stalled", extra={"stall_ms": round(lag * 1000, 1), **where})
         timer = loop.call_at(now + interval_s, wake, now + interval_s)
 
     first = loop.time() + interval_s

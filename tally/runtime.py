@@ -58,6 +58,10 @@ class AppRuntime(Protocol):
     hot: SpaceSaving
 
     @property
+    def process(self) -> str:
+        """What this process runs, for its logs (the event loop's stalls name it)."""
+
+    @property
     def service(self) -> CounterService | None:
         """None in roles that serve no API (relay, aggregator)."""
 

@@ -87,7 +87,8 @@ class TallyApp(HttpApp):
             await self.others.start()
         if self.owns_process:
             tune_gc()
-        self._background = [asyncio.create_task(watch_loop_lag(self.runtime.metrics),
+        self._background = [asyncio.create_task(watch_loop_lag(self.runtime.metrics,
+                                                              role=self.runtime.process),
                                                 name="tally-loop-lag")]
         if self.guard is not None:
             self.guard.announce(self.runtime.settings.host)

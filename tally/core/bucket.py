@@ -8,12 +8,15 @@ arithmetic runs as a Lua script in Redis when a cluster shares its buckets
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
-# Buckets kept before idle ones are dropped: a full bucket holds no information (a new one is
-# full too), so dropping those that have refilled loses nothing and bounds memory under a flood
-# of distinct keys.
+# Buckets kept at most: it bounds memory under a flood of distinct names. A full bucket holds no
+# information (a new one is full too), and one untouched for burst/rate seconds (``BURST_S`` at
+# any rate of 0.1/s or more) has refilled, so dropping the one untouched longest loses nothing
+# unless this many other names took within that time.
 MAX_BUCKETS = 100_000
+SHARD_BUCKETS = 2048  # buckets per shard once there are enough to split (see Buckets)
 # A bucket holds this many seconds' worth of its rate: a client may catch up after a pause (a feed
 # opened after idling) without being able to hold more than a short stretch of its share.
 BURST_S = 10.0
@@ -45,31 +48,39 @@ def take(tokens: float, stamp: float, rate: Rate, now: float, cost: float = 1.0
 
 
 class Buckets:
-    """Named buckets of one rate; ``take`` answers 0.0 (go) or the seconds until a token."""
+    """Named buckets of one rate; ``take`` answers 0.0 (go) or the seconds until a token.
+
+    Each new name beyond ``max_buckets`` drops the bucket untouched longest: one per new name,
+    not a sweep of every bucket once the bound is reached (on the event loop that sweep, and the
+    table rebuilt after it, paused every request each time another ``max_buckets`` new users had
+    come). The buckets are split by the name's hash into shards of about ``SHARD_BUCKETS``, each
+    kept in the order its buckets were last taken from, so the table a steady stream of drops
+    leaves to be rebuilt is a shard's, not all of them."""
 
     def __init__(self, rate: Rate, max_buckets: int = MAX_BUCKETS) -> None:
         self.rate = rate
         self.max_buckets = max_buckets
-        self._state: dict[str, tuple[float, float]] = {}
+        n = 1
+        while n * 2 * SHARD_BUCKETS <= max_buckets:
+            n *= 2  # a power of two: the shard is a mask of the hash
+        self._mask = n - 1
+        self._shard_size = max(1, max_buckets // n)  # floor: the shards hold at most the bound
+        self._shards: list[OrderedDict[str, tuple[float, float]]] = [OrderedDict()
+                                                                     for _ in range(n)]
 
     def take(self, name: str, now: float, cost: float = 1.0) -> float:
-        state = self._state.get(name)
-        tokens, stamp = state if state is not None else (self.rate.burst, now)
+        shard = self._shards[hash(name) & self._mask]
+        state = shard.get(name)
+        if state is None:
+            tokens, stamp = self.rate.burst, now
+            if len(shard) >= self._shard_size:
+                shard.popitem(last=False)
+        else:
+            tokens, stamp = state
+            shard.move_to_end(name)
         tokens, stamp, wait = take(tokens, stamp, self.rate, now, cost)
-        if state is None and len(self._state) >= self.max_buckets:
-            self._prune(now)
-        self._state[name] = (tokens, stamp)
+        shard[name] = (tokens, stamp)
         return wait
 
-    def _prune(self, now: float) -> None:
-        """Drop the buckets that have refilled; if none has, the oldest half (a flood of new
-        names must not grow memory without bound, and each dropped one merely starts full)."""
-        full = [k for k, (t, s) in self._state.items()
-                if t + (now - s) * self.rate.rate >= self.rate.burst]
-        if not full:
-            full = sorted(self._state, key=lambda k: self._state[k][1])[: len(self._state) // 2]
-        for k in full:
-            del self._state[k]
-
     def __len__(self) -> int:
-        return len(self._state)
+        return sum(len(shard) for shard in self._shards)

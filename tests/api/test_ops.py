@@ -207,7 +207,8 @@ async def test_loop_lag_is_measured_and_a_stall_is_logged(caplog: pytest.LogCapt
     from tally.metrics import Metrics, watch_loop_lag
 
     m = Metrics()
-    task = asyncio.create_task(watch_loop_lag(m, interval_s=0.005, warn_s=0.03))
+    task = asyncio.create_task(watch_loop_lag(m, interval_s=0.005, warn_s=0.03,
+                                              role="api-first"))
     try:
         await asyncio.sleep(0.02)
         time.sleep(0.06)  # the stall: nothing else runs on the loop meanwhile
@@ -223,6 +224,8 @@ async def test_loop_lag_is_measured_and_a_stall_is_logged(caplog: pytest.LogCapt
         text, "tally_event_loop_lag_seconds_bucket", le="+Inf")
     stalls = [r for r in caplog.records if r.getMessage() == "event loop stalled"]
     assert stalls and stalls[0].__dict__["stall_ms"] >= 30
+    assert stalls[0].__dict__["role"] == "api-first"  # which of several processes stalled
+    assert stalls[0].__dict__["pid"] == os.getpid()
 
 
 async def test_an_embedded_app_leaves_the_host_collector_alone(settings: Settings) -> None:

@@ -48,3 +48,34 @@ def test_memory_stays_bounded_under_a_flood_of_names() -> None:
     for n in range(1000):
         buckets.take(f"u{n}", n * 0.001)
     assert len(buckets) <= 100
+
+
+def test_a_busy_name_keeps_its_bucket_through_a_flood_of_new_names() -> None:
+    """At the bound a new name drops the bucket untouched longest: one that keeps taking is
+    never the one dropped, so a flood of other names does not hand it a full bucket again."""
+    buckets = Buckets(Rate(1.0, 5.0), max_buckets=100)
+    assert all(buckets.take("busy", 0.0) == 0.0 for _ in range(5))
+    for n in range(1000):
+        now = n * 0.0001
+        buckets.take(f"u{n}", now)
+        if n % 50 == 0:
+            assert buckets.take("busy", now) > 0  # still empty: 0.1 s refills a tenth of a token
+    assert len(buckets) == 100
+
+
+def test_the_bound_drops_the_bucket_untouched_longest_one_at_a_time() -> None:
+    buckets = Buckets(Rate(1.0, 1.0), max_buckets=3)
+    for name in ("a", "b", "c"):
+        assert buckets.take(name, 0.0) == 0.0  # each bucket is now empty
+    assert buckets.take("a", 0.0) > 0  # a taken again: b is now the one untouched longest
+    assert buckets.take("d", 0.0) == 0.0  # drops b, only b
+    assert len(buckets) == 3
+    assert buckets.take("a", 0.0) > 0 and buckets.take("c", 0.0) > 0
+    assert buckets.take("b", 0.0) == 0.0  # started over, full
+
+
+def test_a_sharded_table_holds_its_bound() -> None:
+    buckets = Buckets(Rate(1.0, 5.0), max_buckets=20_000)  # split in shards
+    for n in range(30_000):
+        buckets.take(f"u{n}", 0.0)
+    assert 19_000 < len(buckets) <= 20_000
