@@ -65,7 +65,7 @@ class Buckets:
             n *= 2  # a power of two: the shard is a mask of the hash
         self._mask = n - 1
         self._shard_size = max(1, max_buckets // n)  # floor: the shards hold at most the bound
-        self._shards: list[OrderedDict[str, tuple[float, float]]] = [OrderedDict()
+        self._shards: list[OrderedDict[str, complex]] = [OrderedDict()
                                                                      for _ in range(n)]
 
     def take(self, name: str, now: float, cost: float = 1.0) -> float:
@@ -76,10 +76,14 @@ class Buckets:
             if len(shard) >= self._shard_size:
                 shard.popitem(last=False)
         else:
-            tokens, stamp = state
+            tokens, stamp = state.real, state.imag
             shard.move_to_end(name)
         tokens, stamp, wait = take(tokens, stamp, self.rate, now, cost)
-        shard[name] = (tokens, stamp)
+        # Both floats in one complex, not a tuple: a tuple is an object the garbage collector
+        # tracks until its next collection, and a new one per take that replaces an old one
+        # leaves the collector's allocation count where it was, so the young generation grew to
+        # every bucket written since and its collection then walked all of them at once.
+        shard[name] = complex(tokens, stamp)
         return wait
 
     def __len__(self) -> int:
