@@ -65,8 +65,7 @@ class Buckets:
             n *= 2  # a power of two: the shard is a mask of the hash
         self._mask = n - 1
         self._shard_size = max(1, max_buckets // n)  # floor: the shards hold at most the bound
-        self._shards: list[OrderedDict[str, complex]] = [OrderedDict()
-                                                                     for _ in range(n)]
+        self._shards: list[OrderedDict[str, complex]] = [OrderedDict() for _ in range(n)]
 
     def take(self, name: str, now: float, cost: float = 1.0) -> float:
         shard = self._shards[hash(name) & self._mask]
