@@ -183,9 +183,14 @@ class PartitionWorker:
         batch.positions[stream_position(self.partition)] = msgs[-1].stream_seq
         self._unsure = (list(batch.deltas), msgs[-1].stream_seq)
         new = await self.counts.apply_batch(batch, self.consumer, marks)
-        self._unsure = None
         if new is None:
+            # ``_unsure`` stays set: a store retries a transaction whose connection was lost at
+            # its commit (a primary killed), and when that commit had landed the retry finds the
+            # watermarks moved and refuses, exactly as it refuses a zombie. The batch may then be
+            # applied with nothing in the cache, and the cache mark, set by this worker, does not
+            # show it. The restart's settle rewrites these keys from the store.
             raise Fenced(self.partition)
+        self._unsure = None
         marks.update(batch.positions)
         self._record(batch.events, batch.skipped)
         await self._write_cache(new, msgs[-1].stream_seq)

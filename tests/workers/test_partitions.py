@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
+from tally.core.coalesce import Batch
 from tally.core.model import CountKey, Event
 from tally.store.jetstream.eventlog import EventLog, partition_of
 from tally.store.postgres.leases import PgLeases
@@ -155,3 +156,63 @@ async def test_two_workers_on_one_partition_never_double_apply(store: SqliteStor
     want = expected(evs)
     assert await store.get(list(want)) == want
     assert sum(w.stats.events for w in workers) == len(evs)  # each event applied by exactly one
+
+
+class CommitAnswerLost:
+    """A count store whose first batch commits and is then refused, as PostgreSQL's store does
+    when the primary dies after a commit and before its answer: ``PgCluster.retrying`` runs the
+    transaction again on the promoted standby, which finds the watermarks already moved."""
+
+    def __init__(self, inner: SqliteStore) -> None:
+        self.inner = inner
+        self.lost: dict[CountKey, int] | None = None  # what the lost answer held
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def get(self, keys: Sequence[CountKey]) -> dict[CountKey, int]:
+        return await self.inner.get(keys)
+
+    async def watermarks(self, consumer: str) -> dict[str, int]:
+        return await self.inner.watermarks(consumer)
+
+    async def rollups(self, counter: str, item_type: str, dimension: str) -> dict[str, int]:
+        return await self.inner.rollups(counter, item_type, dimension)
+
+    async def apply_batch(self, batch: Batch, consumer: str,
+                          expect: Mapping[str, int]) -> dict[CountKey, int] | None:
+        new = await self.inner.apply_batch(batch, consumer, expect)
+        if self.lost is None and new:
+            self.lost = new
+            return await self.inner.apply_batch(batch, consumer, expect)  # the retry's refusal
+        return new
+
+
+async def test_a_batch_whose_commit_answer_was_lost_still_reaches_the_cache(
+        store: SqliteStore, log: EventLog, redis_url: str) -> None:
+    """The worker takes the refusal for a fence and starts over from the committed position,
+    past the batch: the cache must still get the batch's counts (no later event changes them,
+    and the TTL is an hour)."""
+    evs = [e for e in events("s0", range(1, 301)) if partition_of(e.counter, e.item, PARTITIONS) == 0]
+    await log.publish("s0", evs)
+    cache = RedisCounts(redis_url, ttl_s=3600)
+    await cache.start()
+    flaky = CommitAnswerLost(store)
+    worker = PartitionWorker(0, log, flaky, cache, window_s=0.0, rollups=())
+    task = asyncio.create_task(worker.run())
+    try:
+        await settled(store, log)
+        want = expected(evs)
+        assert await store.get(list(want)) == want
+        assert flaky.lost, "no batch was refused after its commit"
+        deadline = time.monotonic() + 10
+        while (got := await cache.get(list(want))) != want:
+            assert time.monotonic() < deadline, (
+                f"cache stale after a refused retry: {got} != {want}")
+            await asyncio.sleep(0.05)
+        assert worker.stats.fenced == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await cache.close()
