@@ -167,7 +167,7 @@ class Suite:
     def side_by_side(self) -> None:
         """Tally and every peer up at once, measured in interleaved rounds, then Tally alone."""
         probes: dict[str, Callable[[], dict[str, float]]] = {}
-        with contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack, contextlib.ExitStack() as others:
             tally = stack.enter_context(targets.tally_server(self.work, "tally"))
             servers = {"tally": tally.port}
             if tally.proc is not None:
@@ -175,14 +175,14 @@ class Suite:
             for n in self.plan.tally_processes:
                 if n > 1:
                     name = f"tally-{n}p"
-                    srv = stack.enter_context(targets.tally_server(self.work, name,
-                                                                   workers=str(n)))
+                    srv = others.enter_context(targets.tally_server(self.work, name,
+                                                                    workers=str(n)))
                     servers[name] = srv.port
                     if srv.proc is not None:
                         self.pids[name] = srv.proc.pid
             for peer in self.plan.peers:
                 try:
-                    srv, probe = stack.enter_context(peer_target(self.work, peer))
+                    srv, probe = others.enter_context(peer_target(self.work, peer))
                     servers[peer] = srv.port
                     if srv.proc is not None:
                         self.pids[peer] = srv.proc.pid
@@ -192,9 +192,13 @@ class Suite:
                     self.notes.append(f"peer {peer} not measured: {exc}")
                     print(f"\n  peer {peer} not measured: {exc}", file=sys.stderr)
             self.compare(servers)
-            self.tally_only(tally.port)
             for peer, probe in probes.items():
                 self.extra[f"{peer}_storage"] = probe()
+            # The other servers stop before Tally's own runs (its open-loop latencies among
+            # them): idle, they still do their housekeeping on the same two cores (PostgreSQL's
+            # autovacuum and checkpoints after the rounds' writes, Redis rewriting its AOF).
+            others.close()
+            self.tally_only(tally.port)
         db = self.work / "tally" / "data" / "tally.db"
         self.extra["sqlite_storage"] = memory.sqlite_bytes_per_like(db)
 
