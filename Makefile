@@ -34,8 +34,12 @@ check: $(STAMP)
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix tally tally_dev tests
 
+# The suite spends most of its time waiting (engines starting, failovers, kills), not computing:
+# TEST_WORKERS pytest processes share it, each test started as a process frees up.
+TEST_WORKERS ?= 3
+
 test: $(STAMP) engines check
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # The chaos scenarios on the HA dev cluster, each under a client ledger (docs/reliability.md).
 chaos: $(STAMP) engines chaos-storage chaos-regions chaos-reshard

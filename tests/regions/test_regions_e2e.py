@@ -28,7 +28,7 @@ def regions(engines_dir: Path, request: pytest.FixtureRequest) -> Iterator[Regio
     for engine in ("postgres", "redis", "nats"):
         require(engine)
     rc = RegionCluster(engines_dir / "regions", partitions=4, die_with_parent=True)
-    rc.up(2, net=random.randrange(100, 200))
+    rc.up(2, net=random.randrange(100, 150))
     try:
         yield rc
     finally:

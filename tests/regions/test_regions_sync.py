@@ -27,7 +27,7 @@ def test_sync_likes_survive_a_region_lost_with_its_disks(engines_dir: Path) -> N
         require(engine)
     rc = RegionCluster(engines_dir / "regions-sync", partitions=4, die_with_parent=True,
                        sync_counters=(SYNC,))
-    rc.up(2, net=random.randrange(200, 250))
+    rc.up(2, net=random.randrange(150, 200))
     try:
         out = asyncio.run(run(rc, users=40, items=8, clients=4, phase_s=2.0))
     finally:
