@@ -58,13 +58,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "maximum (e.g. 0.7, the targets' load): p50/p99 and CPU per like there")
     c.add_argument("--out", type=Path, default=Path("bench-results"))
     c.set_defaults(fn=cmd_cluster_profile)
-    g = bsub.add_parser("grow", help="Tally embedded with N likes stored vs empty (loads them "
-                                     "straight into the database)")
+    g = bsub.add_parser("grow", help="Tally (embedded, or --cluster) with N likes stored vs "
+                                     "empty (loads them straight into the database)")
     g.add_argument("--sizes", default="0,1000000,10000000", help="comma list of likes stored")
     g.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
     g.add_argument("--out", type=Path, default=Path("bench-results"))
     g.add_argument("--keep", type=Path, help="keep each size's loaded database here and reuse "
                                              "it on later runs (delete it when done: ~48 B a like)")
+    g.add_argument("--cluster", action="store_true",
+                   help="the dev cluster at its smallest (one API, relay, aggregator, PostgreSQL) "
+                        "instead of Tally embedded; its likes are loaded into PostgreSQL")
     g.set_defaults(fn=cmd_grow)
     u = bsub.add_parser("cpu", help="CPU per request of Tally's server variants (uvicorn, "
                                     "2 API processes, granian) under wrk, interleaved rounds")
@@ -157,9 +160,17 @@ def cmd_cpu(args: argparse.Namespace) -> int:
 
 
 def cmd_grow(args: argparse.Namespace) -> int:
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    if args.cluster:
+        from tally_dev.bench import grow_cluster
+
+        if args.keep:
+            raise SystemExit("--keep applies to the embedded database only")
+        result = grow_cluster.run(sizes, args.out, args.duration)
+        print((args.out / "grow-cluster.md").read_text())
+        return 0 if result["rows"] else 1
     from tally_dev.bench.grow import run
 
-    result = run([int(x) for x in args.sizes.split(",") if x], args.out, args.duration,
-                 keep=args.keep)
+    result = run(sizes, args.out, args.duration, keep=args.keep)
     print((args.out / "grow.md").read_text())
     return 0 if result["rows"] else 1
