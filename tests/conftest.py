@@ -9,6 +9,8 @@ from typing import Protocol
 
 import httpx
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 from tally.api.app import create_app
 from tally.bootstrap import Runtime, build
@@ -17,6 +19,13 @@ from tally_dev import engines
 from tally_dev.bench.targets import HttpServer
 from tally_dev.engines import free_port
 from tests.helpers import app_client
+
+# Property tests check what the code does, not how fast it runs: `make test` runs three pytest
+# processes on a shared machine, where a draw or an example may take a second without anything
+# being wrong. Hypothesis's timing checks (an example's deadline, the slow-generation health
+# check) are off for the whole suite.
+hypothesis_settings.register_profile("tally", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("tally")
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import anyio.from_thread
 import httpx
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tally.api.app import create_app
@@ -99,7 +99,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppClient]:
         yield AppClient(portal, client, s.sqlite_path)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100)
 @given(req=requests)
 @example(req=("/v1/bulk", {"ops": [{"op": []}]}))  # an unhashable op name once raised a 500
 def test_never_a_500(app_client: AppClient, req: tuple[str, Any]) -> None:
@@ -130,7 +130,7 @@ get_paths = st.one_of(
 )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100)
 @given(path=get_paths, counters=st.lists(segment, max_size=3))
 @example(path="/v1/rollups/like/like/0/", counters=[])  # a trailing slash once drew a 307 redirect
 def test_reads_never_a_500(app_client: AppClient, path: str, counters: list[str]) -> None:

@@ -132,7 +132,7 @@ loads = st.builds(
     utilisation=st.floats(0.05, 1))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200)
 @given(loads, st.sampled_from([2.0, 3.0, 10.0]))
 def test_scaling_the_load_scales_what_follows_it(load: Load, k: float) -> None:
     rates = small_rates()

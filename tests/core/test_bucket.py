@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from tally.core.bucket import Buckets, Rate
@@ -11,7 +11,6 @@ rates = st.builds(Rate, st.floats(0.1, 1000), st.floats(1, 1000))
 gaps = st.lists(st.floats(0, 5), min_size=1, max_size=200)
 
 
-@settings(deadline=None)  # a loaded machine must not fail a property on time
 @given(rates, gaps)
 def test_never_more_than_the_burst_plus_the_refill(rate: Rate, steps: list[float]) -> None:
     buckets, now, granted = Buckets(rate), 0.0, 0
@@ -21,7 +20,6 @@ def test_never_more_than_the_burst_plus_the_refill(rate: Rate, steps: list[float
     assert granted <= rate.burst + rate.rate * now + 1e-6
 
 
-@settings(deadline=None)  # a loaded machine must not fail a property on time
 @given(rates, gaps)
 def test_a_refusal_says_when_a_token_is_back(rate: Rate, steps: list[float]) -> None:
     buckets, now = Buckets(rate), 0.0
@@ -34,7 +32,6 @@ def test_a_refusal_says_when_a_token_is_back(rate: Rate, steps: list[float]) -> 
             now += wait + 1e-9
 
 
-@settings(deadline=None)
 @given(rates)
 def test_a_full_burst_is_granted_at_once_and_names_are_apart(rate: Rate) -> None:
     buckets = Buckets(rate)

@@ -18,7 +18,7 @@ _op = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(st.binary(max_size=200), st.lists(_op, max_size=25))
 def test_a_cut_restores_the_last_synced_contents(initial: bytes, ops: list[tuple[str, int, bytes]]
                                                  ) -> None:

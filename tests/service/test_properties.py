@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import anyio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tally.bootstrap import build
@@ -79,7 +79,7 @@ async def check_plan(data_dir: Path, rounds: list[tuple[Round, bool]]) -> None:
         await rt.stop()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40)
 @given(rounds=plan)
 def test_any_interleaving_ends_exact(rounds: list[tuple[Round, bool]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:

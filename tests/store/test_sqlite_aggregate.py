@@ -28,7 +28,7 @@ EVENTS = st.lists(st.tuples(st.sampled_from(["like", "view"]),
                             st.sampled_from(["eu", "us"])), min_size=1, max_size=40)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150)
 @given(events=EVENTS, rollups=st.sampled_from([("day", "region"), ("day",), ("region",), ()]))
 def test_in_place_sums_match_coalesce(tmp_path_factory: pytest.TempPathFactory,
                                       events: list[tuple[str, str, int, float, str]],
