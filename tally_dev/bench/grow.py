@@ -120,7 +120,7 @@ def _loaded(db: Path, size: int, keep: Path | None, show_progress: bool) -> floa
     dirty page written out (``sync``), so the run does not measure the kernel's writeback of
     the load: gigabytes of it delayed every fsync of the first runs at 100M likes. Returns the
     seconds the load took (0 when copied)."""
-    progress = _progress(size) if show_progress else None
+    progress = load_progress(size) if show_progress else None
     if keep is None:
         seconds = preload(db, size, progress=progress)
     else:
@@ -159,7 +159,7 @@ def _measure_sizes(sizes: list[int], work: Path, suite: Suite, rows: list[dict[s
             print(f"  {size:>12,} likes: {row}", file=sys.stderr)
 
 
-def _progress(size: int) -> Callable[[int], None]:
+def load_progress(size: int) -> Callable[[int], None]:
     started, step = time.monotonic(), max(size // 10, 1)
     shown = [0]
 

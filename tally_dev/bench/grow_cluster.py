@@ -25,7 +25,7 @@ import orjson
 
 from tally.settings import load as load_settings
 from tally.store.shards import ShardMap
-from tally_dev.bench.grow import item_counts
+from tally_dev.bench.grow import item_counts, load_progress
 from tally_dev.bench.workloads import Params
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def _measure_size(size: int, work: Path, suite: Suite, show_progress: bool) -> d
         if size:
             row["load_s"] = round(asyncio.run(preload(
                 _dsns(cluster), size, _shards(cluster),
-                progress=_progress(size) if show_progress else None)), 1)
+                progress=load_progress(size) if show_progress else None)), 1)
             row["bytes_per_like"] = _bytes_per_like(cluster)
         port = urlsplit(cluster.urls("api")[0]).port or 80
         groups = {r["name"]: r["pid"] for r in cluster.status()}
@@ -152,17 +152,6 @@ def _bytes_per_like(cluster: DevCluster) -> float | None:
 
     toggles = _pg_table_bytes(cluster).get("toggles")
     return round(toggles["bytes_per_record"], 1) if toggles else None
-
-
-def _progress(size: int) -> Callable[[int], None]:
-    started = time.monotonic()
-
-    def show(done: int) -> None:
-        if done == size or done % max(size // 10, 1) < 200_000:
-            print(f"  loading: {done:,} of {size:,} likes, {time.monotonic() - started:.0f} s",
-                  file=sys.stderr)
-
-    return show
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
