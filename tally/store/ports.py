@@ -324,7 +324,8 @@ class Witness(Lifecycle, Protocol):
         """Regions with at least one process holding a lease."""
 
     async def members(self) -> set[str]:
-        """Regions that ever held a lease (a region never started is not failed over)."""
+        """Regions that ever held a lease (a region never started is not failed over),
+        registered in the same write as their first lease's key in ``alive``."""
 
     async def placement(self) -> tuple[Placement | None, int]:
         """The placement stored in the quorum and its revision (0: none stored)."""

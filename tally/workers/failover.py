@@ -121,7 +121,12 @@ class FailoverAgent:
         placement = self.placement
         if self.region in placement.moved:
             return  # this region serves nobody: it takes nobody over
-        alive, members = await self.witness.alive(), await self.witness.members()
+        # Members before alive: a region registers both at once, so one seen as a member here
+        # is in the later read of the alive unless its lease expired since. In the other order
+        # a region registering between the two reads is a member that is not alive: failed
+        # over as it starts.
+        members = await self.witness.members()
+        alive = await self.witness.alive()
         for peer in placement.serving():
             if peer == self.region or peer not in members or peer in alive:
                 continue

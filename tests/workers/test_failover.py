@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from tally.core.errors import Unavailable
 from tally.core.model import Event
 from tally.core.regions import Placement
-from tally.store.ports import Conflict, RecordState, ToggleKey
+from tally.store.ports import Conflict, RecordState, ToggleKey, Witness
 from tally.workers.failover import SAFE_SHARE, FailoverAgent
 
 TTL = 10.0
@@ -158,6 +158,43 @@ def test_a_silent_region_is_failed_over_exactly_once_by_the_majority() -> None:
             assert "ap" not in rs[name].sourced  # fenced out of the survivors' streams
             assert rs[name].taken == [("ap", 2)]  # completed once in each survivor
         assert not rs["ap"].agent.may_decide()
+
+    asyncio.run(go())
+
+
+class RacingWitness(ModelWitness):
+    """A witness whose first membership or liveness read of a tick is followed at once by a
+    peer's first keepalive: the peer starts while this region looks."""
+
+    def __init__(self, q: Quorum, region: str, starting: Witness) -> None:
+        super().__init__(q, region)
+        self.starting: Witness | None = starting
+
+    async def _then_start(self) -> None:
+        if self.starting is not None:
+            starting, self.starting = self.starting, None
+            await starting.keepalive()
+
+    async def alive(self) -> set[str]:
+        got = await super().alive()
+        await self._then_start()
+        return got
+
+    async def members(self) -> set[str]:
+        got = await super().members()
+        await self._then_start()
+        return got
+
+
+def test_a_region_starting_while_a_peer_looks_is_not_failed_over() -> None:
+    async def go() -> None:
+        q, rs = regions(["eu", "us"])
+        us = rs["us"].agent
+        us.witness = RacingWitness(q, "us", rs["eu"].agent.witness)
+        await us.tick()
+        await rs["eu"].agent.tick()
+        assert q.placement is not None and q.placement.epoch == 1
+        assert us.failovers == 0 and rs["us"].taken == []
 
     asyncio.run(go())
 

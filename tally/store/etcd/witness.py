@@ -92,11 +92,13 @@ class EtcdWitness:
             self.lease = None  # expired: the others may have failed this region over
         granted = await self._call("/v3/lease/grant", {"TTL": max(int(self.ttl_s), 2)})
         lease = str(granted["ID"])
-        await self._call("/v3/kv/put", {"key": _b64(f"{PREFIX}members/{self.region}"),
-                                        "value": _b64("1")})
-        await self._call("/v3/kv/put", {
-            "key": _b64(f"{PREFIX}alive/{self.region}/{self.process}"), "value": _b64("1"),
-            "lease": lease})
+        # Both keys in one transaction: between a members key and a later alive key, a starting
+        # region would look like a member that died, and a peer would fail it over.
+        await self._call("/v3/kv/txn", {"success": [
+            {"request_put": {"key": _b64(f"{PREFIX}alive/{self.region}/{self.process}"),
+                             "value": _b64("1"), "lease": lease}},
+            {"request_put": {"key": _b64(f"{PREFIX}members/{self.region}"),
+                             "value": _b64("1")}}]})
         self.lease = lease
         return float(granted["TTL"])
 
