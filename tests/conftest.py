@@ -9,6 +9,13 @@ from typing import Protocol
 
 import httpx
 import pytest
+
+# Schemathesis's pytest plugin imports its report writers only when the session finishes, where
+# pytest's assertion rewriter parses them; after a long session CPython 3.11.7's parser has
+# failed there ("AST constructor recursion depth mismatch"), turning a run whose tests all
+# passed into a failure. Imported at the start, that parse happens on a fresh interpreter.
+import schemathesis.reporting.html.writer
+import schemathesis.reporting.junitxml  # noqa: F401
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 
