@@ -118,8 +118,9 @@ def _measure_size(size: int, work: Path, suite: Suite, show_progress: bool) -> d
         cluster.up()
         row: dict[str, Any] = {"likes": size, "load_s": 0.0}
         if size:
+            settings = load_settings(cluster.config, env={})
             row["load_s"] = round(asyncio.run(preload(
-                _dsns(cluster), size, _shards(cluster),
+                settings.postgres_dsns, size, settings.logical_shards,
                 progress=load_progress(size) if show_progress else None)), 1)
             row["bytes_per_like"] = _bytes_per_like(cluster)
         port = urlsplit(cluster.urls("api")[0]).port or 80
@@ -137,14 +138,6 @@ def _measure_size(size: int, work: Path, suite: Suite, show_progress: bool) -> d
     if show_progress:
         print(f"  {size:>12,} likes: {row}", file=sys.stderr)
     return row
-
-
-def _dsns(cluster: DevCluster) -> list[str]:
-    return list(load_settings(cluster.config, env={}).postgres_dsns)
-
-
-def _shards(cluster: DevCluster) -> int:
-    return load_settings(cluster.config, env={}).logical_shards
 
 
 def _bytes_per_like(cluster: DevCluster) -> float | None:
