@@ -65,6 +65,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g.add_argument("--out", type=Path, default=Path("bench-results"))
     g.add_argument("--keep", type=Path, help="keep each size's loaded database here and reuse "
                                              "it on later runs (delete it when done: ~48 B a like)")
+    g.add_argument("--warm", type=float, default=None,
+                   help="seconds of unmeasured likes and feeds after each size's first "
+                        "measurement, then both measured again (default 30; 0: only the first; "
+                        "embedded only)")
     g.add_argument("--cluster", action="store_true",
                    help="the dev cluster at its smallest (one API, relay, aggregator, PostgreSQL) "
                         "instead of Tally embedded; its likes are loaded into PostgreSQL")
@@ -164,13 +168,14 @@ def cmd_grow(args: argparse.Namespace) -> int:
     if args.cluster:
         from tally_dev.bench import grow_cluster
 
-        if args.keep:
-            raise SystemExit("--keep applies to the embedded database only")
+        if args.keep or args.warm is not None:
+            raise SystemExit("--keep and --warm apply to the embedded database only")
         result = grow_cluster.run(sizes, args.out, args.duration)
         print((args.out / "grow-cluster.md").read_text())
         return 0 if result["rows"] else 1
-    from tally_dev.bench.grow import run
+    from tally_dev.bench.grow import WARM_S, run
 
-    result = run(sizes, args.out, args.duration, keep=args.keep)
+    result = run(sizes, args.out, args.duration, keep=args.keep,
+                 warm_s=WARM_S if args.warm is None else args.warm)
     print((args.out / "grow.md").read_text())
     return 0 if result["rows"] else 1

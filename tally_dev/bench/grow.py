@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from tally_dev.bench.suite import Suite
 
 INSERT = "INSERT INTO toggles VALUES ('like', ?, ?, 1, 1, ?)"
+PRESETS = ("uniform", "feed")
+WARM_S = 30.0  # unmeasured load between a server's two measurements, half likes, half feeds
 
 
 def item_counts(likes: int, params: Params, seed: int) -> list[tuple[str, int]]:
@@ -95,17 +97,19 @@ def disk_bytes(db: Path) -> int:
 
 
 def run(sizes: list[int], out: Path, duration_s: float = 6.0, show_progress: bool = True,
-        keep: Path | None = None) -> dict[str, Any]:
+        keep: Path | None = None, warm_s: float = WARM_S) -> dict[str, Any]:
     """One server per size, each measured on uniform likes and the feed; results in ``out``.
     ``keep``: a directory where each size's loaded database stays (``keep/<size>``) and is
-    copied from on later runs instead of loaded again (100M likes take minutes to load)."""
+    copied from on later runs instead of loaded again (100M likes take minutes to load).
+    ``warm_s``: after the first measurement, this many seconds of unmeasured likes and feeds,
+    then both measured again (0: only the first)."""
     from tally_dev.bench.suite import Suite, SuitePlan
 
     work = Path(tempfile.mkdtemp(prefix="tally-grow-"))
     suite = Suite(SuitePlan(duration_s=duration_s, rounds=1), work, show_progress)
     rows: list[dict[str, Any]] = []
     try:
-        _measure_sizes(sizes, work, suite, rows, show_progress, keep)
+        _measure_sizes(sizes, work, suite, rows, show_progress, keep, warm_s)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # 0.5 GB per 10 million likes
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +140,12 @@ def _loaded(db: Path, size: int, keep: Path | None, show_progress: bool) -> floa
 
 
 def _measure_sizes(sizes: list[int], work: Path, suite: Suite, rows: list[dict[str, Any]],
-                   show_progress: bool, keep: Path | None = None) -> None:
+                   show_progress: bool, keep: Path | None = None, warm_s: float = 0.0) -> None:
+    """Each size measured in its server's first seconds, then (``warm_s`` > 0) again after
+    that much more load. A server just started on a large file pays for pages it has not yet
+    touched: faults into its memory map, reads into its connections' page caches; a server in
+    service has paid them. Both are reported: the first is what a restart costs, the second
+    what the store's size costs."""
     from tally_dev.bench import targets
 
     for size in sizes:
@@ -149,14 +158,25 @@ def _measure_sizes(sizes: list[int], work: Path, suite: Suite, rows: list[dict[s
                 suite.pids["tally"] = server.proc.pid
             row: dict[str, Any] = {"likes": size, "load_s": round(load_s, 1), "bytes": stored,
                                    "bytes_per_like": round(stored / size, 1) if size else None}
-            for preset in ("uniform", "feed"):
-                r = suite.measure("tally", server.port, preset)
-                row[preset] = {"per_s": round(r["throughput_per_s"], 1),
-                               "p99_ms": r["latency"].get("p99_ms"),
-                               "cpu_us_per_op": r.get("server_cpu_us_per_op")}
+            row.update(_measured(suite, server.port))
+            if warm_s > 0:
+                for preset in PRESETS:  # unmeasured, but kept in the runs, named as warm-up
+                    suite.measure("tally", server.port, preset, duration_s=warm_s / 2,
+                                  name=f"tally/{preset} warm-up {warm_s / 2:g} s")
+                row["warm"] = _measured(suite, server.port, " warm")
         rows.append(row)
         if show_progress:
             print(f"  {size:>12,} likes: {row}", file=sys.stderr)
+
+
+def _measured(suite: Suite, port: int, label: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for preset in PRESETS:
+        r = suite.measure("tally", port, preset, name=f"tally/{preset}{label}")
+        out[preset] = {"per_s": round(r["throughput_per_s"], 1),
+                       "p99_ms": r["latency"].get("p99_ms"),
+                       "cpu_us_per_op": r.get("server_cpu_us_per_op")}
+    return out
 
 
 def load_progress(size: int) -> Callable[[int], None]:
@@ -173,16 +193,32 @@ def load_progress(size: int) -> Callable[[int], None]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    base = rows[0] if rows and rows[0]["likes"] == 0 else None
-    out = ["| likes stored | bytes/like on disk | uniform likes/s (p99 ms) | API / writer CPU us per like | "
-           "feed req/s (p99 ms) | API CPU us per feed |", "|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        u, f = r["uniform"], r["feed"]
-        cu, cf = u["cpu_us_per_op"] or {}, f["cpu_us_per_op"] or {}
-        rel = (f" ({u['per_s'] / base['uniform']['per_s']:.0%} of empty)"
-               if base and base["uniform"]["per_s"] and r is not base else "")
-        out.append(f"| {r['likes']:,} | {r['bytes_per_like'] or '-'} | {u['per_s']:,.0f} "
-                   f"({u['p99_ms']:.1f}){rel} | {cu.get('server', 0):.0f} / {cu.get('children', 0):.0f} | "
-                   f"{f['per_s']:,.0f} ({f['p99_ms']:.1f}) | {cf.get('server', 0):.0f} |")
-    return "\n".join(out) + "\n"
+    """A line per size and measurement (the server's first seconds, then after the warm-up),
+    each compared with the empty database's of the same measurement."""
+    out = ["| likes stored | measured | bytes/like on disk | uniform likes/s (p99 ms) | "
+           "API / writer CPU us per like | feed req/s (p99 ms) | API CPU us per feed |",
+           "|---:|---|---:|---:|---:|---:|---:|"]
+    phases = [("first seconds", "")] + ([("after warm-up", "warm")]
+                                        if any("warm" in r for r in rows) else [])
+    for title, key in phases:
+        def of(r: dict[str, Any], key: str = key) -> dict[str, Any] | None:
+            return r.get(key) if key else r
 
+        base = of(rows[0]) if rows and rows[0]["likes"] == 0 else None
+        for r in rows:
+            m = of(r)
+            if m is None:
+                continue
+            u, f = m["uniform"], m["feed"]
+            cu, cf = u["cpu_us_per_op"] or {}, f["cpu_us_per_op"] or {}
+            rel_u = rel_f = ""
+            if base is not None and r is not rows[0]:
+                if base["uniform"]["per_s"]:
+                    rel_u = f" ({u['per_s'] / base['uniform']['per_s']:.0%} of empty)"
+                if base["feed"]["p99_ms"]:
+                    rel_f = f" ({f['p99_ms'] / base['feed']['p99_ms']:.1f}x empty)"
+            out.append(f"| {r['likes']:,} | {title} | {r['bytes_per_like'] or '-'} | "
+                       f"{u['per_s']:,.0f} ({u['p99_ms']:.1f}){rel_u} | "
+                       f"{cu.get('server', 0):.0f} / {cu.get('children', 0):.0f} | "
+                       f"{f['per_s']:,.0f} ({f['p99_ms']:.1f}){rel_f} | {cf.get('server', 0):.0f} |")
+    return "\n".join(out) + "\n"

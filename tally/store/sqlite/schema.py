@@ -79,8 +79,11 @@ def likes_schema(shard: int) -> str:
 
 
 # Bytes of each file read through a memory map (address space, not memory: the pages are the
-# operating system's file cache, shared by every connection).
-MMAP_BYTES = 1 << 30
+# operating system's file cache, shared by every connection). The most SQLite's usual builds map
+# (SQLITE_MAX_MMAP_SIZE; a larger request is cut to it): a page past the map costs a read system
+# call into the connection's own cache, and a large store's random seeks (has-liked at 100M
+# likes) land there.
+MMAP_BYTES = 0x7FFF0000
 
 
 def connect(path: Path, synchronous: str, readonly: bool = False,
