@@ -98,3 +98,23 @@ async def test_a_batch_of_distinct_toggles_writes_only_changes(store: SqliteStor
     assert db_rows(db, "SELECT user, delta FROM changelog ORDER BY seq")[-3:] == [
         ("2", 1), ("3", 1), ("5", -1)]
     assert recount(db) == {("like", ITEM): 3}
+
+
+def test_stored_counts_reads_each_counter_apart_and_leaves_absent_keys_out(tmp_path: Path) -> None:
+    """The batch read behind a feed and every writer batch: several counters at once, more
+    items than one statement takes, keys asked twice, and keys never counted."""
+    import sqlite3
+
+    from tally.store.sqlite.ops import _CHUNK, stored_counts
+
+    conn = sqlite3.connect(tmp_path / "counts.db")
+    conn.execute("CREATE TABLE counts (counter TEXT NOT NULL, item TEXT NOT NULL, "
+                 "count INTEGER NOT NULL, PRIMARY KEY (counter, item)) WITHOUT ROWID")
+    rows = [("like", f"post:{n}", n) for n in range(0, 2 * _CHUNK + 7, 2)]
+    rows += [("save", f"post:{n}", 10 * n) for n in range(0, 30, 3)]
+    conn.executemany("INSERT INTO counts VALUES (?, ?, ?)", rows)
+    keys = [(c, f"post:{n}") for n in range(2 * _CHUNK + 7) for c in ("like", "save")]
+    keys += [("like", "post:2"), ("view", "post:2")]
+    assert stored_counts(conn, keys) == {(c, i): n for c, i, n in rows}
+    assert stored_counts(conn, [("like", "post:1"), ("save", "post:1")]) == {}
+    assert stored_counts(conn, []) == {}

@@ -124,21 +124,26 @@ def toggle_states(conn: sqlite3.Connection, keys: Sequence[ToggleKey]) -> dict[T
 
 
 def stored_counts(conn: sqlite3.Connection, keys: Sequence[CountKey]) -> dict[CountKey, int]:
-    """The count table's values for ``keys`` (absent keys are 0 and left out). Asks for every
-    (counter, item) pair of the counters and items named, which is what a batch read wants, and
-    seeks each on the key: half the cost of joining a VALUES list."""
+    """The count table's values for ``keys`` (absent keys are 0 and left out). Per counter, one
+    statement seeks each item on the key (half the cost of joining a VALUES list) and returns
+    only the item and its count: asking for every (counter, item) pair of the counters and items
+    named, with the counter's name in every row and each row checked against the keys, cost a
+    feed's 50 lookups a fifth more."""
     found: dict[CountKey, int] = {}
-    wanted = set(keys)
-    counters = sorted({c for c, _ in wanted})
-    items = sorted({i for _, i in wanted})
-    for start in range(0, len(items), _CHUNK):
-        part = items[start:start + _CHUNK]
-        sql = (f"SELECT counter, item, count FROM counts WHERE counter IN "
-               f"({','.join('?' * len(counters))}) AND item IN ({','.join('?' * len(part))})")
-        for c, i, n in conn.execute(sql, [*counters, *part]):
-            if (c, i) in wanted:
-                found[(c, i)] = n
+    by_counter: dict[str, list[str]] = {}
+    for counter, item in keys:
+        by_counter.setdefault(counter, []).append(item)
+    for counter, items in by_counter.items():
+        for start in range(0, len(items), _CHUNK):
+            part = items[start:start + _CHUNK]
+            for item, n in conn.execute(_counts_of(len(part)), [counter, *part]):
+                found[(counter, item)] = n
     return found
+
+
+@functools.lru_cache(maxsize=64)
+def _counts_of(items: int) -> str:
+    return f"SELECT item, count FROM counts WHERE counter=? AND item IN ({','.join('?' * items)})"
 
 
 def count_keys_of(ops: Sequence[Op]) -> list[CountKey]:
