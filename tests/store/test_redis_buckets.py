@@ -13,7 +13,7 @@ from tally.api.auth import Principal
 from tally.api.limits import Limiter
 from tally.core.bucket import Rate
 from tally.core.errors import RateLimited
-from tally.store.rediscache.buckets import RedisBuckets
+from tally.store.rediscache.buckets import PREFIX, RedisBuckets
 from tally.store.rediscache.counts import RedisCounts
 from tally_dev.engines import free_port
 
@@ -73,3 +73,32 @@ async def test_a_limiter_falls_back_to_local_buckets_when_redis_is_down() -> Non
     finally:
         await dead.close()
     assert registry.get_sample_value("tally_rate_limit_local_fallback_total") == 4
+
+
+async def test_a_take_is_one_read_and_one_write_of_a_string_that_expires(redis_url: str) -> None:
+    """Redis's work per like: each take reads its bucket and writes it back with its expiry in
+    one command; a bucket is one string key, gone once it would have refilled."""
+    counts = RedisCounts(redis_url)
+    await counts.start()
+    try:
+        buckets, rate = RedisBuckets(counts), Rate(2.0, 4.0)
+        await buckets.take(f"user:{uuid.uuid4()}", rate, 0.0, 1.0)  # the script loaded
+
+        async def calls() -> dict[str, int]:
+            stats = await counts.client.info("commandstats")
+            return {c: int(stats.get(f"cmdstat_{c}", {}).get("calls", 0))
+                    for c in ("get", "set", "hmget", "hset", "pexpire")}
+
+        before = await calls()
+        names = [f"user:{uuid.uuid4()}" for _ in range(10)]
+        assert await asyncio.gather(*(buckets.take(n, rate, 0.0, 1.0) for n in names)) == [0.0] * 10
+        after = await calls()
+        assert {c: after[c] - before[c] for c in after} == {
+            "get": 10, "set": 10, "hmget": 0, "hset": 0, "pexpire": 0}
+        key = PREFIX + names[0]
+        assert await counts.client.type(key) in (b"string", "string")
+        assert 0 < await counts.client.pttl(key) <= 1000 + 500  # one token to refill: 0.5 s + 1 s
+        tokens, _, stamp = (await counts.client.get(key)).decode().partition(":")
+        assert float(tokens) == 3.0 and float(stamp) > 0
+    finally:
+        await counts.close()
