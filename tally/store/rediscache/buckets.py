@@ -24,7 +24,8 @@ from tally.store.rediscache.counts import RedisCounts
 
 # A bucket is one string, "tokens:stamp", written with its expiry in one SET (a hash took HMGET,
 # HSET and PEXPIRE: three commands per take, where this is two). The prefix changed with the
-# format, so a key of the old kind is left to expire rather than read as the new one.
+# format, so a key of the old kind is left to expire rather than read as the new one (while old
+# and new API processes both run, in a rolling upgrade, a user draws on one bucket of each).
 PREFIX = "tally:rl2:"
 MAX_TAKES = 256  # takes per script call
 
