@@ -67,6 +67,14 @@ class SpaceSaving:
         slot = self._slots.get(key)
         return slot is not None and self.total > 0 and (slot.count - slot.error) >= share * self.total
 
+    def hot_items(self, share: float) -> frozenset[str]:
+        """Every key ``is_hot`` at ``share``, at once: a reader checking many keys tests each
+        against this set instead of asking for each."""
+        if self.total <= 0:
+            return frozenset()
+        floor = share * self.total
+        return frozenset(k for k, s in self._slots.items() if s.count - s.error >= floor)
+
     def decay(self) -> None:
         """Halve every count so the sketch follows what is hot now, not what was hot an hour ago."""
         self.total //= 2

@@ -44,12 +44,14 @@ class CountReader:
         self.sample = sample
         self._rng = random.Random()
         self._next_sampled = self._gap() if sample > 1 else 0  # reads to skip before the next
+        self._hot_total = -1  # the sketch's total when ``_hot`` was worked out
+        self._hot: frozenset[str] = frozenset()
 
     async def get(self, keys: Sequence[CountKey]) -> list[int]:
         """Each key's count, in the order asked (0 for a key never counted). A list, not a
         mapping: a feed's fifty answers go straight into its response by position."""
         self._feed_sketch(keys)
-        values = self.cache.get_many(keys)
+        values = self.cache.get_many(keys) if self.cache_all else self._cached_hot(keys)
         if None not in values:
             return values  # type: ignore[return-value]  # every key was cached
         missing = [n for n, value in enumerate(values) if value is None]
@@ -71,6 +73,28 @@ class CountReader:
                 self.coalesced += 1
                 values[n] = (await fut)[key]
         return values  # type: ignore[return-value]  # every None was filled
+
+    def _cached_hot(self, keys: Sequence[CountKey]) -> list[int | None]:
+        """Without write-through only hot items are ever cached (``_remember``), so only keys of
+        items hot now are looked up: a set lookup each, where the cache's costs a hash, a shard
+        and a dict lookup, and of a feed's fifty keys few are hot. (A key cached while hot and
+        no longer hot is read from the store instead: fresher, never staler.)"""
+        hot = self._hot_items()
+        values: list[int | None] = [None] * len(keys)
+        wanted = [n for n, key in enumerate(keys) if key[1] in hot] if hot else []
+        if wanted:
+            for n, value in zip(wanted, self.cache.get_many([keys[n] for n in wanted]),
+                                strict=True):
+                values[n] = value
+        self.cache.misses += len(keys) - len(wanted)  # not looked up: missed all the same
+        return values
+
+    def _hot_items(self) -> frozenset[str]:
+        """The items hot now, worked out again only when the sketch has changed since."""
+        if self.hot.total != self._hot_total:
+            self._hot_total = self.hot.total
+            self._hot = self.hot.hot_items(self.hot_share)
+        return self._hot
 
     def _gap(self) -> int:
         return int(math.log(1.0 - self._rng.random()) / math.log(1.0 - 1.0 / self.sample))
@@ -113,8 +137,9 @@ class CountReader:
         if self.cache_all:
             self.cache.put_if_absent(counts)
             return
+        hot = self._hot_items()
         for key, value in counts.items():
-            if self.hot.is_hot(key[1], self.hot_share):
+            if key[1] in hot:
                 self.cache.put(key, value, ttl_s=self.hot_ttl_s)
 
     def applied(self, counts: dict[CountKey, int]) -> None:

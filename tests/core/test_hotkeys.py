@@ -47,3 +47,12 @@ def test_weights_and_decay() -> None:
     ss.decay()
     assert (ss.total, ss.top()) == (7, [("a", 5, 0), ("c", 2, 1)])
     assert not SpaceSaving().is_hot("x", 0.0)
+
+
+def test_hot_items_are_the_keys_is_hot_names() -> None:
+    sketch = SpaceSaving(4)
+    assert sketch.hot_items(0.1) == frozenset()
+    for key, n in (("a", 50), ("b", 30), ("c", 15), ("d", 4), ("e", 1)):
+        sketch.add(key, n)
+    for share in (0.01, 0.1, 0.2, 0.4, 0.6):
+        assert sketch.hot_items(share) == {k for k in "abcde" if sketch.is_hot(k, share)}

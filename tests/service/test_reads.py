@@ -121,3 +121,27 @@ async def test_a_read_waits_for_the_keys_in_flight_and_fetches_the_rest(
         tg.start_soon(read, "second", [c, b, c])
     assert got == {"first": [1, 2], "second": [1, 2, 1]}
     assert store.reads[-2:] == [[a, b], [c]] and r.coalesced == 1
+
+
+async def test_without_write_through_only_hot_items_are_cached_and_looked_up(
+        store: CountingStore) -> None:
+    """A worker process (or the cluster's API): a hot item's count is cached for ``hot_ttl_s``
+    and served from there; a cold one is read from the store every time, without a cache
+    lookup, and counted as a miss."""
+    await store.write([like(u, "post:hot") for u in range(3)] + [like(9, "post:cold")])
+    await Aggregator(store, store, window_s=0.001).drain()
+    cache: LRU[CountKey, int] = LRU(100, 60.0)
+    r = CountReader(store, cache, SpaceSaving(8), cache_all=False, hot_ttl_s=60.0,
+                    hot_share=0.4)
+    hot, cold = ("like", "post:hot"), ("like", "post:cold")
+    for _ in range(9):  # post:hot is 90% of the reads
+        assert await r.get([hot]) == [3]
+    assert await r.get([cold]) == [1]
+    assert hot in cache and cold not in cache
+    reads = len(store.reads)
+    assert await r.get([hot, cold]) == [3, 1]
+    assert store.reads[reads:] == [[cold]]  # the hot count came from the cache
+    misses = cache.misses
+    assert await r.get([cold, cold]) == [1, 1]
+    assert cache.misses == misses + 2
+
