@@ -192,6 +192,19 @@ def load_progress(size: int) -> Callable[[int], None]:
     return show
 
 
+def vs_empty(measured: dict[str, Any], empty: dict[str, Any] | None) -> tuple[str, str]:
+    """What the targets compare: a size's like rate as a share of the empty store's, and its
+    feed p99 as a multiple of the empty store's (both blank without an empty row)."""
+    if empty is None or measured is empty:
+        return "", ""
+    u, f = measured["uniform"], measured["feed"]
+    rate = (f" ({u['per_s'] / empty['uniform']['per_s']:.0%} of empty)"
+            if empty["uniform"]["per_s"] else "")
+    p99 = (f" ({f['p99_ms'] / empty['feed']['p99_ms']:.1f}x empty)"
+           if empty["feed"]["p99_ms"] else "")
+    return rate, p99
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A line per size and measurement (the server's first seconds, then after the warm-up),
     each compared with the empty database's of the same measurement."""
@@ -201,22 +214,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     phases = [("first seconds", "")] + ([("after warm-up", "warm")]
                                         if any("warm" in r for r in rows) else [])
     for title, key in phases:
-        def of(r: dict[str, Any], key: str = key) -> dict[str, Any] | None:
-            return r.get(key) if key else r
-
-        base = of(rows[0]) if rows and rows[0]["likes"] == 0 else None
-        for r in rows:
-            m = of(r)
+        measured = [(r, r.get(key) if key else r) for r in rows]
+        empty = measured[0][1] if rows and rows[0]["likes"] == 0 else None
+        for r, m in measured:
             if m is None:
                 continue
             u, f = m["uniform"], m["feed"]
             cu, cf = u["cpu_us_per_op"] or {}, f["cpu_us_per_op"] or {}
-            rel_u = rel_f = ""
-            if base is not None and r is not rows[0]:
-                if base["uniform"]["per_s"]:
-                    rel_u = f" ({u['per_s'] / base['uniform']['per_s']:.0%} of empty)"
-                if base["feed"]["p99_ms"]:
-                    rel_f = f" ({f['p99_ms'] / base['feed']['p99_ms']:.1f}x empty)"
+            rel_u, rel_f = vs_empty(m, empty)
             out.append(f"| {r['likes']:,} | {title} | {r['bytes_per_like'] or '-'} | "
                        f"{u['per_s']:,.0f} ({u['p99_ms']:.1f}){rel_u} | "
                        f"{cu.get('server', 0):.0f} / {cu.get('children', 0):.0f} | "

@@ -25,7 +25,7 @@ import orjson
 
 from tally.settings import load as load_settings
 from tally.store.shards import ShardMap
-from tally_dev.bench.grow import item_counts, load_progress
+from tally_dev.bench.grow import item_counts, load_progress, vs_empty
 from tally_dev.bench.workloads import Params
 
 if TYPE_CHECKING:
@@ -148,16 +148,13 @@ def _bytes_per_like(cluster: DevCluster) -> float | None:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    base = rows[0] if rows and rows[0]["likes"] == 0 else None
+    empty = rows[0] if rows and rows[0]["likes"] == 0 else None
     out = ["| likes stored | bytes/like (toggles) | uniform likes/s (p99 ms) | API / PostgreSQL CPU "
            "us per like | feed req/s (p99 ms) | API / PostgreSQL CPU us per feed |",
            "|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         u, f = r["uniform"], r["feed"]
-        rel = (f" ({u['per_s'] / base['uniform']['per_s']:.0%} of empty)"
-               if base and base["uniform"]["per_s"] and r is not base else "")
-        frel = (f" ({f['p99_ms'] / base['feed']['p99_ms']:.1f}x empty)"
-                if base and base["feed"]["p99_ms"] and r is not base else "")
+        rel, frel = vs_empty(r, empty)
         out.append(f"| {r['likes']:,} | {r.get('bytes_per_like') or '-'} | {u['per_s']:,.0f} "
                    f"({u['p99_ms']:.1f}){rel} | {_cpu(u, 'api')} / {_cpu(u, 'postgres')} | "
                    f"{f['per_s']:,.0f} ({f['p99_ms']:.1f}){frel} | {_cpu(f, 'api')} / "
