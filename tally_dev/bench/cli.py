@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--peers", default="bare,redis-always,redis-everysec,pg",
                    help="comma list of lean peers; empty for none")
     s.add_argument("--rounds", type=int, help="interleaved rounds of the side-by-side maxima")
+    s.add_argument("--compare-connections", help="comma list of connection counts each "
+                   "server's maxima are probed at (default 32,64,128); --connections N: N alone")
     s.add_argument("--no-wrk", action="store_true", help="no second generator (wrk)")
     s.add_argument("--no-cluster", action="store_true", help="skip Tally on its scale-out backends")
     s.add_argument("--cluster-only", action="store_true",
@@ -135,9 +137,12 @@ def cmd_suite(args: argparse.Namespace) -> int:
                    **{k: v for k, v in (("duration_s", args.duration), ("rounds", args.rounds),
                                         ("connections", args.connections),
                                         ("workers", args.workers)) if v})
+    if args.compare_connections or args.connections:
+        levels = args.compare_connections or str(args.connections)
+        plan = replace(plan, compare_connections=tuple(int(n) for n in levels.split(",")))
     result = run_suite(args.out, plan)
     print(markdown_checks(result["checks"]))
-    print(side_by_side_table(result["runs"]))
+    print(side_by_side_table(result["runs"], result.get("connections")))
     print(f"results: {args.out / 'results.md'}, {args.out / 'result.json'}")
     return 0
 

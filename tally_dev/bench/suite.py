@@ -49,6 +49,13 @@ class SuitePlan:
     bulk_sweep: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     rounds: int = 3  # interleaved rounds of the side-by-side maxima; the tables take the median
     compare_s: float = 4.0  # measured seconds of each side-by-side run
+    # A closed loop's throughput depends on how many requests it keeps in flight, and not alike
+    # for every server: a group commit amortises more with more in flight, an HTTP server's own
+    # overhead may grow with its connections. So each server's maximum of each workload is taken
+    # at the connection count that served it best in a short probe at each of these (the same
+    # choice for every server); one count skips the probe.
+    compare_connections: tuple[int, ...] = (32, 64, 128)
+    probe_s: float = 2.0  # measured seconds of each probe
     peers: tuple[str, ...] = PEERS
     # Tally embedded with this many API processes in front of its one likes writer
     # (``tally serve --workers N``), each beside the others; 1 is the target "tally", N
@@ -61,7 +68,7 @@ class SuitePlan:
 
 
 QUICK = SuitePlan(duration_s=1.0, warmup_s=0.3, connections=4, sweep=(0.5,), bulk_sweep=(),
-                  rounds=1, compare_s=1.0, peers=(), wrk=False, cluster=False,
+                  rounds=1, compare_s=1.0, compare_connections=(4,), peers=(), wrk=False, cluster=False,
                   params=Params(items=10_000))
 COMPARED = ("uniform", "viral", "feed", "counts")  # every server of the side-by-side serves these
 
@@ -75,11 +82,14 @@ class Suite:
         self.notes: list[str] = []
         self.extra: dict[str, Any] = {}
         self.pids: dict[str, int] = {}  # target -> server pid, for its processes' CPU per run
+        # target -> preset -> the connection count its maximum is measured at (``probe``)
+        self.connections: dict[str, dict[str, int]] = {}
 
     def measure(self, target: str, port: int, preset: str, mode: str = "closed",
-                rate: float = 0.0, round_: int | None = None, **over: Any) -> dict[str, Any]:
+                rate: float = 0.0, round_: int | None = None, tool: str = "loadgen",
+                suffix: str = "", **over: Any) -> dict[str, Any]:
         p = self.plan
-        name = f"{target}/{preset}" + (f"@{rate:.0f}" if mode == "open" else "")
+        name = f"{target}/{preset}" + (f"@{rate:.0f}" if mode == "open" else "") + suffix
         name += f" r{round_ + 1}" if round_ is not None and p.rounds > 1 else ""
         spec = RunSpec(name=name, host=HOST, port=port, preset=preset, mode=mode, rate=rate,
                        duration_s=p.duration_s, warmup_s=p.warmup_s, connections=p.connections,
@@ -93,7 +103,7 @@ class Suite:
         roots = _server_roots(pid, port) if pid else {}
         cpu_before = cpu.tree_cpu_s(roots)
         result = run_dict(loadgen.run(spec, self.show_progress))
-        result.update(target=target, round=round_, tool="loadgen")
+        result.update(target=target, round=round_, tool=tool)
         if roots:
             result["server_cpu_us_per_op"] = _per_op(cpu.delta(cpu_before, cpu.tree_cpu_s(roots)),
                                                      result["ok"], spec)
@@ -105,7 +115,7 @@ class Suite:
         return result
 
     def confirm(self, target: str, port: int, preset: str, round_: int | None = None,
-                duration_s: float | None = None) -> None:
+                duration_s: float | None = None, connections: int | None = None) -> None:
         """The same closed-loop maximum by wrk, right after the suite's own generator."""
         if not self.plan.wrk:
             return
@@ -113,8 +123,8 @@ class Suite:
                                            and self.plan.rounds > 1 else "")
         try:
             result = wrk.run(name, f"http://{HOST}:{port}", preset,
-                             duration_s or self.plan.duration_s, self.plan.connections,
-                             self.plan.params)
+                             duration_s or self.plan.duration_s,
+                             connections or self.plan.connections, self.plan.params)
         except (RuntimeError, OSError) as exc:
             self.notes.append(f"{name}: {exc}")
             return
@@ -130,21 +140,47 @@ class Suite:
     # -- the parts --------------------------------------------------------------------------
 
     def generator_ceiling(self) -> None:
-        """Both generators against a server that does nothing: each one's own ceiling."""
+        """Both generators against a server that does nothing: each one's own ceiling, at the
+        most connections the maxima are measured at (where a generator's own work per request
+        is highest)."""
+        most = max(self.plan.compare_connections)
         with targets.null_server(self.work) as null:
             for preset in ("uniform", "feed"):
-                self.measure("null", null.port, preset)
-                self.confirm("null", null.port, preset)
+                self.measure("null", null.port, preset, connections=most)
+                self.confirm("null", null.port, preset, connections=most)
+                self.connections.setdefault("null", {})[preset] = most
+
+    def probe(self, servers: dict[str, int], presets: tuple[str, ...] = COMPARED) -> None:
+        """For each server and workload, the connection count (of ``compare_connections``) at
+        which the suite's generator measured the most throughput in a short run: where its
+        maximum is then measured, by both generators. Probes are kept as runs of their own
+        (``"tool": "probe"``), so they never count as a maximum."""
+        levels = self.plan.compare_connections
+        for preset in presets:
+            for target, port in servers.items():
+                best = (-1.0, levels[0])
+                for n in levels if len(levels) > 1 else ():
+                    run = self.measure(target, port, preset, duration_s=self.plan.probe_s,
+                                       warmup_s=min(self.plan.warmup_s, 0.5), connections=n,
+                                       tool="probe", suffix=f" c{n}")
+                    best = max(best, (run["throughput_per_s"], n))
+                self.connections.setdefault(target, {})[preset] = best[1]
+
+    def connections_of(self, target: str, preset: str) -> int:
+        return self.connections.get(target, {}).get(preset, self.plan.compare_connections[0])
 
     def compare(self, servers: dict[str, int]) -> None:
         """Closed-loop maxima of every server, interleaved: each round runs every (server, preset)
         once, so a change in the machine's background load falls on all of them alike instead of
         on whichever ran last; the tables quote the median over the rounds."""
+        self.probe(servers)
         for rnd in range(self.plan.rounds):
             for preset in COMPARED:
                 for target, port in servers.items():
-                    self.measure(target, port, preset, round_=rnd, duration_s=self.plan.compare_s)
-                    self.confirm(target, port, preset, rnd, self.plan.compare_s)
+                    n = self.connections_of(target, preset)
+                    self.measure(target, port, preset, round_=rnd, duration_s=self.plan.compare_s,
+                                 connections=n)
+                    self.confirm(target, port, preset, rnd, self.plan.compare_s, n)
 
     def tally_only(self, port: int) -> None:
         """Open-loop sweeps (latency at 70% of the maximum) and the workloads peers do not serve."""
@@ -229,8 +265,11 @@ class Suite:
             self.extra["cluster_idle_cpu_per_s"] = {
                 role: round(s / (time.monotonic() - started), 4) for role, s in idle.items()}
             for preset in ("uniform", "viral", "feed"):
-                self.measure_cluster(cluster, groups, port, preset)
-                self.confirm("cluster", port, preset)
+                _settle(cluster)
+                self.probe({"cluster": port}, (preset,))
+                n = self.connections_of("cluster", preset)
+                self.measure_cluster(cluster, groups, port, preset, connections=n)
+                self.confirm("cluster", port, preset, connections=n)
             # Likes in bulk on uniform items: the relay, NATS and the aggregators then carry full
             # batches, as they do at scale, where one request per like would leave them near empty.
             self.measure_cluster(cluster, groups, port, "bulk",
@@ -274,6 +313,7 @@ class Suite:
         if self.plan.cluster or self.plan.cluster_only:
             self.cluster()
         self.extra["load_average"] = {"before": load_before, "after": os.getloadavg()}
+        self.extra["connections"] = self.connections
         per_like = {k.removesuffix("_storage"): v["bytes_per_record"]
                     for k, v in self.extra.items() if k.endswith("_storage") and v.get("records")}
         self.extra["memory"] = memory.projection(memory.bytes_per_cached_counter(), per_like)

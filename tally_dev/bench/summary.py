@@ -20,7 +20,8 @@ COLUMNS = (("uniform", "uniform likes/s"), ("viral", "viral likes/s"),
            ("feed", "feed: counts + has-liked of 50, req/s"), ("counts", "counts of 50, req/s"))
 
 
-def _cell(runs: list[dict[str, Any]], target: str, preset: str) -> str:
+def _cell(runs: list[dict[str, Any]], target: str, preset: str,
+          connections: dict[str, dict[str, int]]) -> str:
     mine = median_max(runs, target, preset)
     if not mine:
         return ""
@@ -29,21 +30,45 @@ def _cell(runs: list[dict[str, Any]], target: str, preset: str) -> str:
     cell = f"{mine:,.0f} ({p99:.1f} ms)"
     if by_wrk:
         cell += f" / wrk {by_wrk:,.0f} ({median_p99(runs, target, preset, 'wrk'):.1f} ms)"
+    if n := connections.get(target, {}).get(preset):
+        cell += f" @{n}"
     return cell
 
 
-def side_by_side_table(runs: list[dict[str, Any]]) -> str:
+def side_by_side_table(runs: list[dict[str, Any]],
+                       connections: dict[str, dict[str, int]] | None = None) -> str:
     """Every server's closed-loop maximum per workload, the suite's generator then wrk: medians of
-    the interleaved rounds, p99 of the same runs in brackets."""
+    the interleaved rounds, p99 of the same runs in brackets, then the connections they ran
+    with."""
     rows = []
     for target in TARGETS:
-        cells = [_cell(runs, target, preset) for preset, _ in COLUMNS]
+        cells = [_cell(runs, target, preset, connections or {}) for preset, _ in COLUMNS]
         if any(cells):
             rows.append(f"| {NAMES[target]} | " + " | ".join(cells) + " |")
     if not rows:
         return "Nothing measured.\n"
     return ("| server | " + " | ".join(title for _, title in COLUMNS) + " |\n|---|"
             + "---:|" * len(COLUMNS) + "\n" + "\n".join(rows) + "\n")
+
+
+def probe_table(runs: list[dict[str, Any]]) -> str:
+    """The probes that chose each maximum's connection count: throughput at each count."""
+    found: dict[tuple[str, str], dict[int, float]] = {}
+    for r in runs:
+        if r.get("tool") == "probe":
+            cell = found.setdefault((r["target"], r["preset"]), {})
+            cell[r["spec"]["connections"]] = r["throughput_per_s"]
+    if not found:
+        return ""
+    levels = sorted({n for cell in found.values() for n in cell})
+    rows = []
+    for (target, preset), cell in found.items():
+        best = max(cell, key=lambda n: cell[n])
+        rows.append(f"| {target} | {preset} | " + " | ".join(
+            ("**{:,.0f}**" if n == best else "{:,.0f}").format(cell[n]) if n in cell else ""
+            for n in levels) + " |")
+    return ("| server | workload | " + " | ".join(f"{n} connections, ops/s" for n in levels)
+            + " |\n|---|---|" + "---:|" * len(levels) + "\n" + "\n".join(rows) + "\n")
 
 
 def server_table(runs: list[dict[str, Any]]) -> str:
@@ -118,13 +143,19 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "## Side by side (maximum throughput, same run)\n",
         "Closed loop, medians over interleaved rounds (every round runs each server once per "
         "workload, so drift in the machine's background load falls on all of them alike); the "
-        "suite's generator first, wrk on the same server right after; p99 in brackets.\n",
-        side_by_side_table(result["runs"]),
+        "suite's generator first, wrk on the same server right after; p99 in brackets; after "
+        "the @, the connections both kept in flight: the count of those probed at which the "
+        "server served that workload best (next table; the null server: the most probed).\n",
+        side_by_side_table(result["runs"], result.get("connections")),
         "## Every run\n",
         "Open-loop latencies count from each request's intended send time. Closed-loop latencies "
         "are service times at maximum throughput. `gen CPU` is the load generator's CPU use in "
         "cores.\n", markdown_runs(result["runs"]),
     ]
+    if table := probe_table(result["runs"]):
+        parts += ["## Connections: the probes behind each maximum\n",
+                  "A short closed-loop run of the suite's generator at each connection count; "
+                  "the maximum is then measured at the count in bold.\n", table]
     if table := server_table(result["runs"]):
         parts += ["## Group commit and coalescing, as Tally counted them\n", table]
     if table := cpu_table(result["runs"]):

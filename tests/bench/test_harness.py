@@ -215,3 +215,43 @@ def test_the_suite_keeps_tallys_server_logs(tmp_path: Path) -> None:
     kept = keep_tally_logs(work, out)
     assert sorted(p.name for p in kept) == ["tally-2p-tally-2p.log", "tally-tally.log"]  # not pg
     assert (out / "logs" / "tally-tally.log").read_text().startswith('{"msg":"slow commit"')
+
+
+def test_each_servers_maxima_are_measured_at_the_connections_its_probe_served_best(
+        tmp_path: Path) -> None:
+    """The probe runs every server at every count and keeps the best per workload; the rounds
+    (both generators) then run at that count, and probes never count as a maximum."""
+    from dataclasses import replace
+
+    from tally_dev.bench.checks import median_max
+    from tally_dev.bench.suite import COMPARED, QUICK, Suite
+    from tally_dev.bench.summary import probe_table, side_by_side_table
+
+    best = {"tally": 128, "peer": 32}
+    suite = Suite(replace(QUICK, rounds=2, compare_connections=(32, 64, 128)), tmp_path,
+                  show_progress=False)
+    confirmed: list[tuple[str, int | None]] = []
+
+    def measure(target: str, port: int, preset: str, mode: str = "closed", rate: float = 0.0,
+                round_: int | None = None, tool: str = "loadgen", suffix: str = "",
+                **over: Any) -> dict[str, Any]:
+        n = over["connections"]
+        run = {"target": target, "preset": preset, "mode": mode, "round": round_, "tool": tool,
+               "throughput_per_s": 1000.0 - abs(n - best[target]), "offered_per_s": None,
+               "errors": 0, "latency": {"p99_ms": 1.0}, "spec": {"connections": n},
+               "name": f"{target}/{preset}{suffix}"}
+        suite.runs.append(run)
+        return run
+
+    suite.measure = measure  # type: ignore[method-assign]
+    suite.confirm = lambda target, port, preset, rnd=None, d=None, n=None: (  # type: ignore
+        confirmed.append((target, n)))
+    suite.compare({"tally": 1, "peer": 2})
+    assert suite.connections == {t: {p: best[t] for p in COMPARED} for t in best}
+    rounds = [r for r in suite.runs if r["tool"] == "loadgen"]
+    assert len(rounds) == 2 * len(COMPARED) * 2
+    assert all(r["spec"]["connections"] == best[r["target"]] for r in rounds)
+    assert set(confirmed) == {("tally", 128), ("peer", 32)}
+    assert median_max(suite.runs, "tally", "uniform") == 1000  # the rounds' runs, not the probes'
+    assert "@128" in side_by_side_table(suite.runs, suite.connections)
+    assert "| tally | uniform | 904 | 936 | **1,000** |" in probe_table(suite.runs)
