@@ -81,10 +81,12 @@ def _ratio_check(runs: list[dict[str, Any]], name: str, mine: tuple[str, str],
     wa, wb = median_max(runs, *mine, tool="wrk"), median_max(runs, *theirs, tool="wrk")
     by_wrk = f"; wrk {_ratio(wa, wb):.2f}x" if wa and wb else ""
     ratio = _ratio(a, b)
+    # Met only if wrk, where it measured both, confirms it: no figure rests on one tool.
+    confirmed = not (wa and wb) or _ratio(wa, wb) >= floor
     return {"target": name, "measured": f"{'/'.join(mine)} {_both(runs, *mine)} vs "
                                         f"{'/'.join(theirs)} {_both(runs, *theirs)}: "
                                         f"{ratio:.2f}x{by_wrk}",
-            "met": ratio >= floor, "ratio": ratio}
+            "met": ratio >= floor and confirmed, "ratio": ratio}
 
 
 def _at_70(runs: list[dict[str, Any]], target: str, preset: str, bound_ms: float) -> dict[str, Any] | None:
@@ -116,6 +118,11 @@ def checks(runs: list[dict[str, Any]], extra: dict[str, Any]) -> list[dict[str, 
                               ("tally", "uniform"), ("bare", "uniform"), 0.5))
     found.append(_ratio_check(runs, "feed (counts + has-liked of 50) >= 1.0x Redis MGET of the counts",
                               ("tally", "feed"), ("redis-always", "counts"), 1.0))
+    # Reads scale with API processes (``tally serve --workers N``): the same target for the
+    # configuration a read-heavy deployment runs, beside the one-process figure, not instead.
+    found.append(_ratio_check(runs, "feed >= 1.0x Redis MGET of the counts, Tally with 2 API "
+                                    "processes", ("tally-2p", "feed"), ("redis-always", "counts"),
+                              1.0))
     found.append(_at_70(runs, "tally", "feed", P99_FEED_MS))
     found.append(_ratio_check(runs, "cluster uniform likes >= 1.0x naive PostgreSQL",
                               ("cluster", "uniform"), ("pg", "uniform"), 1.0))

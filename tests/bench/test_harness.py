@@ -255,3 +255,24 @@ def test_each_servers_maxima_are_measured_at_the_connections_its_probe_served_be
     assert median_max(suite.runs, "tally", "uniform") == 1000  # the rounds' runs, not the probes'
     assert "@128" in side_by_side_table(suite.runs, suite.connections)
     assert "| tally | uniform | 904 | 936 | **1,000** |" in probe_table(suite.runs)
+
+
+def test_a_ratio_target_is_met_only_where_wrk_confirms_it() -> None:
+    from tally_dev.bench.checks import checks
+
+    def run(target: str, preset: str, per_s: float, tool: str) -> dict[str, Any]:
+        return {"target": target, "preset": preset, "mode": "closed", "round": 0, "tool": tool,
+                "throughput_per_s": per_s, "offered_per_s": None, "errors": 0,
+                "latency": {"p99_ms": 1.0}}
+
+    def viral(tally_by_wrk: float | None) -> dict[str, Any]:
+        runs = [run("tally", "viral", 1600, "loadgen"), run("redis-always", "viral", 1000, "loadgen")]
+        if tally_by_wrk is not None:
+            runs += [run("tally", "viral", tally_by_wrk, "wrk"),
+                     run("redis-always", "viral", 1000, "wrk")]
+        (found,) = [c for c in checks(runs, {}) if c["target"].startswith("viral likes")]
+        return found
+
+    assert viral(None)["met"]  # wrk not measured: the suite's generator alone
+    assert viral(1550)["met"] and "1.60x; wrk 1.55x" in viral(1550)["measured"]
+    assert not viral(1400)["met"]  # 1.6x by one generator, 1.4x by the other: not met
