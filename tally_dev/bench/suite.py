@@ -196,9 +196,10 @@ class Suite:
             self.measure("tally", port, preset)
         # The feed's maximum again, just before its open-loop run, on the data the runs above
         # have grown: a feed costs more here than in the rounds on a nearly empty database.
-        feed_max = self.measure("tally", port, "feed")["throughput_per_s"]
+        n = self.connections_of("tally", "feed")
+        feed_max = self.measure("tally", port, "feed", connections=n)["throughput_per_s"]
         if feed_max:
-            self.measure("tally", port, "feed", "open", round(0.7 * feed_max))
+            self.measure("tally", port, "feed", "open", round(0.7 * feed_max), connections=n)
 
     def side_by_side(self) -> None:
         """Tally and every peer up at once, measured in interleaved rounds, then Tally alone."""
@@ -240,8 +241,12 @@ class Suite:
 
     def sweep(self, target: str, port: int, preset: str, shares: tuple[float, ...] | None = None,
               **over: Any) -> None:
-        """Open-loop runs at fractions of the closed-loop maximum: latency vs offered load."""
+        """Open-loop runs at fractions of the closed-loop maximum: latency vs offered load. The
+        generator sends each request when it is due on a free connection of a fixed pool, so the
+        pool is the one the maximum was measured at: fewer would cap the offered rate below
+        that maximum (by Little's law) and queue requests in the generator, not in the server."""
         top = self.max_of(target, preset)
+        over.setdefault("connections", self.connections_of(target, preset))
         for share in shares or self.plan.sweep:
             if top:
                 self.measure(target, port, preset, "open", max(round(share * top, 1), 0.5), **over)
@@ -277,7 +282,8 @@ class Suite:
                                  params=replace(self.plan.params, viral_share=0.0))
             top = self.max_of("cluster", "uniform")
             if top:
-                self.measure("cluster", port, "uniform", "open", round(0.7 * top, 1))
+                self.measure("cluster", port, "uniform", "open", round(0.7 * top, 1),
+                             connections=self.connections_of("cluster", "uniform"))
             self.extra["cluster_tables"] = _pg_table_bytes(cluster)
             self.extra["cluster_redis"] = _redis_bytes(cluster)
         except Exception as exc:  # a missing engine must not hide the other results
