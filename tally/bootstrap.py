@@ -159,7 +159,8 @@ def build(settings: Settings, writers_dir: Path | None = None) -> Runtime:
     where its likes writers listen for the others, see ``build_api_process``)."""
     store = SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous,
                         likes_shards=settings.sqlite_likes_shards, log_level=settings.log_level,
-                        writers_dir=writers_dir)
+                        writers_dir=writers_dir,
+                        commit_window_s=settings.sqlite_commit_window_ms / 1000)
     hot = SpaceSaving()
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,
@@ -224,7 +225,8 @@ class ApiProcessRuntime:
 def build_api_process(settings: Settings, writers_dir: Path) -> ApiProcessRuntime:
     store = SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous,
                         likes_shards=settings.sqlite_likes_shards, log_level=settings.log_level,
-                        writers_dir=writers_dir, owner=False)
+                        writers_dir=writers_dir, owner=False,
+                        commit_window_s=settings.sqlite_commit_window_ms / 1000)
     hot = SpaceSaving()
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=False, hot_ttl_s=settings.hot_ttl_s,

@@ -158,3 +158,57 @@ async def test_commits_at_or_over_the_slow_bound_are_counted_and_logged(
     for record in logged:
         assert record.writer == "likes-test" and record.jobs == 1  # type: ignore[attr-defined]
         assert record.commit_ms >= 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("more_may_come", [True, False])
+async def test_the_commit_window_waits_for_a_next_job_only_while_more_may_come(
+        tmp_path: Path, more_may_come: bool) -> None:
+    """A job that arrives within the window joins the group that was waiting for it; where no
+    more may come (every sender has its writes out), the group commits at once."""
+    def open_db() -> sqlite3.Connection:
+        conn = connect(tmp_path / "w.db", "FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        return conn
+
+    w = GroupCommitWriter(open_db, window_s=2.0, more_may_come=lambda: more_may_come)
+    w.start()
+    try:
+        first = w.submit(insert(1))
+        await anyio.sleep(0.3)  # the writer holds the first job's group open meanwhile (or not)
+        second = w.submit(insert(2))
+        assert (await first, await second) == (1, 2)
+        assert w.commits == (1 if more_may_come else 2)
+    finally:
+        await w.stop()
+    assert rows(tmp_path / "w.db") == [(1, "x"), (2, "x")]
+
+
+async def test_a_group_waits_no_longer_than_the_window(tmp_path: Path) -> None:
+    def open_db() -> sqlite3.Connection:
+        conn = connect(tmp_path / "w.db", "FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+        return conn
+
+    w = GroupCommitWriter(open_db, window_s=0.05, more_may_come=lambda: True)
+    w.start()
+    try:
+        with anyio.fail_after(5):
+            assert await w.run(insert(1)) == 1  # answered after the window, with no other job
+        assert w.commits == 1
+    finally:
+        await w.stop()
+
+
+def test_the_likes_writer_waits_only_while_some_api_process_has_a_write_left_to_send(
+        tmp_path: Path) -> None:
+    from tally.store.sqlite.writer_process import WRITES_IN_FLIGHT, WriterConfig, _Child
+
+    child = _Child(WriterConfig(tmp_path / "tally.db", commit_window_s=0.002))
+    assert child.writer.window_s == 0.002
+    child.connections = 1
+    for out in range(WRITES_IN_FLIGHT + 1):
+        child.unanswered = out
+        assert child.more_may_come() == (out < WRITES_IN_FLIGHT)
+    child.connections = 2  # a second API process (tally serve --workers 2) may still send
+    child.unanswered = WRITES_IN_FLIGHT
+    assert child.more_may_come()

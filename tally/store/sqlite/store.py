@@ -79,7 +79,7 @@ class SqliteStore:
 
     def __init__(self, path: Path, *, synchronous: str = "FULL", likes_shards: int = 1,
                  log_level: str = "INFO", writers_dir: Path | None = None,
-                 owner: bool = True) -> None:
+                 owner: bool = True, commit_window_s: float = 0.0) -> None:
         """With several API processes (``tally serve --workers N``), the first one is the
         ``owner``: it runs the likes writer processes (listening in ``writers_dir`` for the
         others), the checkpoints and the aggregation. The others (``owner=False``) write
@@ -111,7 +111,8 @@ class SqliteStore:
         # own account of the deltas the counts do not hold yet (exact answers).
         self.owner = owner
         configs = [WriterConfig(self.path, self.synchronous, shard, log_level,
-                                writer_socket(writers_dir, shard) if writers_dir else None)
+                                writer_socket(writers_dir, shard) if writers_dir else None,
+                                commit_window_s)
                    for shard in range(likes_shards)]
         self.writer_processes = [WriterProcess(c) if owner else WriterClient(c) for c in configs]
         self._pool: ThreadPoolExecutor | None = None

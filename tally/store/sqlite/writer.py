@@ -118,13 +118,18 @@ class GroupCommitWriter:
     def __init__(self, connect: Callable[[], sqlite3.Connection], max_ops: int = MAX_OPS,
                  name: str = "tally-sqlite-writer", durable: Callable[[], None] | None = None,
                  before_commit: Callable[[], None] | None = None,
-                 slow_commit_s: float = SLOW_COMMIT_S) -> None:
+                 slow_commit_s: float = SLOW_COMMIT_S, window_s: float = 0.0,
+                 more_may_come: Callable[[], bool] | None = None) -> None:
         """``durable``: makes the commits so far durable; the connection, once ``connect`` has
         opened it (and migrated it, synced by SQLite), then commits its own file without syncing,
         and each batch is answered after the first call that starts after its commit.
         ``before_commit``: runs before each ``COMMIT`` on the writer thread (the counts writer
-        makes the like records it derived counts from durable first)."""
+        makes the like records it derived counts from durable first). ``window_s``: how long
+        a group may wait for more jobs once the queue is empty, while ``more_may_come()`` says
+        more may (the likes writer's commit window)."""
         self._connect = connect
+        self.window_s = window_s
+        self._more_may_come = more_may_come
         self._durable = durable
         self._before_commit = before_commit
         self.slow_commit_s = slow_commit_s
@@ -242,11 +247,18 @@ class GroupCommitWriter:
             return None
         batch: list[_Job] = [first]
         weight = first.weight
+        until = None
         while weight < self.max_ops:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                if self.window_s <= 0 or self._more_may_come is None or not self._more_may_come():
+                    break
+                until = until or time.monotonic() + self.window_s
+                try:
+                    job = self._queue.get(timeout=max(until - time.monotonic(), 0))
+                except queue.Empty:
+                    break
             if job is _STOP:
                 self._queue.put(_STOP)  # finish this batch, then stop
                 break

@@ -84,6 +84,7 @@ class WriterConfig:
     # Where the other API processes of ``tally serve --workers N`` connect (a Unix socket in a
     # directory only this user can enter); None with one API process.
     listen: Path | None = None
+    commit_window_s: float = 0.0  # see _Child.more_may_come
 
     @property
     def source(self) -> str:
@@ -176,8 +177,12 @@ class _Child:
         self.config = config
         self.wal_sync = (WalSync(likes_path(config.path, config.shard))
                          if pipelines_sync(config.synchronous) else None)
-        self.writer = GroupCommitWriter(self._open, durable=self.wal_sync)
+        self.writer = GroupCommitWriter(self._open, durable=self.wal_sync,
+                                        window_s=config.commit_window_s,
+                                        more_may_come=self.more_may_come)
         self.logged = LoggedSince()
+        self.unanswered = 0  # writes received and not yet answered, over every connection
+        self.connections = 0
         # A reader each for the writer thread and the event loop (a connection is not shared
         # between threads), opened on first use.
         self._readers: dict[str, sqlite3.Connection] = {}
@@ -238,6 +243,16 @@ class _Child:
             tx.on_rollback.append(lambda: self.logged.drop_after(first))
         return results
 
+    def more_may_come(self) -> bool:
+        """Whether an API process could send another write now: each sends up to
+        ``WRITES_IN_FLIGHT`` before it holds the rest for an answer. Under moderate load a
+        commit's group is small (its likes came one message at a time), and each commit costs
+        its pages, a sync and a wake-up of every thread on the way back whatever its size; so
+        the writer waits up to its window for the next message. Where every connection has
+        its writes out, the next comes only after an answer: waiting would only delay that
+        answer, so a saturated writer never waits. Read by the writer thread, set by the loop."""
+        return self.unanswered < WRITES_IN_FLIGHT * max(self.connections, 1)
+
     def counters(self) -> tuple[int, int, int, int, int]:
         w = self.writer
         return (w.commits, w.committed_ops, w.failed_commits, w.syncs, int(w.sync_error is not None))
@@ -253,9 +268,11 @@ class _Child:
         server = await self._listen()
         await _send(writer, (READY, True, os.getpid(), self.counters()))
         pending: set[asyncio.Task[None]] = set()
+        self.connections += 1
         try:
             await self._requests(reader, writer, pending)
         finally:
+            self.connections -= 1
             if server is not None:
                 server.close()
             await self.writer.stop()  # commits what is queued, then closes the connection
@@ -283,6 +300,7 @@ class _Child:
         """Another API process: the same requests and answers as the server's own socket. Its
         going away ends only its own connection (what it has in flight still commits)."""
         pending: set[asyncio.Task[None]] = set()
+        self.connections += 1
         try:
             await _send(writer, (READY, True, os.getpid(), self.counters()))
             await self._requests(reader, writer, pending)
@@ -291,6 +309,7 @@ class _Child:
         except ConnectionError:
             pass
         finally:
+            self.connections -= 1
             writer.close()
 
     async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -313,8 +332,12 @@ class _Child:
             if kind == WRITE:
                 ops = [_from_wire(row) for row in payload]
                 early = self.prefetch(ops)
-                results = await self.writer.submit(lambda c, tx: self.apply(c, tx, ops, early),
-                                                   weight=len(ops))
+                self.unanswered += 1
+                try:
+                    results = await self.writer.submit(
+                        lambda c, tx: self.apply(c, tx, ops, early), weight=len(ops))
+                finally:
+                    self.unanswered -= 1
                 value: Any = [(r.changed, r.count, r.state, r.seq) for r in results]
             elif kind == TRIM:
                 value = await self.writer.run(lambda c, tx: trim_log(c, tx, payload))
