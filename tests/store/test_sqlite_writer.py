@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -18,14 +18,19 @@ from tests.helpers import writer_held
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
+def table_opener(path: Path) -> Callable[[], sqlite3.Connection]:
+    """Opens the writer's connection to ``path`` with table ``t``."""
     def open_db() -> sqlite3.Connection:
-        conn = connect(tmp_path / "w.db", "FULL")
+        conn = connect(path, "FULL")
         conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
         return conn
 
-    w = GroupCommitWriter(open_db, max_ops=1000)
+    return open_db
+
+
+@pytest.fixture
+async def writer(tmp_path: Path) -> AsyncIterator[GroupCommitWriter]:
+    w = GroupCommitWriter(table_opener(tmp_path / "w.db"), max_ops=1000)
     w.start()
     yield w
     await w.stop()
@@ -139,12 +144,8 @@ async def test_a_job_queued_behind_stop_is_refused_not_lost(writer: GroupCommitW
 @pytest.mark.parametrize("slow_s", [0.0, float("inf")])
 async def test_commits_at_or_over_the_slow_bound_are_counted_and_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, slow_s: float) -> None:
-    def open_db() -> sqlite3.Connection:
-        conn = connect(tmp_path / "s.db", "FULL")
-        conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        return conn
-
-    w = GroupCommitWriter(open_db, name="likes-test", slow_commit_s=slow_s)
+    w = GroupCommitWriter(table_opener(tmp_path / "s.db"), name="likes-test",
+                          slow_commit_s=slow_s)
     w.start()
     try:
         with caplog.at_level("WARNING", logger="tally.sqlite.writer"):
@@ -165,12 +166,8 @@ async def test_the_commit_window_waits_for_a_next_job_only_while_more_may_come(
         tmp_path: Path, more_may_come: bool) -> None:
     """A job that arrives within the window joins the group that was waiting for it; where no
     more may come (every sender has its writes out), the group commits at once."""
-    def open_db() -> sqlite3.Connection:
-        conn = connect(tmp_path / "w.db", "FULL")
-        conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        return conn
-
-    w = GroupCommitWriter(open_db, window_s=2.0, more_may_come=lambda: more_may_come)
+    w = GroupCommitWriter(table_opener(tmp_path / "w.db"), window_s=2.0,
+                          more_may_come=lambda: more_may_come)
     w.start()
     try:
         first = w.submit(insert(1))
@@ -184,12 +181,8 @@ async def test_the_commit_window_waits_for_a_next_job_only_while_more_may_come(
 
 
 async def test_a_group_waits_no_longer_than_the_window(tmp_path: Path) -> None:
-    def open_db() -> sqlite3.Connection:
-        conn = connect(tmp_path / "w.db", "FULL")
-        conn.execute("CREATE TABLE IF NOT EXISTS t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
-        return conn
-
-    w = GroupCommitWriter(open_db, window_s=0.05, more_may_come=lambda: True)
+    w = GroupCommitWriter(table_opener(tmp_path / "w.db"), window_s=0.05,
+                          more_may_come=lambda: True)
     w.start()
     try:
         with anyio.fail_after(5):
