@@ -121,10 +121,10 @@ class Settings:
         1, G.STORAGE, "Files the like records are split over, by user, each with a writer "
                       "process of its own; fixed for the life of the data")
     sqlite_commit_window_ms: float = _s(
-        2.0, G.STORAGE, "Longest a likes writer holds a small commit open for the next "
-                        "request, while an API process could still send one (as PostgreSQL's "
-                        "commit_delay): fewer, larger commits under moderate load, at up to this "
-                        "much more latency; 0 commits at once")
+        0.0, G.STORAGE, "Longest a likes writer holds a small commit open for more likes while "
+                        "they arrive faster than it commits (as PostgreSQL's commit_delay): less "
+                        "CPU per like under steady moderate load, but up to a quarter lower "
+                        "maxima with few clients (docs/performance.md); 0 commits at once")
 
     role: str = _s("all", G.CLUSTER, "Cluster process role: api, relay, aggregator or all")
     postgres_dsns: list[str] = _s([], G.CLUSTER,

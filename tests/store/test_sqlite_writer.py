@@ -198,6 +198,8 @@ def test_the_likes_writer_waits_only_while_some_api_process_has_a_write_left_to_
 
     child = _Child(WriterConfig(tmp_path / "tally.db", commit_window_s=0.002))
     assert child.writer.window_s == 0.002
+    for k in range(20):  # 10 likes every 2 ms: 5,000 a second, 10 expected in each window
+        child.arrived(10, k * 0.002)
     child.connections = 1
     for out in range(WRITES_IN_FLIGHT + 1):
         child.unanswered = out
@@ -205,3 +207,18 @@ def test_the_likes_writer_waits_only_while_some_api_process_has_a_write_left_to_
     child.connections = 2  # a second API process (tally serve --workers 2) may still send
     child.unanswered = WRITES_IN_FLIGHT
     assert child.more_may_come()
+
+
+def test_the_likes_writer_does_not_wait_when_likes_come_too_seldom_to_fill_its_window(
+        tmp_path: Path) -> None:
+    from tally.store.sqlite.writer_process import WriterConfig, _Child
+
+    child = _Child(WriterConfig(tmp_path / "tally.db", commit_window_s=0.002))
+    child.connections = 1
+    assert not child.more_may_come()  # nothing has arrived yet
+    for k in range(20):  # one like every 2 ms: 500 a second, one expected in each window
+        child.arrived(1, k * 0.002)
+    assert 400 < child.ops_per_s < 600 and not child.more_may_come()
+    for k in range(20, 60):  # then 4 every 1 ms
+        child.arrived(4, k * 0.001)
+    assert child.ops_per_s > 3000 and child.more_may_come()

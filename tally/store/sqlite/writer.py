@@ -67,6 +67,10 @@ _BEGIN = "BEGIN"
 # from stalls elsewhere.
 SLOW_COMMIT_S = 0.05
 
+# Groups committed at once, after a commit window that brought nothing, before the window is
+# tried again (``GroupCommitWriter._window_open``).
+WINDOW_RETRY = 16
+
 # Most operations committed in one transaction: a commit answers all its requests at once, so its
 # size is a floor under their latency; the bulk limit's default, so one bulk request fits.
 MAX_OPS = 1000
@@ -130,6 +134,8 @@ class GroupCommitWriter:
         self._connect = connect
         self.window_s = window_s
         self._more_may_come = more_may_come
+        self._window_caught = True  # the last wait brought a job (writer thread only)
+        self._window_skipped = 0
         self._durable = durable
         self._before_commit = before_commit
         self.slow_commit_s = slow_commit_s
@@ -252,12 +258,15 @@ class GroupCommitWriter:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
-                if self.window_s <= 0 or self._more_may_come is None or not self._more_may_come():
+                if until is None and not self._window_open():
                     break
                 until = until or time.monotonic() + self.window_s
                 try:
                     job = self._queue.get(timeout=max(until - time.monotonic(), 0))
+                    self._window_caught = True
                 except queue.Empty:
+                    if len(batch) == 1:  # the whole window passed and brought nothing
+                        self._window_caught = False
                     break
             if job is _STOP:
                 self._queue.put(_STOP)  # finish this batch, then stop
@@ -265,6 +274,20 @@ class GroupCommitWriter:
             batch.append(job)
             weight += job.weight
         return batch
+
+    def _window_open(self) -> bool:
+        """Whether a group waits for more: only while more may come, and only while waiting
+        has been bringing jobs. Where senders hold their jobs until they are answered (a
+        closed loop), a wait never brings one and only delays the answer; a window that brought
+        nothing is tried again every ``WINDOW_RETRY`` groups, so a change of load reopens it."""
+        if self.window_s <= 0 or self._more_may_come is None or not self._more_may_come():
+            return False
+        if not self._window_caught:
+            self._window_skipped += 1
+            if self._window_skipped < WINDOW_RETRY:
+                return False
+        self._window_skipped = 0
+        return True
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         """Runs the batch without savepoints first: two statements fewer per job. Only when a job

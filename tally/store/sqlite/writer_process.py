@@ -73,6 +73,11 @@ RESTART_DELAY_S = 0.5
 # Writes sent and not yet answered, per writer: one committing and one syncing (see the module's
 # docstring). More are held in the sender and go together.
 WRITES_IN_FLIGHT = 2
+# The commit window is used only while at least this many operations are expected to arrive
+# within it at the recent rate (``_Child.more_may_come``), and that rate is a moving average with
+# this weight per write.
+EXPECTED_IN_WINDOW = 2.0
+ARRIVAL_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,8 @@ class _Child:
         self.logged = LoggedSince()
         self.unanswered = 0  # writes received and not yet answered, over every connection
         self.connections = 0
+        self.ops_per_s = 0.0  # operations arriving, a moving average (``arrived``)
+        self._last_arrival: float | None = None
         # A reader each for the writer thread and the event loop (a connection is not shared
         # between threads), opened on first use.
         self._readers: dict[str, sqlite3.Connection] = {}
@@ -251,7 +258,17 @@ class _Child:
         the writer waits up to its window for the next message. Where every connection has
         its writes out, the next comes only after an answer: waiting would only delay that
         answer, so a saturated writer never waits. Read by the writer thread, set by the loop."""
-        return self.unanswered < WRITES_IN_FLIGHT * max(self.connections, 1)
+        return (self.unanswered < WRITES_IN_FLIGHT * max(self.connections, 1)
+                and self.ops_per_s * self.config.commit_window_s >= EXPECTED_IN_WINDOW)
+
+    def arrived(self, ops: int, now: float) -> None:
+        """Updates the arrival rate with a write of ``ops`` operations at ``now``. The window
+        pays only where the next write is likely to come within it: at a few likes a second
+        every group would wait its whole window for nothing, adding it to each like's latency."""
+        last, self._last_arrival = self._last_arrival, now
+        if last is not None:
+            rate = ops / max(now - last, 1e-4)
+            self.ops_per_s += ARRIVAL_WEIGHT * (rate - self.ops_per_s)
 
     def counters(self) -> tuple[int, int, int, int, int]:
         w = self.writer
@@ -332,6 +349,7 @@ class _Child:
             if kind == WRITE:
                 ops = [_from_wire(row) for row in payload]
                 early = self.prefetch(ops)
+                self.arrived(len(ops), time.monotonic())
                 self.unanswered += 1
                 try:
                     results = await self.writer.submit(
