@@ -222,3 +222,20 @@ def test_the_likes_writer_does_not_wait_when_likes_come_too_seldom_to_fill_its_w
     for k in range(20, 60):  # then 4 every 1 ms
         child.arrived(4, k * 0.001)
     assert child.ops_per_s > 3000 and child.more_may_come()
+
+
+async def test_after_a_window_that_brought_nothing_groups_commit_at_once(tmp_path: Path) -> None:
+    """A closed loop's senders hold their next write until answered: a wait never brings one,
+    so after one fruitless window the next groups do not wait (until the retry)."""
+    w = GroupCommitWriter(table_opener(tmp_path / "w.db"), window_s=0.5,
+                          more_may_come=lambda: True)
+    w.start()
+    try:
+        started = anyio.current_time()
+        assert await w.run(insert(1)) == 1
+        assert anyio.current_time() - started >= 0.5  # the window passed, bringing nothing
+        started = anyio.current_time()
+        assert await w.run(insert(2)) == 2
+        assert anyio.current_time() - started < 0.4  # committed without waiting
+    finally:
+        await w.stop()
