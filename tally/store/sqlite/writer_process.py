@@ -255,9 +255,10 @@ class _Child:
         ``WRITES_IN_FLIGHT`` before it holds the rest for an answer. Under moderate load a
         commit's group is small (its likes came one message at a time), and each commit costs
         its pages, a sync and a wake-up of every thread on the way back whatever its size; so
-        the writer waits up to its window for the next message. Where every connection has
-        its writes out, the next comes only after an answer: waiting would only delay that
-        answer, so a saturated writer never waits. Read by the writer thread, set by the loop."""
+        the writer waits up to its window for the next message, if likes arrive fast enough to
+        bring ``EXPECTED_IN_WINDOW`` within it (``arrived``). Where every connection has its
+        writes out, the next comes only after an answer: waiting would only delay that answer,
+        so a saturated writer never waits. Read by the writer thread, set by the loop."""
         return (self.unanswered < WRITES_IN_FLIGHT * max(self.connections, 1)
                 and self.ops_per_s * self.config.commit_window_s >= EXPECTED_IN_WINDOW)
 
@@ -349,7 +350,8 @@ class _Child:
             if kind == WRITE:
                 ops = [_from_wire(row) for row in payload]
                 early = self.prefetch(ops)
-                self.arrived(len(ops), time.monotonic())
+                if self.writer.window_s > 0:  # the rate only the commit window reads
+                    self.arrived(len(ops), time.monotonic())
                 self.unanswered += 1
                 try:
                     results = await self.writer.submit(
