@@ -82,7 +82,7 @@ class Runtime:
         down = [k for k, proc in enumerate(self.store.writer_processes) if not proc.running]
         if down:
             return False, {"reason": f"likes writer process of shard(s) {down} is restarting"}
-        if self.store.pipelined_sync and self.store.sync_stats()[1]:
+        if self.store.syncs_wal_itself and self.store.sync_stats()[1]:
             return False, {"reason": "a likes writer stopped after a failed WAL fsync: writes "
                                      "are refused until the server restarts"}
         lag = self.aggregator.stats
@@ -120,7 +120,7 @@ class Runtime:
             ("counter", "tally_write_commit_failures", "Failed group commits",
              failed_commits, {}),
         ]
-        if self.store.pipelined_sync:
+        if self.store.syncs_wal_itself:
             syncs, stopped = self.store.sync_stats()
             rows += [
                 ("counter", "tally_write_syncs", "WAL syncs of the likes writers (pipelined: "
@@ -159,8 +159,7 @@ def build(settings: Settings, writers_dir: Path | None = None) -> Runtime:
     where its likes writers listen for the others, see ``build_api_process``)."""
     store = SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous,
                         likes_shards=settings.sqlite_likes_shards, log_level=settings.log_level,
-                        writers_dir=writers_dir,
-                        commit_window_s=settings.sqlite_commit_window_ms / 1000)
+                        writers_dir=writers_dir)
     hot = SpaceSaving()
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=True, hot_ttl_s=settings.hot_ttl_s,
@@ -225,8 +224,7 @@ class ApiProcessRuntime:
 def build_api_process(settings: Settings, writers_dir: Path) -> ApiProcessRuntime:
     store = SqliteStore(settings.sqlite_path, synchronous=settings.sqlite_synchronous,
                         likes_shards=settings.sqlite_likes_shards, log_level=settings.log_level,
-                        writers_dir=writers_dir, owner=False,
-                        commit_window_s=settings.sqlite_commit_window_ms / 1000)
+                        writers_dir=writers_dir, owner=False)
     hot = SpaceSaving()
     cache: LRU[CountKey, int] = LRU(settings.cache_size, settings.cache_ttl_s)
     reader = CountReader(store, cache, hot, cache_all=False, hot_ttl_s=settings.hot_ttl_s,

@@ -120,11 +120,6 @@ class Settings:
     sqlite_likes_shards: int = _s(
         1, G.STORAGE, "Files the like records are split over, by user, each with a writer "
                       "process of its own; fixed for the life of the data")
-    sqlite_commit_window_ms: float = _s(
-        0.0, G.STORAGE, "Longest a likes writer holds a small commit open for more likes while "
-                        "they arrive faster than it commits (as PostgreSQL's commit_delay): less "
-                        "CPU per like under steady moderate load, but up to a quarter lower "
-                        "maxima with few clients (docs/performance.md); 0 commits at once")
 
     role: str = _s("all", G.CLUSTER, "Cluster process role: api, relay, aggregator or all")
     postgres_dsns: list[str] = _s([], G.CLUSTER,
@@ -348,8 +343,6 @@ def validate(s: Settings) -> Settings:
     _validate_security(s)
     if s.sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
         raise ConfigError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
-    if not 0 <= s.sqlite_commit_window_ms <= 100:
-        raise ConfigError("sqlite_commit_window_ms must be from 0 to 100")
     for name, least in _MINIMA.items():
         if getattr(s, name) < least:
             raise ConfigError(f"{name} must be at least {least}")

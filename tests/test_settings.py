@@ -29,9 +29,8 @@ def test_settings_are_grouped_and_each_group_is_declared_together() -> None:
                            "cluster", "regions"}
     changes = sum(1 for a, b in itertools.pairwise(groups) if a != b)
     assert changes == len(set(groups)) - 1  # each group's rows are contiguous in the table
-    # 38, the security group (issue 16) added 6, regions 4, the witness 2, the likes writer's
-    # commit window (issue 15) 1
-    assert len(groups) <= 51
+    # 38, the security group (issue 16) added 6, regions 4, the witness 2
+    assert len(groups) <= 50
 
 
 def test_regions_are_validated() -> None:

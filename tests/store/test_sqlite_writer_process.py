@@ -172,8 +172,8 @@ async def test_the_number_of_shards_stays_what_the_data_was_split_into(tmp_path:
 
 @pytest.mark.anyio
 async def test_a_prefetched_count_older_than_a_round_is_read_again(tmp_path: Path) -> None:
-    """The child reads a batch's counts on its event loop before queueing it. If a round moved
-    the watermark past that read before the batch ran (and the child's log account dropped the
+    """The child reads a round's counts before it runs the round's jobs. If an aggregation round
+    moved the watermark past that read before a job ran (and the child's log account dropped the
     events in between), the read is stale and must be done again; otherwise it serves."""
     from tally.store.sqlite.writer_process import WriterConfig, _Child
 
@@ -194,6 +194,6 @@ async def test_a_prefetched_count_older_than_a_round_is_read_again(tmp_path: Pat
         assert child._exact_counts([K], early) == {K: 5}  # the prefetch (at 3) is read again
         assert child._exact_counts([L], early) == {}  # and so is one for other keys
     finally:
-        for conn in child._readers.values():
-            conn.close()
+        if child._reader is not None:
+            child._reader.close()
         await s.close()

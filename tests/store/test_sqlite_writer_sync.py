@@ -1,50 +1,107 @@
-"""Pipelined syncs: a commit is answered only after a WAL sync that began after it, a failed sync
-stops the writer, and derived counts never commit ahead of the like records they came from."""
+"""The likes writer's rounds: a write is answered only after a WAL sync that began after its
+commit, the writes that arrive during a round share the next, a failed sync stops the writer, and
+derived counts never commit ahead of the like records they came from."""
 
 from __future__ import annotations
 
 import errno
 import os
+import pickle
+import select
+import socket
 import sqlite3
+import struct
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import anyio
 import pytest
 
 from tally.core.errors import Unavailable
 from tally.core.model import ToggleOp
 from tally.store.sqlite.schema import connect
 from tally.store.sqlite.store import SqliteStore
-from tally.store.sqlite.writer import (
-    GroupCommitWriter,
-    Tx,
-    WalSync,
-    pipelines_sync,
-)
-from tally.store.sqlite.writer_process import WriterConfig, _Child
+from tally.store.sqlite.writer import WalSync, syncs_wal_itself
+from tally.store.sqlite.writer_process import READY, STOP, WRITE, WriterConfig, _Child
 
 pytestmark = pytest.mark.anyio
 
+_HEADER = struct.Struct("!I")
 
-class GatedSync:
-    """A ``durable`` callable that syncs the real WAL, but only once the test lets it."""
 
-    def __init__(self, path: Path) -> None:
-        self.wal = WalSync(path)
+class GatedSync(WalSync):
+    """The likes WAL's real sync, but only once the test lets it; it notes what the server's
+    side of the socket had been answered when each sync began."""
+
+    def __init__(self, path: Path, server: socket.socket) -> None:
+        super().__init__(path)
+        self.server = server
         self.gate = threading.Event()
         self.started = threading.Event()
-        self.calls = 0
+        self.answered_before: list[bool] = []
         self.fail: OSError | None = None
 
     def __call__(self) -> None:
+        self.answered_before.append(_readable(self.server))
         self.started.set()
         self.gate.wait(10)
-        self.calls += 1
         if self.fail is not None:
             raise self.fail
-        self.wal()
+        super().__call__()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether an answer is waiting to be read (looked at, not taken)."""
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+class RunningChild:
+    """A likes writer child run on a thread of the test's process, over a socket pair."""
+
+    def __init__(self, db: Path) -> None:
+        self.server, theirs = socket.socketpair()
+        self.server.settimeout(10)
+        self.child = _Child(WriterConfig(db))
+        self.sync = GatedSync(db, self.server)
+        self.child.wal_sync = self.sync
+        self.thread = threading.Thread(target=self.child.run, args=(theirs,), daemon=True)
+        self.thread.start()
+        assert self.receive()[:2] == (READY, True)
+
+    def send(self, req_id: int, kind: int, payload: Any) -> None:
+        body = pickle.dumps((req_id, kind, payload))
+        self.server.sendall(_HEADER.pack(len(body)) + body)
+
+    def like(self, req_id: int, user: int) -> None:
+        self.send(req_id, WRITE, [("like", "post:1", f"u{user}", True, "local")])
+
+    def receive(self) -> tuple[Any, ...]:
+        (size,) = _HEADER.unpack(self._exactly(_HEADER.size))
+        message: tuple[Any, ...] = pickle.loads(self._exactly(size))
+        return message
+
+    def _exactly(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = self.server.recv(n - len(data))
+            assert chunk, "the child closed its socket"
+            data += chunk
+        return data
+
+    def stop(self) -> None:
+        self.sync.gate.set()
+        self.send(0, STOP, None)
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.server.close()
+
+
+@pytest.fixture
+def child(tmp_path: Path) -> Iterator[RunningChild]:
+    running = RunningChild(tmp_path / "tally.db")
+    yield running
+    running.stop()
 
 
 def open_db(path: Path) -> sqlite3.Connection:
@@ -53,88 +110,62 @@ def open_db(path: Path) -> sqlite3.Connection:
     return conn
 
 
-@pytest.fixture
-async def gated(tmp_path: Path) -> AsyncIterator[tuple[GroupCommitWriter, GatedSync, Path]]:
-    db = tmp_path / "w.db"
-    sync = GatedSync(db)
-    writer = GroupCommitWriter(lambda: open_db(db), durable=sync)
-    writer.start()
-    yield writer, sync, db
-    sync.gate.set()
-    await writer.stop()
-    sync.wal.close()
-
-
-def insert(k: int):  # type: ignore[no-untyped-def]
-    def job(conn: sqlite3.Connection, tx: Tx) -> int:
-        conn.execute("INSERT INTO t VALUES (?)", (k,))
-        return k
-    return job
-
-
-def visible(db: Path) -> list[int]:
-    conn = sqlite3.connect(str(db))
+def visible(db: Path) -> int:
+    conn = connect(db, "FULL", readonly=True)
     try:
-        return [k for (k,) in conn.execute("SELECT k FROM t ORDER BY k")]
+        return int(conn.execute("SELECT count(*) FROM changelog").fetchone()[0])
     finally:
         conn.close()
 
 
-async def test_a_commit_is_answered_only_after_its_sync(
-        gated: tuple[GroupCommitWriter, GatedSync, Path]) -> None:
-    writer, sync, db = gated
-    fut = writer.submit(insert(1))
-    await anyio.to_thread.run_sync(sync.started.wait, 10)
-    await anyio.sleep(0.05)
+def test_a_write_is_answered_only_after_its_sync(child: RunningChild, tmp_path: Path) -> None:
+    child.like(1, user=1)
+    assert child.sync.started.wait(10)
     # Committed (another connection sees it), but not yet synced: not answered.
-    assert visible(db) == [1]
-    assert not fut.done()
-    sync.gate.set()
-    assert await fut == 1
-    assert sync.calls >= 1 and writer.syncs >= 1
+    assert visible(tmp_path / "tally.db") == 1
+    assert child.sync.answered_before == [False] and not _readable(child.server)
+    child.sync.gate.set()
+    req_id, ok, results, counters = child.receive()
+    assert (req_id, ok) == (1, True) and results[0][:2] == (True, 1)
+    assert counters[3] == 1  # one sync
 
 
-async def test_commits_made_during_a_sync_share_the_next(
-        gated: tuple[GroupCommitWriter, GatedSync, Path]) -> None:
-    writer, sync, db = gated
-    first = writer.submit(insert(1))
-    await anyio.to_thread.run_sync(sync.started.wait, 10)
-    # The writer goes on committing while the first sync waits: a commit each.
-    later = []
-    for k in range(2, 6):
-        later.append(writer.submit(insert(k)))
-        with anyio.fail_after(10):
-            while k not in visible(db):
-                await anyio.sleep(0.01)
-    assert writer.commits == 5
-    assert not any(f.done() for f in [first, *later])
-    sync.gate.set()
-    assert [await f for f in [first, *later]] == list(range(1, 6))
-    assert sync.calls == 2  # the first commit's sync, then one for the four behind it
+def test_writes_that_arrive_during_a_round_share_the_next(child: RunningChild) -> None:
+    child.like(1, user=1)
+    assert child.sync.started.wait(10)
+    for k in range(2, 6):  # the first round is syncing: these wait in the socket
+        child.like(k, user=k)
+    child.sync.gate.set()
+    answers = sorted(child.receive() for _ in range(5))
+    assert [a[0] for a in answers] == [1, 2, 3, 4, 5] and all(a[1] for a in answers)
+    assert sorted(a[2][0][1] for a in answers) == [1, 2, 3, 4, 5]  # exact counts
+    commits, ops, failed, syncs, stopped = answers[-1][3]
+    assert (commits, ops, failed, syncs, stopped) == (2, 5, 0, 2, 0)  # two rounds, not five
 
 
-async def test_a_failed_sync_fails_its_commits_and_stops_writes(
-        gated: tuple[GroupCommitWriter, GatedSync, Path]) -> None:
-    writer, sync, _db = gated
-    sync.fail = OSError(5, "Input/output error")
-    fut = writer.submit(insert(1))
-    sync.gate.set()
-    with pytest.raises(Unavailable, match="sync failed"):
-        await fut
-    with pytest.raises(Unavailable, match="failed sync"):
-        writer.submit(insert(2))
+def test_a_failed_sync_fails_its_round_and_stops_writes(child: RunningChild) -> None:
+    child.sync.fail = OSError(errno.EIO, "Input/output error")
+    child.sync.gate.set()
+    child.like(1, user=1)
+    req_id, ok, message, counters = child.receive()
+    assert (req_id, ok) == (1, False) and "sync failed" in message and counters[4] == 1
+    child.like(2, user=2)
+    req_id, ok, message, _counters = child.receive()
+    assert (req_id, ok) == (2, False) and "failed sync" in message
+    assert child.sync.answered_before == [False]  # the second was never tried
 
 
-async def test_stop_answers_every_commit_made(tmp_path: Path) -> None:
-    db = tmp_path / "w.db"
-    sync = WalSync(db)
-    writer = GroupCommitWriter(lambda: open_db(db), durable=sync)
-    writer.start()
-    futures = [writer.submit(insert(k)) for k in range(50)]
-    await writer.stop()
-    assert [f.result() for f in futures] == list(range(50))
-    assert sync.syncs >= 1
-    sync.close()
+def test_stop_answers_every_write_that_had_arrived(tmp_path: Path) -> None:
+    running = RunningChild(tmp_path / "tally.db")
+    running.sync.gate.set()
+    for k in range(50):
+        running.like(k, user=k)
+    running.send(0, STOP, None)
+    answers = [running.receive() for _ in range(50)]
+    assert sorted(a[0] for a in answers) == list(range(50)) and all(a[1] for a in answers)
+    running.thread.join(10)
+    assert not running.thread.is_alive()
+    running.server.close()
 
 
 def test_wal_sync_follows_the_file(tmp_path: Path) -> None:
@@ -159,9 +190,9 @@ def test_wal_sync_follows_the_file(tmp_path: Path) -> None:
     sync.close()
 
 
-def test_only_full_durability_pipelines() -> None:
-    assert pipelines_sync("FULL") and pipelines_sync("full")
-    assert not pipelines_sync("NORMAL") and not pipelines_sync("EXTRA")
+def test_only_full_durability_syncs_the_wal_itself() -> None:
+    assert syncs_wal_itself("FULL") and syncs_wal_itself("full")
+    assert not syncs_wal_itself("NORMAL") and not syncs_wal_itself("EXTRA")
 
 
 async def test_counts_commit_after_the_like_records_are_synced(tmp_path: Path) -> None:
@@ -170,7 +201,7 @@ async def test_counts_commit_after_the_like_records_are_synced(tmp_path: Path) -
     store = SqliteStore(tmp_path / "tally.db")
     await store.start()
     try:
-        assert store.pipelined_sync and len(store.likes_syncs) == 1
+        assert store.syncs_wal_itself and len(store.likes_syncs) == 1
         ops = [ToggleOp("like", f"post:{i}", "u1", True, "local") for i in range(20)]
         results = await store.write(ops)
         assert all(r.changed for r in results)
@@ -232,23 +263,20 @@ async def test_a_likes_writers_failed_sync_stops_the_counts(tmp_path: Path) -> N
 
 async def test_normal_durability_keeps_sqlite_syncs_off_the_writer(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "tally.db", synchronous="NORMAL")
-    assert not store.pipelined_sync and store.likes_syncs == []
+    assert not store.syncs_wal_itself and store.likes_syncs == []
 
 
 @pytest.mark.parametrize(("synchronous", "levels"), [("FULL", (1, 2)), ("EXTRA", (3, 3))])
-async def test_the_writer_commits_unsynced_only_when_it_syncs_itself(
+def test_the_writer_commits_unsynced_only_when_it_syncs_itself(
         tmp_path: Path, synchronous: str, levels: tuple[int, int]) -> None:
-    """FULL: NORMAL (1) on the likes writer's own file, whose sync thread syncs it, and FULL (2)
-    on the counts file it attaches. EXTRA: SQLite's own syncs (3) on both."""
+    """FULL: NORMAL (1) on the likes writer's own file, whose WAL it syncs once a round, and
+    FULL (2) on the counts file it attaches. EXTRA: SQLite's own syncs (3) on both."""
     child = _Child(WriterConfig(tmp_path / "tally.db", synchronous))
-    child.writer.start()
+    conn = child._open()
     try:
-        got = await child.writer.run(lambda c, tx: (
-            c.execute("PRAGMA main.synchronous").fetchone()[0],
-            c.execute("PRAGMA counts.synchronous").fetchone()[0]))
+        got = (conn.execute("PRAGMA main.synchronous").fetchone()[0],
+               conn.execute("PRAGMA counts.synchronous").fetchone()[0])
         assert got == levels
         assert (child.wal_sync is not None) == (synchronous == "FULL")
     finally:
-        await child.writer.stop()
-        if child.wal_sync is not None:
-            child.wal_sync.close()
+        conn.close()

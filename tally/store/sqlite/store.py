@@ -31,7 +31,13 @@ from tally.store.sqlite.ops import SOURCE, log_head, source_of, stored_counts
 from tally.store.sqlite.ops import watermark as _watermark
 from tally.store.sqlite.reconcile import reconcile_chunk
 from tally.store.sqlite.schema import connect, counts_path, likes_path, likes_schema
-from tally.store.sqlite.writer import MAX_OPS, GroupCommitWriter, Tx, WalSync, pipelines_sync
+from tally.store.sqlite.writer import (
+    MAX_OPS,
+    GroupCommitWriter,
+    Tx,
+    WalSync,
+    syncs_wal_itself,
+)
 from tally.store.sqlite.writer_process import (
     WriterClient,
     WriterConfig,
@@ -79,7 +85,7 @@ class SqliteStore:
 
     def __init__(self, path: Path, *, synchronous: str = "FULL", likes_shards: int = 1,
                  log_level: str = "INFO", writers_dir: Path | None = None,
-                 owner: bool = True, commit_window_s: float = 0.0) -> None:
+                 owner: bool = True) -> None:
         """With several API processes (``tally serve --workers N``), the first one is the
         ``owner``: it runs the likes writer processes (listening in ``writers_dir`` for the
         others), the checkpoints and the aggregation. The others (``owner=False``) write
@@ -91,14 +97,15 @@ class SqliteStore:
         self.path = Path(path)
         self.shards = likes_shards
         self.synchronous = synchronous.upper()
-        self.pipelined_sync = pipelines_sync(self.synchronous)
-        # With the likes writers' syncs pipelined, a commit is visible before it is durable. The
-        # counts derived from it must not be: after a power loss they would hold events the log
-        # lost, and the next events would reuse those sequence numbers below the watermark. So
-        # the counts writer syncs every likes file before each commit of its own (a few a
-        # second): whatever it read had committed, so is then on disk.
+        self.syncs_wal_itself = syncs_wal_itself(self.synchronous)
+        # A likes writer syncs after its round's commits, so a commit is visible for a moment
+        # before it is durable. The counts derived from it must not be: after a power loss they
+        # would hold events the log lost, and the next events would reuse those sequence
+        # numbers below the watermark. So the counts writer syncs every likes file before each
+        # commit of its own (a few a second): whatever it read had committed, so is then on
+        # disk.
         self.likes_syncs = ([WalSync(likes_path(self.path, k)) for k in range(likes_shards)]
-                            if self.pipelined_sync else [])
+                            if self.syncs_wal_itself else [])
         self.likes_sync_error: OSError | None = None  # set once: see _sync_likes
         self.counts_writer = GroupCommitWriter(
             self._open_counts_writer, name="tally-sqlite-counts",
@@ -111,8 +118,7 @@ class SqliteStore:
         # own account of the deltas the counts do not hold yet (exact answers).
         self.owner = owner
         configs = [WriterConfig(self.path, self.synchronous, shard, log_level,
-                                writer_socket(writers_dir, shard) if writers_dir else None,
-                                commit_window_s)
+                                writer_socket(writers_dir, shard) if writers_dir else None)
                    for shard in range(likes_shards)]
         self.writer_processes = [WriterProcess(c) if owner else WriterClient(c) for c in configs]
         self._pool: ThreadPoolExecutor | None = None

@@ -2,10 +2,10 @@
 
 In one process the likes writer, the event loop, the counts writer and the checkpointer take turns
 at one interpreter lock, so under bulk likes the writer waits for the lock while a second core
-idles. Here ``GroupCommitWriter`` and ``apply_ops`` run in a child process that owns the likes
-file's write connection; the server sends each event-loop turn's operations over a socket pair and
-gets the results back once they are committed (durability unchanged: the child commits with the
-same ``synchronous`` setting before it answers).
+idles. Here ``apply_ops`` runs in a child process that owns the likes file's write connection; the
+server sends each event-loop turn's operations over a socket pair and gets the results back once
+they are committed and durable (with ``synchronous=FULL`` the child syncs the WAL itself, once a
+round, before it answers; see ``_Child``).
 
 Each answer is still exact: the child reads the count table with the watermark it holds and adds
 its own events after that watermark (``LoggedSince``); it needs nothing from the counts writer.
@@ -17,20 +17,22 @@ Messages are length-prefixed pickles between two processes of one program: (requ
 payload) one way, (request id, ok, payload, counters) the other.
 
 At most ``WRITES_IN_FLIGHT`` writes are on their way to the child at once; operations that come
-while they are out are held and go as one message when an answer comes back. The child commits one
-group at a time while the one before it syncs, so a third message would only wait in its queue,
-and every message costs both processes a system call, a wake-up and a job of their own: holding
-them turns one message per event-loop turn into about one per commit.
+while they are out are held and go as one message when an answer comes back. While the child
+commits and syncs one round, the next message waits in its socket for the next round; a third
+would only wait there too, and every message costs both processes a system call, a wake-up and a
+job of their own: holding them turns one message per event-loop turn into about one per round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
 import pickle
+import selectors
 import socket
 import sqlite3
 import struct
@@ -58,10 +60,12 @@ from tally.store.sqlite.pending import LoggedSince
 from tally.store.sqlite.schema import connect, likes_path, migrate
 from tally.store.sqlite.writer import (
     MAX_OPS,
-    GroupCommitWriter,
+    Committer,
+    Job,
+    JobFn,
     Tx,
     WalSync,
-    pipelines_sync,
+    syncs_wal_itself,
 )
 
 log = logging.getLogger("tally.sqlite.writer")
@@ -70,14 +74,13 @@ _HEADER = struct.Struct("!I")
 WRITE, TRIM, PURGE, STOP = range(4)
 READY = -1  # the request id of the child's first message
 RESTART_DELAY_S = 0.5
-# Writes sent and not yet answered, per writer: one committing and one syncing (see the module's
-# docstring). More are held in the sender and go together.
+# An API process that does not take its answers for this long is dropped (its writes fail there
+# with 503), so that it cannot hold the writer and every other process's writes.
+SEND_TIMEOUT_S = 10.0
+RECEIVE_BYTES = 1 << 20
+# Writes sent and not yet answered, per writer: one in the child's round and one waiting for the
+# next (see the module's docstring). More are held in the sender and go together.
 WRITES_IN_FLIGHT = 2
-# The commit window is used only while at least this many operations are expected to arrive
-# within it at the recent rate (``_Child.more_may_come``), and that rate is a moving average with
-# this weight per write.
-EXPECTED_IN_WINDOW = 2.0
-ARRIVAL_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,6 @@ class WriterConfig:
     # Where the other API processes of ``tally serve --workers N`` connect (a Unix socket in a
     # directory only this user can enter); None with one API process.
     listen: Path | None = None
-    commit_window_s: float = 0.0  # see _Child.more_may_come
 
     @property
     def source(self) -> str:
@@ -120,12 +122,15 @@ def _delta(op: Op) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Prefetched:
-    """Count-table values read ahead of a batch: at ``position`` (the watermark they hold), for
+    """Count-table values read ahead of a round: at ``position`` (the watermark they hold), for
     ``keys`` (absent keys are 0 and left out of ``stored``)."""
 
     position: int
-    keys: list[CountKey]
+    keys: set[CountKey]
     stored: dict[CountKey, int]
+
+    def covers(self, keys: Sequence[CountKey]) -> bool:
+        return self.keys.issuperset(keys)
 
 
 class _Held:
@@ -177,22 +182,65 @@ async def _receive(reader: asyncio.StreamReader) -> tuple[Any, ...]:
 
 # -- the child ------------------------------------------------------------------------------------
 
+class _Peer:
+    """An API process's connection to the child, and what it sent that is not a whole message
+    yet."""
+
+    __slots__ = ("buffer", "primary", "sock")
+
+    def __init__(self, sock: socket.socket, primary: bool) -> None:
+        sock.settimeout(SEND_TIMEOUT_S)  # reads come only when the selector says ready
+        self.sock = sock
+        self.buffer = bytearray()
+        self.primary = primary  # the server's own socket: its end is the child's
+
+    def messages(self) -> list[tuple[Any, ...]] | None:
+        """The whole messages that have arrived; None once the peer has gone away."""
+        try:
+            data = self.sock.recv(RECEIVE_BYTES)
+        except (BlockingIOError, InterruptedError, TimeoutError):
+            return []
+        except OSError:
+            return None
+        if not data:
+            return None
+        buf = self.buffer
+        buf += data
+        out: list[tuple[Any, ...]] = []
+        start = 0
+        while len(buf) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf, start)
+            end = start + _HEADER.size + size
+            if end > len(buf):
+                break
+            out.append(pickle.loads(buf[start + _HEADER.size:end]))
+            start = end
+        del buf[:start]
+        return out
+
+
 class _Child:
+    """The writer's one thread: each round reads every message that has arrived, commits them,
+    syncs once and answers them all.
+
+    The likes that come while a round commits and syncs wait in the sockets and go together in
+    the next round, so under load a round grows instead of queueing. A message's arrival, its
+    job and its answer stay on one thread: when the child ran an event loop, a writer thread and
+    a sync thread, every message woke all three in turn and each wake-up (a futex, the
+    interpreter lock changing hands) cost more than the like's SQL (docs/performance.md)."""
+
     def __init__(self, config: WriterConfig) -> None:
         self.config = config
         self.wal_sync = (WalSync(likes_path(config.path, config.shard))
-                         if pipelines_sync(config.synchronous) else None)
-        self.writer = GroupCommitWriter(self._open, durable=self.wal_sync,
-                                        window_s=config.commit_window_s,
-                                        more_may_come=self.more_may_come)
+                         if syncs_wal_itself(config.synchronous) else None)
+        self.committer = Committer(name="tally-likes-writer")
+        self.sync_error: OSError | None = None  # a failed sync: no more writes (see _sync)
         self.logged = LoggedSince()
-        self.unanswered = 0  # writes received and not yet answered, over every connection
-        self.connections = 0
-        self.ops_per_s = 0.0  # operations arriving, a moving average (``arrived``)
-        self._last_arrival: float | None = None
-        # A reader each for the writer thread and the event loop (a connection is not shared
-        # between threads), opened on first use.
-        self._readers: dict[str, sqlite3.Connection] = {}
+        self.connections = 0  # other API processes connected
+        # The count table is read through a connection of its own (a connection is one
+        # transaction at a time), opened on first use.
+        self._reader: sqlite3.Connection | None = None
+        self._early: Prefetched | None = None  # the counts read for the round being committed
 
     def _open(self) -> sqlite3.Connection:
         c = self.config
@@ -201,38 +249,38 @@ class _Child:
         # The checkpointer thread (``checkpoint``) copies the WAL; this is its backstop.
         conn.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
         migrate(conn, c.shard)
+        if self.wal_sync is not None:
+            conn.execute("PRAGMA main.synchronous=NORMAL")  # each round syncs (``_sync``)
         rows = conn.execute("SELECT seq, counter, item, delta FROM changelog WHERE seq > ? "
                             "ORDER BY seq", (watermark(conn, None, c.source),))
         self.logged = LoggedSince((seq, (counter, item), d) for seq, counter, item, d in rows)
         return conn
 
-    def _reader(self, thread: str) -> sqlite3.Connection:
-        conn = self._readers.get(thread)
-        if conn is None:
+    def _counts_reader(self) -> sqlite3.Connection:
+        if self._reader is None:
             c = self.config
-            conn = self._readers[thread] = connect(c.path, c.synchronous, readonly=True,
-                                                   shard=c.shard)
-        return conn
+            self._reader = connect(c.path, c.synchronous, readonly=True, shard=c.shard)
+        return self._reader
 
     def prefetch(self, ops: Sequence[Op]) -> Prefetched:
-        """On the event loop, before the batch is queued: the count table's values for its keys
-        and the watermark they hold. On the writer thread this read would lengthen every batch,
-        and that thread is the bound under bulk likes; here it overlaps the commit before it."""
+        """The count table's values for a round's keys and the watermark they hold: one read
+        for every job of the round, not one per job."""
         keys = count_keys_of(ops)
-        position, stored = counts_at_watermark(self._reader("loop"), keys, self.config.source)
-        return Prefetched(position, keys, stored)
+        position, stored = counts_at_watermark(self._counts_reader(), keys, self.config.source)
+        return Prefetched(position, set(keys), stored)
 
     def _exact_counts(self, keys: Sequence[CountKey],
                       early: Prefetched | None = None) -> dict[CountKey, int]:
         """Count table + this writer's events after the watermark the table was read at. A
-        prefetched read serves if it is for these keys and its watermark is not older than one
+        prefetched read serves if it covers these keys and its watermark is not older than one
         this writer has already dropped its events through (rounds moved on meanwhile: read
         again)."""
-        if early is not None and early.keys == keys and early.position >= self.logged.position:
+        if early is not None and early.covers(keys) and early.position >= self.logged.position:
             # A copy: the job may run again (isolated, after another job's failure).
-            position, stored = early.position, dict(early.stored)
+            position = early.position
+            stored = {key: early.stored[key] for key in keys if key in early.stored}
         else:
-            position, stored = counts_at_watermark(self._reader("writer"), keys,
+            position, stored = counts_at_watermark(self._counts_reader(), keys,
                                                    self.config.source)
         for key, d in self.logged.since(keys, position).items():
             stored[key] = stored.get(key, 0) + d
@@ -250,59 +298,70 @@ class _Child:
             tx.on_rollback.append(lambda: self.logged.drop_after(first))
         return results
 
-    def more_may_come(self) -> bool:
-        """Whether an API process could send another write now: each sends up to
-        ``WRITES_IN_FLIGHT`` before it holds the rest for an answer. Under moderate load a
-        commit's group is small (its likes came one message at a time), and each commit costs
-        its pages, a sync and a wake-up of every thread on the way back whatever its size; so
-        the writer waits up to its window for the next message, if likes arrive fast enough to
-        bring ``EXPECTED_IN_WINDOW`` within it (``arrived``). Where every connection has its
-        writes out, the next comes only after an answer: waiting would only delay that answer,
-        so a saturated writer never waits. Read by the writer thread, set by the loop."""
-        return (self.unanswered < WRITES_IN_FLIGHT * max(self.connections, 1)
-                and self.ops_per_s * self.config.commit_window_s >= EXPECTED_IN_WINDOW)
-
-    def arrived(self, ops: int, now: float) -> None:
-        """Updates the arrival rate with a write of ``ops`` operations at ``now``. The window
-        pays only where the next write is likely to come within it: at a few likes a second
-        every group would wait its whole window for nothing, adding it to each like's latency."""
-        last, self._last_arrival = self._last_arrival, now
-        if last is not None:
-            rate = ops / max(now - last, 1e-4)
-            self.ops_per_s += ARRIVAL_WEIGHT * (rate - self.ops_per_s)
-
     def counters(self) -> tuple[int, int, int, int, int]:
-        w = self.writer
-        return (w.commits, w.committed_ops, w.failed_commits, w.syncs, int(w.sync_error is not None))
+        c = self.committer
+        syncs = self.wal_sync.syncs if self.wal_sync is not None else 0
+        return (c.commits, c.committed_ops, c.failed_commits, syncs,
+                int(self.sync_error is not None))
 
-    async def serve(self, sock: socket.socket) -> None:
-        reader, writer = await asyncio.open_connection(sock=sock)
+    def run(self, sock: socket.socket) -> None:
+        """Serves until the server says stop or goes away; what has arrived by then still
+        commits and is answered."""
         try:
-            self.writer.start()
+            conn = self._open()
         except Exception as exc:  # a schema it cannot open, say: the server reports why
-            await _send(writer, (READY, False, f"{type(exc).__name__}: {exc}", self.counters()))
-            writer.close()
+            with contextlib.suppress(OSError):
+                sock.sendall(_frame((READY, False, f"{type(exc).__name__}: {exc}",
+                                     self.counters())))
             return
-        server = await self._listen()
-        await _send(writer, (READY, True, os.getpid(), self.counters()))
-        pending: set[asyncio.Task[None]] = set()
-        self.connections += 1
+        sel = selectors.DefaultSelector()
+        listener = self._listen()
+        if listener is not None:
+            sel.register(listener, selectors.EVENT_READ, None)
+        peers: dict[int, _Peer] = {}
+        self._add(sel, peers, _Peer(sock, primary=True))
         try:
-            await self._requests(reader, writer, pending)
+            sock.sendall(_frame((READY, True, os.getpid(), self.counters())))
+            stopping = False
+            while not stopping:
+                requests, stopping = self._read(sel, peers)
+                if requests:
+                    self._round(conn, requests, sel, peers)
         finally:
-            self.connections -= 1
-            if server is not None:
-                server.close()
-            await self.writer.stop()  # commits what is queued, then closes the connection
+            for peer in list(peers.values()):
+                self._drop(sel, peers, peer)
+            if listener is not None:
+                listener.close()
+            conn.close()
             if self.wal_sync is not None:
                 self.wal_sync.close()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-            for conn in self._readers.values():
-                conn.close()
-            writer.close()
+            if self._reader is not None:
+                self._reader.close()
 
-    async def _listen(self) -> asyncio.AbstractServer | None:
+    def _read(self, sel: selectors.BaseSelector, peers: dict[int, _Peer]
+              ) -> tuple[list[tuple[_Peer, tuple[Any, ...]]], bool]:
+        """Waits for messages, then takes every one that has arrived: (the requests, whether the
+        server has said stop or gone away)."""
+        requests: list[tuple[_Peer, tuple[Any, ...]]] = []
+        stopping = False
+        for key, _events in sel.select():
+            if key.data is None:
+                self._accept(key.fileobj, sel, peers)  # type: ignore[arg-type]
+                continue
+            peer: _Peer = key.data
+            messages = peer.messages()
+            if messages is None:  # gone: nothing can be acknowledged to it any more
+                stopping = stopping or peer.primary
+                self._drop(sel, peers, peer)
+                continue
+            for message in messages:
+                if message[1] == STOP:
+                    stopping = stopping or peer.primary
+                else:
+                    requests.append((peer, message))
+        return requests, stopping
+
+    def _listen(self) -> socket.socket | None:
         """The socket the other API processes write through. A dead predecessor's file is
         removed first; the directory it lives in is private to the server's user."""
         path = self.config.listen
@@ -310,71 +369,140 @@ class _Child:
             return None
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        server = await asyncio.start_unix_server(self._client, path=str(path))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
         path.chmod(0o600)
-        return server
+        listener.listen(64)
+        listener.setblocking(False)
+        return listener
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _add(self, sel: selectors.BaseSelector, peers: dict[int, _Peer], peer: _Peer) -> None:
+        sel.register(peer.sock, selectors.EVENT_READ, peer)
+        peers[peer.sock.fileno()] = peer
+        if not peer.primary:
+            self.connections += 1
+
+    def _accept(self, listener: socket.socket, sel: selectors.BaseSelector,
+                peers: dict[int, _Peer]) -> None:
         """Another API process: the same requests and answers as the server's own socket. Its
-        going away ends only its own connection (what it has in flight still commits)."""
-        pending: set[asyncio.Task[None]] = set()
-        self.connections += 1
-        try:
-            await _send(writer, (READY, True, os.getpid(), self.counters()))
-            await self._requests(reader, writer, pending)
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
-        except ConnectionError:
-            pass
-        finally:
+        going away ends only its own connection."""
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while True:
+                client, _address = listener.accept()
+                peer = _Peer(client, primary=False)
+                try:
+                    client.sendall(_frame((READY, True, os.getpid(), self.counters())))
+                except OSError:
+                    client.close()
+                    continue
+                self._add(sel, peers, peer)
+
+    def _drop(self, sel: selectors.BaseSelector, peers: dict[int, _Peer], peer: _Peer) -> None:
+        fd = peer.sock.fileno()
+        if fd < 0 or peers.pop(fd, None) is None:
+            return
+        sel.unregister(peer.sock)
+        peer.sock.close()
+        if not peer.primary:
             self.connections -= 1
-            writer.close()
 
-    async def _requests(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        pending: set[asyncio.Task[None]]) -> None:
-        """Reads requests until the peer says stop or goes away, each answered when done."""
-        while True:
-            try:
-                req_id, kind, payload = await _receive(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return  # the peer is gone: nothing can be acknowledged to it any more
-            if kind == STOP:
-                return
-            task = asyncio.create_task(self._answer(writer, req_id, kind, payload))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-
-    async def _answer(self, writer: asyncio.StreamWriter, req_id: int, kind: int,
-                      payload: Any) -> None:
-        try:
+    def _round(self, conn: sqlite3.Connection, requests: list[tuple[_Peer, tuple[Any, ...]]],
+               sel: selectors.BaseSelector, peers: dict[int, _Peer]) -> None:
+        """Commits the requests of one round (a transaction per ``MAX_OPS`` operations), makes
+        them durable with one sync, then answers each."""
+        jobs: list[Job] = []
+        round_ops: list[Op] = []
+        for _peer, (_req_id, kind, payload) in requests:
             if kind == WRITE:
                 ops = [_from_wire(row) for row in payload]
-                early = self.prefetch(ops)
-                if self.writer.window_s > 0:  # the rate only the commit window reads
-                    self.arrived(len(ops), time.monotonic())
-                self.unanswered += 1
-                try:
-                    results = await self.writer.submit(
-                        lambda c, tx: self.apply(c, tx, ops, early), weight=len(ops))
-                finally:
-                    self.unanswered -= 1
-                value: Any = [(r.changed, r.count, r.state, r.seq) for r in results]
+                round_ops.extend(ops)
+                jobs.append(Job(self._write_job(ops), len(ops)))
             elif kind == TRIM:
-                value = await self.writer.run(lambda c, tx: trim_log(c, tx, payload))
+                jobs.append(Job(functools.partial(_trim_job, through_seq=payload), 1))
             else:
-                value = await self.writer.run(purge_idempotency)
-            message: tuple[Any, ...] = (req_id, True, value, self.counters())
-        except Exception as exc:
-            message = (req_id, False, str(exc), self.counters())
-        with contextlib.suppress(ConnectionError):
-            await _send(writer, message)
+                jobs.append(Job(purge_idempotency, 1))
+        answers: list[tuple[bool, Any]] = []
+        if self.sync_error is not None:
+            stopped = f"the likes writer stopped after a failed sync: {self.sync_error}"
+            answers = [(False, stopped)] * len(jobs)
+        else:
+            self._early = self.prefetch(round_ops) if round_ops else None
+            committed = False
+            try:
+                for group in _groups(jobs, MAX_OPS):
+                    ok, results = self.committer.commit_group(conn, group)
+                    committed = committed or ok
+                    answers.extend(results)
+            finally:
+                self._early = None
+            if committed and not self._sync():
+                answers = [(False, f"storage sync failed: {self.sync_error}")] * len(jobs)
+        self._answer(requests, answers, sel, peers)
+
+    def _write_job(self, ops: list[Op]) -> JobFn:
+        return lambda conn, tx: self.apply(conn, tx, ops, self._early)
+
+    def _sync(self) -> bool:
+        """Makes the round's commits durable. A failed fsync cannot be retried safely (the
+        kernel may have dropped the unwritten pages and marked them clean), so the round fails
+        and the writer takes no more writes: as PostgreSQL does, availability gives way to
+        never acknowledging a lost write."""
+        if self.wal_sync is None:
+            return True
+        try:
+            self.wal_sync()
+        except OSError as exc:
+            self.sync_error = exc
+            log.error("WAL sync failed: writes stop", extra={"error": str(exc)})
+            return False
+        return True
+
+    def _answer(self, requests: list[tuple[_Peer, tuple[Any, ...]]],
+                answers: list[tuple[bool, Any]], sel: selectors.BaseSelector,
+                peers: dict[int, _Peer]) -> None:
+        """Each peer's answers in one send. A peer that takes none for ``SEND_TIMEOUT_S`` is
+        dropped: its writes fail there, and the others' go on."""
+        counters = self.counters()
+        frames: dict[int, list[bytes]] = {}
+        for (peer, (req_id, kind, _payload)), (ok, value) in zip(requests, answers, strict=True):
+            if not ok:
+                value = str(value)
+            elif kind == WRITE:
+                value = [(r.changed, r.count, r.state, r.seq) for r in value]
+            frames.setdefault(peer.sock.fileno(), []).append(
+                _frame((req_id, ok, value, counters)))
+        for fd, out in frames.items():
+            to = peers.get(fd)
+            if to is None:
+                continue
+            try:
+                to.sock.sendall(b"".join(out))
+            except OSError:
+                self._drop(sel, peers, to)
+
+
+def _trim_job(conn: sqlite3.Connection, tx: Tx, through_seq: int) -> int:
+    return trim_log(conn, tx, through_seq)
+
+
+def _groups(jobs: list[Job], max_ops: int) -> list[list[Job]]:
+    """Jobs in order, cut into groups of at most ``max_ops`` operations (a larger job alone)."""
+    groups: list[list[Job]] = []
+    weight = max_ops
+    for job in jobs:
+        if weight + job.weight > max_ops:
+            groups.append([])
+            weight = 0
+        groups[-1].append(job)
+        weight += job.weight
+    return groups
 
 
 def child_main(sock: socket.socket, config: WriterConfig) -> None:
     """The child process: serve the server's writes until it says stop or goes away."""
     logs.setup(config.log_level)  # the server's structured logs, on the same stderr
     tune_gc()  # as in the server: a writer batch allocates as many objects as requests do
-    asyncio.run(_Child(config).serve(sock))
+    _Child(config).run(sock)
 
 
 # -- the server's side ----------------------------------------------------------------------------
