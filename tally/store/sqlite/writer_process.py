@@ -236,7 +236,6 @@ class _Child:
         self.committer = Committer(name="tally-likes-writer")
         self.sync_error: OSError | None = None  # a failed sync: no more writes (see _sync)
         self.logged = LoggedSince()
-        self.connections = 0  # other API processes connected
         # The count table is read through a connection of its own (a connection is one
         # transaction at a time), opened on first use.
         self._reader: sqlite3.Connection | None = None
@@ -379,8 +378,6 @@ class _Child:
     def _add(self, sel: selectors.BaseSelector, peers: dict[int, _Peer], peer: _Peer) -> None:
         sel.register(peer.sock, selectors.EVENT_READ, peer)
         peers[peer.sock.fileno()] = peer
-        if not peer.primary:
-            self.connections += 1
 
     def _accept(self, listener: socket.socket, sel: selectors.BaseSelector,
                 peers: dict[int, _Peer]) -> None:
@@ -403,8 +400,6 @@ class _Child:
             return
         sel.unregister(peer.sock)
         peer.sock.close()
-        if not peer.primary:
-            self.connections -= 1
 
     def _round(self, conn: sqlite3.Connection, requests: list[tuple[_Peer, tuple[Any, ...]]],
                sel: selectors.BaseSelector, peers: dict[int, _Peer]) -> None:
@@ -418,7 +413,7 @@ class _Child:
                 round_ops.extend(ops)
                 jobs.append(Job(self._write_job(ops), len(ops)))
             elif kind == TRIM:
-                jobs.append(Job(functools.partial(_trim_job, through_seq=payload), 1))
+                jobs.append(Job(functools.partial(trim_log, through_seq=payload), 1))
             else:
                 jobs.append(Job(purge_idempotency, 1))
         answers: list[tuple[bool, Any]] = []
@@ -479,10 +474,6 @@ class _Child:
                 to.sock.sendall(b"".join(out))
             except OSError:
                 self._drop(sel, peers, to)
-
-
-def _trim_job(conn: sqlite3.Connection, tx: Tx, through_seq: int) -> int:
-    return trim_log(conn, tx, through_seq)
 
 
 def _groups(jobs: list[Job], max_ops: int) -> list[list[Job]]:
