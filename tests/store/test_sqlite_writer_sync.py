@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 
 from tally.core.errors import Unavailable
 from tally.core.model import ToggleOp
+from tally.store.sqlite import writer_process
 from tally.store.sqlite.schema import connect
 from tally.store.sqlite.store import SqliteStore
 from tally.store.sqlite.writer import WalSync, syncs_wal_itself
@@ -59,10 +61,10 @@ def _readable(sock: socket.socket) -> bool:
 class RunningChild:
     """A likes writer child run on a thread of the test's process, over a socket pair."""
 
-    def __init__(self, db: Path) -> None:
+    def __init__(self, db: Path, listen: Path | None = None) -> None:
         self.server, theirs = socket.socketpair()
         self.server.settimeout(10)
-        self.child = _Child(WriterConfig(db))
+        self.child = _Child(WriterConfig(db, listen=listen))
         self.sync = GatedSync(db, self.server)
         self.child.wal_sync = self.sync
         self.thread = threading.Thread(target=self.child.run, args=(theirs,), daemon=True)
@@ -166,6 +168,38 @@ def test_stop_answers_every_write_that_had_arrived(tmp_path: Path) -> None:
     running.thread.join(10)
     assert not running.thread.is_alive()
     running.server.close()
+
+
+def test_a_process_that_takes_no_answers_is_dropped_and_the_others_go_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another API process (``--workers N``) that stops reading its answers cannot hold the
+    writer: once its socket is full, a send to it waits ``SEND_TIMEOUT_S`` at most, then the
+    child drops it and the server's own writes are answered."""
+    monkeypatch.setattr(writer_process, "SEND_TIMEOUT_S", 0.5)
+    listen = tmp_path / "likes0.sock"
+    running = RunningChild(tmp_path / "tally.db", listen)
+    running.sync.gate.set()
+    stuck = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stuck.connect(str(listen))
+    for k in range(24):  # answers of 1,000 likes each: far more than a socket buffer holds
+        rows = [("like", f"post:{k}", f"u{k}-{n}", True, "local") for n in range(1000)]
+        body = pickle.dumps((k + 1, WRITE, rows))
+        stuck.sendall(_HEADER.pack(len(body)) + body)
+    time.sleep(0.5)  # the child is now blocked on the stuck process's full socket
+    running.like(1, user=1)
+    req_id, ok, results, _counters = running.receive()
+    assert (req_id, ok) == (1, True) and results[0][0] is True
+    stuck.settimeout(10)
+    ended = False
+    try:
+        while stuck.recv(1 << 20):  # what was sent before the drop, then the end
+            pass
+        ended = True
+    except ConnectionResetError:  # closed with some of its writes still unread
+        ended = True
+    assert ended  # the child closed its end (not a timeout)
+    stuck.close()
+    running.stop()
 
 
 def test_wal_sync_follows_the_file(tmp_path: Path) -> None:

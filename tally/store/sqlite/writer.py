@@ -117,13 +117,12 @@ class WalSync:
 class Committer:
     """Commits groups of jobs on one connection, on its caller's thread, and counts them."""
 
-    def __init__(self, name: str = "tally-sqlite-writer", max_ops: int = MAX_OPS,
+    def __init__(self, name: str = "tally-sqlite-writer",
                  before_commit: Callable[[], None] | None = None,
                  slow_commit_s: float = SLOW_COMMIT_S) -> None:
         """``before_commit``: runs before each ``COMMIT`` (the counts writer makes the like
         records it derived counts from durable first)."""
         self.name = name
-        self.max_ops = max_ops
         self._before_commit = before_commit
         self.slow_commit_s = slow_commit_s
         self.slow_commits = 0
@@ -200,6 +199,7 @@ class Committer:
         conn.execute("RELEASE job")
         return True, value
 
+
 class GroupCommitWriter(Committer):
     """A ``Committer`` on a thread of its own: jobs submitted from the event loop are gathered
     while a commit runs, and each job's future resolves once its group has committed."""
@@ -208,7 +208,8 @@ class GroupCommitWriter(Committer):
                  name: str = "tally-sqlite-writer",
                  before_commit: Callable[[], None] | None = None,
                  slow_commit_s: float = SLOW_COMMIT_S) -> None:
-        super().__init__(name, max_ops, before_commit, slow_commit_s)
+        super().__init__(name, before_commit, slow_commit_s)
+        self.max_ops = max_ops
         self._connect = connect
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None

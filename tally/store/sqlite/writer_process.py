@@ -226,8 +226,8 @@ class _Child:
     The likes that come while a round commits and syncs wait in the sockets and go together in
     the next round, so under load a round grows instead of queueing. A message's arrival, its
     job and its answer stay on one thread: when the child ran an event loop, a writer thread and
-    a sync thread, every message woke all three in turn and each wake-up (a futex, the
-    interpreter lock changing hands) cost more than the like's SQL (docs/performance.md)."""
+    a sync thread, every message woke all three in turn, and each wake-up (a futex, the
+    interpreter lock changing hands) cost about what the like's SQL does (docs/performance.md)."""
 
     def __init__(self, config: WriterConfig) -> None:
         self.config = config
