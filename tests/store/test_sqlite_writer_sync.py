@@ -4,6 +4,7 @@ derived counts never commit ahead of the like records they came from."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
@@ -200,6 +201,22 @@ def test_a_process_that_takes_no_answers_is_dropped_and_the_others_go_on(
     assert ended  # the child closed its end (not a timeout)
     stuck.close()
     running.stop()
+
+
+def test_a_server_that_takes_no_answers_ends_its_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's own process, dropped as any other (its event loop stuck, say), starts a new
+    writer once it sees the socket close: the old one ends rather than write beside it."""
+    monkeypatch.setattr(writer_process, "SEND_TIMEOUT_S", 0.5)
+    running = RunningChild(tmp_path / "tally.db")
+    running.sync.gate.set()
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # dropped meanwhile
+        for k in range(24):  # answers of 1,000 likes each, none read
+            running.send(k + 1, WRITE, [("like", f"post:{k}", f"u{k}-{n}", True, "local")
+                                        for n in range(1000)])
+    running.thread.join(10)
+    assert not running.thread.is_alive()
+    running.server.close()
 
 
 def test_wal_sync_follows_the_file(tmp_path: Path) -> None:

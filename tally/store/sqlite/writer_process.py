@@ -326,6 +326,9 @@ class _Child:
                 requests, stopping = self._read(sel, peers)
                 if requests:
                     self._round(conn, requests, sel, peers)
+                # The server took no answers for SEND_TIMEOUT_S and was dropped: it will start
+                # another writer, and this one must not stay behind it.
+                stopping = stopping or sock.fileno() < 0
         finally:
             for peer in list(peers.values()):
                 self._drop(sel, peers, peer)
