@@ -123,8 +123,8 @@ class Runtime:
         if self.store.syncs_wal_itself:
             syncs, stopped = self.store.sync_stats()
             rows += [
-                ("counter", "tally_write_syncs", "WAL syncs of the likes writers (pipelined: "
-                 "each answers every commit made before it began)", float(syncs), {}),
+                ("counter", "tally_write_syncs", "WAL syncs of the likes writers (one a "
+                 "round: each answers every commit of its round)", float(syncs), {}),
                 ("gauge", "tally_write_stopped_by_sync_failure", "Likes writers that take no "
                  "writes after a failed fsync (restart the server once the disk is checked)",
                  float(stopped), {}),

@@ -93,7 +93,7 @@ async def test_metrics(client: httpx.AsyncClient) -> None:
     ratio = sample(text, "tally_cache_hit_ratio")
     assert 0 < ratio < 1  # the first read missed, the later ones hit
     assert sample(text, "tally_write_commits_total") >= 1
-    assert sample(text, "tally_write_syncs_total") >= 1  # FULL: answered after a pipelined sync
+    assert sample(text, "tally_write_syncs_total") >= 1  # FULL: answered after the WAL sync
     assert sample(text, "tally_write_stopped_by_sync_failure") == 0
     assert sample(text, "tally_hot_item_hits", item="post:1") >= 1
     assert sample(text, "tally_sqlite_checkpoint_failures_total") == 0

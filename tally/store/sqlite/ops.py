@@ -1,4 +1,4 @@
-"""Applies a batch of write operations to SQLite set-wise, on the writer thread.
+"""Applies a batch of write operations to SQLite set-wise, on the writer's thread.
 
 One statement per operation (read the toggle, write it, append to the log, read the count) held
 the writer, and with it the GIL, for most of the cost of a like. Here a batch of any size takes

@@ -472,6 +472,6 @@ class SqliteStore:
                 sum(w.failed_commits for w in writers))
 
     def sync_stats(self) -> tuple[int, int]:
-        """(pipelined WAL syncs, likes writers stopped by a failed sync)."""
+        """(the likes writers' WAL syncs, likes writers stopped by a failed sync)."""
         return (sum(p.syncs for p in self.writer_processes),
                 sum(p.sync_failed for p in self.writer_processes))

@@ -507,7 +507,7 @@ class WriterProcess:
     def __init__(self, config: WriterConfig) -> None:
         self.config = config
         self.commits = self.committed_ops = self.failed_commits = 0  # the child's, as last told
-        self.syncs = 0  # its pipelined WAL syncs
+        self.syncs = 0  # its WAL syncs (one a round)
         self.sync_failed = False  # its last sync failed: it takes no writes (see GroupCommitWriter)
         self.restarts = 0
         self.pid: int | None = None
