@@ -165,3 +165,38 @@ async def test_close_after_the_server_died_does_not_hang_or_keep_reconnecting(
             await anyio.sleep(0.01)
         await log.close()
     assert client.is_closed
+
+
+class StuckClient:
+    """A NATS client whose drain and close take one cancellation and go on waiting, as
+    nats-py's drain does (it swallows the cancel, then flushes and closes) on a connection that
+    no longer answers."""
+
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def drain(self) -> None:
+        await self._stuck("drain")
+
+    async def close(self) -> None:
+        await self._stuck("close")
+
+    async def _stuck(self, step: str) -> None:
+        self.calls.append(step)
+        try:
+            await anyio.sleep(3600)
+        except BaseException:  # the first cancellation: swallowed
+            await anyio.sleep(3600)
+
+
+async def test_close_is_bounded_even_when_the_client_ignores_its_cancellation() -> None:
+    """Each step of close() waits ``publish_timeout_s`` at most and is then left behind: a
+    server shutting down must not wait for good on a client that will not stop."""
+    log = EventLog("nats://127.0.0.1:1", "T_STUCK", 2, publish_timeout_s=0.2)
+    client = StuckClient()
+    log._nc = client  # type: ignore[assignment]
+    with anyio.fail_after(5):
+        await log.close()
+    assert client.calls == ["drain", "close"] and log._nc is None

@@ -57,7 +57,7 @@ import asyncio
 import itertools
 import logging
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -229,15 +229,24 @@ class EventLog:
         """Drain (deliver what is buffered); when the server is gone, close without draining.
 
         A client that is reconnecting refuses to drain, and left open it would go on
-        reconnecting for good and, once a server is back, send what it had buffered."""
+        reconnecting for good and, once a server is back, send what it had buffered. Each step
+        is bounded by ``publish_timeout_s`` without waiting for the step to take its
+        cancellation: nats-py's ``drain`` swallows one and goes on to flush and close, and on a
+        broken connection a ``wait_for`` around it then waited for good (a server that never
+        stops)."""
         nc, self._nc, self._js = self._nc, None, None
         if nc is None or nc.is_closed:
             return
         try:
-            await asyncio.wait_for(nc.drain(), self.publish_timeout_s)
+            if await _within(nc.drain(), self.publish_timeout_s):
+                return
+            error = "drain did not finish in time"
         except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("event log closed without draining", extra={"error": repr(exc)})
-            await nc.close()
+            error = repr(exc)
+        log.warning("event log closed without draining", extra={"error": error})
+        if not await _within(nc.close(), self.publish_timeout_s):
+            log.warning("event log connection left closing", extra={
+                "error": f"close did not finish in {self.publish_timeout_s:g} s"})
 
     async def ensure_stream(self) -> None:
         """Create the stream, or check that an existing one has this partitioning."""
@@ -368,3 +377,15 @@ class PartitionReader:
                                   meta.timestamp.timestamp()))
         return out
 
+
+async def _within(step: Awaitable[Any], timeout_s: float) -> bool:
+    """Whether ``step`` finished within ``timeout_s`` (its error raised here). One that did not
+    is cancelled and left behind, not awaited: it may ignore the cancellation."""
+    task = asyncio.ensure_future(step)
+    done, _pending = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved, not logged
+        return False
+    task.result()
+    return True
