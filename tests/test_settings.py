@@ -29,8 +29,7 @@ def test_settings_are_grouped_and_each_group_is_declared_together() -> None:
                            "cluster", "regions"}
     changes = sum(1 for a, b in itertools.pairwise(groups) if a != b)
     assert changes == len(set(groups)) - 1  # each group's rows are contiguous in the table
-    # 38, the security group (issue 16) added 6, regions 4, the witness 2
-    assert len(groups) <= 50
+    assert len(groups) <= 50  # 38, the security group (issue 16) added 6, regions 4, the witness 2
 
 
 def test_regions_are_validated() -> None:

@@ -62,7 +62,6 @@ from tally.store.sqlite.writer import (
     MAX_OPS,
     Committer,
     Job,
-    JobFn,
     Tx,
     WalSync,
     syncs_wal_itself,
@@ -239,7 +238,6 @@ class _Child:
         # The count table is read through a connection of its own (a connection is one
         # transaction at a time), opened on first use.
         self._reader: sqlite3.Connection | None = None
-        self._early: Prefetched | None = None  # the counts read for the round being committed
 
     def _open(self) -> sqlite3.Connection:
         c = self.config
@@ -406,39 +404,40 @@ class _Child:
 
     def _round(self, conn: sqlite3.Connection, requests: list[tuple[_Peer, tuple[Any, ...]]],
                sel: selectors.BaseSelector, peers: dict[int, _Peer]) -> None:
-        """Commits the requests of one round (a transaction per ``MAX_OPS`` operations), makes
-        them durable with one sync, then answers each."""
-        jobs: list[Job] = []
-        round_ops: list[Op] = []
-        for _peer, (_req_id, kind, payload) in requests:
-            if kind == WRITE:
-                ops = [_from_wire(row) for row in payload]
-                round_ops.extend(ops)
-                jobs.append(Job(self._write_job(ops), len(ops)))
-            elif kind == TRIM:
-                jobs.append(Job(functools.partial(trim_log, through_seq=payload), 1))
-            else:
-                jobs.append(Job(purge_idempotency, 1))
-        answers: list[tuple[bool, Any]] = []
+        """Commits the requests of one round, makes them durable with one sync, then answers
+        each."""
         if self.sync_error is not None:
             stopped = f"the likes writer stopped after a failed sync: {self.sync_error}"
-            answers = [(False, stopped)] * len(jobs)
+            answers: list[tuple[bool, Any]] = [(False, stopped)] * len(requests)
         else:
-            self._early = self.prefetch(round_ops) if round_ops else None
-            committed = False
-            try:
-                for group in _groups(jobs, MAX_OPS):
-                    ok, results = self.committer.commit_group(conn, group)
-                    committed = committed or ok
-                    answers.extend(results)
-            finally:
-                self._early = None
-            if committed and not self._sync():
-                answers = [(False, f"storage sync failed: {self.sync_error}")] * len(jobs)
+            answers = self._commit_round(conn, [(kind, [_from_wire(row) for row in payload]
+                                                 if kind == WRITE else payload)
+                                                for _peer, (_req_id, kind, payload) in requests])
         self._answer(requests, answers, sel, peers)
 
-    def _write_job(self, ops: list[Op]) -> JobFn:
-        return lambda conn, tx: self.apply(conn, tx, ops, self._early)
+    def _commit_round(self, conn: sqlite3.Connection,
+                      work: list[tuple[int, Any]]) -> list[tuple[bool, Any]]:
+        """A transaction per ``MAX_OPS`` operations, every write's counts read once for the
+        round, then the sync: a result per request."""
+        round_ops = [op for kind, ops in work if kind == WRITE for op in ops]
+        early = self.prefetch(round_ops) if round_ops else None
+        jobs = [self._job(kind, payload, early) for kind, payload in work]
+        answers: list[tuple[bool, Any]] = []
+        committed = False
+        for group in _groups(jobs, MAX_OPS):
+            ok, results = self.committer.commit_group(conn, group)
+            committed = committed or ok
+            answers.extend(results)
+        if committed and not self._sync():
+            answers = [(False, f"storage sync failed: {self.sync_error}")] * len(jobs)
+        return answers
+
+    def _job(self, kind: int, payload: Any, early: Prefetched | None) -> Job:
+        if kind == WRITE:
+            return Job(lambda conn, tx: self.apply(conn, tx, payload, early), len(payload))
+        if kind == TRIM:
+            return Job(functools.partial(trim_log, through_seq=payload), 1)
+        return Job(purge_idempotency, 1)
 
     def _sync(self) -> bool:
         """Makes the round's commits durable. A failed fsync cannot be retried safely (the
