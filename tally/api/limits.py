@@ -1,17 +1,17 @@
 """Fair use: token buckets per API key and per user, answered with 429 and Retry-After.
 
 The embedded server keeps its buckets in memory. A cluster's API processes share theirs through
-Redis (``SharedBuckets``, implemented by ``tally.store.rediscache.buckets``: one Lua script call
-per take) so a user cannot multiply the limit by
-the number of processes; when Redis does not answer, each process falls back to its own buckets
-(a limit per process rather than none) and says so in the log and in a metric.
+Redis (``SharedBuckets``, implemented by ``tally.store.rediscache.buckets``: a request's takes in
+one Lua script call) so a user cannot multiply the limit by the number of processes; when Redis
+does not answer, each process falls back to its own buckets (a limit per process rather than
+none) and says so in the log and in a metric.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
@@ -28,7 +28,9 @@ SHARED_RETRY_S = 5.0
 
 
 class SharedBuckets(Protocol):
-    async def take(self, name: str, rate: Rate, now: float, cost: float) -> float: ...
+    async def take_all(self, names: Sequence[str], rate: Rate, cost: float
+                       ) -> tuple[str, float] | None:
+        """``Buckets.take_all`` on buckets every API process shares."""
 
 
 class Limiter:
@@ -68,32 +70,33 @@ class Limiter:
         self._count(who.name)
         if who.admin or not self.per_key.on:
             return
-        wait = await self._take("key:" + who.name, self.keys)
-        if wait:
+        if (refused := await self._take_all(["key:" + who.name], self.keys)) is not None:
             self._limited.labels("key", who.name).inc()
             raise RateLimited(f"API key {who.name!r} is over {self.per_key.rate:g} requests a "
-                              "second", "authorization", wait)
+                              "second", "authorization", refused[1])
 
-    async def check_users(self, who: Principal, users: Iterable[str]) -> None:
-        """One token from each distinct user named in the request."""
+    async def check_users(self, who: Principal, users: Sequence[str]) -> None:
+        """One token from the bucket of each distinct user named in the request, all or none: a
+        bulk request names up to max_bulk_ops users, and their takes go together (one script
+        call when the buckets are shared, where a call per user cost a round trip each)."""
         if who.admin or not self.per_user.on:
             return
-        for user in set(users):
-            wait = await self._take("user:" + user, self.users)
-            if wait:
-                self._limited.labels("user", who.name).inc()
-                raise RateLimited(f"user {user} is over {self.per_user.rate:g} requests a second",
-                                  "user_id", wait)
+        names = (["user:" + users[0]] if len(users) == 1  # a like: one user
+                 else ["user:" + user for user in dict.fromkeys(users)])
+        if (refused := await self._take_all(names, self.users)) is not None:
+            self._limited.labels("user", who.name).inc()
+            raise RateLimited(f"user {refused[0].removeprefix('user:')} is over "
+                              f"{self.per_user.rate:g} requests a second", "user_id", refused[1])
 
-    async def _take(self, name: str, local: Buckets) -> float:
+    async def _take_all(self, names: Sequence[str], local: Buckets) -> tuple[str, float] | None:
         now = self.clock()
         if self.shared is not None and now >= self._shared_down_until:
             try:
-                return await self.shared.take(name, local.rate, time.time(), 1.0)
+                return await self.shared.take_all(names, local.rate, 1.0)
             except Exception as exc:  # any failure of Redis: fall back, never fail the request
                 self._shared_down_until = now + SHARED_RETRY_S
                 log.warning("shared rate limits unavailable (%s): each process limits on its "
                             "own for the next %.0f s", exc, SHARED_RETRY_S)
         if self.shared is not None:
-            self._fallback.inc()
-        return local.take(name, now)
+            self._fallback.inc(len(names))
+        return local.take_all(names, now)

@@ -9,6 +9,7 @@ arithmetic runs as a Lua script in Redis when a cluster shares its buckets
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Buckets kept at most: it bounds memory under a flood of distinct names. A full bucket holds no
@@ -68,22 +69,40 @@ class Buckets:
         self._shards: list[OrderedDict[str, complex]] = [OrderedDict() for _ in range(n)]
 
     def take(self, name: str, now: float, cost: float = 1.0) -> float:
-        shard = self._shards[hash(name) & self._mask]
-        state = shard.get(name)
-        if state is None:
-            tokens, stamp = self.rate.burst, now
-            if len(shard) >= self._shard_size:
+        """``cost`` tokens from one bucket: 0.0, or the seconds until it has them."""
+        refused = self.take_all((name,), now, cost)
+        return 0.0 if refused is None else refused[1]
+
+    def take_all(self, names: Sequence[str], now: float, cost: float = 1.0
+                 ) -> tuple[str, float] | None:
+        """``cost`` tokens from each named bucket (distinct names), or from none: None when all
+        were taken, else the first name short of them and the seconds until it has them. A bulk
+        request names many users; one of them over the limit refuses the request, and a refused
+        request costs nobody a token, as a refused take changes nothing."""
+        shards, mask, rate = self._shards, self._mask, self.rate
+        granted: list[tuple[OrderedDict[str, complex], str, float]] = []
+        for name in names:
+            shard = shards[hash(name) & mask]
+            state = shard.get(name)
+            tokens, stamp = (rate.burst, now) if state is None else (state.real, state.imag)
+            level, _, wait = take(tokens, stamp, rate, now, cost)
+            if wait:
+                if state is not None:
+                    shard.move_to_end(name)  # a name refused while it floods is still in use
+                return name, wait
+            granted.append((shard, name, level))
+        for shard, name, level in granted:
+            if name in shard:
+                shard.move_to_end(name)
+            elif len(shard) >= self._shard_size:
                 shard.popitem(last=False)
-        else:
-            tokens, stamp = state.real, state.imag
-            shard.move_to_end(name)
-        tokens, stamp, wait = take(tokens, stamp, self.rate, now, cost)
-        # Both floats in one complex, not a tuple: a tuple is an object the garbage collector
-        # tracks until its next collection, and a new one per take that replaces an old one
-        # leaves the collector's allocation count where it was, so the young generation grew to
-        # every bucket written since and its collection then walked all of them at once.
-        shard[name] = complex(tokens, stamp)
-        return wait
+            # Both floats in one complex, not a tuple: a tuple is an object the garbage
+            # collector tracks until its next collection, and a new one per take that replaces
+            # an old one leaves the collector's allocation count where it was, so the young
+            # generation grew to every bucket written since and its collection then walked all
+            # of them at once.
+            shard[name] = complex(level, now)
+        return None
 
     def __len__(self) -> int:
         return sum(len(shard) for shard in self._shards)

@@ -39,6 +39,26 @@ async def test_a_user_over_the_limit_gets_429_with_retry_after(settings: Setting
         assert 'tally_rate_limited_total{key="loopback",limit="user"} 4.0' in metrics
 
 
+async def test_a_bulk_request_with_one_user_over_the_limit_takes_from_nobody(
+        settings: Settings) -> None:
+    """A bulk request takes a token from each user it names, all or none: one user out of
+    tokens refuses it with 429 naming that user, nothing of it is written, and the other users
+    keep the tokens it would have taken."""
+    s = settings.replace(rate_per_user=0.2)  # bursts of 2, a token back every 5 s
+    async with app_client(create_app(s, build(s))) as c:
+        assert (await c.post("/v1/like", json=like(3, 1))).status_code == 200
+        assert (await c.post("/v1/like", json=like(3, 2))).status_code == 200  # user 3: empty
+        ops = [{"op": "like", **like(u, 9)} for u in (1, 2, 3, 4)]
+        r = await c.post("/v1/bulk", json={"ops": ops})
+        assert r.status_code == 429 and r.json()["error"]["field"] == "user_id"
+        assert "user 3 " in r.json()["error"]["message"]
+        assert (await c.get("/v1/items/post/9/counts")).json()["counts"]["like"] == 0
+        for _ in range(2):  # users 1, 2 and 4 still have both their tokens
+            r = await c.post("/v1/bulk", json={"ops": [o for o in ops if o["user_id"] != 3]})
+            assert r.status_code == 200, r.text
+        assert (await c.post("/v1/like", json=like(1, 10))).status_code == 429
+
+
 async def test_a_key_over_the_limit_gets_429(settings: Settings) -> None:
     s = settings.replace(rate_per_key=0.5, rate_per_user=0.0)  # bursts of 5
     async with app_client(create_app(s, build(s))) as c:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -76,3 +78,32 @@ def test_a_sharded_table_holds_its_bound() -> None:
     for n in range(30_000):
         buckets.take(f"u{n}", 0.0)
     assert 19_000 < len(buckets) <= 20_000
+
+
+@given(st.builds(Rate, st.floats(0.1, 5), st.floats(1, 4)),  # small: refusals are common
+       st.lists(st.tuples(st.sets(st.sampled_from("abcdef"), min_size=1), st.floats(0, 1)),
+                min_size=1, max_size=60))
+def test_a_take_of_several_buckets_is_all_or_nothing(
+        rate: Rate, takes: list[tuple[set[str], float]]) -> None:
+    """A take of several names (a bulk request's users) leaves each bucket as a take of that
+    name alone would, when every one of them has the tokens; otherwise it names the first short
+    one, with that take's wait, and leaves every bucket as it was."""
+    buckets, now = Buckets(rate), 0.0
+
+    def held() -> dict[str, complex]:
+        return {n: v for shard in buckets._shards for n, v in shard.items()}
+
+    for names, gap in takes:
+        now += gap
+        order = sorted(names)
+        alone = copy.deepcopy(buckets)
+        waits = [alone.take(n, now) for n in order]
+        before = held()
+        refused = buckets.take_all(order, now)
+        if refused is None:
+            assert waits == [0.0] * len(order)
+            assert held() == {n: v for shard in alone._shards for n, v in shard.items()}
+        else:
+            first = next(k for k, wait in enumerate(waits) if wait)
+            assert refused == (order[first], waits[first])
+            assert held() == before
