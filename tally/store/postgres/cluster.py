@@ -369,8 +369,15 @@ class PgCluster:
         return out
 
 
-_COUNTS = ("SELECT counter, item, count FROM counts "
-           "WHERE counter = ANY($2::text[]) AND item = ANY($1::text[])")  # primary key (both)
+# One primary-key probe per (counter, item) asked for, by a scalar subquery (a lateral one is
+# flattened into a join, which a plan made on a small table runs as a hash join over a full
+# scan). ``counter = ANY(..) AND item = ANY(..)`` was planned, generic and custom plans alike, as
+# a bitmap scan of every count row of the counter, filtered by item: each bulk write, and each
+# count read that missed the cache, read the whole table ("The planner trap" in
+# docs/performance.md).
+_COUNTS = ("SELECT * FROM (SELECT k.c, k.i, (SELECT count FROM counts WHERE counter = k.c "
+           "AND item = k.i) AS n FROM unnest($1::text[], $2::text[]) AS k(c, i)) x "
+           "WHERE n IS NOT NULL")
 
 
 async def read_counts(cluster: PgCluster, keys: Collection[CountKey],
@@ -379,14 +386,11 @@ async def read_counts(cluster: PgCluster, keys: Collection[CountKey],
     (from a standby while a primary is unreachable, if ``standby_ok``)."""
     if not keys:
         return {}
-    by_db: dict[int, set[str]] = defaultdict(set)
-    for _, item in keys:
-        by_db[cluster.map.db_of(item)].add(item)
-    counters = sorted({c for c, _ in keys})
+    by_db: dict[int, list[CountKey]] = defaultdict(list)
+    for key in sorted(set(keys)):
+        by_db[cluster.map.db_of(key[1])].append(key)
 
     read = cluster.read if standby_ok else cluster.fetch
-    rows = await cluster.gather({db: read(db, _COUNTS, sorted(items), counters)
-                                 for db, items in by_db.items()})
-    wanted = set(keys)
-    return {(r[0], r[1]): int(r[2]) for part in rows.values() for r in part
-            if (r[0], r[1]) in wanted}
+    rows = await cluster.gather({db: read(db, _COUNTS, [c for c, _ in part], [i for _, i in part])
+                                 for db, part in by_db.items()})
+    return {(r[0], r[1]): int(r[2]) for part in rows.values() for r in part}
