@@ -10,7 +10,7 @@ import pytest
 from tally.core.breaker import Breaker
 from tally.core.coalesce import Batch
 from tally.core.errors import Unavailable
-from tally.store.rediscache.counts import RedisCounts, TieredCounts
+from tally.store.rediscache.counts import PUT_CHUNK, RedisCounts, TieredCounts, count_key
 from tally.store.sqlite.store import SqliteStore
 from tally_dev.engines import RedisEngine
 from tests.engines import EngineFactory
@@ -61,10 +61,18 @@ async def test_a_read_fill_never_replaces_an_aggregator_value(counts: RedisCount
     await counts.put({KEYS[0]: 10}, version=5)
     await counts.fill({KEYS[0]: 9, KEYS[1]: 4})
     assert await counts.get(KEYS[:2]) == {KEYS[0]: 10, KEYS[1]: 4}
+    assert 0 < await counts.client.ttl(count_key(KEYS[1])) <= counts.ttl_s  # cold items leave
     await counts.put({KEYS[1]: 6}, version=1)  # any aggregator version beats a fill
     assert await counts.get([KEYS[1]]) == {KEYS[1]: 6}
     await counts.delete(KEYS[:2])
     assert await counts.get(KEYS[:2]) == {}
+
+
+async def test_a_fill_of_more_keys_than_a_call_takes_fills_them_all(counts: RedisCounts
+                                                                      ) -> None:
+    many = [("like", f"post:fill{n}") for n in range(PUT_CHUNK + 7)]
+    await counts.fill({k: n for n, k in enumerate(many)})
+    assert await counts.get(many) == {k: n for n, k in enumerate(many)}
 
 
 async def test_a_mark_rises_with_puts_and_stays_where_a_loss_left_it(counts: RedisCounts

@@ -80,6 +80,15 @@ if floor >= 0 and (found < 0 or found >= floor) and found < version then
 end
 return found
 """
+# The read path's fill: each key set to "0:<count>" with a TTL, only where absent. ARGV: ttl
+# seconds, then one count per key. One call for a feed's misses, where a pipeline of a SET per key
+# cost the API process a command built in Python per key.
+_FILL = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, '0:' .. ARGV[i + 1], 'EX', ARGV[1], 'NX')
+end
+return #KEYS
+"""
 MARK_PREFIX = "tc:mark:"
 PUT_CHUNK = 500  # keys per script call: one call holds the server for its whole run
 
@@ -107,6 +116,7 @@ class RedisCounts:
         self.timeout_s = timeout_s
         self._r: Any = None
         self._put_many: Any = None
+        self._fill: Any = None
 
     async def start(self) -> None:
         opts: dict[str, Any] = {"socket_timeout": self.timeout_s,
@@ -131,7 +141,7 @@ class RedisCounts:
     async def close(self) -> None:
         if self._r is not None:
             await self._r.aclose()
-            self._r = self._put_many = None
+            self._r = self._put_many = self._fill = None
 
     async def ping(self) -> bool:
         return bool(await self._r.ping())
@@ -198,10 +208,19 @@ class RedisCounts:
         """Read-path fill from PostgreSQL: version 0, only where no value exists."""
         if not counts:
             return
-        pipe = self._r.pipeline(transaction=False)
-        for key, value in counts.items():
-            pipe.set(count_key(key), f"0:{value}", ex=self.ttl_s, nx=True)
-        await pipe.execute()
+        if self.cluster:  # keys of many slots: a SET per key, pipelined per node
+            pipe = self._r.pipeline(transaction=False)
+            for key, value in counts.items():
+                pipe.set(count_key(key), f"0:{value}", ex=self.ttl_s, nx=True)
+            await pipe.execute()
+            return
+        if self._fill is None:
+            self._fill = self._r.register_script(_FILL)
+        items = list(counts.items())
+        for start in range(0, len(items), PUT_CHUNK):
+            chunk = items[start:start + PUT_CHUNK]
+            await self._fill(keys=[count_key(k) for k, _ in chunk],
+                             args=[self.ttl_s, *(v for _, v in chunk)])
 
     async def delete(self, keys: Sequence[CountKey]) -> None:
         """After a repair changed counts in PostgreSQL without a new stream version."""
