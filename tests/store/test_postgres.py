@@ -265,3 +265,52 @@ async def test_distinct_toggles_of_one_database_follow_the_toggle_rule(
             assert await likes.has("like", user, [item]) == [on]
     finally:
         await stores.close()
+
+
+async def test_a_bulk_of_distinct_toggles_across_databases_is_one_statement_each(
+        pg_shared_dsns: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bulk whose toggles touch distinct records, in both databases, runs the one-statement
+    batch in each database's transaction (not the replay's four statements), answers by the
+    toggle rule with read-your-writes counts, and numbers one outbox slot per database."""
+    from tally.core.model import ToggleOp
+    from tally.core.toggle import step
+    from tally.store.postgres import likes as likes_module
+    from tally.store.postgres.build import PostgresConfig, build_postgres
+
+    stores = build_postgres(PostgresConfig(pg_shared_dsns, logical_shards=64))
+    await stores.start()
+    try:
+        likes, sm = stores.likes, stores.cluster.map
+        tag = time.time_ns()
+        pool = [f"x{tag}-{i}" for i in range(400)]
+        users = ([u for u in pool if sm.db_of(u) == 0][:4] + [u for u in pool if sm.db_of(u) == 1][:4])
+        item = f"post:x{tag}"
+        before = [False, True, True, False, True, False, True, False]
+        await likes.write([ToggleOp("like", item, u, True, "eu")
+                           for u, on in zip(users, before, strict=True) if on])
+        wanted = [True, False, True, False, False, True, True, True]
+        statements: list[int] = []
+        real = likes_module.write_toggles
+
+        async def counted(conn: Any, ops: Any, *args: Any) -> Any:
+            statements.append(len(ops))
+            return await real(conn, ops, *args)
+
+        monkeypatch.setattr(likes_module, "write_toggles", counted)
+        heads = {s: await likes.outbox_head(s) for db in (0, 1) for s in likes.sources_of(db)}
+        results = await likes.write([ToggleOp("like", item, u, on, "eu")
+                                     for u, on in zip(users, wanted, strict=True)])
+        assert sorted(statements) == [4, 4]  # one statement per database, each its four
+        deltas = [step(was, on) for was, on in zip(before, wanted, strict=True)]
+        assert [r.changed for r in results] == [d != 0 for d in deltas]
+        assert [r.state for r in results] == wanted
+        running = [sum(deltas[:n + 1]) for n in range(len(deltas))]
+        assert [r.count for r in results] == [max(x, 0) for x in running]
+        moved = [s for s in heads if await likes.outbox_head(s) != heads[s]]
+        assert len(moved) == 2  # a slot of each database
+        rows = [e for s in moved for e in await likes.pending(s, heads[s], 100) if e.item == item]
+        assert sorted(e.delta for e in rows) == sorted(d for d in deltas if d)
+        for user, on in zip(users, wanted, strict=True):
+            assert await likes.has("like", user, [item]) == [on]
+    finally:
+        await stores.close()
