@@ -56,9 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         s = s.replace(role=args.role)
         os.environ["TALLY_ROLE"] = args.role  # for uvicorn's worker processes, when workers > 1
     logs.setup(s.log_level)
-    common: dict[str, Any] = {"host": s.host, "port": s.port, "loop": "uvloop",
-                              "log_config": None, "access_log": s.access_log,
-                              "timeout_graceful_shutdown": 10, **uvicorn_options(s)}
+    common: dict[str, Any] = {"host": s.host, "port": s.port, "log_config": None,
+                              "access_log": s.access_log, "timeout_graceful_shutdown": 10,
+                              **uvicorn_options(s)}
     if s.workers > 1 and s.backend == "sqlite":  # one likes writer, several API processes
         from tally.api.processes import serve
 

@@ -56,7 +56,7 @@ def uvicorn_config(app: Any, settings: Settings) -> Any:
 
     from tally.api.server import uvicorn_options
 
-    return uvicorn.Config(app, loop="uvloop", log_config=None, access_log=settings.access_log,
+    return uvicorn.Config(app, log_config=None, access_log=settings.access_log,
                           timeout_graceful_shutdown=10, **uvicorn_options(settings))
 
 

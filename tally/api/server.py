@@ -30,6 +30,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from tally.api.http import HttpApp
+from tally.api.listener import LOOP
 from tally.settings import Settings
 
 log = logging.getLogger("tally.server")
@@ -279,5 +280,5 @@ def _defaults(headers: list[tuple[bytes, bytes]]) -> bytes:
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """What ``tally serve`` passes to uvicorn for these guards."""
     GuardedHttpTools.configure(settings)
-    return {"http": GuardedHttpTools, "timeout_keep_alive": KEEPALIVE_S,
+    return {"http": GuardedHttpTools, "loop": LOOP, "timeout_keep_alive": KEEPALIVE_S,
             "limit_concurrency": settings.max_connections}

@@ -275,6 +275,7 @@ async def test_a_bulk_of_distinct_toggles_across_databases_is_one_statement_each
     from tally.core.model import ToggleOp
     from tally.core.toggle import step
     from tally.store.postgres import likes as likes_module
+    from tally.store.postgres.batch import write_toggles
     from tally.store.postgres.build import PostgresConfig, build_postgres
 
     stores = build_postgres(PostgresConfig(pg_shared_dsns, logical_shards=64))
@@ -290,11 +291,10 @@ async def test_a_bulk_of_distinct_toggles_across_databases_is_one_statement_each
                            for u, on in zip(users, before, strict=True) if on])
         wanted = [True, False, True, False, False, True, True, True]
         statements: list[int] = []
-        real = likes_module.write_toggles
 
         async def counted(conn: Any, ops: Any, *args: Any) -> Any:
             statements.append(len(ops))
-            return await real(conn, ops, *args)
+            return await write_toggles(conn, ops, *args)
 
         monkeypatch.setattr(likes_module, "write_toggles", counted)
         heads = {s: await likes.outbox_head(s) for db in (0, 1) for s in likes.sources_of(db)}
