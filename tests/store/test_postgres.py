@@ -226,12 +226,26 @@ async def test_concurrent_single_likes_share_transactions(pg_shared_dsns: list[s
         await stores.close()
 
 
+def follows_the_toggle_rule(results: list[Any], before: list[bool], wanted: list[bool]
+                            ) -> list[int]:
+    """Asserts that each answer is what tally.core.toggle's rule says of a toggle from ``before``
+    to ``wanted``, its count this request's own deltas so far (nothing is applied yet); returns
+    the deltas."""
+    from tally.core.toggle import step
+
+    deltas = [step(was, on) for was, on in zip(before, wanted, strict=True)]
+    assert [r.changed for r in results] == [d != 0 for d in deltas]
+    assert [r.state for r in results] == wanted
+    running = [sum(deltas[:n + 1]) for n in range(len(deltas))]
+    assert [r.count for r in results] == [max(x, 0) for x in running]
+    return deltas
+
+
 async def test_distinct_toggles_of_one_database_follow_the_toggle_rule(
         pg_shared_dsns: list[str]) -> None:
     """The one-statement batch (batch.py): every case of tally.core.toggle's rule in one request,
     each answered as the rule says, one outbox row per real change, numbers contiguous."""
     from tally.core.model import ToggleOp
-    from tally.core.toggle import step
     from tally.store.postgres.build import PostgresConfig, build_postgres
 
     stores = build_postgres(PostgresConfig(pg_shared_dsns, logical_shards=64))
@@ -248,12 +262,7 @@ async def test_distinct_toggles_of_one_database_follow_the_toggle_rule(
         ops = [ToggleOp("like", item, u, on, "eu") for u, on in zip(users, wanted, strict=True)]
         head = {s: await likes.outbox_head(s) for s in likes.sources_of(0)}
         results = await likes.write(ops)
-        deltas = [step(was, on) for was, on in zip(before, wanted, strict=True)]
-        assert [r.changed for r in results] == [d != 0 for d in deltas]
-        assert [r.state for r in results] == wanted
-        # Nothing applied yet: each answer is this request's own deltas so far.
-        running = [sum(deltas[:n + 1]) for n in range(len(deltas))]
-        assert [r.count for r in results] == [max(x, 0) for x in running]
+        deltas = follows_the_toggle_rule(results, before, wanted)
         moved = [s for s in head if await likes.outbox_head(s) != head[s]]
         assert len(moved) == 1  # one slot numbered the whole batch
         rows = [e for e in await likes.pending(moved[0], head[moved[0]], 100) if e.item == item]
@@ -273,7 +282,6 @@ async def test_a_bulk_of_distinct_toggles_across_databases_is_one_statement_each
     batch in each database's transaction (not the replay's four statements), answers by the
     toggle rule with read-your-writes counts, and numbers one outbox slot per database."""
     from tally.core.model import ToggleOp
-    from tally.core.toggle import step
     from tally.store.postgres import likes as likes_module
     from tally.store.postgres.batch import write_toggles
     from tally.store.postgres.build import PostgresConfig, build_postgres
@@ -301,11 +309,7 @@ async def test_a_bulk_of_distinct_toggles_across_databases_is_one_statement_each
         results = await likes.write([ToggleOp("like", item, u, on, "eu")
                                      for u, on in zip(users, wanted, strict=True)])
         assert sorted(statements) == [4, 4]  # one statement per database, each its four
-        deltas = [step(was, on) for was, on in zip(before, wanted, strict=True)]
-        assert [r.changed for r in results] == [d != 0 for d in deltas]
-        assert [r.state for r in results] == wanted
-        running = [sum(deltas[:n + 1]) for n in range(len(deltas))]
-        assert [r.count for r in results] == [max(x, 0) for x in running]
+        deltas = follows_the_toggle_rule(results, before, wanted)
         moved = [s for s in heads if await likes.outbox_head(s) != heads[s]]
         assert len(moved) == 2  # a slot of each database
         rows = [e for s in moved for e in await likes.pending(s, heads[s], 100) if e.item == item]
