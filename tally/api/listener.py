@@ -33,10 +33,9 @@ LOOP = "tally.api.listener:GreedyAcceptLoop"  # uvicorn's ``loop`` setting: an i
 # Connections accepted in one turn at most: a flood of connections still leaves the turn to the
 # requests of those already open.
 ACCEPT_BATCH = 256
-# After an accept failed for want of file descriptors (EMFILE, ENFILE) or memory, the socket is
-# left alone this long: it stays readable, and trying again at once would spin the loop.
+# After an accept failed (out of file descriptors or memory, most likely), the socket is left
+# alone this long: it stays readable, and trying again at once would spin the loop.
 RETRY_AFTER_S = 0.1
-_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class GreedyAcceptLoop(uvloop.Loop):
@@ -79,15 +78,14 @@ class GreedyServer(asyncio.AbstractServer):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in _RESOURCES and self._serving:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up while queued: take the next one
+                if self._serving:  # out of descriptors or memory, or worse: never spin on it
                     log.warning("cannot accept connections for now (%s); trying again in "
                                 "%.1f s", exc, RETRY_AFTER_S)
                     self._loop.remove_reader(listening.fileno())
                     self._loop.call_later(RETRY_AFTER_S, self._resume, listening)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue  # the client gave up while queued: take the next one
-                raise
+                return
             conn.setblocking(False)
             task = self._loop.create_task(
                 self._loop.connect_accepted_socket(self._factory, conn))

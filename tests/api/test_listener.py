@@ -4,13 +4,14 @@ uvloop's own server accepts one a turn: on a busy server new connections waited 
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Callable
 
 import pytest
 import uvloop
 
-from tally.api.listener import GreedyAcceptLoop
+from tally.api.listener import RETRY_AFTER_S, GreedyAcceptLoop, GreedyServer
 
 WAITING = 50  # connections queued while the loop is not running
 TURNS = 8  # loop turns then allowed for them to be set up
@@ -82,3 +83,42 @@ def test_uvloops_own_server_takes_one_connection_a_turn() -> None:
     connection a turn (10 of 50 in 8 turns here), so a busy server, whose turns are long, keeps
     new clients waiting."""
     assert set_up_within_turns(uvloop.Loop) <= 2 * TURNS
+
+
+def test_a_failing_accept_pauses_the_listener_instead_of_spinning() -> None:
+    """Out of file descriptors, accept fails while the socket stays readable: the reader steps
+    aside for RETRY_AFTER_S (a level-triggered reader called again at once would spin the loop),
+    then accepts what queued meanwhile."""
+    loop = GreedyAcceptLoop()
+    made: list[asyncio.BaseTransport] = []
+    try:
+        server = loop.run_until_complete(
+            loop.create_server(lambda: Echo(made), "127.0.0.1", 0))
+        assert isinstance(server, GreedyServer)
+        listening = server.sockets[0]
+
+        class OutOfDescriptorsOnce:
+            failed = False
+
+            def fileno(self) -> int:
+                return listening.fileno()
+
+            def accept(self) -> tuple[socket.socket, object]:
+                if not self.failed:
+                    self.failed = True
+                    raise OSError(errno.EMFILE, "Too many open files")
+                return listening.accept()
+
+        server._accept(OutOfDescriptorsOnce())  # type: ignore[arg-type]
+        client = socket.create_connection(listening.getsockname(), timeout=5)
+        loop.run_until_complete(asyncio.sleep(RETRY_AFTER_S / 4))
+        assert made == []  # not read while paused
+        loop.run_until_complete(asyncio.sleep(RETRY_AFTER_S * 3))
+        assert len(made) == 1  # read again, the waiting connection accepted
+        client.close()
+        server.close()
+    finally:
+        for transport in made:
+            transport.close()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
