@@ -31,8 +31,9 @@ log = logging.getLogger("tally.listener")
 
 LOOP = "tally.api.listener:GreedyAcceptLoop"  # uvicorn's ``loop`` setting: an import string
 # Connections accepted in one turn at most: a flood of connections still leaves the turn to the
-# requests of those already open.
-ACCEPT_BATCH = 256
+# requests of those already open, and where worker processes share one listening socket (uvicorn's
+# ``workers``), the first awake does not take a whole burst from the others.
+ACCEPT_BATCH = 32
 # After an accept failed (out of file descriptors or memory, most likely), the socket is left
 # alone this long: it stays readable, and trying again at once would spin the loop.
 RETRY_AFTER_S = 0.1
