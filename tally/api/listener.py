@@ -4,9 +4,9 @@ libuv, under uvloop, accepts one connection per turn of the event loop (since li
 libuv/libuv#3696: it relies on the listening socket staying readable to be called again). A busy
 server's turn lasts as long as the requests it answers in it, tens of milliseconds under load, so
 a burst of new connections (a client's pool opening, clients reconnecting after a load balancer
-restarts) waited that long per connection: with a server serving 64 connections, 64 new ones got
-their first answers after a median of about 0.8 s and up to 1.6 s, where the connections already
-open were answered in 50 ms (docs/performance.md, "New connections under load"). Here the
+restarts) waited that long per connection, seconds for the last of a burst, while the
+connections already open were answered as usual (docs/performance.md, "New connections under
+load"). Here the
 listening socket is read by a reader of our own that accepts every waiting connection, up to
 ``ACCEPT_BATCH`` a turn, and hands each to uvloop as an accepted socket: its transport is then
 uvloop's own, as it would be had libuv accepted it.
