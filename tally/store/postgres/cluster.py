@@ -375,9 +375,8 @@ class PgCluster:
 # a bitmap scan of every count row of the counter, filtered by item: each bulk write, and each
 # count read that missed the cache, read the whole table ("The planner trap" in
 # docs/performance.md).
-_COUNTS = ("SELECT * FROM (SELECT k.c, k.i, (SELECT count FROM counts WHERE counter = k.c "
-           "AND item = k.i) AS n FROM unnest($1::text[], $2::text[]) AS k(c, i)) x "
-           "WHERE n IS NOT NULL")
+_COUNTS = ("SELECT k.c, k.i, (SELECT count FROM counts WHERE counter = k.c AND item = k.i) "
+           "FROM unnest($1::text[], $2::text[]) AS k(c, i)")  # NULL: no count row
 
 
 async def read_counts(cluster: PgCluster, keys: Collection[CountKey],
@@ -393,4 +392,4 @@ async def read_counts(cluster: PgCluster, keys: Collection[CountKey],
     read = cluster.read if standby_ok else cluster.fetch
     rows = await cluster.gather({db: read(db, _COUNTS, [c for c, _ in part], [i for _, i in part])
                                  for db, part in by_db.items()})
-    return {(r[0], r[1]): int(r[2]) for part in rows.values() for r in part}
+    return {(r[0], r[1]): int(r[2]) for part in rows.values() for r in part if r[2] is not None}
