@@ -20,6 +20,7 @@ import tempfile
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from tally_dev.bench import loadgen
@@ -58,7 +59,7 @@ def main() -> None:
         port = urlsplit(url).port or 80
         runs = 0
 
-        def run(mode: str, connections: int, rate: float = 0.0) -> dict:
+        def run(mode: str, connections: int, rate: float = 0.0) -> dict[str, Any]:
             nonlocal runs
             runs += 1
             spec = RunSpec(name=f"{mode}-{connections}", host="127.0.0.1", port=port,
