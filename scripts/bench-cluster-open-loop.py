@@ -5,8 +5,10 @@ Redis), measures its closed-loop maximum of uniform likes at 64 connections, the
 loop at ``--share`` of that maximum once per pool size given, in turn. Each open-loop run prints
 the client's p50/p99 (from each request's intended send time) beside the share of likes the API's
 own ``tally_http_request_seconds`` histogram saw take over 20 ms and over 100 ms inside the
-handler. A client latency far above the handler's is a queue before the handler (the sockets, the
-event loop, the generator's pool); a handler that is slow itself is a saturated cluster. Every run
+handler, and how long requests waited in the generator for a free connection. A client latency
+far above the handler's is a queue before the handler: the generator's pool when its wait is
+the difference, else the sockets and the event loop; a handler that is slow itself is a
+saturated cluster. Every run
 likes as users of its own, so every like is a new one (a repeated like writes nothing).
 
     .venv/bin/python scripts/bench-cluster-open-loop.py --pools 64,128,256 --share 0.7
@@ -77,7 +79,9 @@ def main() -> None:
             done = {le: after[le] - before.get(le, 0.0) for le in after}
             total = done.get("+Inf", 0.0) or 1.0
             lat = result["latency"]
+            wait = result["generator_wait"]
             print(f"pool {pool:>4}: client p50 {lat['p50_ms']:7.1f} ms, p99 {lat['p99_ms']:7.1f} ms, "
+                  f"of which waiting for a connection p99 {wait.get('p99_ms', 0.0):7.1f} ms; "
                   f"errors {result['errors']}; in the handler over 20 ms "
                   f"{100 * (1 - done.get('0.02', 0.0) / total):5.1f}%, over 100 ms "
                   f"{100 * (1 - done.get('0.1', 0.0) / total):5.1f}%", flush=True)

@@ -43,6 +43,10 @@ class Recorder:
     errors: Counter[str] = field(default_factory=Counter)
     errors_per_second: Counter[int] = field(default_factory=Counter)
     sent: int = 0
+    # Open loop: how long each operation waited in the generator for a free connection after
+    # its intended time. A large share of the latency here means the pool could not carry the
+    # offered rate: the queue was the generator's, not the server's.
+    waits: HdrHistogram = field(default_factory=new_hist)
 
     def ok(self, kind: str, second: int, latency_s: float) -> None:
         us = min(max(int(latency_s * 1_000_000), LOWEST_US), HIGHEST_US)
@@ -55,6 +59,9 @@ class Recorder:
             s = self.seconds[second] = new_hist(2)
         s.record_value(us)
 
+    def waited(self, wait_s: float) -> None:
+        self.waits.record_value(min(max(int(wait_s * 1_000_000), LOWEST_US), HIGHEST_US))
+
     def error(self, reason: str, second: int) -> None:
         self.errors[reason] += 1
         self.errors_per_second[second] += 1
@@ -66,7 +73,7 @@ class Recorder:
         return {"kinds": {k: h.encode() for k, h in self.kinds.items()},
                 "seconds": {s: h.encode() for s, h in self.seconds.items()},
                 "errors": dict(self.errors), "errors_per_second": dict(self.errors_per_second),
-                "sent": self.sent}
+                "sent": self.sent, "waits": self.waits.encode()}
 
     @classmethod
     def decode(cls, data: dict[str, Any]) -> Recorder:
@@ -75,6 +82,7 @@ class Recorder:
         rec.seconds = {int(s): HdrHistogram.decode(v) for s, v in data["seconds"].items()}
         rec.errors = Counter(data["errors"])
         rec.errors_per_second = Counter({int(k): v for k, v in data["errors_per_second"].items()})
+        rec.waits = HdrHistogram.decode(data["waits"])
         return rec
 
     def merge(self, other: Recorder) -> None:
@@ -83,6 +91,7 @@ class Recorder:
         self.errors.update(other.errors)
         self.errors_per_second.update(other.errors_per_second)
         self.sent += other.sent
+        self.waits.add(other.waits)
 
     def total(self) -> HdrHistogram:
         h = new_hist()

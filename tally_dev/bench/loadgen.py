@@ -3,7 +3,9 @@
 Open loop: operation k of a worker is *intended* at ``start + k / rate``, and its latency is
 measured from that intended time, not from when a connection was free to send it. A server that
 stalls therefore shows its queueing delay in the percentiles instead of silently slowing the
-generator down (coordinated omission). Closed loop: every connection sends its next operation as
+generator down (coordinated omission). How long each operation waited for a free connection is
+recorded apart (``generator_wait``): a pool too small for the rate at the server's latency makes
+the generator's own queue, which that figure shows. Closed loop: every connection sends its next operation as
 soon as the previous one is answered; it finds the maximum throughput, and its latencies are
 service times only.
 
@@ -113,6 +115,8 @@ class _Worker:
         self.rec.sent += 1
         if slot.conn.closed:
             await self._reconnect(slot)
+        if self.spec.mode == "open" and second >= 0:
+            self.rec.waited(_now() - t_ref)
         try:
             for data in requests:
                 slot.started = _now()

@@ -34,6 +34,7 @@ def run_dict(r: RunResult) -> dict[str, Any]:
         "latency": summary(rec.total()),
         "latency_by_kind": {k: summary(h) for k, h in sorted(rec.kinds.items())},
         "series": series,
+        "generator_wait": summary(rec.waits) if spec.mode == "open" else None,
         "generator_cpu_cores": round(gen_cpu, 3),
         "spec": {"duration_s": spec.duration_s, "warmup_s": spec.warmup_s,
                  "connections": spec.connections, "workers": spec.workers, "seed": spec.seed,
@@ -71,15 +72,17 @@ def _cores(x: float | None) -> str:
 
 
 def markdown_runs(runs: list[dict[str, Any]]) -> str:
-    head = ("| run | mode | offered/s | ok/s | errors | p50 ms | p99 ms | p99.9 ms | max ms | gen CPU |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    head = ("| run | mode | offered/s | ok/s | errors | p50 ms | p99 ms | p99.9 ms | max ms | "
+            "gen wait p99 ms | gen CPU |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     rows = []
     for r in runs:
         lat = r["latency"]
         offered = f"{r['offered_per_s']:,.0f}" if r["offered_per_s"] else "max"
+        wait = _ms(r["generator_wait"], "p99_ms") if r.get("generator_wait") else "-"
         rows.append(f"| {r['name']} | {r['mode']} | {offered} | {r['throughput_per_s']:,.0f} | "
                     f"{r['errors']:,} | {_ms(lat, 'p50_ms')} | {_ms(lat, 'p99_ms')} | "
-                    f"{_ms(lat, 'p99.9_ms')} | {_ms(lat, 'max_ms')} | {_cores(r['generator_cpu_cores'])} |")
+                    f"{_ms(lat, 'p99.9_ms')} | {_ms(lat, 'max_ms')} | {wait} | "
+                    f"{_cores(r['generator_cpu_cores'])} |")
     return head + "\n".join(rows) + "\n"
 
 

@@ -149,8 +149,10 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         side_by_side_table(result["runs"], result.get("connections")),
         "## Every run\n",
         "Open-loop latencies count from each request's intended send time. Closed-loop latencies "
-        "are service times at maximum throughput. `gen CPU` is the load generator's CPU use in "
-        "cores.\n", markdown_runs(result["runs"]),
+        "are service times at maximum throughput. `gen wait p99` is how long an open-loop request "
+        "waited in the generator for a free connection: where it nears the p99, the pool, not the "
+        "server, held the requests back. `gen CPU` is the load generator's CPU use in cores.\n",
+        markdown_runs(result["runs"]),
     ]
     if table := probe_table(result["runs"]):
         parts += ["## Connections: the probes behind each maximum\n",

@@ -9,8 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
+from tally_dev.bench import loadgen
 from tally_dev.bench.hist import Recorder
 from tally_dev.bench.http1 import Http1Connection
+from tally_dev.bench.loadgen import RunSpec
+from tally_dev.bench.report import run_dict
 from tally_dev.bench.workloads import PRESETS, Generator, Params, Zipf
 
 
@@ -42,11 +45,58 @@ def test_recorder_round_trip_and_merge() -> None:
     a.ok("like", 0, 0.002)
     b.ok("like", 1, 0.004)
     b.error("http 503", 1)
+    a.waited(0.001)
+    b.waited(0.300)
     merged = Recorder.decode(a.encode())
     merged.merge(Recorder.decode(b.encode()))
     assert merged.completed() == 2
     assert merged.errors == {"http 503": 1}
     assert sorted(merged.seconds) == [0, 1]
+    assert merged.waits.get_total_count() == 2
+    assert merged.waits.get_max_value() >= 299_000
+
+
+class _SlowServer(asyncio.Protocol):
+    """Answers each request 20 ms after it arrives: a pool of n connections carries at most
+    n / 0.02 requests a second."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for _ in range(data.count(b"\r\n\r\n")):  # the generator's bodies hold no blank line
+            asyncio.get_running_loop().call_later(0.02, self.transport.write,  # type: ignore[attr-defined]
+                                                  b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+
+
+def test_the_open_loop_records_how_long_requests_waited_for_a_connection() -> None:
+    """A pool too small for the rate queues requests in the generator, and the run says so: the
+    wait for a free connection is most of the latency. A pool large enough barely waits."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(loop.create_server(_SlowServer, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        def open_loop(connections: int) -> dict[str, Any]:
+            spec = RunSpec(name=f"open-{connections}", host="127.0.0.1", port=port,
+                           preset="uniform", mode="open", rate=300, duration_s=1.0,
+                           warmup_s=0.2, connections=connections, grace_s=2.0)
+            return run_dict(loadgen.run(spec, show_progress=False))
+
+        small, large = open_loop(2), open_loop(30)  # carry 100/s and 1,500/s
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+    assert small["generator_wait"]["p99_ms"] > 100
+    assert small["generator_wait"]["p99_ms"] > 0.5 * small["latency"]["p99_ms"]
+    assert large["generator_wait"]["p99_ms"] < 0.5 * small["generator_wait"]["p99_ms"]
+    assert large["errors"] == 0
 
 
 class _Feed(Http1Connection):
