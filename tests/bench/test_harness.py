@@ -14,6 +14,7 @@ from tally_dev.bench.hist import Recorder
 from tally_dev.bench.http1 import Http1Connection
 from tally_dev.bench.loadgen import RunSpec
 from tally_dev.bench.report import run_dict
+from tally_dev.bench.suite import open_pool
 from tally_dev.bench.workloads import PRESETS, Generator, Params, Zipf
 
 
@@ -326,3 +327,11 @@ def test_a_ratio_target_is_met_only_where_wrk_confirms_it() -> None:
     assert viral(None)["met"]  # wrk not measured: the suite's generator alone
     assert viral(1550)["met"] and "1.60x; wrk 1.55x" in viral(1550)["measured"]
     assert not viral(1400)["met"]  # 1.6x by one generator, 1.4x by the other: not met
+
+
+def test_an_open_loop_pool_carries_its_rate_at_the_latency_bound() -> None:
+    """Enough connections that a server answering within the bound never makes the generator
+    wait, and never fewer than the closed-loop maximum was measured with."""
+    assert open_pool(4_000, 64) == 200  # 4,000/s x 50 ms in flight
+    assert open_pool(500, 64) == 64
+    assert open_pool(4_001, 64) == 201
