@@ -8,8 +8,8 @@ own ``tally_http_request_seconds`` histogram saw take over 20 ms and over 100 ms
 handler, and how long requests waited in the generator for a free connection. A client latency
 far above the handler's is a queue before the handler: the generator's pool when its wait is
 the difference, else the sockets and the event loop; a handler that is slow itself is a
-saturated cluster. Every run
-likes as users of its own, so every like is a new one (a repeated like writes nothing).
+saturated cluster. Every run likes as users of its own, so every like is a new one (a repeated
+like writes nothing).
 
     .venv/bin/python scripts/bench-cluster-open-loop.py --pools 64,128,256 --share 0.7
 """

@@ -3,11 +3,11 @@
 Open loop: operation k of a worker is *intended* at ``start + k / rate``, and its latency is
 measured from that intended time, not from when a connection was free to send it. A server that
 stalls therefore shows its queueing delay in the percentiles instead of silently slowing the
-generator down (coordinated omission). How long each operation waited for a free connection is
-recorded apart (``generator_wait``): a pool too small for the rate at the server's latency makes
-the generator's own queue, which that figure shows. Closed loop: every connection sends its next operation as
-soon as the previous one is answered; it finds the maximum throughput, and its latencies are
-service times only.
+generator down (coordinated omission). How long each operation waited in the generator after its
+intended time, for a free connection, is recorded apart (``generator_wait``): a pool too small
+for the rate at the server's latency queues requests in the generator, and that figure shows it.
+Closed loop: every connection sends its next operation as soon as the previous one is answered;
+it finds the maximum throughput, and its latencies are service times only.
 
 Errors (HTTP >= 400, broken connections, timeouts, operations still queued or in flight when the
 run ends) are counted by reason, never dropped.
