@@ -49,7 +49,7 @@ class Recorder:
     waits: HdrHistogram = field(default_factory=new_hist)
 
     def ok(self, kind: str, second: int, latency_s: float) -> None:
-        us = min(max(int(latency_s * 1_000_000), LOWEST_US), HIGHEST_US)
+        us = _us(latency_s)
         h = self.kinds.get(kind)
         if h is None:
             h = self.kinds[kind] = new_hist()
@@ -60,7 +60,7 @@ class Recorder:
         s.record_value(us)
 
     def waited(self, wait_s: float) -> None:
-        self.waits.record_value(min(max(int(wait_s * 1_000_000), LOWEST_US), HIGHEST_US))
+        self.waits.record_value(_us(wait_s))
 
     def error(self, reason: str, second: int) -> None:
         self.errors[reason] += 1
@@ -98,6 +98,11 @@ class Recorder:
         for k in self.kinds.values():
             h.add(k)
         return h
+
+
+def _us(seconds: float) -> int:
+    """Microseconds, clamped to what the histograms hold (and still counted at the edge)."""
+    return min(max(int(seconds * 1_000_000), LOWEST_US), HIGHEST_US)
 
 
 def _add_all(mine: dict[Any, HdrHistogram], theirs: dict[Any, HdrHistogram]) -> None:
